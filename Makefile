@@ -1,0 +1,46 @@
+# mlfactory: `make run` starts the local lifecycle, `make test` runs the whole suite.
+# Both create .venv from the pinned lock on first use and reuse it afterwards.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Packages torch's PyPI metadata lists for its CUDA build; the CPU build needs none of them.
+CUDA_ONLY := cuda-bindings cuda-pathfinder cuda-toolkit triton nvidia-cublas nvidia-cuda-cupti \
+  nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand \
+  nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink \
+  nvidia-nvshmem-cu13 nvidia-nvtx
+
+.PHONY: venv run test bench lock clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# some machines' pip.conf names local indexes that warn once per package: keep the log readable
+	$(PY) -m pip install --quiet -r requirements.txt 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+	$(PY) -m pip check
+	@# include/ (the mlfactory library) and plugins/ are importable by every process of the venv:
+	@# Airflow's components, tasks, torchrun workers and tests alike.
+	printf '%s\n' "$(CURDIR)/include" "$(CURDIR)/plugins" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mlfactory.pth
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m mlfactory.run_local
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/p3_etl_vs_pyarrow.py
+	$(PY) benchmarks/p5_event_latency.py
+
+# Recompute requirements.txt from requirements.in (needs network access to PyPI).
+lock: $(STAMP)
+	$(PY) -m pip install --quiet uv==0.13.9
+	$(VENV)/bin/uv pip compile requirements.in --python-version 3.11 --quiet \
+	  $(addprefix --no-emit-package ,$(CUDA_ONLY)) -o requirements.txt
+
+clean:
+	rm -rf $(VENV) .airflow .mlfactory

@@ -1,0 +1,257 @@
+"""The pipeline config: one YAML file describes the dataset, the backend, the bucket and the thresholds.
+
+A user brings their own tabular dataset by writing such a file and pointing ``MLFACTORY_CONFIG`` at
+it; nothing else changes. ``${VAR}`` and ``${VAR:-default}`` are expanded from the environment, and a
+bucket given as a plain relative path is resolved against the config file's own folder.
+
+This module is imported by DAG files at parse time: it must stay light (pydantic and yaml only).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV = "MLFACTORY_CONFIG"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "pipeline.yaml"
+
+ColumnType = Literal["integer", "float", "string", "category", "boolean", "datetime"]
+NUMERIC_TYPES = ("integer", "float")
+
+
+class ConfigError(ValueError):
+    """The pipeline config file is missing, unreadable or invalid; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ColumnSpec(_Strict):
+    """One column of the landed dataset."""
+
+    name: str = Field(min_length=1)
+    type: ColumnType
+    required: bool = Field(True, description="nulls are not allowed in this column")
+    unique: bool = Field(False, description="every non-null value appears once per batch")
+    min: float | datetime | None = Field(None, description="inclusive lower bound (numeric or datetime)")
+    max: float | datetime | None = Field(None, description="inclusive upper bound (numeric or datetime)")
+    categories: list[str] | None = Field(None, description="allowed values of a category column")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _bounds_fit_type(self) -> ColumnSpec:
+        if self.type == "category" and not self.categories:
+            raise ValueError(f"column {self.name!r} has type category but no 'categories' list")
+        if self.categories is not None and self.type != "category":
+            raise ValueError(f"column {self.name!r}: 'categories' is only allowed on type category")
+        for bound in ("min", "max"):
+            value = getattr(self, bound)
+            if value is None:
+                continue
+            if self.type in NUMERIC_TYPES and isinstance(value, datetime):
+                raise ValueError(f"column {self.name!r}: {bound} must be a number for type {self.type}")
+            if self.type == "datetime" and not isinstance(value, datetime):
+                raise ValueError(f"column {self.name!r}: {bound} must be a datetime for type datetime")
+            if self.type not in (*NUMERIC_TYPES, "datetime"):
+                raise ValueError(f"column {self.name!r}: {bound} is not allowed on type {self.type}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"column {self.name!r}: min {self.min} is greater than max {self.max}")
+        return self
+
+
+class DerivedFeature(_Strict):
+    """A feature computed during ETL from other columns and written to the curated data."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["ratio", "log1p", "day_of_week", "month", "days_since"]
+    inputs: list[str] = Field(min_length=1, max_length=2)
+
+    @model_validator(mode="after")
+    def _arity(self) -> DerivedFeature:
+        want = 2 if self.kind == "ratio" else 1
+        if len(self.inputs) != want:
+            raise ValueError(f"derived feature {self.name!r} ({self.kind}) takes {want} input(s)")
+        return self
+
+
+class DatasetSpec(_Strict):
+    name: str = Field(min_length=1)
+    task: Literal["classification", "regression"]
+    target: str
+    columns: list[ColumnSpec] = Field(min_length=2)
+    derived: list[DerivedFeature] = []
+    min_rows: int = Field(1, ge=1, description="a batch with fewer rows fails as a whole")
+    max_rows: int | None = Field(None, ge=1)
+    csv_delimiter: str = Field(",", min_length=1, max_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetSpec:
+        names = [c.name for c in self.columns]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate column names: {dupes}")
+        by_name = {c.name: c for c in self.columns}
+        if self.target not in by_name:
+            raise ValueError(f"target {self.target!r} is not one of the columns {names}")
+        if not by_name[self.target].required:
+            raise ValueError(f"target {self.target!r} must be required (a row without a label is useless)")
+        for feature in self.derived:
+            if feature.name in by_name:
+                raise ValueError(f"derived feature {feature.name!r} clashes with a column of that name")
+            for source in feature.inputs:
+                if source not in by_name:
+                    raise ValueError(f"derived feature {feature.name!r}: unknown input column {source!r}")
+                wanted = ("datetime",) if feature.kind in ("day_of_week", "month", "days_since") else NUMERIC_TYPES
+                if by_name[source].type not in wanted:
+                    raise ValueError(
+                        f"derived feature {feature.name!r} ({feature.kind}) needs {' or '.join(wanted)} "
+                        f"input, column {source!r} is {by_name[source].type}"
+                    )
+        return self
+
+    def column(self, name: str) -> ColumnSpec:
+        return next(c for c in self.columns if c.name == name)
+
+
+class StorageSpec(_Strict):
+    """Where the pipeline's data lives. Every prefix is relative to ``bucket``."""
+
+    bucket: str = Field(description="file://, s3://, gs:// or abfs:// URI, or a path relative to this file")
+    landing_prefix: str = "landing/"
+    raw_prefix: str = "raw/"
+    curated_prefix: str = "curated/"
+    quarantine_prefix: str = "quarantine/"
+    reports_prefix: str = "reports/"
+    state_prefix: str = "_mlfactory/"
+
+    @field_validator("bucket")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else "file"
+        if scheme not in ("file", "s3", "gs", "abfs", "az"):
+            raise ValueError(f"unsupported bucket scheme {scheme!r}: use file://, s3://, gs:// or abfs://")
+        return value
+
+    def uri(self, prefix_field: str, *parts: str) -> str:
+        base = self.bucket.rstrip("/") + "/" + getattr(self, prefix_field).strip("/")
+        return "/".join([base, *(p.strip("/") for p in parts if p)])
+
+    @property
+    def landing_uri(self) -> str:
+        return self.uri("landing_prefix")
+
+    @property
+    def raw_uri(self) -> str:
+        return self.uri("raw_prefix")
+
+    @property
+    def curated_uri(self) -> str:
+        return self.uri("curated_prefix")
+
+    @property
+    def quarantine_uri(self) -> str:
+        return self.uri("quarantine_prefix")
+
+    @property
+    def reports_uri(self) -> str:
+        return self.uri("reports_prefix")
+
+    @property
+    def state_uri(self) -> str:
+        return self.uri("state_prefix")
+
+
+class ValidationSpec(_Strict):
+    max_quarantine_fraction: float = Field(
+        0.05, ge=0, le=1, description="a batch fails as a whole when more rows than this share are quarantined"
+    )
+    chunk_rows: int = Field(
+        1_000_000, ge=1_000, description="rows read, checked and written at a time; bounds memory on big files"
+    )
+
+
+class IngestSpec(_Strict):
+    poll_interval_s: float = Field(2.0, gt=0, description="how often the local landing watcher lists the folder")
+    settle_s: float = Field(1.0, ge=0, description="an object must be unchanged this long before it is ingested")
+
+
+class PipelineConfig(_Strict):
+    backend: Literal["local", "aws", "gcp", "azure"] = "local"
+    dataset: DatasetSpec
+    storage: StorageSpec
+    ingest: IngestSpec = IngestSpec()
+    validation: ValidationSpec = ValidationSpec()
+    source: str = Field("", description="the file this config was read from (set by load_config)")
+
+    @cached_property
+    def feature_columns(self) -> list[ColumnSpec]:
+        return [c for c in self.dataset.columns if c.name != self.dataset.target]
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(text: str, path: Path) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name) or default
+        if value is None:
+            raise ConfigError(f"pipeline config {path}: environment variable {name} is not set and has no default")
+        return value
+
+    return _VAR.sub(replace, text)
+
+
+def _location(errors_loc: tuple, raw: dict) -> str:
+    """dataset.columns.3.min -> dataset.columns[3] (age).min, so the user can find the line."""
+    parts: list[str] = []
+    node = raw
+    for key in errors_loc:
+        if isinstance(key, int):
+            label = f"[{key}]"
+            if isinstance(node, list) and key < len(node) and isinstance(node[key], dict) and "name" in node[key]:
+                label += f" ({node[key]['name']})"
+            parts.append(label)
+        else:
+            parts.append(("." if parts else "") + str(key))
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return "".join(parts) or "(top level)"
+
+
+def _resolve_bucket(raw: dict, path: Path) -> None:
+    storage = raw.get("storage")
+    if isinstance(storage, dict) and isinstance(storage.get("bucket"), str) and "://" not in storage["bucket"]:
+        storage["bucket"] = (path.parent / storage["bucket"]).resolve().as_uri()
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> PipelineConfig:
+    """Read and validate the pipeline config (``MLFACTORY_CONFIG``, else include/pipeline.yaml)."""
+    path = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG).expanduser().resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"pipeline config {path}: cannot read it ({err.strerror or err})") from err
+    try:
+        raw = yaml.safe_load(_expand(text, path))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"pipeline config {path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"pipeline config {path}: expected a mapping at the top level, got {type(raw).__name__}")
+    _resolve_bucket(raw, path)
+    raw["source"] = str(path)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{_location(e['loc'], raw)}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"pipeline config {path} is invalid:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,176 @@
+"""Airflow 3 on this machine: the scheduler, DAG processor, triggerer and API server of the `local` backend.
+
+``make run`` and the integration tests start Airflow through this one class, so what the tests
+exercise is what a user runs. Every process binds 127.0.0.1, runs in its own process group (the
+scheduler's workers ignore SIGTERM sent to the parent alone) and is stopped with its children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[2]
+COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalAirflow:
+    home: Path
+    api_port: int = 8080
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def env(self) -> dict[str, str]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        secret_file = self.home / "jwt_secret"
+        if not secret_file.exists():
+            secret_file.write_text(secrets.token_hex(64))
+        bin_dir = str(Path(sys.executable).parent)
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",  # each LocalExecutor worker costs ~40 MB; 2 cores here
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.api_port),
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text(),
+            # The UI and API on loopback need no login on a developer's own machine.
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "GX_ANALYTICS_ENABLED": "False",
+            "NO_PROXY": "127.0.0.1,localhost",
+        }
+        env.update(self.env_overrides)
+        return env
+
+    def start(self, timeout: float = 120) -> LocalAirflow:
+        env = self.env()
+        (self.home / "logs").mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+        for name in COMPONENTS:
+            log = open(self.home / "logs" / f"{name}.log", "ab")
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "airflow", *name.split()],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.home,
+            )
+        self.wait_until(lambda: self._get("/api/v2/version") is not None, timeout, "the API server to answer")
+        return self
+
+    def stop(self, grace: float = 15) -> None:
+        for proc in self.processes.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.processes.values():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)  # the group: scheduler workers outlive their parent
+            proc.wait()
+        self.processes.clear()
+
+    def __enter__(self) -> LocalAirflow:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- the REST API -------------------------------------------------------------------------
+
+    def _get(self, path: str) -> dict | None:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None
+
+    def api(self, path: str, method: str = "GET", body: dict | None = None) -> dict:
+        request = urllib.request.Request(
+            self.url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"{}")
+
+    def dag_runs(self, dag_id: str) -> list[dict]:
+        return self.api(f"/api/v2/dags/{dag_id}/dagRuns?order_by=start_date&limit=100").get("dag_runs", [])
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        quoted = urllib.request.quote(run_id, safe="")
+        return self.api(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100")["task_instances"]
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1, try_number: int = 1) -> str:
+        quoted = urllib.request.quote(run_id, safe="")
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}?map_index={map_index}"
+        content = self.api(path).get("content", [])
+        return "\n".join(json.dumps(c) if not isinstance(c, str) else c for c in content)
+
+    def wait_until(self, condition, timeout: float, what: str, interval: float = 0.5):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.processes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"airflow {name} exited with {proc.returncode}; see {self.home}/logs/{name}.log")
+            value = condition()
+            if value:
+                return value
+            time.sleep(interval)
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; logs in {self.home}/logs")
+
+    def wait_for_runs(self, dag_id: str, count: int, timeout: float = 120) -> list[dict]:
+        """Wait until ``dag_id`` has at least ``count`` finished runs; returns all its runs."""
+
+        def finished():
+            runs = self.dag_runs(dag_id)
+            done = [r for r in runs if r["state"] in ("success", "failed")]
+            return runs if len(done) >= count else None
+
+        return self.wait_until(finished, timeout, f"{count} finished run(s) of {dag_id}")
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,1 @@
+"""mlfactory's Airflow components: triggers, operators and Asset definitions on the official providers."""

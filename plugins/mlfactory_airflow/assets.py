@@ -1,0 +1,46 @@
+"""The Asset chain of the lifecycle (see DESIGN.md), built from the pipeline config.
+
+Every DAG file builds its Assets here, so producer and consumer always agree on names and URIs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from airflow.sdk import Asset, AssetWatcher
+
+from mlfactory.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class PipelineAssets:
+    landing: Asset  # watched: a new object under the landing prefix
+    raw: Asset  # an immutable raw snapshot was ingested
+    curated: Asset  # a snapshot passed ETL and validation
+
+
+def bucket_change_trigger(cfg: PipelineConfig):
+    """The event trigger that watches the landing prefix on the configured backend."""
+    if cfg.backend == "local":
+        from mlfactory_airflow.triggers.local_bucket import LocalBucketChangeTrigger
+
+        return LocalBucketChangeTrigger(
+            prefix_uri=cfg.storage.landing_uri,
+            poll_interval=cfg.ingest.poll_interval_s,
+            settle_seconds=cfg.ingest.settle_s,
+        )
+    raise NotImplementedError(
+        f"backend {cfg.backend!r} has no bucket-change trigger yet; set backend: local in {cfg.source}"
+    )
+
+
+def pipeline_assets(cfg: PipelineConfig) -> PipelineAssets:
+    return PipelineAssets(
+        landing=Asset(
+            name="mlfactory.landing",
+            uri=cfg.storage.landing_uri,
+            watchers=[AssetWatcher(name="mlfactory_landing_watcher", trigger=bucket_change_trigger(cfg))],
+        ),
+        raw=Asset(name="mlfactory.raw", uri=cfg.storage.raw_uri),
+        curated=Asset(name="mlfactory.curated", uri=cfg.storage.curated_uri),
+    )

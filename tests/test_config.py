@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlfactory.config import DEFAULT_CONFIG, ConfigError, load_config
+
+
+def write_config(tmp_path: Path, mutate) -> Path:
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    mutate(raw)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_sample_config_parses_into_typed_models(cfg, bucket):
+    assert cfg.backend == "local"
+    assert cfg.dataset.task == "classification" and cfg.dataset.target == "churned"
+    assert cfg.dataset.column("age").min == 18 and cfg.dataset.column("plan").categories == ["basic", "standard", "premium"]
+    assert cfg.storage.landing_uri == bucket.as_uri() + "/landing"
+    assert cfg.dataset.target not in [c.name for c in cfg.feature_columns]
+
+
+def test_relative_bucket_resolves_against_the_config_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFACTORY_BUCKET", raising=False)
+    path = write_config(tmp_path, lambda raw: raw["storage"].update(bucket="data/bucket"))
+    assert load_config(path).storage.bucket == (tmp_path / "data" / "bucket").as_uri()
+
+
+def test_config_path_comes_from_the_environment(tmp_path, monkeypatch):
+    path = write_config(tmp_path, lambda raw: raw["dataset"].update(name="my_data"))
+    monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
+    assert load_config().dataset.name == "my_data"
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda raw: raw["dataset"]["columns"][2].update(min="eighteen"), "dataset.columns[2] (age).min"),
+        (lambda raw: raw["dataset"].update(target="nope"), "target 'nope' is not one of the columns"),
+        (lambda raw: raw["dataset"].update(task="clustering"), "dataset.task"),
+        (lambda raw: raw["dataset"]["columns"][8].pop("categories"), "column 'plan' has type category but no 'categories'"),
+        (lambda raw: raw["validation"].update(max_quarantine_fraction=1.5), "validation.max_quarantine_fraction"),
+        (lambda raw: raw.update(colour="blue"), "colour: Extra inputs are not permitted"),
+        (lambda raw: raw["storage"].update(bucket="ftp://host/x"), "unsupported bucket scheme 'ftp'"),
+        (lambda raw: raw["dataset"]["derived"][0].update(inputs=["plan", "age"]), "needs integer or float input"),
+    ],
+)
+def test_a_wrong_config_names_the_field_and_the_file(tmp_path, bucket, mutate, needle):
+    path = write_config(tmp_path, mutate)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert needle in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_and_unset_variable_are_named(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_config(tmp_path / "absent.yaml")
+    path = tmp_path / "env.yaml"
+    path.write_text(DEFAULT_CONFIG.read_text().replace("${MLFACTORY_BUCKET:-../.mlfactory/bucket}", "${MY_BUCKET}"))
+    monkeypatch.delenv("MY_BUCKET", raising=False)
+    with pytest.raises(ConfigError, match="environment variable MY_BUCKET is not set"):
+        load_config(path)

@@ -1,0 +1,79 @@
+"""The local bucket-change trigger: fires once per new or changed object, never again after a restart."""
+
+import asyncio
+import os
+import time
+
+from mlfactory_airflow.triggers.local_bucket import LocalBucketChangeTrigger
+
+
+class InMemoryAssetState:
+    """Stands in for Airflow's asset state store (same aget/aset calls); the scheduler test uses the real one."""
+
+    def __init__(self):
+        self.values = {}
+
+    async def aget(self, key, default=None):
+        return self.values.get(key, default)
+
+    async def aset(self, key, value):
+        self.values[key] = value
+
+
+def collect(trigger, seconds: float) -> list[dict]:
+    async def run():
+        events = []
+
+        async def consume():
+            async for event in trigger.run():
+                events.append(event.payload)
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(seconds)
+        task.cancel()
+        return events
+
+    return asyncio.run(run())
+
+
+def make_trigger(folder, state):
+    trigger = LocalBucketChangeTrigger(prefix_uri=folder.as_uri(), poll_interval=0.05, settle_seconds=0.2)
+    trigger.asset_state_store = state
+    return trigger
+
+
+def old(path, content):
+    path.write_text(content)
+    past = time.time() - 10
+    os.utime(path, (past, past))
+
+
+def test_fires_once_per_object_and_survives_a_restart(tmp_path):
+    state = InMemoryAssetState()
+    old(tmp_path / "a.csv", "1")
+    old(tmp_path / "b.csv", "22")
+    first = collect(make_trigger(tmp_path, state), 0.5)
+    assert sorted(e["key"] for e in first) == ["a.csv", "b.csv"]
+    assert {e["uri"] for e in first} == {(tmp_path / "a.csv").as_uri(), (tmp_path / "b.csv").as_uri()}
+    # A new trigger instance (a restarted triggerer) reads the watermark and stays quiet...
+    assert collect(make_trigger(tmp_path, state), 0.5) == []
+    # ...until an object is added or changed.
+    old(tmp_path / "c.csv", "333")
+    old(tmp_path / "a.csv", "1 changed")
+    assert sorted(e["key"] for e in collect(make_trigger(tmp_path, state), 0.5)) == ["a.csv", "c.csv"]
+
+
+def test_waits_for_an_object_to_settle(tmp_path):
+    state = InMemoryAssetState()
+    (tmp_path / "fresh.csv").write_text("still being written")
+    trigger = LocalBucketChangeTrigger(prefix_uri=tmp_path.as_uri(), poll_interval=0.05, settle_seconds=30)
+    trigger.asset_state_store = state
+    assert collect(trigger, 0.3) == []
+
+
+def test_serializes_to_exactly_its_arguments(tmp_path):
+    trigger = LocalBucketChangeTrigger(prefix_uri=tmp_path.as_uri(), poll_interval=3.0, settle_seconds=1.5)
+    path, kwargs = trigger.serialize()
+    assert path == "mlfactory_airflow.triggers.local_bucket.LocalBucketChangeTrigger"
+    assert kwargs == {"prefix_uri": tmp_path.as_uri(), "poll_interval": 3.0, "settle_seconds": 1.5}
+    assert LocalBucketChangeTrigger(**kwargs).serialize() == (path, kwargs)

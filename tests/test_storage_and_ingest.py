@@ -1,0 +1,88 @@
+import hashlib
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from mlfactory import sample_data, storage
+from mlfactory.ingest import IngestError, ingest_object, read_manifest
+
+
+def test_list_objects_skips_hidden_and_partial_files(tmp_path):
+    (tmp_path / "a.csv").write_text("x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.csv").write_text("yy")
+    (tmp_path / ".c.csv.tmp").write_text("partial")
+    (tmp_path / "_state").write_text("{}")
+    found = {o.key: o for o in storage.list_objects(tmp_path.as_uri())}
+    assert sorted(found) == ["a.csv", "sub/b.csv"]
+    assert found["sub/b.csv"].size == 2 and found["sub/b.csv"].uri == (tmp_path / "sub" / "b.csv").as_uri()
+    before = found["a.csv"].fingerprint
+    (tmp_path / "a.csv").write_text("changed")
+    assert {o.key: o for o in storage.list_objects(tmp_path.as_uri())}["a.csv"].fingerprint != before
+
+
+def test_atomic_write_leaves_no_partial_file_on_error(tmp_path):
+    target = (tmp_path / "out.json").as_uri()
+    storage.write_bytes(target, b"old")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_write(target) as f:
+            f.write(b"half")
+            raise RuntimeError("disk full")
+    assert storage.read_bytes(target) == b"old"
+    assert os.listdir(tmp_path) == ["out.json"]
+
+
+@pytest.mark.parametrize("name", ["customers.csv", "customers.parquet", "customers.jsonl"])
+def test_ingest_snapshots_by_content_and_never_touches_the_landed_file(cfg, bucket, name):
+    landed = sample_data.write(sample_data.generate(300, seed=3), bucket / "landing" / name)
+    before = (landed.read_bytes(), landed.stat().st_mtime_ns)
+    manifest, created = ingest_object(cfg, landed.as_uri())
+    assert created
+    digest = hashlib.sha256(before[0]).hexdigest()
+    assert manifest.sha256 == digest and manifest.size == len(before[0]) and manifest.rows == 300
+    assert manifest.snapshot_uri == f"{cfg.storage.raw_uri}/{digest}/data.{name.split('.')[1]}"
+    assert storage.read_bytes(manifest.snapshot_uri) == before[0]
+    assert read_manifest(manifest.snapshot_uri) == manifest
+    assert json.loads(storage.read_bytes(manifest.snapshot_uri.rsplit("/", 1)[0] + "/manifest.json"))["source_uri"] == landed.as_uri()
+    assert (landed.read_bytes(), landed.stat().st_mtime_ns) == before  # the landed object is never rewritten
+    # The same bytes under another name are ingested once.
+    copy = bucket / "landing" / f"again-{name}"
+    copy.write_bytes(before[0])
+    again, created_again = ingest_object(cfg, copy.as_uri())
+    assert not created_again and again.snapshot_uri == manifest.snapshot_uri
+    assert len([o for o in storage.list_objects(cfg.storage.raw_uri)]) == 2  # data + manifest, nothing else
+
+
+def test_ingest_rejects_empty_and_unknown_files_and_keeps_them(cfg, bucket):
+    (bucket / "landing").mkdir(parents=True)
+    empty = bucket / "landing" / "empty.csv"
+    empty.write_bytes(b"")
+    with pytest.raises(IngestError, match="is empty \\(0 bytes\\)"):
+        ingest_object(cfg, empty.as_uri())
+    sheet = bucket / "landing" / "book.xlsx"
+    sheet.write_bytes(b"PK")
+    with pytest.raises(IngestError, match="unsupported file type '.xlsx'"):
+        ingest_object(cfg, sheet.as_uri())
+    with pytest.raises(IngestError, match="does not exist"):
+        ingest_object(cfg, (bucket / "landing" / "gone.csv").as_uri())
+    assert empty.exists() and sheet.read_bytes() == b"PK"
+    assert storage.list_objects(cfg.storage.raw_uri) == []
+
+
+def test_ingest_reports_a_damaged_parquet_and_keeps_its_snapshot(cfg, bucket):
+    bad = bucket / "landing" / "broken.parquet"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(IngestError, match="not a readable Parquet file"):
+        ingest_object(cfg, bad.as_uri())
+    assert [o.key.split("/")[-1] for o in storage.list_objects(cfg.storage.raw_uri)] == ["data.parquet"]
+
+
+def test_sample_data_is_deterministic_and_drift_shifts_it():
+    a, b = sample_data.generate(2000, seed=1), sample_data.generate(2000, seed=1)
+    assert a.equals(b)
+    drifted = sample_data.generate(2000, seed=1, drift=1.0)
+    assert drifted["age"].to_numpy().mean() > a["age"].to_numpy().mean() + 5
+    assert a.num_columns == 20 and 0.1 < a["churned"].to_numpy().mean() < 0.6
