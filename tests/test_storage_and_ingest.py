@@ -2,7 +2,6 @@ import hashlib
 import json
 import os
 
-import pyarrow.parquet as pq
 import pytest
 
 from mlfactory import sample_data, storage

@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -46,10 +46,8 @@ from mlfactory.validation import (
     MALFORMED_ROW,
     NON_FINITE,
     WRONG_TYPE,
-    Check,
     SuiteRunner,
     build_checks,
-    is_in,
     render_data_docs,
     render_index,
     summarize,

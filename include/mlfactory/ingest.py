@@ -17,7 +17,6 @@ from mlfactory import storage
 from mlfactory.config import PipelineConfig
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-EXTENSIONS = {"csv": "csv", "parquet": "parquet", "jsonl": "jsonl"}
 
 
 class IngestError(ValueError):
@@ -93,12 +92,12 @@ def ingest_object(cfg: PipelineConfig, source_uri: str) -> tuple[Manifest, bool]
     fmt = detect_format(source_uri)
     if not storage.exists(source_uri):
         raise IngestError(f"{source_uri} does not exist (was it moved before ingestion?)")
-    incoming = storage.join(cfg.storage.raw_uri, "_incoming", f"{uuid.uuid4().hex}.{EXTENSIONS[fmt]}")
+    incoming = storage.join(cfg.storage.raw_uri, "_incoming", f"{uuid.uuid4().hex}.{fmt}")
     try:
         copied = storage.copy_hashing(source_uri, incoming)
         if copied.size == 0:
             raise IngestError(f"{source_uri} is empty (0 bytes): nothing to ingest. The landed file was left as it is.")
-        final = storage.join(snapshot_dir(cfg, copied.sha256), f"data.{EXTENSIONS[fmt]}")
+        final = storage.join(snapshot_dir(cfg, copied.sha256), f"data.{fmt}")
         if storage.exists(manifest_uri(final)):
             return read_manifest(final), False
         storage.move(incoming, final)

@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[2]
-COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
+# The scheduler and triggerer would also start log servers on every interface; on one machine the
+# API server reads the log files directly, so they are not started and nothing listens beyond loopback.
+COMPONENTS = {
+    "scheduler": ["scheduler", "--skip-serve-logs"],
+    "dag-processor": ["dag-processor"],
+    "triggerer": ["triggerer", "--skip-serve-logs"],
+    "api-server": ["api-server"],
+}
 
 
 def free_port() -> int:
@@ -65,8 +72,6 @@ class LocalAirflow:
             "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text(),
             # The UI and API on loopback need no login on a developer's own machine.
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
@@ -81,17 +86,17 @@ class LocalAirflow:
         env = self.env()
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
-        for name in COMPONENTS:
-            log = open(self.home / "logs" / f"{name}.log", "ab")
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "airflow", *name.split()],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=self.home,
-            )
+        for name, args in COMPONENTS.items():
+            with open(self.home / "logs" / f"{name}.log", "ab") as log:
+                self.processes[name] = subprocess.Popen(
+                    [sys.executable, "-m", "airflow", *args],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # its own group, so stop() reaches the workers too
+                    cwd=self.home,
+                )
         self.wait_until(lambda: self._get("/api/v2/version") is not None, timeout, "the API server to answer")
         return self
 
