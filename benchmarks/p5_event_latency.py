@@ -40,15 +40,13 @@ def main() -> None:
     airflow.start()
     to_ingest, to_validate = [], []
     try:
-        airflow.wait_until(lambda: len(airflow.api("/api/v2/dags").get("dags", [])) >= 2, 120, "the DAGs")
+        airflow.wait_for_dags(["ml_ingest", "ml_validate"])
         time.sleep(5)  # let the triggerer pick up the watcher
         for i in range(args.files):
             sample_data.write(sample_data.generate(2000, seed=100 + i), work / "bucket" / "landing" / f"f{i}.csv")
             landed = time.time()
-            ingest = airflow.wait_for_runs("ml_ingest", i + 1, timeout=120)
-            ingest = max(ingest, key=lambda r: r["start_date"])
-            validate = airflow.wait_for_runs("ml_validate", i + 1, timeout=180)
-            validate = max(validate, key=lambda r: r["start_date"])
+            ingest = airflow.wait_for_run("ml_ingest", i + 1, timeout=120)
+            validate = airflow.wait_for_run("ml_validate", i + 1, timeout=180)
             events = airflow.api("/api/v2/assets/events?order_by=-timestamp&limit=20")["asset_events"]
             raw_event = next(e for e in events if e["uri"] == cfg.storage.raw_uri)
             to_ingest.append(ts(ingest["start_date"]) - landed)

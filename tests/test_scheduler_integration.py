@@ -6,10 +6,9 @@ and Asset `raw` must start ml_validate, by themselves.
 
 from __future__ import annotations
 
-import io
 import time
 
-import pyarrow.csv as pacsv
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -20,32 +19,17 @@ from mlfactory.local_airflow import LocalAirflow, free_port
 pytestmark = pytest.mark.scheduler
 
 
-def land_csv(bucket, name: str, table) -> None:
-    buf = io.BytesIO()
-    pacsv.write_csv(table, buf)
-    target = bucket / "landing" / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name("." + name)
-    tmp.write_bytes(buf.getvalue())
-    tmp.rename(target)  # appears whole, as an upload does
-
-
-def latest(runs: list[dict]) -> dict:
-    return max(runs, key=lambda r: r["start_date"] or "")
-
-
 def test_landing_starts_ingest_then_validate_by_themselves(tmp_path, bucket, cfg):
     airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port())
     airflow.start()
     try:
-        airflow.wait_until(lambda: len(airflow.api("/api/v2/dags").get("dags", [])) >= 2, 120, "the DAGs to be parsed")
-        assert airflow.api("/api/v2/importErrors")["import_errors"] == []
+        airflow.wait_for_dags(["ml_ingest", "ml_validate"])  # raises on any DAG import error
 
         # A good file: ingest, then validate, then curated Parquet.
-        land_csv(bucket, "good.csv", sample_data.generate(2000, seed=21))
-        ingest = latest(airflow.wait_for_runs("ml_ingest", 1, timeout=120))
+        sample_data.write(sample_data.generate(2000, seed=21), bucket / "landing" / "good.csv")
+        ingest = airflow.wait_for_run("ml_ingest", 1, timeout=120)
         assert ingest["state"] == "success" and ingest["run_type"] == "asset_triggered"
-        validate = latest(airflow.wait_for_runs("ml_validate", 1, timeout=180))
+        validate = airflow.wait_for_run("ml_validate", 1, timeout=180)
         assert validate["state"] == "success" and validate["run_type"] == "asset_triggered"
         parts = [o for o in storage.list_objects(cfg.storage.curated_uri) if o.key.endswith(".parquet")]
         assert len(parts) == 1 and pq.read_metadata(storage.local_path(parts[0].uri)).num_rows == 2000
@@ -62,12 +46,9 @@ def test_landing_starts_ingest_then_validate_by_themselves(tmp_path, bucket, cfg
         # A bad file: ml_validate fails naming the expectation, quarantines rows, keeps the raw snapshot.
         bad = sample_data.generate(1000, seed=22).to_pandas()
         bad.loc[bad.index[::10], "age"] = 150  # 10% out of range, over the 5% limit
-        import pyarrow as pa
-
-        land_csv(bucket, "bad.csv", pa.Table.from_pandas(bad, preserve_index=False))
-        runs = airflow.wait_for_runs("ml_ingest", 2, timeout=120)
-        assert latest(runs)["state"] == "success"
-        failed = latest(airflow.wait_for_runs("ml_validate", 2, timeout=180))
+        sample_data.write(pa.Table.from_pandas(bad, preserve_index=False), bucket / "landing" / "bad.csv")
+        assert airflow.wait_for_run("ml_ingest", 2, timeout=120)["state"] == "success"
+        failed = airflow.wait_for_run("ml_validate", 2, timeout=180)
         assert failed["state"] == "failed"
         tis = airflow.task_instances("ml_validate", failed["dag_run_id"])
         curate_ti = next(t for t in tis if t["task_id"] == "curate")

@@ -163,13 +163,24 @@ class LocalAirflow:
             time.sleep(interval)
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; logs in {self.home}/logs")
 
-    def wait_for_runs(self, dag_id: str, count: int, timeout: float = 120) -> list[dict]:
-        """Wait until ``dag_id`` has at least ``count`` finished runs; returns all its runs."""
+    def wait_for_dags(self, dag_ids, timeout: float = 120) -> None:
+        """Wait until every DAG in ``dag_ids`` is parsed; a DAG import error fails at once, with its trace."""
+
+        def parsed() -> bool:
+            errors = self.api("/api/v2/importErrors").get("import_errors", [])
+            if errors:
+                raise RuntimeError("DAG import errors:\n" + "\n".join(e["stack_trace"] for e in errors))
+            return set(dag_ids) <= {d["dag_id"] for d in self.api("/api/v2/dags?limit=100").get("dags", [])}
+
+        self.wait_until(parsed, timeout, f"DAGs {sorted(dag_ids)} to be parsed")
+
+    def wait_for_run(self, dag_id: str, count: int, timeout: float = 120) -> dict:
+        """Wait until ``dag_id`` has at least ``count`` finished runs; returns the latest started run."""
 
         def finished():
             runs = self.dag_runs(dag_id)
             done = [r for r in runs if r["state"] in ("success", "failed")]
-            return runs if len(done) >= count else None
+            return max(runs, key=lambda r: r["start_date"] or "") if len(done) >= count else None
 
         return self.wait_until(finished, timeout, f"{count} finished run(s) of {dag_id}")
 

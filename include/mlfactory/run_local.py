@@ -35,7 +35,7 @@ def main() -> int:
     airflow.start()
     try:
         print(f"Airflow UI: {airflow.url}", flush=True)
-        airflow.wait_until(lambda: _dags_ready(airflow), 120, "the mlfactory DAGs to be parsed")
+        airflow.wait_for_dags(STAGES)
         before = {dag: len(airflow.dag_runs(dag)) for dag in STAGES}
         landing = Path(storage.local_path(cfg.storage.landing_uri))
         rows = int(os.environ.get("MLFACTORY_ROWS", "50000"))
@@ -43,8 +43,7 @@ def main() -> int:
         sample_data.write(sample_data.generate(rows, seed=int(time.time()) % 1000), target)
         print(f"landed {rows} sample rows at {target}; waiting for the pipeline to start by itself ...", flush=True)
         for dag in STAGES:
-            runs = airflow.wait_for_runs(dag, before[dag] + 1, timeout=300)
-            last = max(runs, key=lambda r: r["start_date"] or "")
+            last = airflow.wait_for_run(dag, before[dag] + 1, timeout=300)
             print(f"  {dag}: {last['state']} ({last['dag_run_id']})", flush=True)
             if last["state"] != "success":
                 print(f"{dag} failed: see {airflow.url}/dags/{dag}")
@@ -60,14 +59,6 @@ def main() -> int:
         print("stopping Airflow ...", flush=True)
         airflow.stop()
     return 0
-
-
-def _dags_ready(airflow: LocalAirflow) -> bool:
-    dags = {d["dag_id"] for d in airflow.api("/api/v2/dags?limit=100").get("dags", [])}
-    errors = airflow.api("/api/v2/importErrors").get("import_errors", [])
-    if errors:
-        raise RuntimeError("DAG import errors:\n" + "\n".join(e["stack_trace"] for e in errors))
-    return set(STAGES) <= dags
 
 
 def _interrupt(signum, frame):
