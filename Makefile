@@ -43,4 +43,4 @@ lock: $(STAMP)
 	  $(addprefix --no-emit-package ,$(CUDA_ONLY)) -o requirements.txt
 
 clean:
-	rm -rf $(VENV) .airflow .mlfactory
+	rm -rf $(VENV) .airflow .mlfactory .mlflow

@@ -32,6 +32,31 @@ def cfg(bucket):
     return load_config()
 
 
-def with_validation(cfg, **changes):
-    """``cfg`` with some ``validation`` settings changed (the models are frozen)."""
-    return cfg.model_copy(update={"validation": cfg.validation.model_copy(update=changes)})
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking/registry server for the whole session (SQLite, artifacts on disk)."""
+    from mlfactory.mlflow_server import LocalMlflow
+    from mlfactory.processes import free_port
+
+    home = tmp_path_factory.mktemp("mlflow")
+    server = LocalMlflow(home, (home / "artifacts").as_uri(), port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def with_section(cfg, section: str, **changes):
+    """``cfg`` with some settings of one section changed (the models are frozen)."""
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=changes)})
+
+
+def curated_sample(cfg, rows: int, seed: int = 1) -> None:
+    """Land ``rows`` sample rows and run them through ingest and ETL into the curated prefix."""
+    from mlfactory import sample_data, storage
+    from mlfactory.etl import curate_snapshot
+    from mlfactory.ingest import ingest_object
+
+    landed = storage.join(cfg.storage.landing_uri, f"sample-{seed}.csv")
+    sample_data.write(sample_data.generate(rows, seed=seed), storage.local_path(landed))
+    manifest, _ = ingest_object(cfg, landed)
+    curate_snapshot(cfg, manifest.snapshot_uri)

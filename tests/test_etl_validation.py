@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from conftest import with_validation
+from conftest import with_section
 
 from mlfactory import sample_data, storage
 from mlfactory.etl import ValidationFailed, curate_snapshot, read_quarantine
@@ -205,7 +205,7 @@ def test_great_expectations_counts_agree_with_the_quarantine(cfg, bucket):
 
 def test_a_file_bigger_than_a_chunk_is_validated_chunk_by_chunk(cfg, bucket):
     rows, chunk = 30_000, 5_000
-    cfg = with_validation(cfg, chunk_rows=chunk)
+    cfg = with_section(cfg, "validation", chunk_rows=chunk)
     table = sample_data.generate(rows, seed=11)
     buf = io.BytesIO()
     pacsv.write_csv(pa.concat_tables([table, table.slice(0, 3)]), buf)  # 3 rows repeated chunks later

@@ -14,7 +14,8 @@ import pytest
 
 from mlfactory import sample_data, storage
 from mlfactory.etl import read_quarantine
-from mlfactory.local_airflow import LocalAirflow, free_port
+from mlfactory.local_airflow import LocalAirflow
+from mlfactory.processes import free_port
 
 pytestmark = pytest.mark.scheduler
 

@@ -14,7 +14,7 @@ import re
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -103,6 +103,12 @@ class DatasetSpec(_Strict):
             raise ValueError(f"target {self.target!r} is not one of the columns {names}")
         if not by_name[self.target].required:
             raise ValueError(f"target {self.target!r} must be required (a row without a label is useless)")
+        target_types = ("boolean", "category") if self.task == "classification" else NUMERIC_TYPES
+        if by_name[self.target].type not in target_types:
+            raise ValueError(
+                f"target {self.target!r} is {by_name[self.target].type}; a {self.task} target must be "
+                f"{' or '.join(target_types)}"
+            )
         for feature in self.derived:
             if feature.name in by_name:
                 raise ValueError(f"derived feature {feature.name!r} clashes with a column of that name")
@@ -130,6 +136,7 @@ class StorageSpec(_Strict):
     curated_prefix: str = "curated/"
     quarantine_prefix: str = "quarantine/"
     reports_prefix: str = "reports/"
+    models_prefix: str = Field("models/", description="training sets, the frozen holdout, job outputs, checkpoints")
     state_prefix: str = "_mlfactory/"
 
     @field_validator("bucket")
@@ -165,6 +172,10 @@ class StorageSpec(_Strict):
         return self.uri("reports_prefix")
 
     @property
+    def models_uri(self) -> str:
+        return self.uri("models_prefix")
+
+    @property
     def state_uri(self) -> str:
         return self.uri("state_prefix")
 
@@ -183,13 +194,73 @@ class IngestSpec(_Strict):
     settle_s: float = Field(1.0, ge=0, description="an object must be unchanged this long before it is ingested")
 
 
+HiddenSizes = list[Annotated[int, Field(ge=1, le=4096)]]
+SEARCHABLE = ("learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "epochs")
+
+
+class TrainingSpec(_Strict):
+    """Defaults of ml_train; every one of them can be changed per run in the trigger form."""
+
+    epochs: int = Field(12, ge=1, le=1000)
+    learning_rate: float = Field(0.003, gt=0, le=1)
+    batch_size: int = Field(512, ge=8, le=65536)
+    hidden_sizes: HiddenSizes = Field([128, 64], min_length=1, max_length=8)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(1e-5, ge=0, le=1)
+    processes: int = Field(2, ge=1, le=64, description="DDP processes per node (local: CPU processes)")
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of training rows held out per run")
+    seed: int = 42
+    trials: int = Field(2, ge=1, le=64, description="hyperparameter-search trials, one mapped task each")
+    search: Literal["grid", "random"] = "grid"
+    search_space: dict[str, list] = Field(
+        default_factory=dict, description="hyperparameter -> candidate values; the search picks from these"
+    )
+    schedule: str = Field("0 3 * * 0", description="cron of the scheduled retraining (UTC)")
+    max_runtime_s: int = Field(3600, ge=10, description="a training job running longer is stopped")
+    concurrent_jobs: int = Field(1, ge=1, description="size of the mlfactory_training pool (the local GPU quota)")
+
+    @field_validator("search_space")
+    @classmethod
+    def _known_keys(cls, space: dict[str, list]) -> dict[str, list]:
+        unknown = sorted(set(space) - set(SEARCHABLE))
+        if unknown:
+            raise ValueError(f"search_space has unknown hyperparameter(s) {unknown}; searchable: {list(SEARCHABLE)}")
+        empty = sorted(k for k, v in space.items() if not v)
+        if empty:
+            raise ValueError(f"search_space lists no candidate values for {empty}")
+        return space
+
+
+class PromotionSpec(_Strict):
+    """The gate of ml_promote. The metric is ROC AUC for classification and R² for regression."""
+
+    margin: float = Field(0.002, ge=0, description="the challenger must beat the champion by at least this")
+    floor: float = Field(0.75, description="and reach at least this on the holdout, even with no champion yet")
+    require_approval: bool = Field(False, description="a person approves in the Airflow UI before the alias moves")
+    holdout_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of the first curated data frozen as holdout")
+    holdout_max_rows: int = Field(50_000, ge=100)
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str = Field("http://127.0.0.1:5000", description="the MLflow server (tracking and registry)")
+    experiment: str = "mlfactory"
+    model_name: str = Field("", description="registered model name; default: the dataset name")
+
+
 class PipelineConfig(_Strict):
     backend: Literal["local", "aws", "gcp", "azure"] = "local"
     dataset: DatasetSpec
     storage: StorageSpec
     ingest: IngestSpec = IngestSpec()
     validation: ValidationSpec = ValidationSpec()
+    training: TrainingSpec = TrainingSpec()
+    promotion: PromotionSpec = PromotionSpec()
+    mlflow: MlflowSpec = MlflowSpec()
     source: str = Field("", description="the file this config was read from (set by load_config)")
+
+    @property
+    def model_name(self) -> str:
+        return self.mlflow.model_name or self.dataset.name
 
     @cached_property
     def feature_columns(self) -> list[ColumnSpec]:

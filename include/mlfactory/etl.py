@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from mlfactory import storage
 from mlfactory.config import ColumnSpec, DatasetSpec, PipelineConfig
+from mlfactory.features import derive_features
 from mlfactory.ingest import Manifest, read_manifest
 from mlfactory.validation import (
     ARROW_TYPES,
@@ -326,31 +327,6 @@ def parse_column(arr: pa.Array, spec: ColumnSpec) -> tuple[pa.Array, dict[str, n
 
 def _non_finite(typed: pa.Array) -> np.ndarray:
     return pc.fill_null(pc.invert(pc.is_finite(typed)), False).to_numpy(zero_copy_only=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Derived features
-
-
-def derive_features(table: pa.Table, dataset: DatasetSpec, as_of: datetime) -> pa.Table:
-    for feature in dataset.derived:
-        a = table.column(feature.inputs[0])
-        if feature.kind == "ratio":
-            b = pc.cast(table.column(feature.inputs[1]), pa.float64())
-            zero = pc.equal(b, 0.0)
-            value = pc.if_else(zero, pa.scalar(None, pa.float64()), pc.divide(pc.cast(a, pa.float64()), b))
-        elif feature.kind == "log1p":
-            a = pc.cast(a, pa.float64())
-            value = pc.if_else(pc.less(a, -1.0), pa.scalar(None, pa.float64()), pc.log1p(pc.max_element_wise(a, -1.0)))
-        elif feature.kind == "month":
-            value = pc.month(a)
-        elif feature.kind == "day_of_week":
-            value = pc.day_of_week(a)
-        else:  # days_since
-            now = pa.scalar(as_of.replace(tzinfo=None), pa.timestamp("us"))
-            value = pc.divide(pc.cast(pc.subtract(now, a), pa.int64()), 86_400_000_000.0)
-        table = table.append_column(feature.name, value)
-    return table
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mlfactory.processes import signal_group, stop_group
+
+TRAINING_POOL = "mlfactory_training"
 
 PROJECT = Path(__file__).resolve().parents[2]
 # The scheduler and triggerer would also start log servers on every interface; on one machine the
@@ -31,17 +34,12 @@ COMPONENTS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class LocalAirflow:
     home: Path
     api_port: int = 8080
     env_overrides: dict[str, str] = field(default_factory=dict)
+    training_slots: int = 1  # size of the mlfactory_training pool: training jobs run at once
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -77,6 +75,7 @@ class LocalAirflow:
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "GX_ANALYTICS_ENABLED": "False",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
             "NO_PROXY": "127.0.0.1,localhost",
         }
         env.update(self.env_overrides)
@@ -86,6 +85,11 @@ class LocalAirflow:
         env = self.env()
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "airflow", "pools", "set", TRAINING_POOL, str(self.training_slots),
+             "training jobs running at once on this machine (the local stand-in for a GPU quota)"],
+            env=env, check=True, capture_output=True,
+        )
         for name, args in COMPONENTS.items():
             with open(self.home / "logs" / f"{name}.log", "ab") as log:
                 self.processes[name] = subprocess.Popen(
@@ -102,15 +106,10 @@ class LocalAirflow:
 
     def stop(self, grace: float = 15) -> None:
         for proc in self.processes.values():
-            _signal_group(proc, signal.SIGTERM)
+            signal_group(proc, signal.SIGTERM)  # all at once, then wait: each gets the same grace
         deadline = time.monotonic() + grace
         for proc in self.processes.values():
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(proc, signal.SIGKILL)  # the group: scheduler workers outlive their parent
-            proc.wait()
+            stop_group(proc, max(deadline - time.monotonic(), 0.1))  # the group: scheduler workers outlive their parent
         self.processes.clear()
 
     def __enter__(self) -> LocalAirflow:
@@ -183,10 +182,3 @@ class LocalAirflow:
             return max(runs, key=lambda r: r["start_date"] or "") if len(done) >= count else None
 
         return self.wait_until(finished, timeout, f"{count} finished run(s) of {dag_id}")
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass

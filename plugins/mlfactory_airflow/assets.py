@@ -17,6 +17,9 @@ class PipelineAssets:
     landing: Asset  # watched: a new object under the landing prefix
     raw: Asset  # an immutable raw snapshot was ingested
     curated: Asset  # a snapshot passed ETL and validation
+    drift_detected: Asset  # monitoring saw drift over the threshold (extra: the drifted features)
+    candidate: Asset  # ml_train's best trial (extra: MLflow run and model URI)
+    champion: Asset  # ml_promote moved alias `champion` (extra: model name and version)
 
 
 def bucket_change_trigger(cfg: PipelineConfig):
@@ -43,4 +46,7 @@ def pipeline_assets(cfg: PipelineConfig) -> PipelineAssets:
         ),
         raw=Asset(name="mlfactory.raw", uri=cfg.storage.raw_uri),
         curated=Asset(name="mlfactory.curated", uri=cfg.storage.curated_uri),
+        drift_detected=Asset(name="mlfactory.drift_detected", uri=cfg.storage.uri("reports_prefix", "drift")),
+        candidate=Asset(name="mlfactory.candidate", uri=cfg.storage.uri("models_prefix", "candidates")),
+        champion=Asset(name="mlfactory.champion", uri=cfg.storage.uri("models_prefix", "champion")),
     )

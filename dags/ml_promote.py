@@ -1,0 +1,98 @@
+"""ml_promote: Asset `candidate` → MLflow registry → promotion gate → Asset `champion`.
+
+Registers the candidate as a new model version with alias `challenger`, scores it and the current
+`champion` on the frozen holdout, and moves `champion` only when the challenger reaches
+``promotion.floor`` and beats the champion by ``promotion.margin``; the replaced champion keeps alias
+`previous` for rollback. The decision, both scores and the reason are tags on the model version.
+With ``promotion.require_approval`` a person approves in the Airflow UI before the alias moves.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import DAG, Param, chain, task
+
+from mlfactory.config import load_config
+from mlfactory_airflow.assets import pipeline_assets
+
+cfg = load_config()
+assets = pipeline_assets(cfg)
+
+with DAG(
+    dag_id="ml_promote",
+    description="Register the candidate model and promote it to champion when it beats the current one",
+    schedule=[assets.candidate],
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,  # one alias move at a time
+    tags=["mlfactory", "promote"],
+    doc_md=__doc__,
+    params={
+        "model_uri": Param(None, type=["null", "string"], title="Model to register",
+                           description="Leave empty for event-started runs. Example: models:/m-<id> or runs:/<run id>/model"),
+    },
+):
+
+    @task
+    def register(params: dict, triggering_asset_events=None) -> dict:
+        """Register the candidate (from the `candidate` event, or the form) with alias `challenger`."""
+        from mlfactory.registry import Registry
+
+        if params.get("model_uri"):
+            candidate = {"model_uri": params["model_uri"], "mlflow_run_id": None}
+        else:
+            events = triggering_asset_events[assets.candidate] if triggering_asset_events else []
+            if not events:
+                raise ValueError("nothing to promote: no `candidate` event started this run; set 'model_uri' in the form")
+            candidate = events[-1].extra
+        if not candidate.get("model_uri"):
+            raise ValueError(f"the candidate has no MLflow model URI (was MLflow reachable from training?): {candidate}")
+        registry = Registry(cfg)
+        tags = {"mlfactory.mlflow_run_id": candidate.get("mlflow_run_id") or "",
+                "mlfactory.validation_metric": f"{candidate.get('metric')}={candidate.get('value')}"}
+        version = registry.register(candidate["model_uri"], candidate.get("mlflow_run_id"), tags)
+        return {"version": version, **candidate}
+
+    @task
+    def evaluate(candidate: dict) -> dict:
+        """Challenger vs champion on the frozen holdout; the decision is tagged on the version."""
+        from mlfactory.registry import Registry
+        from mlfactory.training_data import frozen_holdout, read_holdout
+
+        registry = Registry(cfg)
+        frozen = frozen_holdout(cfg)
+        if frozen is None:
+            raise ValueError(f"no frozen holdout under {cfg.storage.models_uri}: ml_train freezes one on its first run")
+        uri, sha256 = registry.holdout(frozen.uri, frozen.sha256)
+        decision = registry.evaluate(candidate["version"], read_holdout(uri, sha256))
+        print(f"decision for {cfg.model_name} v{candidate['version']}: "
+              f"{'PROMOTE' if decision.promote else 'REJECT'} — {decision.reason}")
+        return {**decision.to_dict(), "version": candidate["version"], "holdout_uri": uri, "holdout_sha256": sha256}
+
+    @task.short_circuit
+    def gate(decision: dict) -> bool:
+        """Stop here (skipping the alias move) when the challenger did not pass."""
+        return decision["promote"]
+
+    @task(outlets=[assets.champion])
+    def promote(decision: dict, outlet_events=None) -> dict:
+        from mlfactory.registry import Registry
+
+        moved = Registry(cfg).promote(decision["version"], decision["holdout_uri"], decision["holdout_sha256"])
+        outlet_events[assets.champion].extra = {**moved, "metric": decision["metric"], "value": decision["challenger"]}
+        return moved
+
+    decision = evaluate(register())
+    steps = [gate(decision)]
+    if cfg.promotion.require_approval:
+        from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+        steps.append(
+            ApprovalOperator(
+                task_id="approve",
+                subject=f"Promote {cfg.model_name} to champion?",
+                body="{{ ti.xcom_pull(task_ids='evaluate')['reason'] }}",
+            )
+        )
+    chain(*steps, promote(decision))

@@ -1,0 +1,75 @@
+"""The MLflow tracking and registry server of the `local` backend: SQLite metadata, artifacts in the bucket.
+
+``make run`` and the tests start it through this class, so both use a real server over HTTP (never a
+file store inside the calling process). It binds 127.0.0.1 and runs in its own process group.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlfactory import storage
+from mlfactory.processes import stop_group
+
+
+@dataclass
+class LocalMlflow:
+    home: Path  # holds mlflow.db and the server's log
+    artifacts_uri: str  # where run artifacts and models go (the bucket, for `local`)
+    port: int = 5000
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> LocalMlflow:
+        self.home.mkdir(parents=True, exist_ok=True)
+        artifacts = storage.local_path(self.artifacts_uri) if storage.is_local(self.artifacts_uri) else self.artifacts_uri
+        command = [
+            str(Path(sys.executable).parent / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
+            "--artifacts-destination", artifacts,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--workers", "1",
+        ]
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "MLFLOW_ENABLE_TELEMETRY": "false",
+               "DO_NOT_TRACK": "1"}
+        log = open(self.home / "mlflow-server.log", "ab")  # noqa: SIM115 - kept open while the server runs
+        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.home)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.process.returncode}; see {self.home}/mlflow-server.log")
+            if self.healthy():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"mlflow server not up after {timeout:.0f}s; see {self.home}/mlflow-server.log")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def stop(self, grace: float = 10) -> None:
+        if self.process is not None:
+            stop_group(self.process, grace)
+            self.process = None
+
+    def __enter__(self) -> LocalMlflow:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

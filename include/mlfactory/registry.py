@@ -1,0 +1,173 @@
+"""The MLflow model registry and the promotion gate.
+
+A candidate is registered as a new version with alias ``challenger``. It is compared with the
+version that holds ``champion`` on the frozen holdout (the same rows every time, never trained on),
+and ``champion`` moves only when the challenger reaches the absolute floor AND beats the champion by
+the margin; the replaced champion keeps alias ``previous`` for rollback. The decision, both metrics
+and the reason are written as tags on the challenger's version.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from mlfactory.config import DatasetSpec, PipelineConfig
+from mlfactory.features import FeatureSet
+from mlfactory.tabular import primary_metric
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+HOLDOUT_URI_TAG, HOLDOUT_SHA_TAG = "mlfactory.holdout_uri", "mlfactory.holdout_sha256"
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    metric: str
+    challenger: float
+    champion: float | None
+    champion_version: str | None
+    margin: float
+    floor: float
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "mlfactory.decision": "promoted" if self.promote else "rejected",
+            "mlfactory.reason": self.reason,
+            "mlfactory.metric": self.metric,
+            f"mlfactory.holdout_{self.metric}": f"{self.challenger:.6f}",
+            f"mlfactory.champion_{self.metric}": "" if self.champion is None else f"{self.champion:.6f}",
+            "mlfactory.champion_version": self.champion_version or "",
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(metric: str, challenger: float, champion: float | None, champion_version: str | None,
+           margin: float, floor: float) -> Decision:
+    """The gate, as a pure function of the two holdout scores (higher is better)."""
+
+    def verdict(promote: bool, reason: str) -> Decision:
+        return Decision(promote, reason, metric, challenger, champion, champion_version, margin, floor)
+
+    if not math.isfinite(challenger):
+        return verdict(False, f"challenger {metric} on the holdout is not a number")
+    if challenger < floor:
+        return verdict(False, f"challenger {metric} {challenger:.4f} is below the floor {floor:.4f}")
+    if champion is None:
+        return verdict(True, f"no champion yet; challenger {metric} {challenger:.4f} passes the floor {floor:.4f}")
+    if challenger >= champion + margin:
+        return verdict(True, f"challenger {metric} {challenger:.4f} beats champion v{champion_version} "
+                             f"{champion:.4f} by {challenger - champion:+.4f} (margin {margin:.4f})")
+    return verdict(False, f"challenger {metric} {challenger:.4f} does not beat champion v{champion_version} "
+                          f"{champion:.4f} by the margin {margin:.4f} ({challenger - champion:+.4f})")
+
+
+def holdout_score(dataset: DatasetSpec, holdout: pd.DataFrame, predictions: pd.DataFrame) -> float:
+    """The primary metric of ``predictions`` (a model's output frame) against the holdout's labels."""
+    from sklearn import metrics
+
+    truth = holdout[dataset.target]
+    if dataset.task == "regression":
+        return float(metrics.r2_score(pd.to_numeric(truth).astype(float), predictions["prediction"].astype(float)))
+    target = dataset.column(dataset.target)
+    if target.type == "boolean":
+        classes = [False, True]
+        labels = truth.astype(bool).to_numpy()
+    else:
+        classes = list(target.categories or [])
+        labels = truth.astype(str).to_numpy()
+    if len(classes) == 2:
+        y = (labels == classes[1]).astype(int)
+        return float(metrics.roc_auc_score(y, predictions["probability"].astype(float))) if len(np.unique(y)) == 2 else math.nan
+    proba = np.column_stack([predictions[f"probability_{c}"].astype(float) for c in classes])
+    return float(metrics.roc_auc_score(labels, proba, multi_class="ovr", labels=classes))
+
+
+def score_model(model_uri: str, dataset: DatasetSpec, holdout: pd.DataFrame) -> float:
+    """Load ``model_uri`` as a pyfunc and score it on the holdout's RAW feature columns."""
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    features = holdout[FeatureSet.of(dataset).raw_inputs].copy()
+    for name in features.columns:
+        if features[name].dtype.name in ("string", "str", "category"):
+            features[name] = features[name].astype(object)
+    return holdout_score(dataset, holdout, model.predict(features))
+
+
+class Registry:
+    """The registered model of one pipeline, through a real MLflow tracking server."""
+
+    def __init__(self, cfg: PipelineConfig):
+        import mlflow
+        from mlflow import MlflowClient
+
+        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+        self.cfg, self.name = cfg, cfg.model_name
+        self.client = MlflowClient(cfg.mlflow.tracking_uri)
+
+    def register(self, model_uri: str, run_id: str | None, tags: dict[str, str]) -> str:
+        """A new version of ``model_uri`` with alias ``challenger``; returns the version."""
+        import mlflow
+        from mlflow.exceptions import RestException
+
+        try:
+            self.client.get_registered_model(self.name)
+        except RestException:
+            self.client.create_registered_model(self.name, description=f"mlfactory model of {self.cfg.dataset.name}")
+        version = mlflow.register_model(model_uri, self.name, tags={k: str(v) for k, v in tags.items()}).version
+        self.client.set_registered_model_alias(self.name, CHALLENGER, version)
+        log.info("registered %s version %s (run %s) as %s", self.name, version, run_id, CHALLENGER)
+        return str(version)
+
+    def alias_version(self, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, alias).version)
+        except MlflowException:
+            return None
+
+    def holdout(self, default_uri: str, default_sha256: str) -> tuple[str, str]:
+        """The holdout kept with the first champion (registered-model tags), else the frozen one given."""
+        tags = self.client.get_registered_model(self.name).tags
+        return tags.get(HOLDOUT_URI_TAG, default_uri), tags.get(HOLDOUT_SHA_TAG, default_sha256)
+
+    def evaluate(self, version: str, holdout: pd.DataFrame) -> Decision:
+        """Score challenger ``version`` and the champion on the holdout, decide, tag the version."""
+        metric = primary_metric(self.cfg.dataset.task)
+        challenger = score_model(f"models:/{self.name}/{version}", self.cfg.dataset, holdout)
+        champion_version = self.alias_version(CHAMPION)
+        champion = None
+        if champion_version is not None:
+            champion = score_model(f"models:/{self.name}/{champion_version}", self.cfg.dataset, holdout)
+        gate = self.cfg.promotion
+        decision = decide(metric, challenger, champion, champion_version, gate.margin, gate.floor)
+        for key, value in decision.tags().items():
+            self.client.set_model_version_tag(self.name, version, key, value)
+        log.info("%s v%s: %s — %s", self.name, version, "PROMOTE" if decision.promote else "REJECT", decision.reason)
+        return decision
+
+    def promote(self, version: str, holdout_uri: str, holdout_sha256: str) -> dict:
+        """Move ``champion`` to ``version``; the replaced champion gets ``previous``."""
+        replaced = self.alias_version(CHAMPION)
+        if replaced == version:
+            return {"model_name": self.name, "version": version, "previous_version": None}
+        if replaced is not None:
+            self.client.set_registered_model_alias(self.name, PREVIOUS, replaced)
+        else:  # the first champion: keep the holdout it was judged on with the registered model
+            self.client.set_registered_model_tag(self.name, HOLDOUT_URI_TAG, holdout_uri)
+            self.client.set_registered_model_tag(self.name, HOLDOUT_SHA_TAG, holdout_sha256)
+        self.client.set_registered_model_alias(self.name, CHAMPION, version)
+        log.info("%s: champion is now v%s (previous: v%s)", self.name, version, replaced)
+        return {"model_name": self.name, "version": version, "previous_version": replaced,
+                "model_uri": f"models:/{self.name}/{version}"}

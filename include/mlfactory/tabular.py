@@ -1,0 +1,236 @@
+"""The tabular model: preprocessing fitted on training rows, a PyTorch network, and the MLflow pyfunc.
+
+Numeric features are standardised (with a missing-value indicator each), booleans become 0/1 (plus
+an indicator), and each categorical column gets an embedding; the configured categories fix the
+vocabulary, index 0 is "unknown or missing". The pyfunc wraps all of it, so a caller sends the RAW
+feature columns and gets predictions: no preprocessing to repeat on the serving side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from mlfactory.config import DatasetSpec
+from mlfactory.features import FeatureSet, numeric_matrix, typed_features
+
+MODEL_FILE = "model.pt"  # the bundle: dataset spec, preprocessor, network shape and weights
+
+
+def primary_metric(task: str) -> str:
+    """The metric every stage compares on (validation, search, promotion); higher is better."""
+    return "roc_auc" if task == "classification" else "r2"
+
+
+@dataclass
+class Preprocessor:
+    numeric: list[str]
+    mean: list[float]
+    std: list[float]
+    boolean: list[str]
+    categorical: dict[str, list[str]]
+    task: str
+    classes: list[str] | None  # classification labels in output order; None for regression
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, dataset: DatasetSpec) -> Preprocessor:
+        features = FeatureSet.of(dataset)
+        values = numeric_matrix(frame, features.numeric)
+        with np.errstate(invalid="ignore"):
+            mean = np.nan_to_num(np.nanmean(values, axis=0)) if len(values) else np.zeros(values.shape[1])
+            std = np.nan_to_num(np.nanstd(values, axis=0)) if len(values) else np.ones(values.shape[1])
+        std[std < 1e-9] = 1.0
+        target = dataset.column(dataset.target)
+        classes = None
+        target_mean, target_std = 0.0, 1.0
+        if dataset.task == "classification":
+            classes = ["False", "True"] if target.type == "boolean" else list(target.categories or [])
+        else:
+            y = pd.to_numeric(frame[dataset.target], errors="coerce").astype("float64")
+            target_mean, target_std = float(y.mean()), float(y.std(ddof=0) or 1.0)
+        return cls(
+            numeric=features.numeric,
+            mean=mean.tolist(),
+            std=std.tolist(),
+            boolean=features.boolean,
+            categorical=features.categorical,
+            task=dataset.task,
+            classes=classes,
+            target_mean=target_mean,
+            target_std=target_std,
+        )
+
+    @property
+    def numeric_width(self) -> int:
+        return 2 * len(self.numeric) + 2 * len(self.boolean)
+
+    @property
+    def cardinalities(self) -> list[int]:
+        return [len(cats) + 1 for cats in self.categorical.values()]
+
+    @property
+    def outputs(self) -> int:
+        return 1 if self.classes is None or len(self.classes) == 2 else len(self.classes)
+
+    def encode(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        """Typed feature rows -> (float features, categorical indices)."""
+        values = numeric_matrix(frame, self.numeric)
+        missing = np.isnan(values)
+        scaled = (np.where(missing, np.asarray(self.mean), values) - np.asarray(self.mean)) / np.asarray(self.std)
+        parts = [scaled, missing.astype(np.float64)]
+        if self.boolean:
+            flags = np.column_stack([frame[c].astype("boolean").to_numpy(dtype=np.float64, na_value=np.nan) for c in self.boolean])
+            parts += [np.nan_to_num(flags, nan=0.0), np.isnan(flags).astype(np.float64)]
+        dense = torch.from_numpy(np.hstack(parts).astype(np.float32))
+        codes = [
+            pd.Categorical(frame[c].astype("string"), categories=cats).codes.astype(np.int64) + 1
+            for c, cats in self.categorical.items()
+        ]
+        cats = torch.from_numpy(np.column_stack(codes)) if codes else torch.zeros((len(frame), 0), dtype=torch.int64)
+        return dense, cats
+
+    def encode_target(self, series: pd.Series) -> torch.Tensor:
+        if self.classes is None:
+            y = (pd.to_numeric(series, errors="coerce").astype("float64").to_numpy() - self.target_mean) / self.target_std
+            return torch.from_numpy(y.astype(np.float32))
+        labels = series.astype("string")
+        if len(self.classes) == 2 and pd.api.types.is_bool_dtype(series):
+            labels = series.map({True: "True", False: "False"}).astype("string")
+        index = pd.Categorical(labels, categories=self.classes).codes
+        if (index < 0).any():
+            raise ValueError(f"target has labels outside {self.classes}")
+        return torch.from_numpy(index.astype(np.float32 if len(self.classes) == 2 else np.int64))
+
+
+class TabularNet(nn.Module):
+    def __init__(self, numeric_width: int, cardinalities: list[int], hidden_sizes: list[int], dropout: float, outputs: int):
+        super().__init__()
+        self.embeddings = nn.ModuleList(nn.Embedding(card, min(16, (card + 1) // 2 + 1)) for card in cardinalities)
+        width = numeric_width + sum(e.embedding_dim for e in self.embeddings)
+        layers: list[nn.Module] = []
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, outputs))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, dense: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
+        embedded = [emb(cats[:, i]) for i, emb in enumerate(self.embeddings)]
+        out = self.mlp(torch.cat([dense, *embedded], dim=1))
+        return out.squeeze(1) if out.shape[1] == 1 else out
+
+
+def build_net(pre: Preprocessor, hidden_sizes: list[int], dropout: float) -> TabularNet:
+    return TabularNet(pre.numeric_width, pre.cardinalities, hidden_sizes, dropout, pre.outputs)
+
+
+def loss_function(pre: Preprocessor) -> nn.Module:
+    if pre.classes is None:
+        return nn.MSELoss()
+    return nn.BCEWithLogitsLoss() if len(pre.classes) == 2 else nn.CrossEntropyLoss()
+
+
+def scores(pre: Preprocessor, logits: torch.Tensor) -> np.ndarray:
+    """Network output -> positive-class probability, class probabilities, or the value in target units."""
+    if pre.classes is None:
+        return logits.double().numpy() * pre.target_std + pre.target_mean
+    if len(pre.classes) == 2:
+        return torch.sigmoid(logits).double().numpy()
+    return torch.softmax(logits, dim=1).double().numpy()
+
+
+def metrics(pre: Preprocessor, y_true: torch.Tensor, predicted: np.ndarray) -> dict[str, float]:
+    """Quality of ``predicted`` (from ``scores``) against encoded targets; includes ``primary_metric``."""
+    from sklearn import metrics as m
+
+    y = y_true.numpy()
+    if pre.classes is None:
+        truth = y.astype(np.float64) * pre.target_std + pre.target_mean
+        return {
+            "r2": float(m.r2_score(truth, predicted)),
+            "rmse": float(math.sqrt(m.mean_squared_error(truth, predicted))),
+            "mae": float(m.mean_absolute_error(truth, predicted)),
+        }
+    if len(pre.classes) == 2:
+        auc = float(m.roc_auc_score(y, predicted)) if len(np.unique(y)) == 2 else float("nan")
+        return {
+            "roc_auc": auc,
+            "accuracy": float(((predicted >= 0.5) == (y >= 0.5)).mean()),
+            "log_loss": float(m.log_loss(y, np.clip(predicted, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        }
+    labels = list(range(len(pre.classes)))
+    return {
+        "roc_auc": float(m.roc_auc_score(y, predicted, multi_class="ovr", labels=labels)),
+        "accuracy": float((predicted.argmax(axis=1) == y).mean()),
+        "log_loss": float(m.log_loss(y, predicted, labels=labels)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundle written to the job's output and wrapped by the pyfunc
+
+
+def save_bundle(path: str, dataset: DatasetSpec, pre: Preprocessor, net: TabularNet, hidden_sizes, dropout) -> None:
+    torch.save(
+        {
+            "dataset": dataset.model_dump(mode="json"),
+            "preprocessor": asdict(pre),
+            "net": {"hidden_sizes": list(hidden_sizes), "dropout": dropout},
+            "state_dict": net.state_dict(),
+        },
+        path,
+    )
+
+
+class LoadedModel:
+    """A trained model bundle: RAW feature rows in, a predictions frame out."""
+
+    def __init__(self, path: str):
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+        self.dataset = DatasetSpec.model_validate(bundle["dataset"])
+        self.pre = Preprocessor(**bundle["preprocessor"])
+        self.net = build_net(self.pre, **bundle["net"])
+        self.net.load_state_dict(bundle["state_dict"])
+        self.net.eval()
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        typed = typed_features(frame, self.dataset)
+        dense, cats = self.pre.encode(typed)
+        with torch.no_grad():
+            predicted = scores(self.pre, self.net(dense, cats))
+        out = pd.DataFrame(index=frame.index)
+        if self.pre.classes is None:
+            out["prediction"] = predicted
+        elif len(self.pre.classes) == 2:
+            positive = predicted >= 0.5
+            out["prediction"] = positive if self.pre.classes == ["False", "True"] else np.where(
+                positive, self.pre.classes[1], self.pre.classes[0]
+            )
+            out["probability"] = predicted
+        else:
+            out["prediction"] = np.asarray(self.pre.classes, dtype=object)[predicted.argmax(axis=1)]
+            out["probability"] = predicted.max(axis=1)
+            for i, label in enumerate(self.pre.classes):
+                out[f"probability_{label}"] = predicted[:, i]
+        return out
+
+
+try:  # the pyfunc flavour needs mlflow; the training containers of a cloud may run without it
+    import mlflow.pyfunc
+
+    class TabularPyfunc(mlflow.pyfunc.PythonModel):
+        def load_context(self, context) -> None:
+            self.model = LoadedModel(context.artifacts["bundle"])
+
+        def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+            return self.model.predict(model_input)
+
+except ImportError:  # pragma: no cover - exercised only where mlflow is absent
+    TabularPyfunc = None

@@ -1,0 +1,494 @@
+"""The training entrypoint: one script for every backend, launched by torchrun.
+
+    python -m mlfactory.train --train-uri URI --output-uri URI [--checkpoint-uri URI] [hyperparameters]
+
+``--train-uri`` is a training set folder written by ml_train (``dataset.json``, the dataset spec,
+next to Parquet files). The script trains the tabular model with DistributedDataParallel and a
+DistributedSampler on every process torchrun started: ``gloo`` on CPU, ``nccl`` on GPU, ``xla`` on
+TPU (torch_xla is imported only on that path). Run without torchrun on a platform that asks for more
+than one process (``--nproc-per-node``, or SageMaker/Vertex/Azure variables, see ``mlfactory.cluster``),
+it re-launches itself under torchrun.
+
+Every epoch rank 0 writes a checkpoint to ``--checkpoint-uri`` (atomically); a restarted job resumes
+from it, so a preempted spot job continues where it stopped. Runs are deterministic for a seed:
+shuffling and dropout are seeded from (seed, epoch, rank), which also makes a resumed run repeat
+exactly what the interrupted one would have done.
+
+Rank 0 alone writes ``model.pt`` and ``metrics.json`` to ``--output-uri`` and logs to MLflow (when a
+tracking URI is given): params, per-epoch metrics, the training set as a dataset input with its
+digest, the training curves, and the model as a pyfunc that takes the raw feature columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlfactory import storage
+from mlfactory.cluster import Cluster, data_locations, launched_by_torchrun
+
+log = logging.getLogger("mlfactory.train")
+
+DATASET_FILE = "dataset.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+HYPERPARAMETERS = ("epochs", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "seed",
+                   "validation_fraction")
+
+
+def _sizes(text: str) -> list[int]:
+    """'[128, 64]' or '128,64' -> [128, 64] (SageMaker passes every hyperparameter as a string)."""
+    text = text.strip()
+    values = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+    sizes = [int(v) for v in values]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"hidden sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def parse_args(argv: list[str], env=os.environ) -> argparse.Namespace:
+    defaults = data_locations(env)
+    p = argparse.ArgumentParser(prog="python -m mlfactory.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--train-uri", default=defaults.train_uri, help="training set folder (dataset.json + Parquet)")
+    p.add_argument("--output-uri", default=defaults.output_uri, help="where model.pt and metrics.json go")
+    p.add_argument("--checkpoint-uri", default=defaults.checkpoint_uri, help="per-epoch checkpoints; resume from here")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--learning-rate", type=float, default=0.003)
+    p.add_argument("--batch-size", type=int, default=512, help="per process")
+    p.add_argument("--hidden-sizes", type=_sizes, default=[128, 64])
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--validation-fraction", type=float, default=0.15)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "xla"], default="auto")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes to launch when not under torchrun")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per process (default: cores / processes)")
+    p.add_argument("--mlflow-tracking-uri", default=env.get("MLFLOW_TRACKING_URI"))
+    p.add_argument("--experiment", default=env.get("MLFLOW_EXPERIMENT_NAME", "mlfactory"))
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="MLflow run tag (repeatable)")
+    args = p.parse_args(argv)
+    missing = [name for name in ("train_uri", "output_uri") if not getattr(args, name)]
+    if missing:
+        p.error(f"--{missing[0].replace('_', '-')} is required (no platform variable such as SM_MODEL_DIR provides it)")
+    for name, low, high in (("epochs", 1, 100_000), ("batch_size", 1, 1 << 20)):
+        if not low <= getattr(args, name) <= high:
+            p.error(f"--{name.replace('_', '-')} must be between {low} and {high}")
+    if not 0 < args.learning_rate <= 10:
+        p.error("--learning-rate must be in (0, 10]")
+    if not 0 <= args.dropout < 1 or not 0 < args.validation_fraction < 1:
+        p.error("--dropout must be in [0, 1) and --validation-fraction in (0, 1)")
+    bad_tags = [t for t in args.tag if "=" not in t]
+    if bad_tags:
+        p.error(f"--tag takes KEY=VALUE, got {bad_tags}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and process groups
+
+
+@dataclass
+class Runtime:
+    device: object
+    backend: str
+    rank: int
+    world_size: int
+    local_rank: int
+    mark_step: object = field(default=lambda: None)  # XLA executes the traced graph here
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+def start_runtime(kind: str, env=os.environ) -> Runtime:
+    import torch
+    import torch.distributed as dist
+
+    rank, world, local_rank = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    if kind == "auto":
+        kind = "xla" if env.get("PJRT_DEVICE") else "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "xla":
+        try:  # TPU (Vertex AI): only here, torch_xla is not installed elsewhere
+            import torch_xla
+            import torch_xla.core.xla_model as xm
+            import torch_xla.distributed.xla_backend  # noqa: F401 - registers the "xla" process-group backend
+        except ImportError as err:
+            raise SystemExit(f"--device xla needs torch_xla (a TPU image); it is not installed: {err}") from err
+        if world > 1:
+            dist.init_process_group("xla", init_method="xla://")
+        return Runtime(torch_xla.device(), "xla", rank, world, local_rank, mark_step=xm.mark_step)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda was asked for but torch sees no GPU")
+        torch.cuda.set_device(local_rank)
+        backend, device = "nccl", torch.device("cuda", local_rank)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    if world > 1:
+        dist.init_process_group(backend)
+    return Runtime(device, backend, rank, world, local_rank)
+
+
+def _all_reduce_sum(runtime: Runtime, value: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if runtime.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def _barrier(runtime: Runtime) -> None:
+    import torch.distributed as dist
+
+    if runtime.world_size > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def read_training_set(train_uri: str):
+    """The dataset spec, every row, and the SHA-256 of the Parquet files of a training set folder."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mlfactory.config import DatasetSpec
+
+    spec_uri = storage.join(train_uri, DATASET_FILE)
+    if not storage.exists(spec_uri):
+        raise SystemExit(f"{train_uri} is not a training set folder: {DATASET_FILE} is missing")
+    dataset = DatasetSpec.model_validate_json(storage.read_bytes(spec_uri))
+    digest, tables = hashlib.sha256(), []
+    for part in sorted(o.uri for o in storage.list_objects(train_uri) if o.key.endswith(".parquet")):
+        data = storage.read_bytes(part)
+        digest.update(data)
+        tables.append(pq.read_table(pa.BufferReader(data)))
+    if not tables or sum(t.num_rows for t in tables) == 0:
+        raise SystemExit(f"training set {train_uri} has no rows")
+    return dataset, pa.concat_tables(tables).to_pandas(), digest.hexdigest()
+
+
+def split(n_rows: int, fraction: float, seed: int):
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n_rows)
+    n_val = max(1, int(round(n_rows * fraction)))
+    return order[n_val:], order[:n_val]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def load_checkpoint(uri: str | None):
+    import torch
+
+    if not uri or not storage.exists(storage.join(uri, CHECKPOINT_FILE)):
+        return None
+    return torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, CHECKPOINT_FILE))), weights_only=True)
+
+
+def save_checkpoint(uri: str, state: dict) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with storage.atomic_write(storage.join(uri, CHECKPOINT_FILE)) as f:
+        f.write(buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args: argparse.Namespace, env=os.environ) -> dict | None:
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DistributedSampler
+
+    from mlfactory.tabular import Preprocessor, build_net, loss_function, metrics, primary_metric, scores
+
+    runtime = start_runtime(args.device, env)
+    local_world = int(env.get("LOCAL_WORLD_SIZE", runtime.world_size))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
+    torch.manual_seed(args.seed)
+    say = log.info if runtime.is_primary else log.debug
+
+    dataset, frame, digest = read_training_set(args.train_uri)
+    train_idx, val_idx = split(len(frame), args.validation_fraction, args.seed)
+    train_rows, val_rows = frame.iloc[train_idx], frame.iloc[val_idx]
+    pre = Preprocessor.fit(train_rows, dataset)
+    x_dense, x_cats = pre.encode(train_rows)
+    y = pre.encode_target(train_rows[dataset.target])
+    v_dense, v_cats = pre.encode(val_rows)
+    v_y = pre.encode_target(val_rows[dataset.target])
+    metric = f"val_{primary_metric(dataset.task)}"
+
+    net = build_net(pre, args.hidden_sizes, args.dropout).to(runtime.device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    checkpoint = load_checkpoint(args.checkpoint_uri)
+    history: list[dict] = []
+    start_epoch, mlflow_run_id = 1, None
+    if checkpoint is not None:
+        if checkpoint["hyperparameters"] != _hyperparameters(args):
+            raise SystemExit(
+                f"checkpoint at {args.checkpoint_uri} was written with other hyperparameters "
+                f"{checkpoint['hyperparameters']}; use a new --checkpoint-uri for a new job"
+            )
+        net.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        history = json.loads(checkpoint["history"])
+        start_epoch, mlflow_run_id = int(checkpoint["epoch"]) + 1, checkpoint["mlflow_run_id"] or None
+        say("resuming from checkpoint %s: epoch %d of %d done, starting epoch %d",
+            args.checkpoint_uri, start_epoch - 1, args.epochs, start_epoch)
+    model = DistributedDataParallel(net) if runtime.world_size > 1 else net
+    loss_fn = loss_function(pre)
+    sampler = DistributedSampler(range(len(y)), num_replicas=runtime.world_size, rank=runtime.rank,
+                                 shuffle=True, seed=args.seed, drop_last=True)
+    tracker = MlflowTracker.start(args, dataset, frame, digest, runtime, mlflow_run_id, env) if runtime.is_primary else None
+    say("training %s on %d rows (%d validation), %d process(es), backend %s, epochs %d..%d",
+        dataset.name, len(y), len(v_y), runtime.world_size, runtime.backend, start_epoch, args.epochs)
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        torch.manual_seed(args.seed * 100_003 + epoch * 1009 + runtime.rank)  # dropout: reproducible on resume
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)), dtype=torch.int64)
+        model.train()
+        started, total_loss, seen = time.perf_counter(), 0.0, 0
+        for first in range(0, len(order), args.batch_size):
+            batch = order[first:first + args.batch_size]
+            if len(batch) < 2:
+                continue
+            out = model(x_dense[batch].to(runtime.device), x_cats[batch].to(runtime.device))
+            loss = loss_fn(out, y[batch].to(runtime.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            runtime.mark_step()
+            total_loss += float(loss.detach()) * len(batch)
+            seen += len(batch)
+        elapsed = time.perf_counter() - started
+        samples = _all_reduce_sum(runtime, seen)
+        loss_sum = _all_reduce_sum(runtime, total_loss)
+        rate = _all_reduce_sum(runtime, seen / max(elapsed, 1e-9))  # summed per-process rates
+        if runtime.is_primary:
+            net.eval()
+            with torch.no_grad():
+                predicted = scores(pre, net(v_dense.to(runtime.device), v_cats.to(runtime.device)).cpu())
+            row = {"epoch": epoch, "train_loss": loss_sum / max(samples, 1), "samples_per_s": rate,
+                   **{f"val_{k}": v for k, v in metrics(pre, v_y, predicted).items()}}
+            history.append(row)
+            log.info("epoch %d/%d  loss %.4f  %s %.4f  %.0f samples/s", epoch, args.epochs, row["train_loss"],
+                     metric, row[metric], rate)
+            if tracker:
+                tracker.log_epoch(row)
+            if args.checkpoint_uri:
+                save_checkpoint(args.checkpoint_uri, {
+                    "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "history": json.dumps(history), "mlflow_run_id": tracker.run_id if tracker else "",
+                    "hyperparameters": _hyperparameters(args),
+                })
+                log.info("checkpoint: epoch %d saved to %s", epoch, args.checkpoint_uri)
+        _barrier(runtime)
+
+    result = None
+    if runtime.is_primary:
+        result = _finish(args, dataset, pre, net, history, metric, runtime, tracker, val_rows)
+    _barrier(runtime)
+    if runtime.world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return result
+
+
+def _hyperparameters(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in HYPERPARAMETERS}
+
+
+def _finish(args, dataset, pre, net, history, metric, runtime, tracker, val_rows) -> dict:
+    from mlfactory.tabular import save_bundle
+
+    net = net.cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = str(Path(tmp) / "model.pt")
+        save_bundle(bundle, dataset, pre, net, args.hidden_sizes, args.dropout)
+        storage.write_bytes(storage.join(args.output_uri, "model.pt"), Path(bundle).read_bytes())
+        final = history[-1] if history else {}
+        result = {
+            "metric": metric,
+            "value": final.get(metric),
+            "metrics": final,
+            "history": history,
+            "epochs": len(history),
+            "world_size": runtime.world_size,
+            "backend": runtime.backend,
+            "hyperparameters": _hyperparameters(args),
+            "samples_per_s": sum(h["samples_per_s"] for h in history) / max(len(history), 1),
+            "output_uri": args.output_uri,
+            "model_bundle_uri": storage.join(args.output_uri, "model.pt"),
+        }
+        if tracker:
+            result.update(tracker.finish(bundle, history, val_rows, dataset))
+    storage.write_bytes(storage.join(args.output_uri, METRICS_FILE), json.dumps(result, indent=2).encode())
+    log.info("done: %s %.4f after %d epochs; model and metrics in %s", metric, result["value"] or float("nan"),
+             len(history), args.output_uri)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow (rank 0 only)
+
+
+class MlflowTracker:
+    def __init__(self, mlflow, run_id: str):
+        self.mlflow, self.run_id = mlflow, run_id
+
+    @classmethod
+    def start(cls, args, dataset, frame, digest, runtime, resume_run_id, env) -> MlflowTracker | None:
+        if not args.mlflow_tracking_uri:
+            log.info("MLflow: no tracking URI (--mlflow-tracking-uri or MLFLOW_TRACKING_URI); not logging")
+            return None
+        import mlflow
+
+        mlflow.set_tracking_uri(args.mlflow_tracking_uri)
+        mlflow.set_experiment(args.experiment)
+        if resume_run_id:
+            run = mlflow.start_run(run_id=resume_run_id)
+            return cls(mlflow, run.info.run_id)
+        run = mlflow.start_run(run_name=args.run_name)
+        cluster = Cluster.from_environ(env)
+        mlflow.log_params({**_hyperparameters(args), "world_size": runtime.world_size, "backend": runtime.backend,
+                           "rows": len(frame), "train_uri": args.train_uri})
+        mlflow.set_tags({"mlfactory.platform": cluster.platform, "mlfactory.job_id": cluster.job_id,
+                         "mlfactory.dataset_sha256": digest,
+                         **dict(t.split("=", 1) for t in args.tag)})
+        source = mlflow.data.from_pandas(frame, source=args.train_uri, name=dataset.name, targets=dataset.target,
+                                         digest=digest[:36])
+        mlflow.log_input(source, context="training")
+        return cls(mlflow, run.info.run_id)
+
+    def log_epoch(self, row: dict) -> None:
+        self.mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and v == v}, step=row["epoch"])
+
+    def finish(self, bundle: str, history: list[dict], val_rows, dataset) -> dict:
+        mlflow = self.mlflow
+        mlflow.log_figure(_curves(history), "training_curves.png")
+        model_info = log_pyfunc(bundle, val_rows, dataset)
+        mlflow.end_run()
+        return {"mlflow_run_id": self.run_id, "model_uri": model_info.model_uri}
+
+
+def _curves(history: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    val_keys = [k for k in (history[0] if history else {}) if k.startswith("val_")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], marker="o")
+    axes[0].set(title="training loss", xlabel="epoch")
+    for key in val_keys:
+        axes[1].plot(epochs, [h[key] for h in history], marker="o", label=key)
+    axes[1].set(title="validation", xlabel="epoch")
+    axes[1].legend()
+    fig.tight_layout()
+    return fig
+
+
+MODEL_CODE = ("__init__.py", "config.py", "features.py", "tabular.py")
+
+
+def pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in
+            ("mlflow", "torch", "pandas", "numpy", "pyarrow", "pydantic", "pyyaml", "scikit-learn")]
+
+
+def log_pyfunc(bundle: str, sample_rows, dataset):
+    """Log the model as a pyfunc over the RAW feature columns, with its code, signature and example."""
+    import shutil
+
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from mlfactory.features import FeatureSet
+    from mlfactory.tabular import LoadedModel, TabularPyfunc
+
+    example = sample_rows[FeatureSet.of(dataset).raw_inputs].head(5).copy()
+    for name in example.columns:  # what a JSON caller sends: plain strings, and numbers that may be missing
+        if example[name].dtype.name in ("string", "category", "str"):
+            example[name] = example[name].astype(object)
+        elif pd.api.types.is_integer_dtype(example[name]):
+            example[name] = example[name].astype("float64")
+    signature = infer_signature(example, LoadedModel(bundle).predict(example))
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / "mlfactory"
+        package.mkdir()
+        here = Path(__file__).resolve().parent
+        for name in MODEL_CODE:  # only what prediction imports: the model stays small and light
+            shutil.copy(here / name, package / name)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=TabularPyfunc(),
+            artifacts={"bundle": bundle},
+            code_paths=[str(package)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=pip_requirements(),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [rank " + os.environ.get("RANK", "0") + "] %(message)s",
+                        stream=sys.stdout, force=True)
+    args = parse_args(argv)
+    if not launched_by_torchrun(os.environ):
+        cluster = Cluster.from_environ(os.environ, args.nproc_per_node)
+        if cluster.world_size > 1:
+            command = cluster.torchrun_command("mlfactory.train", _without_option(argv, "--nproc-per-node"))
+            log.info("launching %d process(es) on node %d of %d (%s): %s", cluster.nproc_per_node, cluster.node_rank,
+                     cluster.nodes, cluster.platform, " ".join(command))
+            os.execv(command[0], command)
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

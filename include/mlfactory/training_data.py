@@ -1,0 +1,137 @@
+"""Training sets and the frozen holdout, built from curated data.
+
+The holdout is carved once, from the first curated data ml_train sees, before any model is trained,
+and never changes: every challenger and champion is compared on the same rows, and no training set
+ever contains one of them (rows are matched by a hash of their content, so the same rows landed
+again in a later file stay out of training too).
+
+A training set is one folder, content-addressed by the SHA-256 of its Parquet file, holding the
+rows and ``dataset.json`` (the dataset spec): everything the training entrypoint needs, on any cloud.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mlfactory import storage
+from mlfactory.config import PipelineConfig
+from mlfactory.train import DATASET_FILE
+
+log = logging.getLogger(__name__)
+
+ROW_HASH = "_row_hash"
+HOLDOUT_FILE = "holdout.parquet"
+HOLDOUT_MANIFEST = "holdout.json"
+
+
+class NoTrainingData(RuntimeError):
+    """There is no curated data to train on yet."""
+
+
+@dataclass(frozen=True)
+class Holdout:
+    uri: str  # the Parquet file
+    sha256: str
+    rows: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    uri: str  # the folder the entrypoint reads
+    digest: str  # sha256 of its Parquet file
+    rows: int
+    holdout: Holdout
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def holdout_uri(cfg: PipelineConfig) -> str:
+    return storage.join(cfg.storage.models_uri, "holdout")
+
+
+def read_curated(cfg: PipelineConfig, columns: list[str]) -> pd.DataFrame:
+    """Every curated row of every snapshot (staging folders, starting with '_' or '.', are skipped)."""
+    if not any(o.key.endswith(".parquet") for o in storage.list_objects(cfg.storage.curated_uri)):
+        raise NoTrainingData(f"no curated data under {cfg.storage.curated_uri} yet: land a file first")
+    fs, root = storage.pyarrow_filesystem(cfg.storage.curated_uri)
+    return pq.read_table(root, filesystem=fs, columns=columns).to_pandas()
+
+
+def row_hashes(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    return pd.util.hash_pandas_object(frame[columns], index=False).to_numpy()
+
+
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer)
+    return buffer.getvalue()
+
+
+def frozen_holdout(cfg: PipelineConfig) -> Holdout | None:
+    """The holdout frozen in the bucket, if ml_train has frozen one yet."""
+    manifest_uri = storage.join(holdout_uri(cfg), HOLDOUT_MANIFEST)
+    return Holdout(**json.loads(storage.read_bytes(manifest_uri))) if storage.exists(manifest_uri) else None
+
+
+def ensure_holdout(cfg: PipelineConfig, curated: pd.DataFrame, columns: list[str]) -> Holdout:
+    """The frozen holdout: read it if it exists, otherwise carve it from ``curated`` once."""
+    existing = frozen_holdout(cfg)
+    if existing is not None:
+        return existing
+    folder = holdout_uri(cfg)
+    spec = cfg.promotion
+    n = min(spec.holdout_max_rows, max(1, int(round(len(curated) * spec.holdout_fraction))))
+    if len(curated) - n < 2:
+        raise NoTrainingData(f"only {len(curated)} curated rows: too few to freeze a holdout and still train")
+    chosen = np.sort(np.random.default_rng(cfg.training.seed).choice(len(curated), size=n, replace=False))
+    rows = curated.iloc[chosen][columns].reset_index(drop=True)
+    rows[ROW_HASH] = row_hashes(rows, columns)
+    data = _parquet_bytes(rows)
+    holdout = Holdout(storage.join(folder, HOLDOUT_FILE), hashlib.sha256(data).hexdigest(), n,
+                      datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    storage.write_bytes(holdout.uri, data)
+    manifest = json.dumps(asdict(holdout), indent=2).encode()
+    storage.write_bytes(storage.join(folder, HOLDOUT_MANIFEST), manifest)  # last: marks it complete
+    log.info("froze a holdout of %d rows at %s (sha256 %s)", n, holdout.uri, holdout.sha256[:12])
+    return holdout
+
+
+def read_holdout(uri: str, sha256: str | None = None) -> pd.DataFrame:
+    """The holdout rows; with ``sha256``, refuse a holdout that changed since it was frozen."""
+    data = storage.read_bytes(uri)
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"holdout {uri} changed since it was frozen (sha256 {sha256[:12]}…): refusing to compare on it")
+    return pq.read_table(io.BytesIO(data)).to_pandas().drop(columns=[ROW_HASH])
+
+
+def prepare_training_set(cfg: PipelineConfig) -> TrainingSet:
+    """Curated data minus the holdout, written once as a content-addressed training set folder."""
+    columns = [c.name for c in cfg.dataset.columns] + [f.name for f in cfg.dataset.derived]
+    curated = read_curated(cfg, columns)
+    holdout = ensure_holdout(cfg, curated, columns)
+    held = set(pq.read_table(io.BytesIO(storage.read_bytes(holdout.uri)), columns=[ROW_HASH]).column(0).to_pylist())
+    keep = ~np.isin(row_hashes(curated, columns), np.fromiter(held, dtype=np.uint64, count=len(held)))
+    rows = curated.loc[keep, columns].reset_index(drop=True)
+    if len(rows) < 2:
+        raise NoTrainingData(f"{len(rows)} curated rows left after the holdout: land more data")
+    data = _parquet_bytes(rows)
+    digest = hashlib.sha256(data).hexdigest()
+    folder = storage.join(cfg.storage.models_uri, "training_sets", digest[:16])
+    if not storage.exists(storage.join(folder, DATASET_FILE)):
+        storage.write_bytes(storage.join(folder, "part-0.parquet"), data)
+        storage.write_bytes(storage.join(folder, DATASET_FILE), cfg.dataset.model_dump_json().encode())
+    log.info("training set %s: %d rows (%d curated, %d in the holdout)", folder, len(rows), len(curated),
+             int((~keep).sum()))
+    return TrainingSet(folder, digest, len(rows), holdout)

@@ -1,0 +1,84 @@
+"""The `local` backend's training operator: torchrun as a child process of the Airflow task.
+
+It takes the same ``TrainingJobSpec`` the cloud operators take. The job's output is streamed into
+the task log line by line; a job running past ``max_runtime_s`` is stopped; clearing or killing the
+task (``on_kill``) stops torchrun and every worker it started (the whole process group). Retries
+resume from the job's checkpoint. Run it in the ``mlfactory_training`` pool: its size is how many
+training jobs this machine runs at once (the local stand-in for a GPU quota).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from mlfactory.local_airflow import TRAINING_POOL
+
+
+class LocalTrainingOperator(BaseOperator):
+    template_fields = ("spec",)
+    ui_color = "#fde8d7"
+
+    def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
+        kwargs.setdefault("pool", TRAINING_POOL)
+        super().__init__(**kwargs)
+        self.spec = spec
+        self._process: subprocess.Popen | None = None
+
+    def execute(self, context) -> dict:
+        from airflow.exceptions import AirflowException, AirflowFailException
+
+        from mlfactory import storage
+        from mlfactory.cluster import Cluster
+        from mlfactory.jobs import TrainingJobSpec
+        from mlfactory.processes import free_port
+        from mlfactory.train import METRICS_FILE
+
+        spec = TrainingJobSpec.model_validate(self.spec)
+        if spec.nodes != 1:
+            raise AirflowFailException(f"the local backend runs on this one machine; job {spec.name} asks for {spec.nodes} nodes")
+        if spec.accelerator.kind == "tpu":
+            raise AirflowFailException(f"job {spec.name} asks for a TPU: run it on the gcp backend (Vertex AI)")
+        gpu = spec.accelerator.kind == "gpu"
+        processes = spec.accelerator.count if gpu else spec.processes_per_node
+        cluster = Cluster("local", 1, 0, "127.0.0.1", free_port(), processes)
+        command = cluster.torchrun_command("mlfactory.train", [*spec.arguments(), "--device", "cuda" if gpu else "cpu"])
+        env = {**os.environ, **spec.environment, "PYTHONUNBUFFERED": "1",
+               "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}  # DDP traffic stays on loopback
+        self.log.info("training job %s: %d process(es), max runtime %ds\n  %s", spec.name, processes, spec.max_runtime_s,
+                      " ".join(command))
+        self._process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+        streamer = threading.Thread(target=self._stream, args=(self._process,), daemon=True)
+        streamer.start()
+        try:
+            returncode = self._process.wait(timeout=spec.max_runtime_s)
+        except subprocess.TimeoutExpired:
+            self._stop()
+            raise AirflowException(
+                f"training job {spec.name} ran past its max runtime of {spec.max_runtime_s}s and was stopped; "
+                f"checkpoints in {spec.checkpoint_uri} let a retry resume"
+            ) from None
+        finally:
+            streamer.join(timeout=10)
+        if returncode != 0:
+            raise AirflowException(f"training job {spec.name} exited with {returncode}; its output is in the log above")
+        return json.loads(storage.read_bytes(storage.join(spec.output_uri, METRICS_FILE)))
+
+    def _stream(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.log.info("%s", line.rstrip())
+
+    def on_kill(self) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        from mlfactory.processes import stop_group
+
+        if self._process is not None:
+            stop_group(self._process, grace=10)
