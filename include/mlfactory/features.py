@@ -111,3 +111,20 @@ def numeric_matrix(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
         else:
             out[:, j] = pd.to_numeric(values, errors="coerce").astype("float64").to_numpy(na_value=np.nan)
     return out
+
+
+def to_wire(frame: pd.DataFrame, dataset: DatasetSpec) -> pd.DataFrame:
+    """Typed rows -> the model's raw input columns as a JSON caller sends them (the model's signature):
+    numbers as doubles, datetimes as ISO 8601 strings, categories and text as plain strings."""
+    out = pd.DataFrame(index=frame.index)
+    for name in FeatureSet.of(dataset).raw_inputs:
+        kind, values = dataset.column(name).type, frame[name]
+        if kind == "datetime":
+            out[name] = values.map(lambda t: None if pd.isna(t) else pd.Timestamp(t).isoformat()).astype(object)
+        elif kind in ("integer", "float"):
+            out[name] = pd.to_numeric(values, errors="coerce").astype("float64")
+        elif kind == "boolean":
+            out[name] = values
+        else:
+            out[name] = values.astype(object).where(values.notna(), None)
+    return out

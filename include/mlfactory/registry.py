@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mlfactory.config import DatasetSpec, PipelineConfig
-from mlfactory.features import FeatureSet
+from mlfactory.features import to_wire
 from mlfactory.tabular import primary_metric
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,7 @@ def score_model(model_uri: str, dataset: DatasetSpec, holdout: pd.DataFrame) -> 
     import mlflow.pyfunc
 
     model = mlflow.pyfunc.load_model(model_uri)
-    features = holdout[FeatureSet.of(dataset).raw_inputs].copy()
-    for name in features.columns:
-        if features[name].dtype.name in ("string", "str", "category"):
-            features[name] = features[name].astype(object)
-    return holdout_score(dataset, holdout, model.predict(features))
+    return holdout_score(dataset, holdout, model.predict(to_wire(holdout, dataset)))
 
 
 class Registry:

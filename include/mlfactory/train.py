@@ -425,23 +425,27 @@ def pip_requirements() -> list[str]:
 
 
 def log_pyfunc(bundle: str, sample_rows, dataset):
-    """Log the model as a pyfunc over the RAW feature columns, with its code, signature and example."""
+    """Log the model as a pyfunc over the RAW feature columns, with its code, signature and example.
+
+    The signature is written from the config, as a JSON caller sends values: numbers as doubles,
+    datetimes as ISO 8601 strings, categories as strings; a column the config allows to be null is
+    optional.
+    """
     import shutil
 
     import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, Schema
 
-    from mlfactory.features import FeatureSet
+    from mlfactory.features import FeatureSet, to_wire
     from mlfactory.tabular import LoadedModel, TabularPyfunc
 
-    example = sample_rows[FeatureSet.of(dataset).raw_inputs].head(5).copy()
-    for name in example.columns:  # what a JSON caller sends: plain strings, and numbers that may be missing
-        if example[name].dtype.name in ("string", "category", "str"):
-            example[name] = example[name].astype(object)
-        elif pd.api.types.is_integer_dtype(example[name]):
-            example[name] = example[name].astype("float64")
-    signature = infer_signature(example, LoadedModel(bundle).predict(example))
+    wire = {"integer": "double", "float": "double", "datetime": "string", "boolean": "boolean"}
+    columns = [dataset.column(name) for name in FeatureSet.of(dataset).raw_inputs]
+    inputs = Schema([ColSpec(wire.get(c.type, "string"), c.name, required=c.required) for c in columns])
+    example = to_wire(sample_rows.head(5), dataset)
+    outputs = infer_signature(example, LoadedModel(bundle).predict(example)).outputs
+    signature = ModelSignature(inputs=inputs, outputs=outputs)
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "mlfactory"
         package.mkdir()

@@ -1,0 +1,175 @@
+"""The MLflow side, against a real MLflow server: what a training run logs, the pyfunc over raw columns,
+and the promotion gate (floor, margin, aliases champion/challenger/previous, tags)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import curated_sample, with_section
+from mlfactory import storage
+from mlfactory.registry import CHALLENGER, CHAMPION, PREVIOUS, Registry, decide
+
+# ---------------------------------------------------------------------------------------------
+# The gate as a pure function
+
+
+def test_gate_floor_margin_and_first_model():
+    first = decide("roc_auc", 0.80, None, None, margin=0.01, floor=0.75)
+    assert first.promote and "no champion yet" in first.reason
+    low_first = decide("roc_auc", 0.70, None, None, margin=0.01, floor=0.75)
+    assert not low_first.promote and "below the floor 0.7500" in low_first.reason
+    assert decide("roc_auc", 0.815, 0.80, "3", margin=0.01, floor=0.75).promote
+    tie = decide("roc_auc", 0.805, 0.80, "3", margin=0.01, floor=0.75)
+    assert not tie.promote and "does not beat champion v3" in tie.reason and "margin 0.0100" in tie.reason
+    worse = decide("roc_auc", 0.78, 0.80, "3", margin=0.0, floor=0.75)
+    assert not worse.promote
+    better_but_low = decide("roc_auc", 0.74, 0.60, "3", margin=0.0, floor=0.75)
+    assert not better_but_low.promote and "below the floor" in better_but_low.reason
+    assert not decide("roc_auc", math.nan, None, None, margin=0.0, floor=0.0).promote
+    tags = tie.tags()
+    assert tags["mlfactory.decision"] == "rejected" and tags["mlfactory.holdout_roc_auc"] == "0.805000"
+    assert tags["mlfactory.champion_roc_auc"] == "0.800000" and tags["mlfactory.champion_version"] == "3"
+
+
+# ---------------------------------------------------------------------------------------------
+# Real MLflow server
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, mlflow_server):
+    """Curated data, a frozen holdout and three models of known quality, logged to the MLflow server."""
+    import os
+
+    import mlflow
+
+    from mlfactory.config import load_config
+    from mlfactory.training_data import prepare_training_set
+
+    bucket = tmp_path_factory.mktemp("promo-bucket")
+    os.environ["MLFACTORY_BUCKET"] = str(bucket)
+    try:
+        cfg = load_config()
+    finally:
+        os.environ.pop("MLFACTORY_BUCKET", None)
+    cfg = with_section(cfg, "mlflow", tracking_uri=mlflow_server.url, experiment="promotion-test", model_name="churn_gate")
+    mlflow.set_tracking_uri(mlflow_server.url)  # models:/ URIs below resolve through the server
+    curated_sample(cfg, 20_000, seed=5)
+    training_set = prepare_training_set(cfg)
+    recipes = {  # deterministic for the seed: bad ~0.5, medium ~0.7, good ~0.81 on the holdout
+        "bad": ["--epochs", "1", "--learning-rate", "0.000001", "--hidden-sizes", "[2]"],
+        "medium": ["--epochs", "1", "--learning-rate", "0.001", "--hidden-sizes", "[4]", "--batch-size", "256"],
+        "good": ["--epochs", "5"],
+    }
+    models = {}
+    for name, args in recipes.items():
+        out = storage.join(cfg.storage.models_uri, "runs", name)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri", out,
+             "--mlflow-tracking-uri", mlflow_server.url, "--experiment", "promotion-test", "--run-name", name,
+             "--tag", "mlfactory.drifted_features=age,income", *args],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        models[name] = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
+    return cfg, training_set, models
+
+
+def test_training_run_logs_params_curves_dataset_model_and_drift_tags(lab, mlflow_server):
+    from mlflow import MlflowClient
+
+    cfg, training_set, models = lab
+    good = models["good"]
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(good["mlflow_run_id"])
+    assert run.data.params["epochs"] == "5" and run.data.params["world_size"] == "1"
+    assert run.data.tags["mlfactory.drifted_features"] == "age,income"
+    assert run.data.tags["mlfactory.dataset_sha256"] == training_set.digest
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_roc_auc")] == [1, 2, 3, 4, 5]
+    assert {"train_loss", "samples_per_s", "val_accuracy", "val_log_loss"} <= set(run.data.metrics)
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.digest == training_set.digest[:36]
+    assert inputs[0].dataset.source and training_set.uri in inputs[0].dataset.source
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "training_curves.png" in artifacts
+
+
+def test_pyfunc_takes_raw_feature_columns_as_a_json_caller_sends_them(lab):
+    import mlflow.pyfunc
+
+    from mlfactory.features import FeatureSet
+
+    cfg, _, models = lab
+    model = mlflow.pyfunc.load_model(models["good"]["model_uri"])
+    schema = model.metadata.get_input_schema()
+    assert schema.input_names() == FeatureSet.of(cfg.dataset).raw_inputs  # raw columns, not encoded tensors
+    assert "customer_id" not in schema.input_names() and cfg.dataset.target not in schema.input_names()
+    raw = pd.DataFrame([
+        {"signup_date": "2021-03-04T00:00:00", "age": 44.0, "income": 52000.5, "tenure_months": 3.0,
+         "monthly_charges": 80.0, "total_charges": 240.0, "support_calls": 7.0, "plan": "basic", "region": "north",
+         "device": "ios", "payment_method": "card", "contract": "monthly", "has_partner": False,
+         "has_dependents": True, "paperless_billing": True, "avg_session_minutes": None, "data_usage_gb": 3.5,
+         "satisfaction": None},
+        {"signup_date": "2015-07-01T00:00:00", "age": 61.0, "income": 90000.0, "tenure_months": 100.0,
+         "monthly_charges": 40.0, "total_charges": 4000.0, "support_calls": 0.0, "plan": "premium", "region": "west",
+         "device": "web", "payment_method": "bank_transfer", "contract": "two_year", "has_partner": True,
+         "has_dependents": False, "paperless_billing": False, "avg_session_minutes": 30.0, "data_usage_gb": 1.0,
+         "satisfaction": 9.0},
+    ])
+    predictions = model.predict(raw)
+    assert list(predictions.columns) == ["prediction", "probability"]
+    assert predictions["probability"].between(0, 1).all()
+    assert predictions["probability"][0] > predictions["probability"][1]  # short tenure, many calls: churn risk
+
+
+def test_promotion_gate_with_aliases_tags_and_the_frozen_holdout(lab):
+    from mlfactory.training_data import read_holdout
+
+    cfg, training_set, models = lab
+    holdout = read_holdout(training_set.holdout.uri, training_set.holdout.sha256)
+    registry = Registry(with_section(cfg, "promotion", margin=0.005, floor=0.60))
+
+    def submit(name: str):
+        version = registry.register(models[name]["model_uri"], models[name]["mlflow_run_id"], {"recipe": name})
+        assert registry.alias_version(CHALLENGER) == version
+        decision = registry.evaluate(version, holdout)
+        if decision.promote:
+            registry.promote(version, training_set.holdout.uri, training_set.holdout.sha256)
+        return version, decision
+
+    # The first model becomes champion only if it passes the floor.
+    bad_v, bad = submit("bad")
+    assert not bad.promote and "below the floor" in bad.reason and registry.alias_version(CHAMPION) is None
+    medium_v, medium = submit("medium")
+    assert medium.promote and "no champion yet" in medium.reason
+    assert registry.alias_version(CHAMPION) == medium_v
+    tags = registry.client.get_registered_model(registry.name).tags
+    assert tags["mlfactory.holdout_sha256"] == training_set.holdout.sha256  # kept with the first champion
+
+    # A better model moves champion; the replaced one keeps `previous` for rollback.
+    good_v, good = submit("good")
+    assert good.promote and good.champion == pytest.approx(medium.challenger) and good.challenger > medium.challenger
+    assert (registry.alias_version(CHAMPION), registry.alias_version(PREVIOUS)) == (good_v, medium_v)
+
+    # A worse model is never promoted, even above the floor; the decision is on the version's tags.
+    again_v, again = submit("medium")
+    assert not again.promote and "does not beat champion" in again.reason
+    assert registry.alias_version(CHAMPION) == good_v
+    version_tags = registry.client.get_model_version(registry.name, again_v).tags
+    assert version_tags["mlfactory.decision"] == "rejected"
+    assert float(version_tags["mlfactory.holdout_roc_auc"]) == pytest.approx(again.challenger, abs=1e-6)
+    assert float(version_tags["mlfactory.champion_roc_auc"]) == pytest.approx(good.challenger, abs=1e-6)
+    assert registry.client.get_model_version(registry.name, good_v).tags["mlfactory.decision"] == "promoted"
+
+
+def test_a_changed_holdout_is_refused(lab, tmp_path):
+    from mlfactory.training_data import read_holdout
+
+    _, training_set, _ = lab
+    with pytest.raises(ValueError, match="changed since it was frozen"):
+        read_holdout(training_set.holdout.uri, "0" * 64)
