@@ -34,6 +34,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/p3_etl_vs_pyarrow.py
+	$(PY) benchmarks/p4_ddp_scaling.py
 	$(PY) benchmarks/p5_event_latency.py
 
 # Recompute requirements.txt from requirements.in (needs network access to PyPI).

@@ -49,7 +49,7 @@ with DAG(
 
     @task(outlets=[assets.raw], map_index_template="{{ task.op_kwargs['uri'] if task.op_kwargs else '' }}")
     def ingest(uri: str, outlet_events=None) -> dict:
-        from airflow.exceptions import AirflowFailException, AirflowSkipException
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from mlfactory.ingest import IngestError, ingest_object
 

@@ -65,9 +65,7 @@ with DAG(
         if frozen is None:
             raise ValueError(f"no frozen holdout under {cfg.storage.models_uri}: ml_train freezes one on its first run")
         uri, sha256 = registry.holdout(frozen.uri, frozen.sha256)
-        decision = registry.evaluate(candidate["version"], read_holdout(uri, sha256))
-        print(f"decision for {cfg.model_name} v{candidate['version']}: "
-              f"{'PROMOTE' if decision.promote else 'REJECT'} — {decision.reason}")
+        decision = registry.evaluate(candidate["version"], read_holdout(uri, sha256))  # logs the decision
         return {**decision.to_dict(), "version": candidate["version"], "holdout_uri": uri, "holdout_sha256": sha256}
 
     @task.short_circuit

@@ -15,6 +15,7 @@ from datetime import datetime
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
 from mlfactory.config import SEARCHABLE, load_config
+from mlfactory.local_airflow import TRAINING_POOL
 from mlfactory_airflow.assets import pipeline_assets
 from mlfactory_airflow.operators import training_operators
 
@@ -68,7 +69,7 @@ with DAG(
     @task
     def prepare(params: dict, dag_run=None, triggering_asset_events=None) -> dict:
         """The training set (curated minus the frozen holdout), and why this run started."""
-        from airflow.exceptions import AirflowFailException, AirflowSkipException
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from mlfactory.training_data import NoTrainingData, prepare_training_set
 
@@ -125,9 +126,9 @@ with DAG(
         return f"train_{params['backend']}"
 
     @task(outlets=[assets.candidate], trigger_rule="none_failed_min_one_success")
-    def select_best(prepared: dict, outlet_events=None, **results) -> dict:
+    def select_best(prepared: dict, trials: dict, outlet_events=None) -> dict:
         """The trial with the best validation metric becomes the candidate."""
-        done = [r for per_backend in results.values() for r in (per_backend or []) if r and r.get("value") is not None]
+        done = [r for per_backend in trials.values() for r in (per_backend or []) if r and r.get("value") is not None]
         if not done:
             raise ValueError("no trial produced a model: see the train tasks' logs")
         best = max(done, key=lambda r: r["value"])
@@ -151,8 +152,8 @@ with DAG(
     branch = choose_backend()
     specs >> branch
     trained = {
-        backend: operator.partial(task_id=f"train_{backend}").expand(spec=specs)
+        backend: operator.partial(task_id=f"train_{backend}", pool=TRAINING_POOL).expand(spec=specs)
         for backend, operator in operators.items()
     }
     branch >> list(trained.values())
-    select_best(prepared, **{backend: op.output for backend, op in trained.items()})
+    select_best(prepared, {backend: op.output for backend, op in trained.items()})

@@ -48,7 +48,7 @@ with DAG(
 
     @task(outlets=[assets.curated])
     def curate(snapshot_uri: str, outlet_events=None) -> dict:
-        from airflow.exceptions import AirflowFailException
+        from airflow.sdk.exceptions import AirflowFailException
 
         from mlfactory.etl import ValidationFailed, curate_snapshot
         from mlfactory.ingest import IngestError

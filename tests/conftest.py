@@ -60,3 +60,19 @@ def curated_sample(cfg, rows: int, seed: int = 1) -> None:
     sample_data.write(sample_data.generate(rows, seed=seed), storage.local_path(landed))
     manifest, _ = ingest_object(cfg, landed)
     curate_snapshot(cfg, manifest.snapshot_uri)
+
+
+@pytest.fixture(scope="session")
+def training_set(tmp_path_factory):
+    """30k curated sample rows minus the frozen holdout, as the training set folder ml_train builds."""
+    from mlfactory.config import load_config
+    from mlfactory.training_data import prepare_training_set
+
+    bucket = tmp_path_factory.mktemp("train-bucket")
+    os.environ["MLFACTORY_BUCKET"] = str(bucket)
+    try:
+        cfg = load_config()
+    finally:
+        os.environ.pop("MLFACTORY_BUCKET", None)
+    curated_sample(cfg, 30_000)
+    return prepare_training_set(cfg)

@@ -51,3 +51,34 @@ def test_every_dag_has_typed_params_for_the_trigger_form():
         for name, param in dag.params.items():
             assert param.schema.get("type"), f"{dag.dag_id}.{name} has no type"
             assert param.description, f"{dag.dag_id}.{name} has no description"
+
+
+BAD_TRAIN_PARAMS = [
+    ("epochs", 0), ("epochs", "ten"), ("learning_rate", 0), ("learning_rate", 2.0), ("batch_size", 4),
+    ("hidden_sizes", []), ("hidden_sizes", [0, 64]), ("hidden_sizes", "128,64"), ("processes", 0),
+    ("trials", 0), ("search", "bayes"), ("backend", "kubernetes"), ("search_space", {"momentum": [0.9]}),
+    ("search_space", {"learning_rate": []}), ("search_space", {"learning_rate": 0.1}),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_TRAIN_PARAMS, ids=[f"{n}={v!r}" for n, v in BAD_TRAIN_PARAMS])
+def test_ml_train_form_rejects_bad_values(name, value):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = DagBag(dag_folder=str(DAGS[0].parent / "ml_train.py")).dags["ml_train"]
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param(name).resolve(value)
+
+
+def test_ml_train_form_defaults_come_from_the_config_and_validate():
+    from airflow.dag_processing.dagbag import DagBag
+
+    from mlfactory.config import load_config
+
+    training = load_config().training
+    dag = DagBag(dag_folder=str(DAGS[0].parent / "ml_train.py")).dags["ml_train"]
+    resolved = dag.params.validate()
+    assert resolved["epochs"] == training.epochs and resolved["hidden_sizes"] == training.hidden_sizes
+    assert resolved["search_space"] == training.search_space and resolved["backend"] == "local"
+    assert dag.params.get_param("search_space").resolve({"dropout": [0.0, 0.2], "hidden_sizes": [[32]]})

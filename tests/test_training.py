@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-from conftest import curated_sample
 from mlfactory import storage
 from mlfactory.cluster import Cluster, data_locations, launched_by_torchrun
 from mlfactory.jobs import Accelerator, TrainingJobSpec, search_trials
@@ -19,22 +18,6 @@ from mlfactory.processes import free_port, kill_tree
 from mlfactory.train import parse_args
 
 AUC_BAR = 0.80  # the sample data's label noise caps ROC AUC near 0.82; 6 epochs reach 0.81
-
-
-@pytest.fixture(scope="module")
-def training_set(tmp_path_factory):
-    """30k curated sample rows minus the frozen holdout, as the training set folder ml_train builds."""
-    from mlfactory.config import load_config
-    from mlfactory.training_data import prepare_training_set
-
-    bucket = tmp_path_factory.mktemp("train-bucket")
-    os.environ["MLFACTORY_BUCKET"] = str(bucket)
-    try:
-        cfg = load_config()
-        curated_sample(cfg, 30_000)
-        return prepare_training_set(cfg)
-    finally:
-        os.environ.pop("MLFACTORY_BUCKET", None)
 
 
 def run_entrypoint(args: list[str], processes: int, **popen) -> subprocess.Popen:

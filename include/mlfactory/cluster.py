@@ -11,7 +11,7 @@ always wins over the environment.
 | nodes | ``len(SM_HOSTS)`` | ``CLUSTER_SPEC`` workerpool0 + workerpool1 sizes | ``WORLD_SIZE`` ÷ ``process_count_per_instance`` (per-node launch: 1) | 1 |
 | this node's rank | index of ``SM_CURRENT_HOST`` in ``SM_HOSTS`` | ``CLUSTER_SPEC`` task: workerpool0 → 0, workerpool1[i] → 1+i | ``NODE_RANK`` | 0 |
 | master address | ``SM_HOSTS[0]`` | host of ``CLUSTER_SPEC`` workerpool0[0] | ``MASTER_ADDR`` (+ ``MASTER_PORT``) | 127.0.0.1 |
-| processes per node | ``SM_NUM_GPUS`` (else 1) | GPUs seen by torch (else 1) | 1 per node (torchrun below starts the rest) | ``--nproc-per-node`` |
+| processes per node | ``SM_NUM_GPUS`` (else 1) | GPUs seen by torch (else 1) | GPUs seen by torch (else 1) | ``--nproc-per-node`` |
 | training data | ``SM_CHANNEL_TRAIN`` (a local folder) | ``AIP_TRAINING_DATA_URI`` (gs://) | ``--train-uri ${{inputs.train}}`` | ``--train-uri`` |
 | model output | ``SM_MODEL_DIR`` (/opt/ml/model, uploaded at the end) | ``AIP_MODEL_DIR`` (gs://) | ``--output-uri ${{outputs.model}}`` | ``--output-uri`` |
 | checkpoints | /opt/ml/checkpoints (synced to S3 with CheckpointConfig) | ``AIP_CHECKPOINT_DIR`` | ``--checkpoint-uri`` | ``--checkpoint-uri`` |

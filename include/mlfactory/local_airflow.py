@@ -173,12 +173,13 @@ class LocalAirflow:
 
         self.wait_until(parsed, timeout, f"DAGs {sorted(dag_ids)} to be parsed")
 
-    def wait_for_run(self, dag_id: str, count: int, timeout: float = 120) -> dict:
-        """Wait until ``dag_id`` has at least ``count`` finished runs; returns the latest started run."""
+    def wait_for_run(self, dag_id: str, count: int, timeout: float = 120, run_type: str | None = None) -> dict:
+        """Wait until ``dag_id`` has at least ``count`` finished runs (of ``run_type``, when given);
+        returns the latest started one of them."""
 
         def finished():
-            runs = self.dag_runs(dag_id)
+            runs = [r for r in self.dag_runs(dag_id) if run_type is None or r["run_type"] == run_type]
             done = [r for r in runs if r["state"] in ("success", "failed")]
             return max(runs, key=lambda r: r["start_date"] or "") if len(done) >= count else None
 
-        return self.wait_until(finished, timeout, f"{count} finished run(s) of {dag_id}")
+        return self.wait_until(finished, timeout, f"{count} finished {run_type or ''} run(s) of {dag_id}")

@@ -365,8 +365,12 @@ class MlflowTracker:
         if not args.mlflow_tracking_uri:
             log.info("MLflow: no tracking URI (--mlflow-tracking-uri or MLFLOW_TRACKING_URI); not logging")
             return None
+        import warnings
+
         import mlflow
 
+        # the training set's integer columns are typed; the hint is about serving, where the signature decides
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         mlflow.set_tracking_uri(args.mlflow_tracking_uri)
         mlflow.set_experiment(args.experiment)
         if resume_run_id:
@@ -381,7 +385,11 @@ class MlflowTracker:
                          **dict(t.split("=", 1) for t in args.tag)})
         source = mlflow.data.from_pandas(frame, source=args.train_uri, name=dataset.name, targets=dataset.target,
                                          digest=digest[:36])
-        mlflow.log_input(source, context="training")
+        try:
+            mlflow.log_input(source, context="training")
+        except mlflow.exceptions.MlflowException:  # a parallel trial registered the same dataset first: reuse it
+            time.sleep(1)
+            mlflow.log_input(source, context="training")
         return cls(mlflow, run.info.run_id)
 
     def log_epoch(self, row: dict) -> None:

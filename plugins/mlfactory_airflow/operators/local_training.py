@@ -31,7 +31,7 @@ class LocalTrainingOperator(BaseOperator):
         self._process: subprocess.Popen | None = None
 
     def execute(self, context) -> dict:
-        from airflow.exceptions import AirflowException, AirflowFailException
+        from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
         from mlfactory import storage
         from mlfactory.cluster import Cluster
