@@ -82,3 +82,24 @@ def test_ml_train_form_defaults_come_from_the_config_and_validate():
     assert resolved["epochs"] == training.epochs and resolved["hidden_sizes"] == training.hidden_sizes
     assert resolved["search_space"] == training.search_space and resolved["backend"] == "local"
     assert dag.params.get_param("search_space").resolve({"dropout": [0.0, 0.2], "hidden_sizes": [[32]]})
+
+
+@pytest.mark.parametrize("approval", [False, True])
+def test_ml_promote_asks_a_person_before_the_alias_moves_when_the_config_says_so(tmp_path, monkeypatch, approval):
+    import yaml
+    from airflow.dag_processing.dagbag import DagBag
+
+    from mlfactory.config import DEFAULT_CONFIG
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["promotion"]["require_approval"] = approval
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MLFACTORY_CONFIG", str(tmp_path / "pipeline.yaml"))
+    dag = DagBag(dag_folder=str(DAGS[0].parent / "ml_promote.py")).dags["ml_promote"]
+    promote = dag.get_task("promote")
+    if approval:
+        approve = dag.get_task("approve")
+        assert type(approve).__name__ == "ApprovalOperator"
+        assert approve.upstream_task_ids == {"gate"} and promote.upstream_task_ids == {"approve", "evaluate"}
+    else:
+        assert "approve" not in dag.task_ids and promote.upstream_task_ids == {"gate", "evaluate"}

@@ -222,13 +222,18 @@ class TrainingSpec(_Strict):
     @field_validator("search_space")
     @classmethod
     def _known_keys(cls, space: dict[str, list]) -> dict[str, list]:
-        unknown = sorted(set(space) - set(SEARCHABLE))
-        if unknown:
-            raise ValueError(f"search_space has unknown hyperparameter(s) {unknown}; searchable: {list(SEARCHABLE)}")
-        empty = sorted(k for k, v in space.items() if not v)
-        if empty:
-            raise ValueError(f"search_space lists no candidate values for {empty}")
-        return space
+        return check_search_space(space)
+
+
+def check_search_space(space: dict[str, list]) -> dict[str, list]:
+    """A search space names searchable hyperparameters, each with at least one candidate value."""
+    unknown = sorted(set(space) - set(SEARCHABLE))
+    if unknown:
+        raise ValueError(f"search_space has unknown hyperparameter(s) {unknown}; searchable: {list(SEARCHABLE)}")
+    empty = sorted(k for k, v in space.items() if not v)
+    if empty:
+        raise ValueError(f"search_space lists no candidate values for {empty}")
+    return space
 
 
 class PromotionSpec(_Strict):

@@ -85,11 +85,11 @@ def typed_features(frame: pd.DataFrame, dataset: DatasetSpec, as_of: datetime | 
         if spec.type in ("integer", "float"):
             arrays[name] = pa.array(pd.to_numeric(values, errors="coerce").astype("float64"), pa.float64())
         elif spec.type == "datetime":
-            parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601") if not (
-                pd.api.types.is_datetime64_any_dtype(values)
-            ) else values
-            if getattr(parsed.dt, "tz", None) is not None:
-                parsed = parsed.dt.tz_localize(None)
+            parsed = values
+            if not pd.api.types.is_datetime64_any_dtype(values):
+                parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+            if parsed.dt.tz is not None:
+                parsed = parsed.dt.tz_convert(None)
             arrays[name] = pa.array(parsed.astype("datetime64[us]"), pa.timestamp("us"))
         elif spec.type == "boolean":
             arrays[name] = pa.array(_boolean(values), pa.bool_())

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mlfactory.config import SEARCHABLE
+from mlfactory.config import check_search_space
 
 
 class Accelerator(BaseModel):
@@ -70,10 +70,7 @@ def search_trials(base: dict, space: dict[str, list], trials: int, mode: str, se
     Grid takes the first ``trials`` combinations of the cartesian product; random draws ``trials``
     distinct combinations. Fewer combinations than trials gives one trial per combination.
     """
-    unknown = sorted(set(space) - set(SEARCHABLE))
-    if unknown:
-        raise ValueError(f"search space has unknown hyperparameter(s) {unknown}; searchable: {list(SEARCHABLE)}")
-    keys = sorted(space)
+    keys = sorted(check_search_space(space))
     combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))] or [{}]
     if mode == "random":
         combos = random.Random(seed).sample(combos, min(trials, len(combos)))
