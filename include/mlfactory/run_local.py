@@ -48,14 +48,14 @@ def main() -> int:
         airflow.start()
         print(f"Airflow UI: {airflow.url}", flush=True)
         airflow.wait_for_dags(STAGES)
-        before = {dag: len(airflow.dag_runs(dag)) for dag in STAGES}
+        before = {dag: sum(r["run_type"] == "asset_triggered" for r in airflow.dag_runs(dag)) for dag in STAGES}
         landing = Path(storage.local_path(cfg.storage.landing_uri))
         rows = int(os.environ.get("MLFACTORY_ROWS", "50000"))
         target = landing / f"customers-{time.strftime('%Y%m%d-%H%M%S')}.csv"
         sample_data.write(sample_data.generate(rows, seed=int(time.time()) % 1000), target)
         print(f"landed {rows} sample rows at {target}; waiting for the pipeline to start by itself ...", flush=True)
         for dag in STAGES:
-            last = airflow.wait_for_run(dag, before[dag] + 1, timeout=TIMEOUTS[dag])
+            last = airflow.wait_for_run(dag, before[dag] + 1, timeout=TIMEOUTS[dag], run_type="asset_triggered")
             print(f"  {dag}: {last['state']} ({last['dag_run_id']})", flush=True)
             if last["state"] != "success":
                 print(f"{dag} failed: see {airflow.url}/dags/{dag}")
