@@ -50,6 +50,17 @@ def with_section(cfg, section: str, **changes):
     return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=changes)})
 
 
+def config_with_bucket(bucket: Path):
+    """The sample config on its own bucket, for fixtures wider than one test (no monkeypatch there)."""
+    from mlfactory.config import load_config
+
+    os.environ["MLFACTORY_BUCKET"] = str(bucket)
+    try:
+        return load_config()
+    finally:
+        os.environ.pop("MLFACTORY_BUCKET", None)
+
+
 def curated_sample(cfg, rows: int, seed: int = 1) -> None:
     """Land ``rows`` sample rows and run them through ingest and ETL into the curated prefix."""
     from mlfactory import sample_data, storage
@@ -65,14 +76,8 @@ def curated_sample(cfg, rows: int, seed: int = 1) -> None:
 @pytest.fixture(scope="session")
 def training_set(tmp_path_factory):
     """30k curated sample rows minus the frozen holdout, as the training set folder ml_train builds."""
-    from mlfactory.config import load_config
     from mlfactory.training_data import prepare_training_set
 
-    bucket = tmp_path_factory.mktemp("train-bucket")
-    os.environ["MLFACTORY_BUCKET"] = str(bucket)
-    try:
-        cfg = load_config()
-    finally:
-        os.environ.pop("MLFACTORY_BUCKET", None)
+    cfg = config_with_bucket(tmp_path_factory.mktemp("train-bucket"))
     curated_sample(cfg, 30_000)
     return prepare_training_set(cfg)

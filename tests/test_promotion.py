@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import curated_sample, with_section
+from conftest import config_with_bucket, curated_sample, with_section
 from mlfactory import storage
 from mlfactory.registry import CHALLENGER, CHAMPION, PREVIOUS, Registry, decide
 
@@ -44,20 +44,11 @@ def test_gate_floor_margin_and_first_model():
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, mlflow_server):
     """Curated data, a frozen holdout and three models of known quality, logged to the MLflow server."""
-    import os
-
     import mlflow
 
-    from mlfactory.config import load_config
     from mlfactory.training_data import prepare_training_set
 
-    bucket = tmp_path_factory.mktemp("promo-bucket")
-    os.environ["MLFACTORY_BUCKET"] = str(bucket)
-    try:
-        cfg = load_config()
-    finally:
-        os.environ.pop("MLFACTORY_BUCKET", None)
-    cfg = with_section(cfg, "mlflow", tracking_uri=mlflow_server.url, experiment="promotion-test", model_name="churn_gate")
+    cfg = with_section(config_with_bucket(tmp_path_factory.mktemp("promo-bucket")), "mlflow", tracking_uri=mlflow_server.url, experiment="promotion-test", model_name="churn_gate")
     mlflow.set_tracking_uri(mlflow_server.url)  # models:/ URIs below resolve through the server
     curated_sample(cfg, 20_000, seed=5)
     training_set = prepare_training_set(cfg)
