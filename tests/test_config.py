@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from mlfactory.config import DEFAULT_CONFIG, ConfigError, load_config
+from mlfactory.features import FeatureSet
 
 
 def write_config(tmp_path: Path, mutate) -> Path:
@@ -19,7 +20,7 @@ def test_sample_config_parses_into_typed_models(cfg, bucket):
     assert cfg.dataset.task == "classification" and cfg.dataset.target == "churned"
     assert cfg.dataset.column("age").min == 18 and cfg.dataset.column("plan").categories == ["basic", "standard", "premium"]
     assert cfg.storage.landing_uri == bucket.as_uri() + "/landing"
-    assert cfg.dataset.target not in [c.name for c in cfg.feature_columns]
+    assert cfg.dataset.target not in FeatureSet.of(cfg.dataset).raw_inputs
 
 
 def test_relative_bucket_resolves_against_the_config_file(tmp_path, monkeypatch):
@@ -45,6 +46,11 @@ def test_config_path_comes_from_the_environment(tmp_path, monkeypatch):
         (lambda raw: raw.update(colour="blue"), "colour: Extra inputs are not permitted"),
         (lambda raw: raw["storage"].update(bucket="ftp://host/x"), "unsupported bucket scheme 'ftp'"),
         (lambda raw: raw["dataset"]["derived"][0].update(inputs=["plan", "age"]), "needs integer or float input"),
+        (lambda raw: raw["dataset"].update(task="regression"), "a regression target must be integer or float"),
+        (lambda raw: raw["training"]["search_space"].update(momentum=[0.9]), "unknown hyperparameter(s) ['momentum']"),
+        (lambda raw: raw["training"]["search_space"].update(dropout=[]), "no candidate values for ['dropout']"),
+        (lambda raw: raw["training"].update(epochs=0), "training.epochs"),
+        (lambda raw: raw["promotion"].update(holdout_fraction=0.9), "promotion.holdout_fraction"),
     ],
 )
 def test_a_wrong_config_names_the_field_and_the_file(tmp_path, bucket, mutate, needle):

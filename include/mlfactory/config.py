@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 from datetime import datetime
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -266,10 +265,6 @@ class PipelineConfig(_Strict):
     @property
     def model_name(self) -> str:
         return self.mlflow.model_name or self.dataset.name
-
-    @cached_property
-    def feature_columns(self) -> list[ColumnSpec]:
-        return [c for c in self.dataset.columns if c.name != self.dataset.target]
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

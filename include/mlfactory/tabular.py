@@ -19,8 +19,6 @@ from torch import nn
 from mlfactory.config import DatasetSpec
 from mlfactory.features import FeatureSet, numeric_matrix, typed_features
 
-MODEL_FILE = "model.pt"  # the bundle: dataset spec, preprocessor, network shape and weights
-
 
 def primary_metric(task: str) -> str:
     """The metric every stage compares on (validation, search, promotion); higher is better."""

@@ -40,6 +40,7 @@ log = logging.getLogger("mlfactory.train")
 DATASET_FILE = "dataset.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.pt"  # the bundle: dataset spec, preprocessor, network shape and weights
 HYPERPARAMETERS = ("epochs", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "seed",
                    "validation_fraction")
 
@@ -327,9 +328,9 @@ def _finish(args, dataset, pre, net, history, metric, runtime, tracker, val_rows
 
     net = net.cpu()
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = str(Path(tmp) / "model.pt")
+        bundle = str(Path(tmp) / MODEL_FILE)
         save_bundle(bundle, dataset, pre, net, args.hidden_sizes, args.dropout)
-        storage.write_bytes(storage.join(args.output_uri, "model.pt"), Path(bundle).read_bytes())
+        storage.write_bytes(storage.join(args.output_uri, MODEL_FILE), Path(bundle).read_bytes())
         final = history[-1] if history else {}
         result = {
             "metric": metric,
@@ -342,7 +343,7 @@ def _finish(args, dataset, pre, net, history, metric, runtime, tracker, val_rows
             "hyperparameters": _hyperparameters(args),
             "samples_per_s": sum(h["samples_per_s"] for h in history) / max(len(history), 1),
             "output_uri": args.output_uri,
-            "model_bundle_uri": storage.join(args.output_uri, "model.pt"),
+            "model_bundle_uri": storage.join(args.output_uri, MODEL_FILE),
         }
         if tracker:
             result.update(tracker.finish(bundle, history, val_rows, dataset))
