@@ -121,8 +121,8 @@ def prepare_training_set(cfg: PipelineConfig) -> TrainingSet:
     columns = [c.name for c in cfg.dataset.columns] + [f.name for f in cfg.dataset.derived]
     curated = read_curated(cfg, columns)
     holdout = ensure_holdout(cfg, curated, columns)
-    held = set(pq.read_table(io.BytesIO(storage.read_bytes(holdout.uri)), columns=[ROW_HASH]).column(0).to_pylist())
-    keep = ~np.isin(row_hashes(curated, columns), np.fromiter(held, dtype=np.uint64, count=len(held)))
+    held = pq.read_table(io.BytesIO(storage.read_bytes(holdout.uri)), columns=[ROW_HASH]).column(0).to_numpy()
+    keep = ~np.isin(row_hashes(curated, columns), held)
     rows = curated.loc[keep, columns].reset_index(drop=True)
     if len(rows) < 2:
         raise NoTrainingData(f"{len(rows)} curated rows left after the holdout: land more data")
