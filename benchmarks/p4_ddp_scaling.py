@@ -25,14 +25,13 @@ from pathlib import Path
 
 
 def entrypoint_rate(train_uri: str, out: Path, processes: int, args) -> float:
-    from mlfactory.cluster import Cluster
-    from mlfactory.processes import free_port
+    from mlfactory.cluster import LOOPBACK_ENV, Cluster
 
-    command = Cluster("local", 1, 0, "127.0.0.1", free_port(), processes).torchrun_command("mlfactory.train", [
+    command = Cluster.this_machine(processes).torchrun_command("mlfactory.train", [
         "--train-uri", train_uri, "--output-uri", str(out), "--epochs", str(args.epochs),
         "--batch-size", str(args.batch_size), "--device", args.device])
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    subprocess.run(command, check=True, capture_output=True, env={**env, "GLOO_SOCKET_IFNAME": "lo"})
+    subprocess.run(command, check=True, capture_output=True, env={**env, **LOOPBACK_ENV})
     history = json.loads((out / "metrics.json").read_text())["history"]
     return statistics.median(h["samples_per_s"] for h in history[1:])
 
@@ -87,14 +86,10 @@ def main() -> None:
     os.environ["MLFACTORY_BUCKET"] = str(work / "bucket")
     from mlfactory import sample_data
     from mlfactory.config import load_config
-    from mlfactory.etl import curate_snapshot
-    from mlfactory.ingest import ingest_object
     from mlfactory.training_data import prepare_training_set
 
     cfg = load_config()
-    landed = sample_data.write(sample_data.generate(args.rows, seed=4), work / "bucket" / "landing" / "p4.csv")
-    manifest, _ = ingest_object(cfg, landed.as_uri())
-    curate_snapshot(cfg, manifest.snapshot_uri)
+    sample_data.land_and_curate(cfg, args.rows, seed=4)
     training_set = prepare_training_set(cfg)
     print(f"training set: {training_set.rows} rows; {os.cpu_count()} cores; batch {args.batch_size} per process; "
           f"{args.epochs} epochs; device {args.device}", flush=True)

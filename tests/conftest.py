@@ -61,23 +61,12 @@ def config_with_bucket(bucket: Path):
         os.environ.pop("MLFACTORY_BUCKET", None)
 
 
-def curated_sample(cfg, rows: int, seed: int = 1) -> None:
-    """Land ``rows`` sample rows and run them through ingest and ETL into the curated prefix."""
-    from mlfactory import sample_data, storage
-    from mlfactory.etl import curate_snapshot
-    from mlfactory.ingest import ingest_object
-
-    landed = storage.join(cfg.storage.landing_uri, f"sample-{seed}.csv")
-    sample_data.write(sample_data.generate(rows, seed=seed), storage.local_path(landed))
-    manifest, _ = ingest_object(cfg, landed)
-    curate_snapshot(cfg, manifest.snapshot_uri)
-
-
 @pytest.fixture(scope="session")
 def training_set(tmp_path_factory):
     """30k curated sample rows minus the frozen holdout, as the training set folder ml_train builds."""
+    from mlfactory import sample_data
     from mlfactory.training_data import prepare_training_set
 
     cfg = config_with_bucket(tmp_path_factory.mktemp("train-bucket"))
-    curated_sample(cfg, 30_000)
+    sample_data.land_and_curate(cfg, 30_000)
     return prepare_training_set(cfg)

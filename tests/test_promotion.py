@@ -11,8 +11,8 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import config_with_bucket, curated_sample, with_section
-from mlfactory import storage
+from conftest import config_with_bucket, with_section
+from mlfactory import sample_data, storage
 from mlfactory.registry import CHALLENGER, CHAMPION, PREVIOUS, Registry, decide
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def lab(tmp_path_factory, mlflow_server):
 
     cfg = with_section(config_with_bucket(tmp_path_factory.mktemp("promo-bucket")), "mlflow", tracking_uri=mlflow_server.url, experiment="promotion-test", model_name="churn_gate")
     mlflow.set_tracking_uri(mlflow_server.url)  # models:/ URIs below resolve through the server
-    curated_sample(cfg, 20_000, seed=5)
+    sample_data.land_and_curate(cfg, 20_000, seed=5)
     training_set = prepare_training_set(cfg)
     recipes = {  # deterministic for the seed: bad ~0.5, medium ~0.7, good ~0.81 on the holdout
         "bad": ["--epochs", "1", "--learning-rate", "0.000001", "--hidden-sizes", "[2]"],

@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from mlfactory import storage
-from mlfactory.cluster import Cluster, data_locations, launched_by_torchrun
+from mlfactory.cluster import LOOPBACK_ENV, Cluster, data_locations, launched_by_torchrun
 from mlfactory.jobs import Accelerator, TrainingJobSpec, search_trials
-from mlfactory.processes import free_port, kill_tree
+from mlfactory.processes import kill_tree
 from mlfactory.train import parse_args
 
 AUC_BAR = 0.80  # the sample data's label noise caps ROC AUC near 0.82; 6 epochs reach 0.81
@@ -23,9 +23,9 @@ AUC_BAR = 0.80  # the sample data's label noise caps ROC AUC near 0.82; 6 epochs
 def run_entrypoint(args: list[str], processes: int, **popen) -> subprocess.Popen:
     """``torchrun --nproc-per-node N -m mlfactory.train ARGS`` in its own process group, output piped."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    command = Cluster("local", 1, 0, "127.0.0.1", free_port(), processes).torchrun_command("mlfactory.train", args)
+    command = Cluster.this_machine(processes).torchrun_command("mlfactory.train", args)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**env, "GLOO_SOCKET_IFNAME": "lo"}, **popen)
+                            start_new_session=True, env={**env, **LOOPBACK_ENV}, **popen)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:

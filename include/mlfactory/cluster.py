@@ -31,6 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_MASTER_PORT = 29500
+# On one machine the workers' DDP traffic stays on loopback.
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo"}
 SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
 
 
@@ -86,6 +88,13 @@ class Cluster:
                 env["AZUREML_RUN_ID"],
             )
         return cls("local", 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)), nproc_per_node or 1)
+
+    @classmethod
+    def this_machine(cls, processes: int) -> Cluster:
+        """One node, ``processes`` workers, rendezvous on a free loopback port (the local backend)."""
+        from mlfactory.processes import free_port
+
+        return cls("local", 1, 0, "127.0.0.1", free_port(), processes)
 
     @property
     def world_size(self) -> int:

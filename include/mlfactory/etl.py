@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from mlfactory import storage
 from mlfactory.config import ColumnSpec, DatasetSpec, PipelineConfig
-from mlfactory.features import derive_features
+from mlfactory.features import FALSE_WORDS, TRUE_WORDS, derive_features
 from mlfactory.ingest import Manifest, read_manifest
 from mlfactory.validation import (
     ARROW_TYPES,
@@ -57,8 +57,8 @@ from mlfactory.validation import (
 log = logging.getLogger(__name__)
 
 NULL_TOKENS = ["", "NULL", "null", "NA", "N/A", "None"]
-TRUE_TOKENS = pa.array(["true", "t", "yes", "y", "1"])
-FALSE_TOKENS = pa.array(["false", "f", "no", "n", "0"])
+TRUE_TOKENS = pa.array(sorted(TRUE_WORDS))
+FALSE_TOKENS = pa.array(sorted(FALSE_WORDS))
 CSV_BLOCK_BYTES = 1 << 20  # pyarrow reads many blocks ahead: bigger blocks held most of a file in memory
 FAILED_EXPECTATION = "_failed_expectation"
 FAILED_COLUMN = "_failed_column"

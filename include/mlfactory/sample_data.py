@@ -130,6 +130,19 @@ def write(table: pa.Table, path: str | Path) -> Path:
     return path
 
 
+def land_and_curate(cfg, rows: int, seed: int = 1) -> None:
+    """Land ``rows`` sample rows in ``cfg``'s local bucket and run them through ingest and ETL, in
+    process, into the curated prefix (for tests and benchmarks that start from curated data)."""
+    from mlfactory import storage
+    from mlfactory.etl import curate_snapshot
+    from mlfactory.ingest import ingest_object
+
+    landed = storage.join(cfg.storage.landing_uri, f"sample-{seed}.csv")
+    write(generate(rows, seed=seed), storage.local_path(landed))
+    manifest, _ = ingest_object(cfg, landed)
+    curate_snapshot(cfg, manifest.snapshot_uri)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", help="file to write: .csv, .parquet or .jsonl")

@@ -34,9 +34,8 @@ class LocalTrainingOperator(BaseOperator):
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
         from mlfactory import storage
-        from mlfactory.cluster import Cluster
+        from mlfactory.cluster import LOOPBACK_ENV, Cluster
         from mlfactory.jobs import TrainingJobSpec
-        from mlfactory.processes import free_port
         from mlfactory.train import METRICS_FILE
 
         spec = TrainingJobSpec.model_validate(self.spec)
@@ -46,10 +45,9 @@ class LocalTrainingOperator(BaseOperator):
             raise AirflowFailException(f"job {spec.name} asks for a TPU: run it on the gcp backend (Vertex AI)")
         gpu = spec.accelerator.kind == "gpu"
         processes = spec.accelerator.count if gpu else spec.processes_per_node
-        cluster = Cluster("local", 1, 0, "127.0.0.1", free_port(), processes)
+        cluster = Cluster.this_machine(processes)
         command = cluster.torchrun_command("mlfactory.train", [*spec.arguments(), "--device", "cuda" if gpu else "cpu"])
-        env = {**os.environ, **spec.environment, "PYTHONUNBUFFERED": "1",
-               "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}  # DDP traffic stays on loopback
+        env = {**LOOPBACK_ENV, **os.environ, **spec.environment, "PYTHONUNBUFFERED": "1"}
         self.log.info("training job %s: %d process(es), max runtime %ds\n  %s", spec.name, processes, spec.max_runtime_s,
                       " ".join(command))
         self._process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
