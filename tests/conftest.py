@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -70,3 +71,39 @@ def training_set(tmp_path_factory):
     cfg = config_with_bucket(tmp_path_factory.mktemp("train-bucket"))
     sample_data.land_and_curate(cfg, 30_000)
     return prepare_training_set(cfg)
+
+
+@pytest.fixture(scope="session")
+def champion(tmp_path_factory, mlflow_server):
+    """A small model trained on sample data, registered as version 1 with alias `champion`, on its own
+    bucket and registered-model name. Yields (cfg, holdout wire rows, holdout typed rows)."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from mlfactory import sample_data, storage
+    from mlfactory.features import to_wire
+    from mlfactory.registry import CHAMPION, Registry
+    from mlfactory.training_data import prepare_training_set, read_holdout
+
+    cfg = with_section(config_with_bucket(tmp_path_factory.mktemp("serve-bucket")), "mlflow",
+                       tracking_uri=mlflow_server.url, experiment="serving-test", model_name="churn_served")
+    mlflow.set_tracking_uri(mlflow_server.url)
+    sample_data.land_and_curate(cfg, 8_000, seed=11)
+    training_set = prepare_training_set(cfg)
+    out = storage.join(cfg.storage.models_uri, "runs", "served")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri", out, "--epochs", "3",
+         "--mlflow-tracking-uri", mlflow_server.url, "--experiment", "serving-test", "--run-name", "served"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trained = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
+    registry = Registry(cfg)
+    version = registry.register(trained["model_uri"], trained["mlflow_run_id"],
+                                {"mlfactory.training_set_uri": training_set.uri})
+    registry.promote(version, training_set.holdout.uri, training_set.holdout.sha256)
+    assert registry.alias_version(CHAMPION) == version
+    holdout = read_holdout(training_set.holdout.uri, training_set.holdout.sha256)
+    return cfg, to_wire(holdout, cfg.dataset), holdout

@@ -1,0 +1,78 @@
+"""Drift statistics: quiet on samples of one distribution (large and small), loud on shifted ones,
+the same verdicts whatever the seed, and the HTML report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlfactory import sample_data
+from mlfactory.drift import Columns, categorical_values, compare, html_report
+
+
+def synthetic(rows: int, seed: int, shifted: bool) -> Columns:
+    """15 stable features and 5 drifted ones (0.2-0.3 sd mean shifts, moved category shares)."""
+    rng = np.random.default_rng(seed)
+    numeric = {f"x{i}": rng.normal(0.0, 1.0, rows) for i in range(10)}
+    numeric["count"] = rng.poisson(3.0, rows).astype(float)
+    numeric["age"] = rng.integers(18, 95, rows).astype(float)
+    for i, shift in enumerate((0.2, 0.25, 0.3)):
+        numeric[f"shifted{i}"] = rng.normal(shift if shifted else 0.0, 1.0, rows)
+    numeric["x0"][rng.random(rows) < 0.05] = np.nan  # missing values are allowed and reported
+    letters = np.array(["a", "b", "c", "d"], dtype=object)
+    categorical = {
+        "plan": rng.choice(letters, rows, p=[0.4, 0.3, 0.2, 0.1]),
+        "region": rng.choice(letters, rows, p=[0.25, 0.25, 0.25, 0.25]),
+        "flag": rng.random(rows) < 0.3,
+        "moved_plan": rng.choice(letters, rows, p=[0.25, 0.3, 0.2, 0.25] if shifted else [0.4, 0.3, 0.2, 0.1]),
+        "moved_flag": rng.random(rows) < (0.5 if shifted else 0.3),
+    }
+    return Columns(numeric, {k: categorical_values(v) for k, v in categorical.items()})
+
+
+DRIFTED = {"shifted0", "shifted1", "shifted2", "moved_plan", "moved_flag"}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_same_distribution_shows_no_drift_at_large_and_small_sizes(seed):
+    for rows in (200_000, 300):
+        report = compare(synthetic(rows, seed, False), synthetic(rows, seed + 100, False))
+        assert report.drifted_features == [] and not report.dataset_drift, (rows, report.summary())
+        assert all(f.score < 0.1 for f in report.features if rows > 100_000)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_shifted_features_and_only_they_drift_whatever_the_seed(seed):
+    report = compare(synthetic(200_000, seed, False), synthetic(150_000, seed + 100, True), drift_share=0.2)
+    assert set(report.drifted_features) == DRIFTED
+    assert report.dataset_drift and report.share_drifted == pytest.approx(5 / 20)
+    by_name = {f.feature: f for f in report.features}
+    assert by_name["shifted0"].statistic == "wasserstein_norm" and 0.15 < by_name["shifted0"].score < 0.25
+    assert by_name["moved_plan"].statistic == "jensen_shannon"
+    assert by_name["count"].statistic == "wasserstein_norm" and by_name["flag"].statistic == "jensen_shannon"
+    assert by_name["x0"].reference_missing == pytest.approx(0.05, abs=0.005)
+    assert by_name["shifted2"].psi > by_name["x1"].psi
+    summary = report.summary()
+    assert summary["drifted_features"] == report.drifted_features and set(summary["psi"]) == set(by_name)
+
+
+def test_the_sample_datasets_drifted_batch_drifts(cfg):
+    from mlfactory.features import typed_features
+
+    reference = typed_features(sample_data.generate(20_000, seed=1).to_pandas(), cfg.dataset)
+    same = typed_features(sample_data.generate(20_000, seed=2).to_pandas(), cfg.dataset)
+    drifted = typed_features(sample_data.generate(20_000, seed=3, drift=1.0).to_pandas(), cfg.dataset)
+    ref = Columns.of(reference, cfg.dataset)
+    assert compare(ref, Columns.of(same, cfg.dataset)).drifted_features == []
+    report = compare(ref, Columns.of(drifted, cfg.dataset))
+    assert report.dataset_drift and {"age", "income", "plan", "support_calls"} <= set(report.drifted_features)
+    page = html_report(report, ref, Columns.of(drifted, cfg.dataset), "customer_churn drift")
+    assert page.startswith("<!doctype html>") and page.count("<svg") == len(report.features)
+    assert "DRIFT" in page and "support_calls" in page
+
+
+def test_missing_feature_in_current_data_is_named():
+    ref = synthetic(1000, 1, False)
+    cur = Columns({k: v for k, v in ref.numeric.items() if k != "age"}, ref.categorical)
+    with pytest.raises(ValueError, match=r"lacks feature\(s\) \['age'\]"):
+        compare(ref, cur)
