@@ -136,6 +136,7 @@ class StorageSpec(_Strict):
     quarantine_prefix: str = "quarantine/"
     reports_prefix: str = "reports/"
     models_prefix: str = Field("models/", description="training sets, the frozen holdout, job outputs, checkpoints")
+    predictions_prefix: str = Field("predictions/", description="batch predictions and the endpoint's prediction log")
     state_prefix: str = "_mlfactory/"
 
     @field_validator("bucket")
@@ -173,6 +174,10 @@ class StorageSpec(_Strict):
     @property
     def models_uri(self) -> str:
         return self.uri("models_prefix")
+
+    @property
+    def predictions_uri(self) -> str:
+        return self.uri("predictions_prefix")
 
     @property
     def state_uri(self) -> str:
@@ -245,6 +250,34 @@ class PromotionSpec(_Strict):
     holdout_max_rows: int = Field(50_000, ge=100)
 
 
+class ServingSpec(_Strict):
+    """The real-time endpoint (on `local`: the model server on this machine) and ml_deploy's rollout."""
+
+    port: int = Field(8090, ge=1, le=65535, description="local endpoint port (on 127.0.0.1)")
+    token: str = Field("", description="bearer token of the endpoint; empty: one is generated and kept in the state folder")
+    smoke_rows: int = Field(20, ge=1, description="holdout rows sent to a new version before it gets traffic")
+    canary_percent: float = Field(10, gt=0, lt=100, description="share of traffic the new version gets first")
+    canary_requests: int = Field(200, ge=0, description="requests sent through the endpoint during the canary")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="a canary failing more requests than this rolls back")
+    log_flush_s: float = Field(10.0, gt=0, description="how often the prediction log is written to the bucket")
+
+
+class BatchScoringSpec(_Strict):
+    schedule: str = Field("0 4 * * *", description="cron of the daily batch scoring (UTC), besides a new champion")
+    chunk_rows: int = Field(100_000, ge=1_000, description="rows scored at a time; bounds memory")
+
+
+class MonitoringSpec(_Strict):
+    """ml_monitor: drift of new curated data and of served traffic against the champion's training data."""
+
+    schedule: str = Field("0 * * * *", description="cron of the drift check (UTC), besides new curated data")
+    threshold: float = Field(0.1, gt=0, description="per feature: normalised Wasserstein / Jensen-Shannon distance")
+    alpha: float = Field(0.01, gt=0, lt=1, description="significance of the BH-corrected KS / chi-square tests")
+    drift_share: float = Field(0.3, gt=0, le=1, description="share of drifted features that means the data drifted")
+    min_rows: int = Field(1000, ge=50, description="fewer new rows wait for the next check")
+    reference_max_rows: int = Field(200_000, ge=1000, description="sample of the training data used as reference")
+
+
 class MlflowSpec(_Strict):
     tracking_uri: str = Field("http://127.0.0.1:5000", description="the MLflow server (tracking and registry)")
     experiment: str = "mlfactory"
@@ -260,6 +293,9 @@ class PipelineConfig(_Strict):
     training: TrainingSpec = TrainingSpec()
     promotion: PromotionSpec = PromotionSpec()
     mlflow: MlflowSpec = MlflowSpec()
+    serving: ServingSpec = ServingSpec()
+    batch_scoring: BatchScoringSpec = BatchScoringSpec()
+    monitoring: MonitoringSpec = MonitoringSpec()
     source: str = Field("", description="the file this config was read from (set by load_config)")
 
     @property

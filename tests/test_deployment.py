@@ -1,0 +1,90 @@
+"""ml_deploy's blue/green rollout on the local endpoint, against a real model server and MLflow:
+first deployment, a canary-checked upgrade, and a deliberately broken model that is rolled back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import with_section
+from mlfactory import storage
+from mlfactory.deployment import DeploymentFailed, LocalEndpoint, Rollout
+from mlfactory.processes import free_port
+from mlfactory.registry import CHAMPION, Registry
+
+
+def broken_model_uri(cfg, holdout) -> str:
+    """The champion's own bundle with NaN weights (a diverged training run): it loads, and answers NaN."""
+    import mlflow
+
+    from mlfactory.train import log_pyfunc
+
+    bundle_path = storage.local_path(storage.join(cfg.storage.models_uri, "runs", "served", "model.pt"))
+    bundle = torch.load(bundle_path, weights_only=True)
+    bundle["state_dict"] = {k: torch.full_like(v, float("nan")) for k, v in bundle["state_dict"].items()}
+    broken = bundle_path.replace("model.pt", "broken.pt")
+    torch.save(bundle, broken)
+    mlflow.set_experiment("serving-test")
+    with mlflow.start_run(run_name="broken"):
+        return log_pyfunc(broken, holdout.head(50), cfg.dataset).model_uri
+
+
+def test_blue_green_rollout_canary_and_rollback_of_a_broken_model(champion):
+    cfg, wire, holdout = champion
+    cfg = with_section(cfg, "serving", port=free_port(), canary_requests=60, canary_percent=30)
+    endpoint = LocalEndpoint(cfg)
+    rollout = Rollout(cfg, endpoint)
+    registry = Registry(cfg)
+    first = registry.alias_version(CHAMPION)
+    rows = rollout.sample_rows(3)
+    try:
+        # First deployment: nothing served before, so no canary.
+        plan = rollout.stage(first)
+        assert plan["new"] == "blue" and plan["old"] is None
+        assert endpoint.call("/ping", auth=False)[0] == 503  # loaded, but no traffic yet
+        rollout.health_check(plan)
+        rollout.smoke_test(plan)
+        assert "skipped" in rollout.canary(plan)
+        state = rollout.complete(plan)
+        assert state["served_version"] == first and state["url"] == endpoint.url
+        status, reply = endpoint.predict(rows)
+        assert status == 200 and len(reply["predictions"]) == 3
+        assert endpoint.state()["pid"] and endpoint.token and (endpoint.home / "token").stat().st_mode & 0o077 == 0
+
+        # Deploying the version already served is a no-op.
+        assert rollout.stage(first)["already_served"]
+
+        # An upgrade goes to the other colour, through a canary share of real requests.
+        source = registry.client.get_model_version(cfg.model_name, first).source
+        second = registry.register(source, None, {})
+        plan = rollout.stage(second)
+        assert (plan["new"], plan["old"], plan["old_version"]) == ("green", "blue", first)
+        rollout.health_check(plan)
+        rollout.smoke_test(plan)
+        canary = rollout.canary(plan)
+        assert canary["requests"] > 0 and canary["errors"] == 0 and canary["percent"] == 30
+        rollout.complete(plan)
+        variants = endpoint.variants()
+        assert list(variants) == ["green"] and variants["green"]["version"] == second and variants["green"]["weight"] == 100
+
+        # A broken model forced onto `champion`: it loads and passes the health check, fails the
+        # smoke test, and everything goes back.
+        third = registry.register(broken_model_uri(cfg, holdout), None, {})
+        registry.client.set_registered_model_alias(cfg.model_name, CHAMPION, third)
+        plan = rollout.stage(third)
+        assert plan["new"] == "blue"
+        rollout.health_check(plan)
+        with pytest.raises(DeploymentFailed, match=f"smoke test of v{third}"):
+            rollout.smoke_test(plan)
+        result = rollout.rollback(plan, third)
+        assert result["serving"] == second and "smoke test" in result["reason"]
+        assert registry.alias_version(CHAMPION) == second
+        assert list(endpoint.variants()) == ["green"]
+        status, reply = endpoint.predict(rows)
+        assert status == 200 and all(0 <= p["probability"] <= 1 for p in reply["predictions"])
+        tags = registry.client.get_model_version(cfg.model_name, third).tags
+        assert tags["mlfactory.deployment"] == "rolled_back" and "smoke test" in tags["mlfactory.deployment_reason"]
+        assert registry.client.get_model_version(cfg.model_name, second).tags["mlfactory.deployment"] == "serving"
+    finally:
+        endpoint.stop()
+    assert not endpoint.alive()
