@@ -37,7 +37,7 @@ with DAG(
     @task
     def register(params: dict, triggering_asset_events=None) -> dict:
         """Register the candidate (from the `candidate` event, or the form) with alias `challenger`."""
-        from mlfactory.registry import Registry
+        from mlfactory.registry import TRAINING_SET_TAG, Registry
 
         if params.get("model_uri"):
             candidate = {"model_uri": params["model_uri"], "mlflow_run_id": None}
@@ -50,7 +50,8 @@ with DAG(
             raise ValueError(f"the candidate has no MLflow model URI (was MLflow reachable from training?): {candidate}")
         registry = Registry(cfg)
         tags = {"mlfactory.mlflow_run_id": candidate.get("mlflow_run_id") or "",
-                "mlfactory.validation_metric": f"{candidate.get('metric')}={candidate.get('value')}"}
+                "mlfactory.validation_metric": f"{candidate.get('metric')}={candidate.get('value')}",
+                TRAINING_SET_TAG: (candidate.get("training_set") or {}).get("uri", "")}
         version = registry.register(candidate["model_uri"], candidate.get("mlflow_run_id"), tags)
         return {"version": version, **candidate}
 

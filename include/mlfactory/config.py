@@ -261,6 +261,11 @@ class ServingSpec(_Strict):
     max_error_rate: float = Field(0.01, ge=0, le=1, description="a canary failing more requests than this rolls back")
     log_flush_s: float = Field(10.0, gt=0, description="how often the prediction log is written to the bucket")
 
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_token(cls, value):
+        return "" if value is None else value  # `token: ${UNSET:-}` reads as YAML null
+
 
 class BatchScoringSpec(_Strict):
     schedule: str = Field("0 4 * * *", description="cron of the daily batch scoring (UTC), besides a new champion")

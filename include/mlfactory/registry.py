@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 HOLDOUT_URI_TAG, HOLDOUT_SHA_TAG = "mlfactory.holdout_uri", "mlfactory.holdout_sha256"
+TRAINING_SET_TAG = "mlfactory.training_set_uri"  # on each version: its training data, the drift reference
 
 
 @dataclass(frozen=True)

@@ -199,11 +199,15 @@ class LoadedModel:
         self.net.eval()
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        typed = typed_features(frame, self.dataset)
+        """RAW feature columns (as a caller sends them) -> predictions."""
+        return self.predict_typed(typed_features(frame, self.dataset), index=frame.index)
+
+    def predict_typed(self, typed: pd.DataFrame, index=None) -> pd.DataFrame:
+        """Rows already typed and with derived features (curated data) -> predictions."""
         dense, cats = self.pre.encode(typed)
         with torch.no_grad():
             predicted = scores(self.pre, self.net(dense, cats))
-        out = pd.DataFrame(index=frame.index)
+        out = pd.DataFrame(index=typed.index if index is None else index)
         if self.pre.classes is None:
             out["prediction"] = predicted
         elif len(self.pre.classes) == 2:

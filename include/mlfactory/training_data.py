@@ -69,6 +69,16 @@ def read_curated(cfg: PipelineConfig, columns: list[str]) -> pd.DataFrame:
     return pq.read_table(root, filesystem=fs, columns=columns).to_pandas()
 
 
+def curated_snapshots(cfg: PipelineConfig) -> dict[str, str]:
+    """Snapshot id -> folder URI of every curated snapshot, oldest ingest date first."""
+    folders: dict[str, str] = {}
+    for obj in storage.list_objects(cfg.storage.curated_uri):
+        parts = obj.key.split("/")
+        if len(parts) >= 3 and parts[-1].endswith(".parquet") and parts[-2].startswith("snapshot="):
+            folders.setdefault(parts[-2].split("=", 1)[1], storage.join(cfg.storage.curated_uri, *parts[:-1]))
+    return dict(sorted(folders.items(), key=lambda item: item[1]))
+
+
 def row_hashes(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     return pd.util.hash_pandas_object(frame[columns], index=False).to_numpy()
 

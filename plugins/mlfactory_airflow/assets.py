@@ -20,6 +20,7 @@ class PipelineAssets:
     drift_detected: Asset  # monitoring saw drift over the threshold (extra: the drifted features)
     candidate: Asset  # ml_train's best trial (extra: MLflow run and model URI)
     champion: Asset  # ml_promote moved alias `champion` (extra: model name and version)
+    predictions: Asset  # ml_batch_score wrote a predictions table (extra: its URI, rows, model version)
 
 
 def bucket_change_trigger(cfg: PipelineConfig):
@@ -49,4 +50,5 @@ def pipeline_assets(cfg: PipelineConfig) -> PipelineAssets:
         drift_detected=Asset(name="mlfactory.drift_detected", uri=cfg.storage.uri("reports_prefix", "drift")),
         candidate=Asset(name="mlfactory.candidate", uri=cfg.storage.uri("models_prefix", "candidates")),
         champion=Asset(name="mlfactory.champion", uri=cfg.storage.uri("models_prefix", "champion")),
+        predictions=Asset(name="mlfactory.predictions", uri=cfg.storage.uri("predictions_prefix", "batch")),
     )

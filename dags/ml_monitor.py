@@ -1,0 +1,68 @@
+"""ml_monitor: drift of new curated data and of served traffic → Asset `drift_detected` → ml_train.
+
+Hourly (``monitoring.schedule``) and whenever new data is curated. Compares the new rows with the
+champion's training data, feature by feature (normalised Wasserstein distance for numeric features,
+Jensen–Shannon distance for categorical ones, a BH-corrected test against noise, PSI alongside), and
+writes an HTML report per source under ``<bucket>/reports/drift/``. When the drifted share of
+features reaches ``monitoring.drift_share``, `announce` emits Asset `drift_detected` with the drifted
+features and their scores, which schedules ml_train: drift → retrain → gate → deploy, with no person.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
+
+from mlfactory.config import load_config
+from mlfactory_airflow.assets import pipeline_assets
+
+cfg = load_config()
+assets = pipeline_assets(cfg)
+
+with DAG(
+    dag_id="ml_monitor",
+    description="Check new data and served traffic for drift against the champion's training data",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(cfg.monitoring.schedule, timezone="UTC"), assets=assets.curated
+    ),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["mlfactory", "monitor"],
+    doc_md=__doc__,
+    params={
+        "min_rows": Param(cfg.monitoring.min_rows, type="integer", minimum=1, title="Minimum new rows",
+                          description="A source with fewer new rows is not judged yet (it waits for more)"),
+    },
+):
+
+    @task
+    def check_drift(params: dict, run_id=None) -> dict:
+        """Compare each source with enough new rows; log where its report is."""
+        from mlfactory.batch_scoring import run_key
+        from mlfactory.monitoring import check
+
+        result = check(cfg, run_key(run_id), min_rows=params["min_rows"])
+        for source, verdict in result.get("sources", {}).items():
+            if verdict.get("checked"):
+                print(f"{source}: {'DRIFT' if verdict['dataset_drift'] else 'no drift'} "
+                      f"({verdict['share_drifted']:.0%} of features: {verdict['drifted_features']}); report: {verdict['report']}")
+            else:
+                print(f"{source}: not checked ({verdict['why']})")
+        return result
+
+    @task.short_circuit
+    def drifted(result: dict) -> bool:
+        return result["drift"]
+
+    @task(outlets=[assets.drift_detected])
+    def announce(result: dict, outlet_events=None) -> dict:
+        """Emit `drift_detected` (ml_train reads the drifted features from its extra)."""
+        extra = {key: result[key] for key in ("drifted_features", "scores", "drifted_sources", "champion_version")}
+        extra["reports"] = [result["sources"][s]["report"] for s in result["drifted_sources"]]
+        outlet_events[assets.drift_detected].extra = extra
+        return extra
+
+    result = check_drift()
+    drifted(result) >> announce(result)
