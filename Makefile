@@ -36,6 +36,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/p3_etl_vs_pyarrow.py
 	$(PY) benchmarks/p4_ddp_scaling.py
 	$(PY) benchmarks/p5_event_latency.py
+	$(PY) benchmarks/p1_serving_vs_mlflow.py
+	$(PY) benchmarks/p2_drift_vs_evidently.py
+	$(PY) benchmarks/p6_batch_scoring.py
+	$(PY) benchmarks/p5_lifecycle.py
 
 # Recompute requirements.txt from requirements.in (needs network access to PyPI).
 lock: $(STAMP)

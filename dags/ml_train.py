@@ -1,7 +1,8 @@
 """ml_train: curated data → hyperparameter search (one training job per trial) → Asset `candidate`.
 
 Runs weekly (``training.schedule``), on new `curated` data, and on `drift_detected`, whichever comes
-first. Each run builds a training set from all curated data minus the frozen holdout, fans out one
+first. Once a champion exists, new curated data alone skips (ml_monitor judges it, and its
+`drift_detected` retrains) unless ``training.retrain_on_new_data`` is set. Each run builds a training set from all curated data minus the frozen holdout, fans out one
 training job per trial (dynamic task mapping, bounded by the ``mlfactory_training`` pool), picks the
 best trial by its validation metric and announces it as Asset `candidate`. A run started by drift
 tags its MLflow runs with the features that drifted. Every default below comes from the pipeline
@@ -78,14 +79,20 @@ with DAG(
                 f"backend {params['backend']!r} has no training operator in this installation; "
                 f"available: {sorted(operators)}"
             )
-        try:
-            training_set = prepare_training_set(cfg)
-        except NoTrainingData as err:
-            raise AirflowSkipException(str(err)) from err
         events = triggering_asset_events or {}
         drift_events = events[assets.drift_detected] if events else []
         drifted = sorted({f for e in drift_events for f in (e.extra or {}).get("drifted_features", [])})
         started_by = "drift" if drift_events else "curated" if events and events[assets.curated] else str(dag_run.run_type)
+        if started_by == "curated" and not defaults.retrain_on_new_data:
+            from mlfactory.registry import CHAMPION, Registry
+
+            if Registry(cfg).alias_version(CHAMPION):
+                raise AirflowSkipException("new curated data, and a champion exists: ml_monitor decides whether it "
+                                           "drifted (training.retrain_on_new_data is false)")
+        try:
+            training_set = prepare_training_set(cfg)
+        except NoTrainingData as err:
+            raise AirflowSkipException(str(err)) from err
         return {"training_set": training_set.to_dict(), "started_by": started_by, "drifted_features": drifted}
 
     @task

@@ -2,8 +2,9 @@
 MLflow server.
 
 No dag.test(): a file dropped in the landing folder must start ml_ingest through the AssetWatcher,
-Asset `raw` must start ml_validate, `curated` ml_train, `candidate` ml_promote, by themselves, and end
-in a `champion` model version in the MLflow registry.
+Asset `raw` must start ml_validate, `curated` ml_train, `candidate` ml_promote, `champion` ml_deploy
+and ml_batch_score, by themselves, and end in a served champion; then a drifted batch must start
+ml_monitor, whose `drift_detected` starts a retraining, with no person involved.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 
 from mlfactory import sample_data, storage
 from mlfactory.config import DEFAULT_CONFIG, load_config
+from mlfactory.deployment import LocalEndpoint, Rollout
 from mlfactory.etl import read_quarantine
 from mlfactory.local_airflow import LocalAirflow
 from mlfactory.processes import free_port
@@ -26,7 +28,7 @@ from mlfactory.processes import free_port
 pytestmark = pytest.mark.scheduler
 
 
-STAGES = ["ml_ingest", "ml_validate", "ml_train", "ml_promote"]
+STAGES = ["ml_ingest", "ml_validate", "ml_train", "ml_promote", "ml_deploy", "ml_batch_score", "ml_monitor"]
 
 
 def small_training_config(tmp_path, monkeypatch, mlflow_url: str):
@@ -35,6 +37,7 @@ def small_training_config(tmp_path, monkeypatch, mlflow_url: str):
     raw["training"].update(epochs=3, trials=2, processes=2, search_space={"learning_rate": [0.003, 0.001]})
     raw["promotion"].update(floor=0.6)
     raw["mlflow"].update(tracking_uri=mlflow_url, experiment="scheduler-test", model_name="churn_scheduler")
+    raw["serving"].update(port=free_port(), canary_requests=20)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
@@ -108,33 +111,74 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
         code, body = post_error(airflow, "/api/v2/dags/ml_train/dagRuns", {"logical_date": None, "conf": {"epochs": 0}})
         assert code == 400 and "epochs" in body
 
-        # Asset `drift_detected` -> ml_train again; its MLflow runs record which features drifted.
-        drift = next(a for a in airflow.api("/api/v2/assets?limit=100")["assets"] if a["name"] == "mlfactory.drift_detected")
-        airflow.api("/api/v2/assets/events", method="POST",
-                    body={"asset_id": drift["id"], "extra": {"drifted_features": ["age", "income"]}})
-        retrain = airflow.wait_for_run("ml_train", 2, timeout=600, run_type="asset_triggered")
-        assert retrain["state"] == "success"
-        runs = client.search_runs(
-            [client.get_experiment_by_name("scheduler-test").experiment_id],
-            filter_string=f"tags.`mlfactory.airflow_run_id` = '{retrain['dag_run_id']}'",
-        )
-        assert len(runs) == 2
-        assert {r.data.tags["mlfactory.drifted_features"] for r in runs} == {"age,income"}
-        assert {r.data.tags["mlfactory.started_by"] for r in runs} == {"drift"}
-        assert airflow.wait_for_run("ml_promote", 2, timeout=300)["state"] == "success"
+        # Asset `champion` -> ml_deploy (a served endpoint) and ml_batch_score (a predictions table).
+        deploy = airflow.wait_for_run("ml_deploy", 1, timeout=300)
+        assert deploy["state"] == "success" and deploy["run_type"] == "asset_triggered"
+        endpoint = LocalEndpoint(cfg)
+        assert endpoint.state()["served_version"] == champion.version
+        rows = Rollout(cfg, endpoint).sample_rows(5)
+        status, reply = endpoint.predict(rows)
+        assert status == 200 and len(reply["predictions"]) == 5
+        batch = airflow.wait_for_run("ml_batch_score", 1, timeout=300, run_type="asset_triggered")
+        assert batch["state"] == "success"
+        scored = airflow.xcom("ml_batch_score", batch["dag_run_id"], "score")
+        assert scored["rows"] == 2000 and scored["version"] == champion.version
+
+        # A drifted batch: ml_monitor (on `curated`) sees it and announces `drift_detected`, which
+        # starts ml_train by itself; its MLflow runs record which features drifted.
+        monitors = {r["dag_run_id"] for r in airflow.dag_runs("ml_monitor")}
+        sample_data.write(sample_data.generate(2000, seed=23, drift=1.0, id_offset=10**9), bucket / "landing" / "drifted.csv")
+        assert airflow.wait_for_run("ml_validate", 2, timeout=180)["state"] == "success"
+
+        def drift_check():
+            for run in airflow.dag_runs("ml_monitor"):
+                if run["dag_run_id"] not in monitors and run["state"] in ("success", "failed"):
+                    return run
+            return None
+
+        monitor = airflow.wait_until(drift_check, 300, "ml_monitor to check the drifted batch")
+        assert monitor["state"] == "success" and monitor["run_type"] == "asset_triggered"
+        verdict = airflow.xcom("ml_monitor", monitor["dag_run_id"], "check_drift")
+        assert verdict["drift"] and "curated" in verdict["drifted_sources"], verdict
+        assert {"age", "income"} <= set(verdict["drifted_features"])
+        report = verdict["sources"]["curated"]["report"]
+        assert storage.exists(report) and "<svg" in storage.read_bytes(report).decode()
+        assert "report: " + report in airflow.task_log("ml_monitor", monitor["dag_run_id"], "check_drift")
+
+        experiment = client.get_experiment_by_name("scheduler-test").experiment_id
+
+        def drift_retrain():
+            runs = client.search_runs([experiment], filter_string="tags.`mlfactory.started_by` = 'drift'")
+            return runs if len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs) else None
+
+        runs = airflow.wait_until(drift_retrain, 900, "the drift-started training runs")
+        assert {r.data.tags["mlfactory.drifted_features"] for r in runs} == {",".join(verdict["drifted_features"])}
+        retrain_id = runs[0].data.tags["mlfactory.airflow_run_id"]
+        # The drifted batch's own `curated` event did not train again: a champion exists, and ml_monitor judged it.
+        assert len(client.search_runs([experiment], filter_string="tags.`mlfactory.started_by` = 'curated'")) == 2
+        airflow.wait_until(lambda: next((r for r in airflow.dag_runs("ml_train") if r["dag_run_id"] == retrain_id
+                                         and r["state"] == "success"), None), 300, "the retraining run")
+        retrain = next(r for r in airflow.dag_runs("ml_train") if r["dag_run_id"] == retrain_id)
+
+        def promote_of_retrain():
+            return next((r for r in airflow.dag_runs("ml_promote") if (r["queued_at"] or "") > retrain["start_date"]
+                         and r["state"] in ("success", "failed")), None)
+
+        assert airflow.wait_until(promote_of_retrain, 600, "ml_promote of the retrained model")["state"] == "success"
 
         # The watermark survives a restart of every Airflow component: nothing fires again.
         airflow.stop()
         airflow.start()
         time.sleep(20)
-        assert len(airflow.dag_runs("ml_ingest")) == 1
+        assert len(airflow.dag_runs("ml_ingest")) == 2
+        raw_before = {o.key.split("/")[0] for o in storage.list_objects(cfg.storage.raw_uri) if o.key.endswith("data.csv")}
 
         # A bad file: ml_validate fails naming the expectation, quarantines rows, keeps the raw snapshot.
         bad = sample_data.generate(1000, seed=22).to_pandas()
         bad.loc[bad.index[::10], "age"] = 150  # 10% out of range, over the 5% limit
         sample_data.write(pa.Table.from_pandas(bad, preserve_index=False), bucket / "landing" / "bad.csv")
-        assert airflow.wait_for_run("ml_ingest", 2, timeout=120)["state"] == "success"
-        failed = airflow.wait_for_run("ml_validate", 2, timeout=180)
+        assert airflow.wait_for_run("ml_ingest", 3, timeout=120)["state"] == "success"
+        failed = airflow.wait_for_run("ml_validate", 3, timeout=180)
         assert failed["state"] == "failed"
         tis = airflow.task_instances("ml_validate", failed["dag_run_id"])
         curate_ti = next(t for t in tis if t["task_id"] == "curate")
@@ -142,10 +186,11 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
         log = airflow.task_log("ml_validate", failed["dag_run_id"], "curate", map_index=curate_ti["map_index"])
         assert "expect_column_values_to_be_between failed on column 'age' for 100 of 1000 rows" in log
         snapshots = [o for o in storage.list_objects(cfg.storage.raw_uri) if o.key.endswith("data.csv")]
-        assert len(snapshots) == 2  # both raw snapshots kept
-        bad_sid = next(s.key.split("/")[0][:16] for s in snapshots if s.key.split("/")[0][:16] not in parts[0].key)
+        assert len(snapshots) == 3  # every raw snapshot kept
+        bad_sid = next(s.key.split("/")[0][:16] for s in snapshots if s.key.split("/")[0] not in raw_before)
         quarantined = read_quarantine(f"{cfg.storage.quarantine_uri}/snapshot={bad_sid}")
         assert quarantined.num_rows == 100
         assert set(quarantined.column("_failed_expectation").to_pylist()) == {"expect_column_values_to_be_between"}
     finally:
         airflow.stop()
+        LocalEndpoint(cfg).stop()

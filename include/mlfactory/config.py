@@ -222,6 +222,9 @@ class TrainingSpec(_Strict):
     schedule: str = Field("0 3 * * 0", description="cron of the scheduled retraining (UTC)")
     max_runtime_s: int = Field(3600, ge=10, description="a training job running longer is stopped")
     concurrent_jobs: int = Field(1, ge=1, description="size of the mlfactory_training pool (the local GPU quota)")
+    retrain_on_new_data: bool = Field(
+        False, description="retrain on every curated batch even when a champion exists (default: only until the "
+        "first champion; then on the schedule, on drift, or by hand)")
 
     @field_validator("search_space")
     @classmethod

@@ -73,6 +73,9 @@ class LocalAirflow:
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+            # A task's calls to the API server: on 2 busy cores (Airflow starting, training running) the
+            # default 5 s timeout was seen to fail a task at startup.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "GX_ANALYTICS_ENABLED": "False",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
@@ -149,6 +152,16 @@ class LocalAirflow:
         path = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}?map_index={map_index}"
         content = self.api(path).get("content", [])
         return "\n".join(json.dumps(c) if not isinstance(c, str) else c for c in content)
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value"):
+        """A task's XCom value, or None when it has none (skipped, failed, not run yet)."""
+        quoted = urllib.request.quote(run_id, safe="")
+        try:
+            return self.api(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/{key}?deserialize=true")["value"]
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise
 
     def wait_until(self, condition, timeout: float, what: str, interval: float = 0.5):
         deadline = time.monotonic() + timeout

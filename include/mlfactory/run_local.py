@@ -1,24 +1,35 @@
-"""`make run`: the lifecycle on the embedded `local` backend.
+"""`make run`: the whole lifecycle on the embedded `local` backend, by itself, end to end.
 
 Starts the MLflow server (SQLite, artifacts in the bucket) and Airflow (scheduler, DAG processor,
-triggerer, API server) on 127.0.0.1, lands a sample dataset in the local bucket's landing folder,
-and follows the runs that the landing starts by itself: ml_ingest → ml_validate → ml_train →
-ml_promote, ending with a `champion` model version in the MLflow registry. Both keep running
-(Airflow UI on http://127.0.0.1:8080, MLflow on http://127.0.0.1:5000) until Ctrl-C; drop more files
-into the landing folder to see them flow through.
+triggerer, API server) on 127.0.0.1, then tells the story while the DAGs run by themselves:
 
-    MLFACTORY_CONFIG   pipeline config (default include/pipeline.yaml)
-    MLFACTORY_ROWS     rows of sample data to land (default 50000)
-    MLFACTORY_PORT     Airflow API/UI port (default 8080)
-    MLFLOW_PORT        MLflow port (default 5000; the config's mlflow.tracking_uri must point at it)
+1. lands a sample batch → ml_ingest → ml_validate → ml_train → ml_promote → ml_deploy: a served champion
+   (and ml_batch_score writes its predictions table);
+2. sends traffic to the endpoint;
+3. lands a drifted batch → ml_monitor sees the drift → `drift_detected` → ml_train → ml_promote's
+   decision → ml_deploy when the new model wins.
+
+It prints where to look and keeps everything up until Ctrl-C. With ``MLFACTORY_EXIT_WHEN_DONE=1`` it
+stops the services when the story is done and writes ``.mlfactory/run-summary.json`` (every DAG run
+and its state, champion versions before and after, the endpoint's answer to a sample request, drift
+verdicts, timings); the exit code is 0 only if every step succeeded.
+
+    MLFACTORY_CONFIG         pipeline config (default include/pipeline.yaml)
+    MLFACTORY_ROWS           rows of the first sample batch (default 100000; the drifted one has half)
+    MLFACTORY_PORT           Airflow API/UI port (default 8080)
+    MLFLOW_PORT              MLflow port (default 5000; the config's mlflow.tracking_uri must point at it)
+    MLFACTORY_EXIT_WHEN_DONE 1: stop and exit when the story is done
+    MLFACTORY_STATE_DIR      where .airflow, .mlflow and .mlfactory/run-summary.json go (default: the project)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from mlfactory import sample_data, storage
@@ -26,8 +37,175 @@ from mlfactory.config import load_config
 from mlfactory.local_airflow import PROJECT, LocalAirflow
 from mlfactory.mlflow_server import LocalMlflow
 
-STAGES = ("ml_ingest", "ml_validate", "ml_train", "ml_promote")
-TIMEOUTS = {"ml_ingest": 300, "ml_validate": 300, "ml_train": 3600, "ml_promote": 600}
+STATE_DIR = Path(os.environ.get("MLFACTORY_STATE_DIR") or PROJECT)
+SUMMARY = STATE_DIR / ".mlfactory" / "run-summary.json"
+DAGS = ("ml_ingest", "ml_validate", "ml_train", "ml_promote", "ml_deploy", "ml_batch_score", "ml_monitor")
+TIMEOUT = 3600
+
+
+class Story:
+    """Follows the DAG runs that the landed files start, and records them for the summary."""
+
+    def __init__(self, airflow: LocalAirflow):
+        self.airflow = airflow
+        self.runs: list[dict] = []
+        self.ok = True
+        self.started = time.monotonic()
+
+    def known(self, dag: str) -> set[str]:
+        return {r["dag_run_id"] for r in self.airflow.dag_runs(dag)}
+
+    def next_run(self, dag: str, seen: set[str], timeout: float = TIMEOUT, started_by: str | None = None,
+                 after: str = "") -> dict:
+        """Wait for a run of ``dag`` not in ``seen`` (and queued after ``after``) to finish; for ml_train,
+        one whose ``prepare`` says it was started by ``started_by``."""
+
+        def finished():
+            for run in self.airflow.dag_runs(dag):
+                if run["dag_run_id"] in seen or run["run_type"] not in ("asset_triggered", "manual"):
+                    continue
+                if (run.get("queued_at") or run.get("start_date") or "") < after:
+                    continue
+                if run["state"] not in ("success", "failed"):
+                    continue
+                if started_by:
+                    prepared = self.airflow.xcom(dag, run["dag_run_id"], "prepare") or {}
+                    if prepared.get("started_by") != started_by:
+                        seen.add(run["dag_run_id"])
+                        continue
+                return run
+            return None
+
+        run = self.airflow.wait_until(finished, timeout, f"a new run of {dag}")
+        seen.add(run["dag_run_id"])
+        seconds = _seconds(run)
+        self.runs.append({"dag": dag, "run_id": run["dag_run_id"], "state": run["state"], "run_type": run["run_type"],
+                          "seconds": seconds})
+        print(f"  {dag:<15} {run['state']:<8} {seconds:>6.0f}s  {run['dag_run_id']}", flush=True)
+        return run
+
+    def step(self, dag: str, seen: set[str], **kwargs) -> bool:
+        run = self.next_run(dag, seen, **kwargs)
+        if run["state"] != "success":
+            self.ok = False
+            print(f"    {dag} failed: see {self.airflow.url}/dags/{dag}/runs/{run['dag_run_id']}", flush=True)
+        return run["state"] == "success"
+
+
+def _seconds(run: dict) -> float:
+    if not run.get("start_date") or not run.get("end_date"):
+        return 0.0
+    start, end = (datetime.fromisoformat(run[k].replace("Z", "+00:00")) for k in ("start_date", "end_date"))
+    return round((end - start).total_seconds(), 1)
+
+
+def land(cfg, rows: int, seed: int, drift: float, name: str) -> Path:
+    landing = Path(storage.local_path(cfg.storage.landing_uri))
+    target = landing / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    sample_data.write(sample_data.generate(rows, seed=seed, drift=drift, id_offset=seed * 10**9), target)
+    print(f"\nlanded {rows} {'drifted ' if drift else ''}sample rows at {target}", flush=True)
+    return target
+
+
+def tell(cfg, airflow: LocalAirflow, summary: dict) -> bool:
+    from mlfactory.deployment import LocalEndpoint, Rollout
+    from mlfactory.registry import CHAMPION, Registry
+
+    story = Story(airflow)
+    registry = Registry(cfg)
+    endpoint = LocalEndpoint(cfg)
+    summary["champion_before"] = registry.alias_version(CHAMPION) if _has_model(registry) else None
+    seen = {dag: story.known(dag) for dag in DAGS}
+    rows = int(os.environ.get("MLFACTORY_ROWS", "100000"))
+    seed = int(time.time()) % 1000
+
+    # 1. A first batch, to a served champion.
+    t0 = time.monotonic()
+    land(cfg, rows, seed, 0.0, "customers")
+    chain = ["ml_ingest", "ml_validate", "ml_train", "ml_promote"]
+    if not all(story.step(dag, seen[dag]) for dag in chain):
+        return _done(story, summary)
+    champion = registry.alias_version(CHAMPION)
+    if summary["champion_before"] != champion:
+        story.step("ml_deploy", seen["ml_deploy"])
+    summary["timings"] = {"landing_to_serving_s": round(time.monotonic() - t0, 1)}
+    story.step("ml_batch_score", seen["ml_batch_score"])
+
+    # 2. Traffic to the endpoint.
+    state = endpoint.state()
+    sample = Rollout(cfg, endpoint).sample_rows(3)
+    status, answer = endpoint.predict(sample[:1])
+    summary["endpoint"] = {"url": endpoint.url, "served_version": state.get("served_version"),
+                           "token_file": str(endpoint.home / "token") if not cfg.serving.token else "(serving.token)",
+                           "sample_request": {"dataframe_records": sample[:1]}, "status": status, "answer": answer}
+    print(f"\nendpoint {endpoint.url} serves v{state.get('served_version')}: {status} {json.dumps(answer)}", flush=True)
+    if status != 200:
+        story.ok = False
+    rows_sent = 0
+    for _ in range(100):
+        status, _ = endpoint.predict(sample)
+        rows_sent += len(sample) if status == 200 else 0
+    print(f"sent {rows_sent} rows in 100 requests to {endpoint.url}/invocations", flush=True)
+
+    # 3. A drifted batch: drift detected -> retrain -> promotion decision -> redeploy.
+    seen = {dag: story.known(dag) for dag in DAGS}  # runs of the first batch (some may still run) are not this story's
+    t1 = time.monotonic()
+    land(cfg, max(rows // 2, 2000), seed + 1, 1.0, "customers-drifted")
+    for dag in ("ml_ingest", "ml_validate"):
+        if not story.step(dag, seen[dag]):
+            return _done(story, summary)
+    monitor = story.next_run("ml_monitor", seen["ml_monitor"])
+    verdict = airflow.xcom("ml_monitor", monitor["dag_run_id"], "check_drift") or {}
+    summary["drift"] = verdict
+    if monitor["state"] != "success" or not verdict.get("drift"):
+        story.ok = False
+        print(f"    ml_monitor saw no drift: {json.dumps(verdict.get('sources'))[:500]}", flush=True)
+        return _done(story, summary)
+    print(f"    drift in {verdict['drifted_sources']}: {verdict['drifted_features']}", flush=True)
+    for result in verdict["sources"].values():
+        if result.get("report"):
+            print(f"    report: {result['report']}", flush=True)
+    retrain = story.next_run("ml_train", seen["ml_train"], started_by="drift")
+    if retrain["state"] != "success":
+        story.ok = False
+        return _done(story, summary)
+    promote = story.next_run("ml_promote", seen["ml_promote"], after=retrain["start_date"])
+    decision = airflow.xcom("ml_promote", promote["dag_run_id"], "evaluate") or {}
+    summary["retrain_decision"] = {k: decision.get(k) for k in ("version", "promote", "reason", "metric", "challenger", "champion")}
+    print(f"    decision on v{decision.get('version')}: {'PROMOTE' if decision.get('promote') else 'keep the champion'}"
+          f" — {decision.get('reason')}", flush=True)
+    if promote["state"] != "success":
+        story.ok = False
+    elif decision.get("promote"):
+        story.step("ml_deploy", seen["ml_deploy"], after=promote["start_date"])
+    summary["timings"]["drift_to_decision_s"] = round(time.monotonic() - t1, 1)
+    summary["endpoint"]["served_version_after"] = endpoint.state().get("served_version")
+    return _done(story, summary)
+
+
+def _has_model(registry) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registry.client.get_registered_model(registry.name)
+        return True
+    except MlflowException:
+        return False
+
+
+def _done(story: Story, summary: dict) -> bool:
+    from mlfactory.registry import CHAMPION
+
+    summary["runs"] = story.runs
+    summary["ok"] = story.ok
+    summary.setdefault("timings", {})["total_s"] = round(time.monotonic() - story.started, 1)
+    try:
+        from mlfactory.registry import Registry
+
+        summary["champion_after"] = Registry(load_config()).alias_version(CHAMPION)
+    except Exception as err:  # noqa: BLE001 - the summary is still written
+        summary["champion_after"] = f"unknown: {err}"
+    return story.ok
 
 
 def main() -> int:
@@ -35,51 +213,54 @@ def main() -> int:
     if cfg.backend != "local" or not storage.is_local(cfg.storage.bucket):
         print(f"make run drives the local backend; {cfg.source} says backend {cfg.backend} bucket {cfg.storage.bucket}")
         return 2
-    mlflow = LocalMlflow(PROJECT / ".mlflow", storage.join(cfg.storage.bucket, "mlflow"),
+    mlflow = LocalMlflow(STATE_DIR / ".mlflow", storage.join(cfg.storage.bucket, "mlflow"),
                          port=int(os.environ.get("MLFLOW_PORT", "5000")))
     if mlflow.url != cfg.mlflow.tracking_uri.rstrip("/"):
         print(f"mlflow.tracking_uri in {cfg.source} is {cfg.mlflow.tracking_uri}; make run serves MLflow at {mlflow.url}")
         return 2
-    airflow = LocalAirflow(PROJECT / ".airflow", api_port=int(os.environ.get("MLFACTORY_PORT", "8080")),
+    from mlfactory.deployment import LocalEndpoint
+
+    airflow = LocalAirflow(STATE_DIR / ".airflow", api_port=int(os.environ.get("MLFACTORY_PORT", "8080")),
                            training_slots=cfg.training.concurrent_jobs)
+    endpoint = LocalEndpoint(cfg)
+    exit_when_done = os.environ.get("MLFACTORY_EXIT_WHEN_DONE", "") not in ("", "0", "false")
+    summary: dict = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.source}
+    ok = False
     print(f"starting MLflow in {mlflow.home} and Airflow in {airflow.home} (logs in {airflow.home}/logs) ...", flush=True)
     mlflow.start()
     try:
         airflow.start()
-        print(f"Airflow UI: {airflow.url}", flush=True)
-        airflow.wait_for_dags(STAGES)
-        before = {dag: sum(r["run_type"] == "asset_triggered" for r in airflow.dag_runs(dag)) for dag in STAGES}
-        landing = Path(storage.local_path(cfg.storage.landing_uri))
-        rows = int(os.environ.get("MLFACTORY_ROWS", "50000"))
-        target = landing / f"customers-{time.strftime('%Y%m%d-%H%M%S')}.csv"
-        sample_data.write(sample_data.generate(rows, seed=int(time.time()) % 1000), target)
-        print(f"landed {rows} sample rows at {target}; waiting for the pipeline to start by itself ...", flush=True)
-        for dag in STAGES:
-            last = airflow.wait_for_run(dag, before[dag] + 1, timeout=TIMEOUTS[dag], run_type="asset_triggered")
-            print(f"  {dag}: {last['state']} ({last['dag_run_id']})", flush=True)
-            if last["state"] != "success":
-                print(f"{dag} failed: see {airflow.url}/dags/{dag}")
-                break
-        else:
-            print(f"curated data: {cfg.storage.curated_uri}\nvalidation reports: {cfg.storage.reports_uri}/validation/")
-            print(f"MLflow: {mlflow.url}/#/models/{cfg.model_name} — {_champion(cfg)}")
-        print(f"\nAirflow is running at {airflow.url}. Drop files into {landing} to ingest them. Ctrl-C stops.", flush=True)
-        while True:
-            time.sleep(3600)
+        print(f"Airflow UI: {airflow.url} (no login on this machine)   MLflow UI: {mlflow.url}", flush=True)
+        airflow.wait_for_dags(DAGS)
+        ok = tell(cfg, airflow, summary)
+        print(f"""
+{'the story is done' if ok else 'a step FAILED (see above)'}. Where to look:
+  Airflow UI        {airflow.url}   (DAGs ml_*; no login on this machine)
+  MLflow UI         {mlflow.url}/#/models/{cfg.model_name}   (champion v{summary.get('champion_after')})
+  endpoint          {endpoint.url}/invocations   (Bearer token in {endpoint.home / 'token'}; state in {endpoint.state_file})
+  drift reports     {storage.join(cfg.storage.reports_uri, 'drift')}
+  predictions       {cfg.storage.predictions_uri}
+  landing folder    {storage.local_path(cfg.storage.landing_uri)}   (drop CSV/Parquet/JSONL files here)""", flush=True)
+        if not exit_when_done:
+            print("\nEverything keeps running. Ctrl-C stops it.", flush=True)
+            while True:
+                time.sleep(3600)
     except KeyboardInterrupt:
         pass
+    except Exception as err:  # noqa: BLE001 - recorded in the summary, then the services stop
+        summary["error"] = f"{type(err).__name__}: {err}"
+        print(f"make run failed: {summary['error']}", flush=True)
+        ok = False
     finally:
-        print("stopping Airflow and MLflow ...", flush=True)
+        print("stopping the endpoint, Airflow and MLflow ...", flush=True)
+        endpoint.stop()
         airflow.stop()
         mlflow.stop()
-    return 0
-
-
-def _champion(cfg) -> str:
-    from mlfactory.registry import CHAMPION, Registry
-
-    version = Registry(cfg).alias_version(CHAMPION)
-    return f"champion: {cfg.model_name} v{version}" if version else "no champion (the model did not pass the gate)"
+        summary["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        SUMMARY.parent.mkdir(parents=True, exist_ok=True)
+        SUMMARY.write_text(json.dumps(summary, indent=2, default=str))
+        print(f"summary: {SUMMARY}", flush=True)
+    return 0 if ok else 1
 
 
 def _interrupt(signum, frame):

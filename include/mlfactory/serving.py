@@ -51,14 +51,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from mlfactory.features import FALSE_WORDS, TRUE_WORDS
+
 log = logging.getLogger("mlfactory.serving")
 
 TOKEN_ENV = "MLFACTORY_SERVING_TOKEN"
 TARGET_HEADER = b"x-target-variant"
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 MAX_BATCH_ROWS = 10_000  # rows of concurrent requests joined into one forward pass
-TRUE_WORDS = {"true", "t", "yes", "y", "1"}
-FALSE_WORDS = {"false", "f", "no", "n", "0"}
 
 
 class BadRequest(Exception):
