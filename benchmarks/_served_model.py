@@ -35,9 +35,11 @@ def served_model(rows: int, epochs: int = 2):
         sample_data.land_and_curate(cfg, rows, seed=3)
         training_set = prepare_training_set(cfg)
         out = storage.join(cfg.storage.models_uri, "runs", "bench")
-        subprocess.run([sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri", out,
-                        "--epochs", str(epochs), "--mlflow-tracking-uri", mlflow.url, "--experiment", "bench"],
-                       check=True, capture_output=True)
+        trained = subprocess.run([sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri",
+                                  out, "--epochs", str(epochs), "--mlflow-tracking-uri", mlflow.url, "--experiment", "bench"],
+                                 capture_output=True, text=True)
+        if trained.returncode != 0:
+            raise RuntimeError(f"training failed:\n{trained.stderr[-3000:]}")
         trained = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
         registry = Registry(cfg)
         version = registry.register(trained["model_uri"], trained["mlflow_run_id"], {})

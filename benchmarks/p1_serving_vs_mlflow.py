@@ -86,7 +86,8 @@ def main() -> int:
             path.write_text(json.dumps({"dataframe_split": {"columns": list(part.columns), "data": data}}))
             bodies[n] = str(path)
         model_uri = f"models:/{cfg.model_name}@champion"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri}
+        bin_dir = str(Path(sys.executable).parent)  # mlflow models serve starts `uvicorn` from PATH
+        env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
         ports = {"mlfactory": free_port(), "mlflow": free_port()}
         commands = {
             "mlfactory": [sys.executable, "-m", "mlfactory.serving", "--model-uri", model_uri, "--host", "127.0.0.1",
@@ -96,11 +97,16 @@ def main() -> int:
         }
         results: dict = {}
         for name, command in commands.items():  # one server at a time: each gets the same 2 cores
-            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
+            log = work / f"{name}.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             url = f"http://127.0.0.1:{ports[name]}"
             try:
-                wait_up(url, proc)
+                try:
+                    wait_up(url, proc)
+                except (RuntimeError, TimeoutError):
+                    print(log.read_text()[-3000:])
+                    raise
                 wrk(url, bodies[1], 8, 2)  # warm-up
                 for n, body in bodies.items():
                     for connections in (8, 32):

@@ -25,7 +25,7 @@ VENV = ROOT / ".bench" / f"evidently-{EVIDENTLY}"
 NUMERIC_SHIFTS = {f"num_{i:02d}": 0.0 for i in range(11)} | {"shift_a": 0.2, "shift_b": 0.25, "shift_c": 0.3}
 CATEGORIES = ["a", "b", "c", "d", "e"]
 STABLE_P = [0.35, 0.25, 0.2, 0.12, 0.08]
-MOVED_P = [0.25, 0.25, 0.2, 0.17, 0.13]
+MOVED_P = [0.2, 0.2, 0.2, 0.2, 0.2]
 CATEGORICAL = {"cat_0": False, "cat_1": False, "cat_2": False, "flag": False, "moved_a": True, "moved_b": True}
 
 
@@ -74,7 +74,7 @@ else:
     for metric in snapshot.dict()["metrics"]:
         config = metric.get("config", {})
         column = config.get("column")
-        if column and "ValueDrift" in metric.get("metric_id", ""):
+        if column and "ValueDrift" in metric.get("metric_name", ""):
             scores[column] = round(float(metric["value"]), 4)
             verdicts[column] = float(metric["value"]) >= float(config.get("threshold") or 0.1)
 seconds = time.perf_counter() - start

@@ -72,11 +72,9 @@ def score(cfg: PipelineConfig, run_id: str, version: str, input_uri: str | None 
         if missing:
             raise ValueError(f"{uri} lacks column(s) {missing} that the model needs (is it curated data?)")
         for batch in dataset.to_batches(columns=needed, batch_size=cfg.batch_scoring.chunk_rows):
-            frame = batch.to_pandas()
             t = time.perf_counter()
-            predictions = model.predict_typed(frame)
+            table = pa.table(model.predict_table(pa.Table.from_batches([batch])))
             predict_s += time.perf_counter() - t
-            table = pa.Table.from_pandas(predictions, preserve_index=False)
             for name in reversed(keys):
                 table = table.add_column(0, name, batch.column(name))
             n = batch.num_rows

@@ -99,6 +99,37 @@ def typed_features(frame: pd.DataFrame, dataset: DatasetSpec, as_of: datetime | 
     return table.to_pandas()
 
 
+def wire_table(columns: dict[str, list], dataset: DatasetSpec, as_of: datetime | None = None) -> pa.Table:
+    """Checked wire values (numbers as floats, ISO 8601 datetimes, booleans, strings; None for missing)
+    of the raw feature columns -> an Arrow table typed as curated data, with the derived features.
+    The serving hot path: no pandas."""
+    arrays = {}
+    for name in FeatureSet.of(dataset).raw_inputs:
+        kind, values = dataset.column(name).type, columns[name]
+        if kind in ("integer", "float"):
+            arrays[name] = pa.array(values, pa.float64())
+        elif kind == "datetime":
+            stamps = [None if v is None else datetime.fromisoformat(v) for v in values]
+            stamps = [t if t is None or t.tzinfo is None else t.astimezone(timezone.utc).replace(tzinfo=None) for t in stamps]
+            arrays[name] = pa.array(stamps, pa.timestamp("us"))
+        elif kind == "boolean":
+            arrays[name] = pa.array(values, pa.bool_())
+        else:
+            arrays[name] = pa.array(values, pa.string())
+    return derive_features(pa.table(arrays), dataset, as_of or datetime.now(timezone.utc))
+
+
+def numeric_arrow(table: pa.Table, columns: list[str]) -> np.ndarray:
+    """Numeric and datetime columns of an Arrow table as float64 (datetimes in days since 1970), NaN where missing."""
+    out = np.empty((table.num_rows, len(columns)), dtype=np.float64)
+    for j, name in enumerate(columns):
+        column = table.column(name)
+        if pa.types.is_timestamp(column.type):
+            column = pc.divide(pc.cast(pc.cast(column, pa.timestamp("us")), pa.int64()), 86_400_000_000.0)
+        out[:, j] = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    return out
+
+
 def numeric_matrix(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Numeric and datetime columns as float64 (datetimes in days since 1970), NaN where missing."""
     out = np.empty((len(frame), len(columns)), dtype=np.float64)

@@ -255,17 +255,22 @@ class ServedModel:
         self.model_uri, self.version = model_uri, _resolve_version(model_uri)
         self.pyfunc = mlflow.pyfunc.load_model(model_uri)
         python_model = getattr(self.pyfunc, "unwrap_python_model", lambda: None)()
-        # Our tabular models are called directly: no pyfunc schema enforcement on the hot path (the
-        # request was already checked against the signature above, with messages that say why).
-        self.predict_frame = python_model.model.predict if isinstance(python_model, TabularPyfunc) else self.pyfunc.predict
-        dataset = python_model.model.dataset if isinstance(python_model, TabularPyfunc) else None
+        # Our tabular models take the checked columns straight into Arrow and numpy: no pyfunc schema
+        # enforcement and no DataFrame on the hot path (the request was already checked against the
+        # signature, with messages that say why). Any other pyfunc gets a DataFrame.
+        self.tabular = python_model.model if isinstance(python_model, TabularPyfunc) else None
+        dataset = self.tabular.dataset if self.tabular else None
         self.signature = _signature(self.pyfunc.metadata.get_input_schema(), dataset)
 
     def predict(self, columns: dict[str, list]) -> dict[str, list]:
         """Checked input columns -> output columns (lists of plain Python values)."""
+        if self.tabular is not None:
+            outputs = self.tabular.predict_wire(columns)
+            return {name: [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+                    for name, values in outputs.items()}
         import pandas as pd
 
-        output = self.predict_frame(pd.DataFrame(columns))
+        output = self.pyfunc.predict(pd.DataFrame(columns))
         if not isinstance(output, pd.DataFrame):
             output = pd.DataFrame({"prediction": list(output)})
         # JSON has no NaN: a missing output value is null

@@ -17,7 +17,10 @@ import torch
 from torch import nn
 
 from mlfactory.config import DatasetSpec
-from mlfactory.features import FeatureSet, numeric_matrix, typed_features
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mlfactory.features import FeatureSet, numeric_arrow, numeric_matrix, typed_features, wire_table
 
 
 def primary_metric(task: str) -> str:
@@ -92,6 +95,25 @@ class Preprocessor:
             for c, cats in self.categorical.items()
         ]
         cats = torch.from_numpy(np.column_stack(codes)) if codes else torch.zeros((len(frame), 0), dtype=torch.int64)
+        return dense, cats
+
+    def encode_table(self, table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode`` for an Arrow table (the serving path: no pandas); the same numbers."""
+        values = numeric_arrow(table, self.numeric)
+        missing = np.isnan(values)
+        scaled = (np.where(missing, np.asarray(self.mean), values) - np.asarray(self.mean)) / np.asarray(self.std)
+        parts = [scaled, missing.astype(np.float64)]
+        if self.boolean:
+            flags = np.column_stack([pc.cast(table.column(c), pa.float64()).to_numpy(zero_copy_only=False)
+                                     for c in self.boolean])
+            parts += [np.nan_to_num(flags, nan=0.0), np.isnan(flags).astype(np.float64)]
+        dense = torch.from_numpy(np.hstack(parts).astype(np.float32))
+        codes = [
+            pc.fill_null(pc.index_in(pc.cast(table.column(c), pa.string()), value_set=pa.array(cats, pa.string())), -1)
+            .to_numpy(zero_copy_only=False).astype(np.int64) + 1
+            for c, cats in self.categorical.items()
+        ]
+        cats = torch.from_numpy(np.column_stack(codes)) if codes else torch.zeros((table.num_rows, 0), dtype=torch.int64)
         return dense, cats
 
     def encode_target(self, series: pd.Series) -> torch.Tensor:
@@ -204,23 +226,32 @@ class LoadedModel:
 
     def predict_typed(self, typed: pd.DataFrame, index=None) -> pd.DataFrame:
         """Rows already typed and with derived features (curated data) -> predictions."""
-        dense, cats = self.pre.encode(typed)
+        outputs = self._outputs(*self.pre.encode(typed))
+        return pd.DataFrame(outputs, index=typed.index if index is None else index)
+
+    def predict_table(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """An Arrow table typed as curated data (with derived features) -> output columns (batch scoring)."""
+        return self._outputs(*self.pre.encode_table(table))
+
+    def predict_wire(self, columns: dict[str, list]) -> dict[str, list]:
+        """Checked wire values per raw column (what the model server parsed) -> output columns as lists."""
+        outputs = self.predict_table(wire_table(columns, self.dataset))
+        return {name: values.tolist() for name, values in outputs.items()}
+
+    def _outputs(self, dense: torch.Tensor, cats: torch.Tensor) -> dict[str, np.ndarray]:
         with torch.no_grad():
             predicted = scores(self.pre, self.net(dense, cats))
-        out = pd.DataFrame(index=typed.index if index is None else index)
         if self.pre.classes is None:
-            out["prediction"] = predicted
-        elif len(self.pre.classes) == 2:
+            return {"prediction": predicted}
+        if len(self.pre.classes) == 2:
             positive = predicted >= 0.5
-            out["prediction"] = positive if self.pre.classes == ["False", "True"] else np.where(
-                positive, self.pre.classes[1], self.pre.classes[0]
-            )
-            out["probability"] = predicted
-        else:
-            out["prediction"] = np.asarray(self.pre.classes, dtype=object)[predicted.argmax(axis=1)]
-            out["probability"] = predicted.max(axis=1)
-            for i, label in enumerate(self.pre.classes):
-                out[f"probability_{label}"] = predicted[:, i]
+            labels = positive if self.pre.classes == ["False", "True"] else np.where(
+                positive, self.pre.classes[1], self.pre.classes[0])
+            return {"prediction": labels, "probability": predicted}
+        out = {"prediction": np.asarray(self.pre.classes, dtype=object)[predicted.argmax(axis=1)],
+               "probability": predicted.max(axis=1)}
+        for i, label in enumerate(self.pre.classes):
+            out[f"probability_{label}"] = predicted[:, i]
         return out
 
 
