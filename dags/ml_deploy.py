@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import DAG, Param, task
+from airflow.sdk import DAG, Param, chain, task
 
 from mlfactory.config import load_config
 from mlfactory_airflow.assets import pipeline_assets
@@ -86,6 +86,5 @@ with DAG(
 
     plan = stage()
     steps = [health_check(plan), smoke_test(plan), canary(plan), full_traffic(plan)]
-    for before, after in zip(steps, steps[1:]):
-        before >> after
+    chain(*steps)
     [plan, *steps] >> rollback()
