@@ -87,4 +87,5 @@ def test_blue_green_rollout_canary_and_rollback_of_a_broken_model(champion):
         assert registry.client.get_model_version(cfg.model_name, second).tags["mlfactory.deployment"] == "serving"
     finally:
         endpoint.stop()
+        registry.client.set_registered_model_alias(cfg.model_name, CHAMPION, first)  # as the fixture left it
     assert not endpoint.alive()
