@@ -265,11 +265,13 @@ def _escape(text: str) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
-def _plot(name: str, reference: Columns, current: Columns) -> str:
+def _plot(feature: FeatureDrift, reference: Columns, current: Columns) -> str:
+    """Histograms where ``compare`` used a distance between distributions, value shares where it counted values."""
+    name = feature.feature
     if name in reference.numeric:
         ref, cur = reference.numeric[name], current.numeric[name]
         ref, cur = ref[~np.isnan(ref)], cur[~np.isnan(cur)]
-        if len(np.unique(ref[:10_000])) > LOW_CARDINALITY and len(ref) and len(cur):
+        if feature.statistic == "wasserstein_norm":
             low, high = np.quantile(np.concatenate([ref, cur]), [0.005, 0.995])
             edges = np.linspace(low, high if high > low else low + 1, 31)
             ref_h = np.histogram(ref, edges)[0] / len(ref)
@@ -292,7 +294,7 @@ def html_report(report: DriftReport, reference: Columns, current: Columns, title
             f"<td>{f.statistic}<br><b>{f.score:.4f}</b> (threshold {report.threshold})</td>"
             f"<td>p {f.p_value:.2g}<br>adjusted {f.p_adjusted:.2g}</td><td>PSI {f.psi:.4f}</td>"
             f"<td>missing<br>{f.reference_missing:.1%} → {f.current_missing:.1%}</td>"
-            f'<td>{"<b>drifted</b>" if f.drifted else "stable"}</td><td>{_plot(f.feature, reference, current)}</td></tr>'
+            f'<td>{"<b>drifted</b>" if f.drifted else "stable"}</td><td>{_plot(f, reference, current)}</td></tr>'
         )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{_escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td{{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:top}}

@@ -114,7 +114,7 @@ def tell(cfg, airflow: LocalAirflow, summary: dict) -> bool:
     story = Story(airflow)
     registry = Registry(cfg)
     endpoint = LocalEndpoint(cfg)
-    summary["champion_before"] = registry.alias_version(CHAMPION) if _has_model(registry) else None
+    summary["champion_before"] = registry.alias_version(CHAMPION)  # None also before the model is registered
     seen = {dag: story.known(dag) for dag in DAGS}
     rows = int(os.environ.get("MLFACTORY_ROWS", "100000"))
     seed = int(time.time()) % 1000
@@ -124,7 +124,7 @@ def tell(cfg, airflow: LocalAirflow, summary: dict) -> bool:
     land(cfg, rows, seed, 0.0, "customers")
     chain = ["ml_ingest", "ml_validate", "ml_train", "ml_promote"]
     if not all(story.step(dag, seen[dag]) for dag in chain):
-        return _done(story, summary)
+        return _done(story, summary, registry)
     champion = registry.alias_version(CHAMPION)
     if summary["champion_before"] != champion:
         story.step("ml_deploy", seen["ml_deploy"])
@@ -153,14 +153,14 @@ def tell(cfg, airflow: LocalAirflow, summary: dict) -> bool:
     land(cfg, max(rows // 2, 2000), seed + 1, 1.0, "customers-drifted")
     for dag in ("ml_ingest", "ml_validate"):
         if not story.step(dag, seen[dag]):
-            return _done(story, summary)
+            return _done(story, summary, registry)
     monitor = story.next_run("ml_monitor", seen["ml_monitor"])
     verdict = airflow.xcom("ml_monitor", monitor["dag_run_id"], "check_drift") or {}
     summary["drift"] = verdict
     if monitor["state"] != "success" or not verdict.get("drift"):
         story.ok = False
         print(f"    ml_monitor saw no drift: {json.dumps(verdict.get('sources'))[:500]}", flush=True)
-        return _done(story, summary)
+        return _done(story, summary, registry)
     print(f"    drift in {verdict['drifted_sources']}: {verdict['drifted_features']}", flush=True)
     for result in verdict["sources"].values():
         if result.get("report"):
@@ -168,7 +168,7 @@ def tell(cfg, airflow: LocalAirflow, summary: dict) -> bool:
     retrain = story.next_run("ml_train", seen["ml_train"], started_by="drift")
     if retrain["state"] != "success":
         story.ok = False
-        return _done(story, summary)
+        return _done(story, summary, registry)
     promote = story.next_run("ml_promote", seen["ml_promote"], after=retrain["start_date"])
     decision = airflow.xcom("ml_promote", promote["dag_run_id"], "evaluate") or {}
     summary["retrain_decision"] = {k: decision.get(k) for k in ("version", "promote", "reason", "metric", "challenger", "champion")}
@@ -180,29 +180,17 @@ def tell(cfg, airflow: LocalAirflow, summary: dict) -> bool:
         story.step("ml_deploy", seen["ml_deploy"], after=promote["start_date"])
     summary["timings"]["drift_to_decision_s"] = round(time.monotonic() - t1, 1)
     summary["endpoint"]["served_version_after"] = endpoint.state().get("served_version")
-    return _done(story, summary)
+    return _done(story, summary, registry)
 
 
-def _has_model(registry) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        registry.client.get_registered_model(registry.name)
-        return True
-    except MlflowException:
-        return False
-
-
-def _done(story: Story, summary: dict) -> bool:
+def _done(story: Story, summary: dict, registry) -> bool:
     from mlfactory.registry import CHAMPION
 
     summary["runs"] = story.runs
     summary["ok"] = story.ok
     summary.setdefault("timings", {})["total_s"] = round(time.monotonic() - story.started, 1)
     try:
-        from mlfactory.registry import Registry
-
-        summary["champion_after"] = Registry(load_config()).alias_version(CHAMPION)
+        summary["champion_after"] = registry.alias_version(CHAMPION)
     except Exception as err:  # noqa: BLE001 - the summary is still written
         summary["champion_after"] = f"unknown: {err}"
     return story.ok
