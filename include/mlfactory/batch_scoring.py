@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -48,6 +49,11 @@ def load_tabular_model(cfg: PipelineConfig, version: str):
     return python_model.model
 
 
+def _write_part(table: pa.Table, uri: str) -> None:
+    with storage.atomic_write(uri) as f:
+        pq.write_table(table, f)
+
+
 def score(cfg: PipelineConfig, run_id: str, version: str, input_uri: str | None = None) -> dict:
     model = load_tabular_model(cfg, version)
     key = run_key(run_id)
@@ -65,25 +71,31 @@ def score(cfg: PipelineConfig, run_id: str, version: str, input_uri: str | None 
     rows = parts = 0
     started = time.perf_counter()
     predict_s = 0.0
-    for sid, uri in sources.items():
-        fs, root = storage.pyarrow_filesystem(uri)
-        dataset = ds.dataset(root, filesystem=fs, format="parquet")
-        missing = sorted(set(needed) - set(dataset.schema.names))
-        if missing:
-            raise ValueError(f"{uri} lacks column(s) {missing} that the model needs (is it curated data?)")
-        for batch in dataset.to_batches(columns=needed, batch_size=cfg.batch_scoring.chunk_rows):
-            t = time.perf_counter()
-            table = pa.table(model.predict_table(pa.Table.from_batches([batch])))
-            predict_s += time.perf_counter() - t
-            for name in reversed(keys):
-                table = table.add_column(0, name, batch.column(name))
-            n = batch.num_rows
-            table = table.append_column("model_version", pa.array([version] * n, pa.string()))
-            table = table.append_column("snapshot", pa.array([sid] * n, pa.string()))
-            table = table.append_column("scored_at", pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")))
-            with storage.atomic_write(storage.join(out, f"part-{parts:05d}.parquet")) as f:
-                pq.write_table(table, f)
-            rows, parts = rows + n, parts + 1
+    pending = None  # the previous chunk's write, overlapping this chunk's predict (Arrow releases the GIL)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-write") as writer:
+        for sid, uri in sources.items():
+            fs, root = storage.pyarrow_filesystem(uri)
+            dataset = ds.dataset(root, filesystem=fs, format="parquet")
+            missing = sorted(set(needed) - set(dataset.schema.names))
+            if missing:
+                raise ValueError(f"{uri} lacks column(s) {missing} that the model needs (is it curated data?)")
+            for batch in dataset.to_batches(columns=needed, batch_size=cfg.batch_scoring.chunk_rows):
+                t = time.perf_counter()
+                table = pa.table(model.predict_table(pa.Table.from_batches([batch])))
+                predict_s += time.perf_counter() - t
+                for name in reversed(keys):
+                    table = table.add_column(0, name, batch.column(name))
+                n = batch.num_rows
+                table = table.append_column("model_version", pa.repeat(pa.scalar(version, pa.string()), n))
+                table = table.append_column("snapshot", pa.repeat(pa.scalar(sid, pa.string()), n))
+                now = pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC"))
+                table = table.append_column("scored_at", pa.repeat(now, n))
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_write_part, table, storage.join(out, f"part-{parts:05d}.parquet"))
+                rows, parts = rows + n, parts + 1
+        if pending is not None:
+            pending.result()
     if not input_uri:
         scored.update(dict.fromkeys(sources, key))
         storage.write_bytes(state_uri, json.dumps(scored, indent=2, sort_keys=True).encode())

@@ -119,15 +119,11 @@ def wire_table(columns: dict[str, list], dataset: DatasetSpec, as_of: datetime |
     return derive_features(pa.table(arrays), dataset, as_of or datetime.now(timezone.utc))
 
 
-def numeric_arrow(table: pa.Table, columns: list[str]) -> np.ndarray:
-    """Numeric and datetime columns of an Arrow table as float64 (datetimes in days since 1970), NaN where missing."""
-    out = np.empty((table.num_rows, len(columns)), dtype=np.float64)
-    for j, name in enumerate(columns):
-        column = table.column(name)
-        if pa.types.is_timestamp(column.type):
-            column = pc.divide(pc.cast(pc.cast(column, pa.timestamp("us")), pa.int64()), 86_400_000_000.0)
-        out[:, j] = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
-    return out
+def numeric_arrow(column: pa.ChunkedArray) -> np.ndarray:
+    """A numeric or datetime Arrow column as float64 (datetimes in days since 1970), NaN where missing."""
+    if pa.types.is_timestamp(column.type):
+        column = pc.divide(pc.cast(pc.cast(column, pa.timestamp("us")), pa.int64()), 86_400_000_000.0)
+    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
 
 
 def numeric_matrix(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
