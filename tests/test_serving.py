@@ -208,3 +208,31 @@ def test_metrics_and_the_prediction_log(server, expected):
     assert mine["age"].tolist() == rows["age"].tolist()
     assert mine["probability"].to_numpy() == pytest.approx(want["probability"].to_numpy(), abs=1e-6)
     assert str(mine["served_at"].dtype).startswith("datetime64")
+
+
+def test_the_fast_column_check_agrees_with_the_value_by_value_one():
+    """Signature.typed takes whole columns at once when every value already has its JSON type; any
+    other column goes value by value. Both must give the same values and the same errors."""
+    from mlfactory.serving import BadRequest, InputColumn, Signature, _check
+
+    columns = [InputColumn("when", "string", True, True), InputColumn("x", "double"), InputColumn("opt", "double", False),
+               InputColumn("flag", "boolean"), InputColumn("n", "long")]
+    signature = Signature(columns)
+
+    def slow(given: dict) -> dict:
+        return {c.name: [_check(c, v, i) for i, v in enumerate(given[c.name])] for c in columns}
+
+    good = {"when": ["2024-01-01", "2024-02-03T04:05:06+01:00"], "x": [3, 2.5], "opt": [None, float("nan")],
+            "flag": [True, False], "n": [4, 5.0]}
+    assert signature.typed(good, 2) == slow(good) == {
+        "when": ["2024-01-01", "2024-02-03T04:05:06+01:00"], "x": [3.0, 2.5], "opt": [None, None],
+        "flag": [True, False], "n": [4, 5]}
+    assert all(type(v) is float for v in signature.typed(good, 2)["x"])
+    for column, values, message in [("when", ["2024-01-01", "soon"], "row 1: expected an ISO 8601"),
+                                    ("x", [1.0, True], "row 1: expected a number"),
+                                    ("x", [1.0, float("nan")], "required but row 1 is null"),
+                                    ("flag", [True, 1], "row 1: expected true or false"),
+                                    ("when", [None, "2024-01-01"], "required but row 0 is null"),
+                                    ("n", [1, 2.5], "row 1: expected an integer")]:
+        with pytest.raises(BadRequest, match=message):
+            signature.typed({**good, column: values}, 2)

@@ -123,7 +123,7 @@ def numeric_arrow(column: pa.ChunkedArray) -> np.ndarray:
     """A numeric or datetime Arrow column as float64 (datetimes in days since 1970), NaN where missing."""
     if pa.types.is_timestamp(column.type):
         column = pc.divide(pc.cast(pc.cast(column, pa.timestamp("us")), pa.int64()), 86_400_000_000.0)
-    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    return (column if column.type == pa.float64() else pc.cast(column, pa.float64())).to_numpy(zero_copy_only=False)
 
 
 def numeric_matrix(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:

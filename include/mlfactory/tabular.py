@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -101,25 +102,37 @@ class Preprocessor:
         """``encode`` for an Arrow table (serving and batch scoring: no pandas); the same numbers.
         Built feature-major, one contiguous float32 row per feature, and handed over transposed:
         5x faster than filling a row-major block column by column, and the network's first op
-        (``torch.cat``) copies either layout once."""
+        (``torch.cat``) copies either layout once. The arithmetic runs once over the whole block,
+        so a one-row request costs few numpy calls."""
         n, k, b = table.num_rows, len(self.numeric), len(self.boolean)
-        dense = np.empty((self.numeric_width, n), dtype=np.float32)
+        mean, std, vocabularies = self._arrow_constants
+        values = np.empty((k + b, n), dtype=np.float64)
         for j, name in enumerate(self.numeric):
-            values = numeric_arrow(table.column(name))
-            missing = np.isnan(values)
-            scaled = (values - self.mean[j]) / self.std[j]
-            scaled[missing] = 0.0
-            dense[j], dense[k + j] = scaled, missing
+            values[j] = numeric_arrow(table.column(name))
         for i, name in enumerate(self.boolean):
-            flags = pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
-            missing = np.isnan(flags)
-            dense[2 * k + i], dense[2 * k + b + i] = np.where(missing, 0.0, flags), missing
-        cats = np.empty((len(self.categorical), n), dtype=np.int64)
-        for j, (name, vocabulary) in enumerate(self.categorical.items()):
-            index = pc.index_in(pc.cast(table.column(name), pa.string()), value_set=pa.array(vocabulary, pa.string()))
-            cats[j] = pc.fill_null(index, -1).to_numpy(zero_copy_only=False)
+            column = table.column(name)
+            values[k + i] = column.to_numpy() if column.null_count == 0 else pc.cast(column, pa.float64()).to_numpy(
+                zero_copy_only=False)
+        missing = np.isnan(values)
+        values[:k] -= mean
+        values[:k] /= std
+        values[missing] = 0.0
+        dense = np.empty((self.numeric_width, n), dtype=np.float32)
+        dense[:k], dense[k:2 * k] = values[:k], missing[:k]
+        dense[2 * k:2 * k + b], dense[2 * k + b:] = values[k:], missing[k:]
+        cats = np.empty((len(vocabularies), n), dtype=np.int64)
+        for j, (name, vocabulary) in enumerate(vocabularies.items()):
+            column = table.column(name)
+            index = pc.index_in(column if column.type == pa.string() else pc.cast(column, pa.string()), value_set=vocabulary)
+            cats[j] = (index if index.null_count == 0 else pc.fill_null(index, -1)).to_numpy(zero_copy_only=False)
         cats += 1
         return torch.from_numpy(dense).T, torch.from_numpy(cats).T
+
+    @cached_property
+    def _arrow_constants(self) -> tuple[np.ndarray, np.ndarray, dict[str, pa.Array]]:
+        """What encode_table needs besides the rows, built once (it runs per request when serving)."""
+        return (np.asarray(self.mean)[:, None], np.asarray(self.std)[:, None],
+                {c: pa.array(cats, pa.string()) for c, cats in self.categorical.items()})
 
     def encode_target(self, series: pd.Series) -> torch.Tensor:
         if self.classes is None:
