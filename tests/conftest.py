@@ -46,6 +46,36 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's server (S3, SQS, SageMaker, Application Auto Scaling) over real HTTP on 127.0.0.1,
+    for the whole session; yields its URL. Tests that need a clean slate POST /moto-api/reset."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from mlfactory.processes import free_port, stop_group
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=2).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_group(process)
+                raise RuntimeError(f"moto's server did not start: {process.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.3)
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    yield url
+    stop_group(process)
+
+
 def with_section(cfg, section: str, **changes):
     """``cfg`` with some settings of one section changed (the models are frozen)."""
     return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=changes)})

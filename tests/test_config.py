@@ -51,6 +51,12 @@ def test_config_path_comes_from_the_environment(tmp_path, monkeypatch):
         (lambda raw: raw["training"]["search_space"].update(dropout=[]), "no candidate values for ['dropout']"),
         (lambda raw: raw["training"].update(epochs=0), "training.epochs"),
         (lambda raw: raw["promotion"].update(holdout_fraction=0.9), "promotion.holdout_fraction"),
+        (lambda raw: raw.update(backend="aws"), "backend aws needs an 'aws' section"),
+        (lambda raw: raw.update(backend="aws", aws={"role_arn": "arn:aws:iam::123456789012:role/r", "image_uri": "i"}),
+         "backend aws needs an s3:// bucket"),
+        (lambda raw: raw.update(aws={"role_arn": "my-role", "image_uri": "i"}), "role_arn 'my-role' is not an IAM role ARN"),
+        (lambda raw: raw.update(aws={"role_arn": "arn:aws:iam::123456789012:role/r", "image_uri": "i", "subnets": ["s"]}),
+         "a VPC config needs both subnets and security_group_ids"),
     ],
 )
 def test_a_wrong_config_names_the_field_and_the_file(tmp_path, bucket, mutate, needle):

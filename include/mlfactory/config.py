@@ -292,6 +292,50 @@ class MlflowSpec(_Strict):
     model_name: str = Field("", description="registered model name; default: the dataset name")
 
 
+class AwsSpec(_Strict):
+    """The `aws` backend: SageMaker training, endpoints and batch transform, S3 and S3 -> SQS events.
+
+    Every request is built from these fields by ``mlfactory.aws``; what IAM permissions each step
+    needs is in ``deploy/aws/iam-policy.json``."""
+
+    region: str = Field("us-east-1", min_length=1)
+    conn_id: str = Field("aws_default", description="Airflow connection (credentials; extra endpoint_url for an emulator)")
+    role_arn: str = Field(description="IAM role SageMaker assumes for jobs and endpoints (arn:aws:iam::<account>:role/...)")
+    image_uri: str = Field(description="the project's container image in ECR: training entrypoint and model server")
+    sqs_queue_url: str = Field("", description="queue that receives the bucket's ObjectCreated notifications for the "
+                                               "landing prefix; empty: ml_ingest polls S3 with a deferrable sensor")
+    training_instance_type: str = Field("", description="overrides the catalog's choice from the accelerator")
+    volume_size_gb: int = Field(50, ge=1, le=16384)
+    spot: bool = Field(True, description="managed spot training; preempted jobs resume from their checkpoints")
+    max_wait_s: int | None = Field(None, ge=1, description="spot: longest wait + run time; default 2 x max runtime")
+    budget_usd: float = Field(100.0, gt=0, description="a training job whose worst-case cost is above this is refused")
+    prices_usd_per_hour: dict[str, float] = Field(
+        default_factory=dict, description="instance type -> USD/hour; overrides the catalog's on-demand list prices")
+    subnets: list[str] = []
+    security_group_ids: list[str] = []
+    kms_key_id: str = Field("", description="KMS key for job volumes, outputs and endpoint storage; empty: AWS-managed")
+    endpoint_name: str = Field("", description="default: the model name")
+    endpoint_instance_type: str = "ml.m5.large"
+    endpoint_min_instances: int = Field(1, ge=1)
+    endpoint_max_instances: int = Field(2, ge=1)
+    invocations_per_instance: int = Field(1000, ge=1, description="autoscaling target: invocations per instance per minute")
+    canary_wait_s: int = Field(600, ge=0, le=3600, description="blue/green: how long the canary runs before the rest shifts")
+    rollback_alarms: list[str] = Field(default_factory=list, description="CloudWatch alarms that roll a deployment back")
+    transform_instance_type: str = "ml.m5.xlarge"
+    transform_instance_count: int = Field(1, ge=1)
+    tags: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AwsSpec:
+        if not re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+", self.role_arn):
+            raise ValueError(f"role_arn {self.role_arn!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
+        if self.endpoint_min_instances > self.endpoint_max_instances:
+            raise ValueError("endpoint_min_instances is greater than endpoint_max_instances")
+        if bool(self.subnets) != bool(self.security_group_ids):
+            raise ValueError("a VPC config needs both subnets and security_group_ids")
+        return self
+
+
 class PipelineConfig(_Strict):
     backend: Literal["local", "aws", "gcp", "azure"] = "local"
     dataset: DatasetSpec
@@ -304,7 +348,17 @@ class PipelineConfig(_Strict):
     serving: ServingSpec = ServingSpec()
     batch_scoring: BatchScoringSpec = BatchScoringSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
+    aws: AwsSpec | None = None
     source: str = Field("", description="the file this config was read from (set by load_config)")
+
+    @model_validator(mode="after")
+    def _backend_configured(self) -> PipelineConfig:
+        if self.backend == "aws":
+            if self.aws is None:
+                raise ValueError("backend aws needs an 'aws' section (role_arn and image_uri at least)")
+            if not self.storage.bucket.startswith("s3://"):
+                raise ValueError(f"backend aws needs an s3:// bucket, got {self.storage.bucket!r}")
+        return self
 
     @property
     def model_name(self) -> str:

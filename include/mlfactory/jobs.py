@@ -57,6 +57,12 @@ class TrainingJobSpec(BaseModel):
         args = ["--train-uri", self.input_uri, "--output-uri", self.output_uri]
         if self.checkpoint_uri:
             args += ["--checkpoint-uri", self.checkpoint_uri]
+        return args + self.hyperparameter_arguments()
+
+    def hyperparameter_arguments(self) -> list[str]:
+        """Hyperparameters and tags as arguments; a cloud container takes its data locations from its
+        platform's variables instead (``mlfactory.cluster``)."""
+        args = []
         for key, value in sorted(self.hyperparameters.items()):
             args += [f"--{key.replace('_', '-')}", json.dumps(value) if isinstance(value, list) else str(value)]
         for key, value in sorted(self.tags.items()):

@@ -1,0 +1,367 @@
+"""The `aws` backend's translation layer: cloud-neutral specs -> SageMaker and Application Auto
+Scaling requests, responses -> statuses. Pure functions, no Airflow and no network.
+
+Every request leaves through ``validated``, which checks it against botocore's own service model
+(the one boto3 sends with), so a wrong name, type or missing field is an error here, naming the
+field, and never reaches the wire. The Airflow operators in ``plugins/mlfactory_airflow`` send what
+these functions build through the amazon provider's hooks.
+
+Instance catalog: a job asks for an accelerator (kind, model, count per node) and this table picks
+the SageMaker instance type. ``aws.training_instance_type`` in the config overrides it.
+
+| accelerator | 1 per node | 4 per node | 8 per node |
+|---|---|---|---|
+| cpu | ml.m5.xlarge | | |
+| nvidia-t4 | ml.g4dn.xlarge | ml.g4dn.12xlarge | |
+| nvidia-a10g (the default GPU) | ml.g5.xlarge | ml.g5.12xlarge | ml.g5.48xlarge |
+| nvidia-l4 | ml.g6.xlarge | ml.g6.12xlarge | ml.g6.48xlarge |
+| nvidia-v100 | ml.p3.2xlarge | ml.p3.8xlarge | ml.p3.16xlarge |
+| nvidia-a100 | | | ml.p4d.24xlarge |
+| nvidia-h100 | | | ml.p5.48xlarge |
+
+Cost guard: before a training job starts, its worst case (on-demand price x instances x max
+runtime) is compared with ``aws.budget_usd`` and the job is refused above it. Spot usually costs
+less; the guard does not count on it. The prices below are approximate us-east-1 on-demand list
+prices for SageMaker training; set ``aws.prices_usd_per_hour`` for your region, your discounts or
+an instance type not listed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from mlfactory.config import AwsSpec
+from mlfactory.jobs import Accelerator, TrainingJobSpec
+
+DEFAULT_GPU = "nvidia-a10g"
+CATALOG: dict[tuple[str, str | None, int], str] = {
+    ("cpu", None, 0): "ml.m5.xlarge",
+    ("gpu", "nvidia-t4", 1): "ml.g4dn.xlarge",
+    ("gpu", "nvidia-t4", 4): "ml.g4dn.12xlarge",
+    ("gpu", "nvidia-a10g", 1): "ml.g5.xlarge",
+    ("gpu", "nvidia-a10g", 4): "ml.g5.12xlarge",
+    ("gpu", "nvidia-a10g", 8): "ml.g5.48xlarge",
+    ("gpu", "nvidia-l4", 1): "ml.g6.xlarge",
+    ("gpu", "nvidia-l4", 4): "ml.g6.12xlarge",
+    ("gpu", "nvidia-l4", 8): "ml.g6.48xlarge",
+    ("gpu", "nvidia-v100", 1): "ml.p3.2xlarge",
+    ("gpu", "nvidia-v100", 4): "ml.p3.8xlarge",
+    ("gpu", "nvidia-v100", 8): "ml.p3.16xlarge",
+    ("gpu", "nvidia-a100", 8): "ml.p4d.24xlarge",
+    ("gpu", "nvidia-h100", 8): "ml.p5.48xlarge",
+}
+PRICES_USD_PER_HOUR: dict[str, float] = {
+    "ml.m5.large": 0.115, "ml.m5.xlarge": 0.23, "ml.m5.2xlarge": 0.461, "ml.m5.4xlarge": 0.922,
+    "ml.g4dn.xlarge": 0.736, "ml.g4dn.12xlarge": 4.89,
+    "ml.g5.xlarge": 1.408, "ml.g5.12xlarge": 7.09, "ml.g5.48xlarge": 20.36,
+    "ml.g6.xlarge": 1.006, "ml.g6.12xlarge": 5.52, "ml.g6.48xlarge": 16.63,
+    "ml.p3.2xlarge": 3.825, "ml.p3.8xlarge": 14.688, "ml.p3.16xlarge": 28.152,
+    "ml.p4d.24xlarge": 37.688, "ml.p5.48xlarge": 113.07,
+}
+CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker syncs it with CheckpointConfig.S3Uri (mlfactory.cluster reads it)
+TRAIN_CHANNEL = "train"  # -> SM_CHANNEL_TRAIN in the container
+SERVING_PORT_ENV = {"MLFACTORY_SERVING_HOST": "0.0.0.0"}  # the model server answers SageMaker on 8080
+
+
+class AwsRequestError(ValueError):
+    """A request that botocore's service model rejects, or a spec this backend cannot run."""
+
+
+class BudgetExceeded(AwsRequestError):
+    """The job's worst-case cost is above ``aws.budget_usd``."""
+
+
+def validated(service: str, operation: str, params: dict) -> dict:
+    """``params`` if botocore's model of ``service.operation`` accepts them; else an error naming each problem."""
+    from botocore.validate import ParamValidator
+
+    report = ParamValidator().validate(params, _service_model(service).operation_model(operation).input_shape)
+    if report.has_errors():
+        raise AwsRequestError(f"{service} {operation} request is invalid:\n{report.generate_report()}")
+    return params
+
+
+_MODELS: dict = {}
+
+
+def _service_model(service: str):
+    if service not in _MODELS:
+        import botocore.session
+
+        _MODELS[service] = botocore.session.get_session().get_service_model(service)
+    return _MODELS[service]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _gpu_model(model: str | None) -> str:
+    """nvidia-h100-80gb -> nvidia-h100: memory variants share a row of the catalog."""
+    name = (model or DEFAULT_GPU).lower()
+    return re.sub(r"-\d+gb$", "", name)
+
+
+def training_instance(accelerator: Accelerator, aws: AwsSpec) -> str:
+    if aws.training_instance_type:
+        return aws.training_instance_type
+    if accelerator.kind == "tpu":
+        raise AwsRequestError("TPUs exist on the gcp backend (Vertex AI) only; ask for a gpu or cpu job on aws")
+    if accelerator.kind == "cpu":
+        return CATALOG[("cpu", None, 0)]
+    model = _gpu_model(accelerator.model)
+    key = ("gpu", model, accelerator.count)
+    if key not in CATALOG:
+        counts = sorted(c for k, m, c in CATALOG if k == "gpu" and m == model)
+        known = sorted({m for k, m, _ in CATALOG if k == "gpu"})
+        raise AwsRequestError(
+            f"no SageMaker instance in the catalog has {accelerator.count} x {model}: "
+            + (f"{model} comes {counts} per instance" if counts else f"known GPUs: {known}")
+            + "; or set aws.training_instance_type")
+    return CATALOG[key]
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    instance_type: str
+    instances: int
+    hours: float
+    usd_per_hour: float
+
+    @property
+    def usd(self) -> float:
+        return self.instances * self.hours * self.usd_per_hour
+
+    def __str__(self) -> str:
+        return (f"{self.instances} x {self.instance_type} x {self.hours:.2f} h max runtime x "
+                f"${self.usd_per_hour:.3f}/h = ${self.usd:.2f} at most (on-demand)")
+
+
+def estimate_training_cost(spec: TrainingJobSpec, aws: AwsSpec) -> CostEstimate:
+    instance = training_instance(spec.accelerator, aws)
+    prices = {**PRICES_USD_PER_HOUR, **aws.prices_usd_per_hour}
+    if instance not in prices:
+        raise AwsRequestError(f"no price for {instance}: add it to aws.prices_usd_per_hour so the cost guard can check it")
+    return CostEstimate(instance, spec.nodes, spec.max_runtime_s / 3600, prices[instance])
+
+
+def check_budget(spec: TrainingJobSpec, aws: AwsSpec) -> CostEstimate:
+    estimate = estimate_training_cost(spec, aws)
+    if estimate.usd > aws.budget_usd:
+        raise BudgetExceeded(f"training job {spec.name} would cost up to ${estimate.usd:.2f} ({estimate}), above "
+                             f"aws.budget_usd ${aws.budget_usd:.2f}: lower max_runtime_s or nodes, or raise the budget")
+    return estimate
+
+
+def s3_uri(uri: str, what: str) -> str:
+    if urlparse(uri).scheme != "s3":
+        raise AwsRequestError(f"{what} must be an s3:// URI on the aws backend, got {uri!r}")
+    return uri
+
+
+def job_name(name: str) -> str:
+    """A SageMaker job name: [a-zA-Z0-9-], no leading/trailing or doubled hyphen, at most 63 characters."""
+    cleaned = re.sub(r"-{2,}", "-", re.sub(r"[^a-zA-Z0-9-]", "-", name))[:63].strip("-")
+    if not cleaned:
+        raise AwsRequestError(f"cannot make a SageMaker job name from {name!r}")
+    return cleaned
+
+
+def _tags(*groups: dict[str, str]) -> list[dict[str, str]]:
+    """SageMaker tags (values at most 256 characters of a restricted set)."""
+    merged: dict[str, str] = {}
+    for group in groups:
+        merged.update(group)
+    return [{"Key": k[:128], "Value": re.sub(r"[^\w\s.:/=+\-@]", "_", str(v))[:256]} for k, v in sorted(merged.items())]
+
+
+def _vpc(aws: AwsSpec) -> dict:
+    return {"VpcConfig": {"SecurityGroupIds": aws.security_group_ids, "Subnets": aws.subnets}} if aws.subnets else {}
+
+
+def create_training_job_request(spec: TrainingJobSpec, aws: AwsSpec) -> dict:
+    """CreateTrainingJob for ``spec``: the training entrypoint as the container's entrypoint, its data
+    through the ``train`` channel (SM_CHANNEL_TRAIN), the model from SM_MODEL_DIR to ``output_uri``,
+    torch distributed across ``nodes`` instances (mlfactory.cluster reads SM_HOSTS), managed spot with
+    checkpoints synced to ``checkpoint_uri`` so a preempted job resumes."""
+    instance = training_instance(spec.accelerator, aws)
+    stopping = {"MaxRuntimeInSeconds": spec.max_runtime_s}
+    spot = aws.spot or spec.spot  # on by default (aws.spot); a spec may ask for it too
+    if spot:
+        stopping["MaxWaitTimeInSeconds"] = max(aws.max_wait_s or 2 * spec.max_runtime_s, spec.max_runtime_s)
+    request = {
+        "TrainingJobName": job_name(spec.name),
+        "AlgorithmSpecification": {
+            "TrainingImage": aws.image_uri,
+            "TrainingInputMode": "File",
+            "ContainerEntrypoint": list(spec.entrypoint),
+            "ContainerArguments": spec.hyperparameter_arguments(),
+        },
+        "RoleArn": aws.role_arn,
+        "InputDataConfig": [{
+            "ChannelName": TRAIN_CHANNEL,
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": s3_uri(spec.input_uri, "the training set"),
+                                            "S3DataDistributionType": "FullyReplicated"}},
+        }],
+        "OutputDataConfig": {"S3OutputPath": s3_uri(spec.output_uri, "the job output"),
+                             **({"KmsKeyId": aws.kms_key_id} if aws.kms_key_id else {})},
+        "ResourceConfig": {"InstanceType": instance, "InstanceCount": spec.nodes, "VolumeSizeInGB": aws.volume_size_gb,
+                           **({"VolumeKmsKeyId": aws.kms_key_id} if aws.kms_key_id else {})},
+        "StoppingCondition": stopping,
+        "EnableManagedSpotTraining": spot,
+        "Environment": {**spec.environment, "PYTHONUNBUFFERED": "1"},
+        "Tags": _tags(aws.tags, spec.tags),
+        **_vpc(aws),
+    }
+    if spec.checkpoint_uri:
+        request["CheckpointConfig"] = {"S3Uri": s3_uri(spec.checkpoint_uri, "the checkpoint location"),
+                                       "LocalPath": CHECKPOINT_DIR}
+    elif spot:
+        raise AwsRequestError(f"job {spec.name} uses spot instances but has no checkpoint_uri: a preempted job "
+                              "would start over")
+    return validated("sagemaker", "CreateTrainingJob", request)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    state: str  # running | succeeded | failed | stopped
+    detail: str  # SageMaker's secondary status, or the failure reason
+    model_artifact: str | None = None  # s3://.../output/model.tar.gz once succeeded
+
+
+def training_status(described: dict) -> JobStatus:
+    """DescribeTrainingJob's answer -> a JobStatus; a failure carries SageMaker's FailureReason."""
+    status = described["TrainingJobStatus"]
+    state = {"InProgress": "running", "Stopping": "running", "Completed": "succeeded", "Failed": "failed",
+             "Stopped": "stopped"}[status]
+    detail = described.get("FailureReason") or described.get("SecondaryStatus") or status
+    artifact = (described.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+    return JobStatus(state, detail, artifact if state == "succeeded" else None)
+
+
+def model_artifact_uri(spec: TrainingJobSpec) -> str:
+    """Where SageMaker puts the tarred SM_MODEL_DIR of ``spec``'s job."""
+    return f"{spec.output_uri.rstrip('/')}/{job_name(spec.name)}/output/model.tar.gz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Real-time endpoints
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model_name: str
+    weight: float
+    instance_type: str
+    instances: int
+
+
+def create_model_request(name: str, model_uri: str, aws: AwsSpec, environment: dict[str, str] | None = None) -> dict:
+    """A SageMaker Model running the project's model server (it speaks the SageMaker container contract)
+    on the MLflow model at ``model_uri`` (its artifacts in S3)."""
+    return validated("sagemaker", "CreateModel", {
+        "ModelName": job_name(name),
+        "PrimaryContainer": {"Image": aws.image_uri, "Mode": "SingleModel",
+                             "Environment": {**SERVING_PORT_ENV, "MLFACTORY_MODEL_URI": model_uri, **(environment or {})}},
+        "ExecutionRoleArn": aws.role_arn,
+        "Tags": _tags(aws.tags),
+        **_vpc(aws),
+    })
+
+
+def endpoint_config_request(name: str, variants: list[Variant], aws: AwsSpec) -> dict:
+    if not variants or sum(v.weight for v in variants) <= 0:
+        raise AwsRequestError(f"endpoint config {name} needs at least one variant with weight > 0")
+    return validated("sagemaker", "CreateEndpointConfig", {
+        "EndpointConfigName": job_name(name),
+        "ProductionVariants": [{"VariantName": v.name, "ModelName": job_name(v.model_name), "InitialInstanceCount": v.instances,
+                                "InstanceType": v.instance_type, "InitialVariantWeight": float(v.weight)} for v in variants],
+        **({"KmsKeyId": aws.kms_key_id} if aws.kms_key_id else {}),
+        "Tags": _tags(aws.tags),
+    })
+
+
+def create_endpoint_request(name: str, config_name: str, aws: AwsSpec) -> dict:
+    return validated("sagemaker", "CreateEndpoint", {"EndpointName": job_name(name), "EndpointConfigName": job_name(config_name),
+                                                     "Tags": _tags(aws.tags)})
+
+
+def update_endpoint_request(name: str, config_name: str, aws: AwsSpec, canary_percent: float) -> dict:
+    """Blue/green to a new endpoint config: ``canary_percent`` of the capacity first, the rest after
+    ``aws.canary_wait_s``; the CloudWatch alarms in ``aws.rollback_alarms`` roll it back."""
+    deployment = {
+        "BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": {
+                "Type": "CANARY",
+                "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": max(1, round(canary_percent))},
+                "WaitIntervalInSeconds": aws.canary_wait_s,
+            },
+            "TerminationWaitInSeconds": 300,
+            "MaximumExecutionTimeoutInSeconds": max(600, aws.canary_wait_s + 1800),
+        },
+    }
+    if aws.rollback_alarms:
+        deployment["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": a} for a in aws.rollback_alarms]}
+    return validated("sagemaker", "UpdateEndpoint", {"EndpointName": job_name(name), "EndpointConfigName": job_name(config_name),
+                                                     "DeploymentConfig": deployment})
+
+
+def autoscaling_requests(endpoint: str, variant: str, aws: AwsSpec) -> tuple[dict, dict]:
+    """RegisterScalableTarget and PutScalingPolicy (target tracking on invocations per instance)."""
+    resource = f"endpoint/{job_name(endpoint)}/variant/{variant}"
+    dimension = "sagemaker:variant:DesiredInstanceCount"
+    target = validated("application-autoscaling", "RegisterScalableTarget", {
+        "ServiceNamespace": "sagemaker", "ResourceId": resource, "ScalableDimension": dimension,
+        "MinCapacity": aws.endpoint_min_instances, "MaxCapacity": aws.endpoint_max_instances,
+    })
+    policy = validated("application-autoscaling", "PutScalingPolicy", {
+        "PolicyName": f"{job_name(endpoint)}-{variant}-invocations"[:256],
+        "ServiceNamespace": "sagemaker", "ResourceId": resource, "ScalableDimension": dimension,
+        "PolicyType": "TargetTrackingScaling",
+        "TargetTrackingScalingPolicyConfiguration": {
+            "TargetValue": float(aws.invocations_per_instance),
+            "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+            "ScaleInCooldown": 300, "ScaleOutCooldown": 60,
+        },
+    })
+    return target, policy
+
+
+def endpoint_state(described: dict) -> JobStatus:
+    status = described["EndpointStatus"]
+    state = {"Creating": "running", "Updating": "running", "SystemUpdating": "running", "RollingBack": "running",
+             "InService": "succeeded", "Failed": "failed", "Deleting": "stopped", "OutOfService": "failed",
+             "UpdateRollbackFailed": "failed"}[status]
+    return JobStatus(state, described.get("FailureReason") or status)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch transform
+
+
+def transform_job_request(name: str, model_name: str, input_uri: str, output_uri: str, aws: AwsSpec) -> dict:
+    """Batch transform over curated Parquet files: each file is one request (``SplitType`` None) to
+    the model server, which reads Parquet bodies; the answers land beside each input under ``output_uri``."""
+    return validated("sagemaker", "CreateTransformJob", {
+        "TransformJobName": job_name(name),
+        "ModelName": job_name(model_name),
+        "MaxPayloadInMB": 100,
+        "BatchStrategy": "SingleRecord",
+        "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": s3_uri(input_uri, "the input")}},
+                           "ContentType": "application/vnd.apache.parquet", "SplitType": "None"},
+        "TransformOutput": {"S3OutputPath": s3_uri(output_uri, "the predictions location"), "Accept": "application/json",
+                            **({"KmsKeyId": aws.kms_key_id} if aws.kms_key_id else {})},
+        "TransformResources": {"InstanceType": aws.transform_instance_type, "InstanceCount": aws.transform_instance_count,
+                               **({"VolumeKmsKeyId": aws.kms_key_id} if aws.kms_key_id else {})},
+        "Tags": _tags(aws.tags),
+    })
+
+
+def transform_status(described: dict) -> JobStatus:
+    status = described["TransformJobStatus"]
+    state = {"InProgress": "running", "Stopping": "running", "Completed": "succeeded", "Failed": "failed",
+             "Stopped": "stopped"}[status]
+    return JobStatus(state, described.get("FailureReason") or status)

@@ -1,0 +1,196 @@
+"""The aws backend's requests: built from the cloud-neutral specs, checked against botocore's service
+models, and accepted by moto's server over HTTP where moto implements the call. UpdateEndpoint is
+not implemented by moto (HTTP 500): it is checked with botocore's Stubber, which validates the
+parameters against the same service model before answering."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from mlfactory import aws
+from mlfactory.config import AwsSpec
+from mlfactory.jobs import Accelerator, TrainingJobSpec
+
+ROLE = "arn:aws:iam::123456789012:role/mlfactory-sagemaker"
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1.0"
+
+
+@pytest.fixture
+def settings() -> AwsSpec:
+    return AwsSpec(role_arn=ROLE, image_uri=IMAGE, budget_usd=50, tags={"team": "ml"},
+                   subnets=["subnet-0abc"], security_group_ids=["sg-0abc"], kms_key_id="alias/mlfactory")
+
+
+def spec(**changes) -> TrainingJobSpec:
+    fields = dict(name="asset-triggered-2026-11-22t03-t0", input_uri="s3://data/models/training_sets/abc",
+                  output_uri="s3://data/models/runs/r1/trial-0", checkpoint_uri="s3://data/models/checkpoints/r1/trial-0",
+                  hyperparameters={"epochs": 3, "learning_rate": 0.001, "hidden_sizes": [128, 64]},
+                  environment={"MLFLOW_TRACKING_URI": "https://mlflow.example.com"},
+                  tags={"mlfactory.airflow_run_id": "asset_triggered__2026-11-22T03:01:33+00:00", "mlfactory.trial": "0"})
+    return TrainingJobSpec(**{**fields, **changes})
+
+
+@pytest.fixture
+def sagemaker(moto_server):
+    import boto3
+
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).close()
+    return boto3.client("sagemaker", endpoint_url=moto_server, region_name="us-east-1")
+
+
+@pytest.mark.parametrize("accelerator, instance", [
+    (Accelerator(), "ml.m5.xlarge"),
+    (Accelerator(kind="gpu", model="nvidia-a10g", count=1), "ml.g5.xlarge"),
+    (Accelerator(kind="gpu", count=4), "ml.g5.12xlarge"),  # the default GPU
+    (Accelerator(kind="gpu", model="nvidia-h100", count=8), "ml.p5.48xlarge"),
+    (Accelerator(kind="gpu", model="nvidia-h100-80gb", count=8), "ml.p5.48xlarge"),
+    (Accelerator(kind="gpu", model="nvidia-l4", count=1), "ml.g6.xlarge"),
+])
+def test_the_catalog_maps_accelerators_to_instance_types(settings, accelerator, instance):
+    assert aws.training_instance(accelerator, settings) == instance
+
+
+def test_the_catalog_refuses_what_it_cannot_place(settings):
+    with pytest.raises(aws.AwsRequestError, match=r"nvidia-h100 comes \[8\] per instance"):
+        aws.training_instance(Accelerator(kind="gpu", model="nvidia-h100", count=2), settings)
+    with pytest.raises(aws.AwsRequestError, match="TPUs exist on the gcp backend"):
+        aws.training_instance(Accelerator(kind="tpu", model="tpu-v5e", count=4), settings)
+    override = settings.model_copy(update={"training_instance_type": "ml.c5.2xlarge"})
+    assert aws.training_instance(Accelerator(kind="gpu", model="nvidia-h100", count=2), override) == "ml.c5.2xlarge"
+
+
+def test_the_cost_guard_refuses_a_job_over_budget(settings):
+    small = spec(accelerator=Accelerator(kind="gpu", model="nvidia-a10g", count=1), nodes=2, max_runtime_s=7200)
+    assert aws.check_budget(small, settings).usd == pytest.approx(2 * 2 * 1.408)
+    big = spec(accelerator=Accelerator(kind="gpu", model="nvidia-h100", count=8), nodes=2, max_runtime_s=3600)
+    with pytest.raises(aws.BudgetExceeded, match=r"up to \$226\.14 .*above aws.budget_usd \$50\.00"):
+        aws.check_budget(big, settings)
+    unpriced = settings.model_copy(update={"training_instance_type": "ml.trn1.32xlarge"})
+    with pytest.raises(aws.AwsRequestError, match="no price for ml.trn1.32xlarge"):
+        aws.check_budget(small, unpriced)
+    priced = unpriced.model_copy(update={"prices_usd_per_hour": {"ml.trn1.32xlarge": 10.0}})
+    assert aws.check_budget(small, priced).usd == pytest.approx(2 * 2 * 10.0)
+
+
+def test_the_training_request_and_moto_runs_it(settings, sagemaker):
+    job = spec(nodes=2, accelerator=Accelerator(kind="gpu", model="nvidia-a10g", count=1), max_runtime_s=5400)
+    request = aws.create_training_job_request(job, settings)
+    assert request["AlgorithmSpecification"]["ContainerEntrypoint"] == ["python", "-m", "mlfactory.train"]
+    args = request["AlgorithmSpecification"]["ContainerArguments"]
+    assert "--train-uri" not in args and "--output-uri" not in args  # SM_CHANNEL_TRAIN and SM_MODEL_DIR give them
+    assert args[args.index("--hidden-sizes") + 1] == "[128, 64]"
+    assert request["ResourceConfig"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 50,
+                                         "VolumeKmsKeyId": "alias/mlfactory"}
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 5400, "MaxWaitTimeInSeconds": 10800}
+    assert request["CheckpointConfig"] == {"S3Uri": job.checkpoint_uri, "LocalPath": "/opt/ml/checkpoints"}
+    assert request["InputDataConfig"][0]["ChannelName"] == "train"
+    assert request["VpcConfig"] == {"SecurityGroupIds": ["sg-0abc"], "Subnets": ["subnet-0abc"]}
+    assert {"Key": "mlfactory.airflow_run_id", "Value": "asset_triggered__2026-11-22T03:01:33+00:00"} in request["Tags"]
+
+    sagemaker.create_training_job(**request)
+    described = sagemaker.describe_training_job(TrainingJobName=request["TrainingJobName"])
+    status = aws.training_status(described)
+    assert status.state == "succeeded"  # moto completes jobs at once
+    assert described["ResourceConfig"]["InstanceCount"] == 2
+
+
+def test_training_status_carries_the_failure_reason():
+    failed = aws.training_status({"TrainingJobStatus": "Failed", "FailureReason": "AlgorithmError: CUDA out of memory",
+                                  "SecondaryStatus": "Failed"})
+    assert (failed.state, failed.detail) == ("failed", "AlgorithmError: CUDA out of memory")
+    running = aws.training_status({"TrainingJobStatus": "InProgress", "SecondaryStatus": "Downloading"})
+    assert (running.state, running.detail) == ("running", "Downloading")
+    done = aws.training_status({"TrainingJobStatus": "Completed", "ModelArtifacts": {"S3ModelArtifacts": "s3://b/m.tar.gz"}})
+    assert done.model_artifact == "s3://b/m.tar.gz"
+
+
+def test_spot_without_checkpoints_is_refused(settings):
+    with pytest.raises(aws.AwsRequestError, match="spot instances but has no checkpoint_uri"):
+        aws.create_training_job_request(spec(checkpoint_uri=None), settings)
+    on_demand = settings.model_copy(update={"spot": False})
+    request = aws.create_training_job_request(spec(checkpoint_uri=None), on_demand)
+    assert request["EnableManagedSpotTraining"] is False and "MaxWaitTimeInSeconds" not in request["StoppingCondition"]
+
+
+def test_a_local_uri_is_refused_with_its_name(settings):
+    with pytest.raises(aws.AwsRequestError, match="the training set must be an s3:// URI.*file:///tmp/x"):
+        aws.create_training_job_request(spec(input_uri="file:///tmp/x"), settings)
+
+
+def test_botocore_names_every_bad_field():
+    with pytest.raises(aws.AwsRequestError) as err:
+        aws.validated("sagemaker", "CreateTrainingJob", {"TrainingJobName": "x", "ResourceConfig": {"InstanceCount": "2"},
+                                                         "Bogus": 1})
+    message = str(err.value)
+    assert 'Missing required parameter in input: "RoleArn"' in message
+    assert 'Unknown parameter in input: "Bogus"' in message
+    assert "ResourceConfig.InstanceCount" in message
+
+
+def test_endpoint_requests_and_moto_serves_them(settings, sagemaker, moto_server):
+    import boto3
+
+    plain = settings.model_copy(update={"subnets": [], "security_group_ids": [], "kms_key_id": ""})
+    model = aws.create_model_request("customer-churn-v3", "s3://data/mlflow/1/abc/artifacts/model", plain,
+                                     {"MLFLOW_TRACKING_URI": "https://mlflow.example.com"})
+    assert model["PrimaryContainer"]["Environment"]["MLFACTORY_MODEL_URI"] == "s3://data/mlflow/1/abc/artifacts/model"
+    sagemaker.create_model(**model)
+    blue = aws.Variant("blue", "customer-churn-v3", 90, "ml.m5.large", 1)
+    green = aws.Variant("green", "customer-churn-v3", 10, "ml.m5.large", 1)
+    config = aws.endpoint_config_request("customer-churn-v3", [blue, green], plain)
+    assert [v["InitialVariantWeight"] for v in config["ProductionVariants"]] == [90.0, 10.0]
+    sagemaker.create_endpoint_config(**config)
+    sagemaker.create_endpoint(**aws.create_endpoint_request("customer-churn", "customer-churn-v3", plain))
+    described = sagemaker.describe_endpoint(EndpointName="customer-churn")
+    assert aws.endpoint_state(described).state == "succeeded"
+    assert {v["VariantName"] for v in described["ProductionVariants"]} == {"blue", "green"}
+
+    target, policy = aws.autoscaling_requests("customer-churn", "blue", plain)
+    scaling = boto3.client("application-autoscaling", endpoint_url=moto_server, region_name="us-east-1")
+    scaling.register_scalable_target(**target)
+    scaling.put_scaling_policy(**policy)
+    targets = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert [(t["ResourceId"], t["MinCapacity"], t["MaxCapacity"]) for t in targets] == [
+        ("endpoint/customer-churn/variant/blue", 1, 2)]
+    policies = scaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]
+    tracking = policies[0]["TargetTrackingScalingPolicyConfiguration"]
+    assert tracking["TargetValue"] == 1000.0
+    assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
+
+
+def test_the_blue_green_update_request_passes_botocores_stubber(settings):
+    import boto3
+    from botocore.stub import Stubber
+
+    canary = settings.model_copy(update={"rollback_alarms": ["customer-churn-5xx"], "canary_wait_s": 300})
+    request = aws.update_endpoint_request("customer-churn", "customer-churn-v4", canary, canary_percent=10)
+    policy = request["DeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]
+    assert policy == {"Type": "CANARY", "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 10}, "WaitIntervalInSeconds": 300}
+    assert request["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "customer-churn-5xx"}]}
+    client = boto3.client("sagemaker", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    with Stubber(client) as stub:
+        stub.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/customer-churn"},
+                          expected_params=request)
+        client.update_endpoint(**request)  # the Stubber validates the parameters against the service model
+        stub.assert_no_pending_responses()
+
+
+def test_the_transform_request_and_moto_runs_it(settings, sagemaker):
+    plain = settings.model_copy(update={"subnets": [], "security_group_ids": [], "kms_key_id": ""})
+    sagemaker.create_model(**aws.create_model_request("customer-churn-v3", "s3://data/mlflow/model", plain))
+    request = aws.transform_job_request("score-2026-11-22", "customer-churn-v3", "s3://data/curated/ingest_date=2026-11-22/",
+                                        "s3://data/predictions/batch/run=score-2026-11-22/", plain)
+    assert request["TransformInput"]["ContentType"] == "application/vnd.apache.parquet"
+    sagemaker.create_transform_job(**request)
+    status = aws.transform_status(sagemaker.describe_transform_job(TransformJobName="score-2026-11-22"))
+    assert status.state == "succeeded"
+
+
+def test_names_are_made_valid_for_sagemaker():
+    assert aws.job_name("asset_triggered__2026-11-22T03:01:33.730254+00:00_Ovy2krgw") == \
+        "asset-triggered-2026-11-22T03-01-33-730254-00-00-Ovy2krgw"
+    assert len(aws.job_name("x" * 100)) == 63
+    assert not aws.job_name("-a-" + "b" * 60 + "--c").endswith("-")
