@@ -194,3 +194,21 @@ def test_names_are_made_valid_for_sagemaker():
         "asset-triggered-2026-11-22T03-01-33-730254-00-00-Ovy2krgw"
     assert len(aws.job_name("x" * 100)) == 63
     assert not aws.job_name("-a-" + "b" * 60 + "--c").endswith("-")
+
+
+def test_the_airflow_policy_allows_every_call_the_backend_makes():
+    """Each request built in mlfactory.aws and each SQS call of the event trigger has its IAM action
+    in deploy/aws/airflow-policy.json."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    source = (root / "include" / "mlfactory" / "aws.py").read_text()
+    used = {f"{service}:{operation}" for service, operation in re.findall(r'validated\(\s*"([a-z-]+)",\s*"(\w+)"', source)}
+    trigger = (root / "plugins" / "mlfactory_airflow" / "triggers" / "s3_events.py").read_text()
+    used |= {"sqs:" + "".join(w.title() for w in call.split("_")) for call in re.findall(r"client\.(\w+)\(", trigger)}
+    assert {"sagemaker:CreateTrainingJob", "sagemaker:UpdateEndpoint", "sqs:ReceiveMessage", "sqs:DeleteMessage"} <= used
+    policy = json.loads((root / "deploy" / "aws" / "airflow-policy.json").read_text())
+    granted = {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    assert used - granted == set()

@@ -296,7 +296,8 @@ class AwsSpec(_Strict):
     """The `aws` backend: SageMaker training, endpoints and batch transform, S3 and S3 -> SQS events.
 
     Every request is built from these fields by ``mlfactory.aws``; what IAM permissions each step
-    needs is in ``deploy/aws/iam-policy.json``."""
+    needs is in ``deploy/aws/`` (``airflow-policy.json`` for Airflow, ``sagemaker-execution-role-policy.json``
+    for the role jobs and endpoints run as)."""
 
     region: str = Field("us-east-1", min_length=1)
     conn_id: str = Field("aws_default", description="Airflow connection (credentials; extra endpoint_url for an emulator)")

@@ -30,4 +30,10 @@ class LandingWatermark:
         ]
 
     def mark(self, obj: ObjectInfo) -> None:
-        self.seen[obj.key] = obj.fingerprint
+        self.remember(obj.key, obj.fingerprint)
+
+    def announced(self, key: str, fingerprint: str) -> bool:
+        return self.seen.get(key) == fingerprint
+
+    def remember(self, key: str, fingerprint: str) -> None:
+        self.seen[key] = fingerprint

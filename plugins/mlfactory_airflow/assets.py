@@ -33,8 +33,19 @@ def bucket_change_trigger(cfg: PipelineConfig):
             poll_interval=cfg.ingest.poll_interval_s,
             settle_seconds=cfg.ingest.settle_s,
         )
+    if cfg.backend == "aws" and cfg.aws.sqs_queue_url:
+        from urllib.parse import urlparse
+
+        from mlfactory_airflow.triggers.s3_events import S3EventQueueTrigger
+
+        landing = urlparse(cfg.storage.landing_uri)
+        return S3EventQueueTrigger(queue_url=cfg.aws.sqs_queue_url, bucket=landing.netloc,
+                                   prefix=landing.path.strip("/") + "/", aws_conn_id=cfg.aws.conn_id,
+                                   region_name=cfg.aws.region)
     raise NotImplementedError(
-        f"backend {cfg.backend!r} has no bucket-change trigger yet; set backend: local in {cfg.source}"
+        f"backend {cfg.backend!r} has no bucket-change trigger for this config yet"
+        + (" without aws.sqs_queue_url (set it to the queue of the bucket's notifications)" if cfg.backend == "aws" else "")
+        + f"; see {cfg.source}"
     )
 
 
