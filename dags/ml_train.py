@@ -79,6 +79,8 @@ with DAG(
                 f"backend {params['backend']!r} has no training operator in this installation; "
                 f"available: {sorted(operators)}"
             )
+        if params["backend"] == "aws" and cfg.aws is None:
+            raise AirflowFailException(f"backend 'aws' needs an 'aws' section in {cfg.source} (role_arn, image_uri, ...)")
         events = triggering_asset_events or {}
         drift_events = events[assets.drift_detected] if events else []
         drifted = sorted({f for e in drift_events for f in (e.extra or {}).get("drifted_features", [])})

@@ -281,9 +281,28 @@ def training_status(described: dict) -> JobStatus:
     return JobStatus(state, detail, artifact if state == "succeeded" else None)
 
 
-def model_artifact_uri(spec: TrainingJobSpec) -> str:
-    """Where SageMaker puts the tarred SM_MODEL_DIR of ``spec``'s job."""
-    return f"{spec.output_uri.rstrip('/')}/{job_name(spec.name)}/output/model.tar.gz"
+def training_result(model_tar_gz: bytes, output_uri: str, job: str, artifact: str) -> tuple[dict, dict[str, bytes]]:
+    """A finished job's model.tar.gz (the container's SM_MODEL_DIR) -> (the entrypoint's metrics with
+    its paths pointing at ``output_uri`` instead of the container's, the files to put there)."""
+    import io
+    import tarfile
+
+    from mlfactory.train import METRICS_FILE, MODEL_FILE
+
+    files: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(model_tar_gz), mode="r:gz") as archive:
+        for member in archive.getmembers():
+            name = member.name.lstrip("./")
+            if member.isfile() and name in (METRICS_FILE, MODEL_FILE):
+                files[name] = archive.extractfile(member).read()
+    missing = sorted({METRICS_FILE, MODEL_FILE} - set(files))
+    if missing:
+        raise AwsRequestError(f"{artifact} lacks {missing}: did the job run the mlfactory.train entrypoint?")
+    result = json.loads(files[METRICS_FILE])
+    base = output_uri.rstrip("/")
+    result.update(output_uri=base, model_bundle_uri=f"{base}/{MODEL_FILE}", sagemaker_job=job, model_artifact=artifact)
+    files[METRICS_FILE] = json.dumps(result, indent=2).encode()
+    return result, files
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""The `aws` backend's training operator: a TrainingJobSpec as a SageMaker training job.
+
+Takes the same ``TrainingJobSpec`` as every backend's training operator and returns the same
+result (the entrypoint's metrics.json, with the model bundle's S3 URI). Built on the amazon
+provider: SageMakerHook for the calls, a SageMakerTrigger subclass while the job runs (the task
+defers, holding no worker slot), S3Hook for the model artifact.
+
+- Before anything is created, the cost guard (``mlfactory.aws.check_budget``) refuses a job whose
+  worst case is over ``aws.budget_usd``.
+- The job name is chosen once and carried through the deferral in the resume kwargs; it is never
+  recomputed. A retried task whose earlier job is still running waits for that job; one whose
+  earlier job completed takes its result; one whose earlier job failed or stopped starts
+  ``<name>-a<try>``, resuming from the same checkpoints.
+- Killing the task (mark failed, clear) stops the job: the trigger's ``on_kill`` while deferred,
+  the operator's ``on_kill`` while it runs on a worker.
+- A failed job fails the task with SageMaker's FailureReason.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from mlfactory.local_airflow import TRAINING_POOL
+
+
+class SageMakerTrainingOperator(BaseOperator):
+    template_fields = ("spec",)
+    ui_color = "#ffe9c7"
+
+    def __init__(self, *, spec: dict[str, Any], waiter_delay: int = 30, **kwargs) -> None:
+        kwargs.setdefault("pool", TRAINING_POOL)
+        super().__init__(**kwargs)
+        self.spec = spec
+        self.waiter_delay = waiter_delay
+        self.job_name: str | None = None
+
+    @cached_property
+    def settings(self):
+        from mlfactory.config import load_config
+
+        cfg = load_config()
+        if cfg.aws is None:
+            raise ValueError(f"the aws backend needs an 'aws' section in {cfg.source}")
+        return cfg.aws
+
+    @cached_property
+    def hook(self):
+        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+        return SageMakerHook(aws_conn_id=self.settings.conn_id, region_name=self.settings.region)
+
+    def execute(self, context) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from mlfactory.aws import AwsRequestError, check_budget, create_training_job_request, job_name, training_status
+        from mlfactory.jobs import TrainingJobSpec
+
+        spec = TrainingJobSpec.model_validate(self.spec)
+        try:
+            estimate = check_budget(spec, self.settings)
+            self.log.info("training job %s: %s", spec.name, estimate)
+            request = create_training_job_request(spec, self.settings)
+        except AwsRequestError as err:
+            raise AirflowFailException(str(err)) from err  # retrying the same request cannot help
+        name = request["TrainingJobName"]
+        earlier = self._describe(name)
+        if earlier is not None:
+            state = training_status(earlier).state
+            if state in ("running", "succeeded"):
+                self.log.info("job %s from an earlier try is %s: taking it over", name, state)
+                return self._wait_or_finish(name, spec, state)
+            name = job_name(f"{name[:56]}-a{context['ti'].try_number}")
+            request["TrainingJobName"] = name
+            self.log.info("the earlier job failed or stopped: starting %s from the same checkpoints", name)
+        self.hook.check_training_config(request)  # the provider's own check: the input channels exist in S3
+        self.hook.conn.create_training_job(**request)
+        self.log.info("created SageMaker training job %s: %d x %s", name, spec.nodes,
+                      request["ResourceConfig"]["InstanceType"])
+        return self._wait_or_finish(name, spec, "running")
+
+    def _describe(self, name: str) -> dict | None:
+        """The job of that name, or None if SageMaker has none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.hook.describe_training_job(name)
+        except ClientError as err:
+            message = str(err.response.get("Error", {}).get("Message", "")).lower()
+            if "not found" in message or "could not find" in message:
+                return None
+            raise
+
+    def _wait_or_finish(self, name: str, spec, state: str) -> dict:
+        self.job_name = name
+        if state == "succeeded":
+            return self._result(name, spec)
+        from mlfactory_airflow.triggers.sagemaker import SageMakerTrainingJobTrigger
+
+        self.defer(
+            trigger=SageMakerTrainingJobTrigger(job_name=name, waiter_delay=self.waiter_delay,
+                                                waiter_max_attempts=max(1, spec.max_runtime_s * 3 // self.waiter_delay),
+                                                aws_conn_id=self.settings.conn_id, region_name=self.settings.region),
+            method_name="execute_complete",
+            kwargs={"job_name": name},
+        )
+
+    def execute_complete(self, context, event: dict[str, Any] | None = None, job_name: str | None = None) -> dict:
+        from airflow.sdk.exceptions import AirflowException
+
+        from mlfactory.aws import training_status
+        from mlfactory.jobs import TrainingJobSpec
+
+        self.job_name = job_name
+        status = training_status(self.hook.describe_training_job(job_name))
+        if status.state != "succeeded":
+            reason = status.detail or (event or {}).get("message", "")
+            raise AirflowException(f"SageMaker training job {job_name} {status.state}: {reason}")
+        return self._result(job_name, TrainingJobSpec.model_validate(self.spec))
+
+    def _result(self, name: str, spec) -> dict:
+        """The job's model.tar.gz unpacked next to it: model.pt and metrics.json under ``output_uri``."""
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        from mlfactory.aws import training_result, training_status
+
+        artifact = training_status(self.hook.describe_training_job(name)).model_artifact
+        if not artifact:
+            raise ValueError(f"SageMaker training job {name} completed without a model artifact")
+        s3 = S3Hook(aws_conn_id=self.settings.conn_id, region_name=self.settings.region)
+        bucket, key = S3Hook.parse_s3_url(artifact)
+        result, files = training_result(s3.get_key(key, bucket).get()["Body"].read(), spec.output_uri, name, artifact)
+        out_bucket, out_key = S3Hook.parse_s3_url(spec.output_uri)
+        for filename, data in files.items():
+            s3.load_bytes(data, key=f"{out_key.rstrip('/')}/{filename}", bucket_name=out_bucket, replace=True)
+        self.log.info("job %s: %s %s; model bundle %s", name, result["metric"], result["value"], result["model_bundle_uri"])
+        return result
+
+    def on_kill(self) -> None:
+        from mlfactory_airflow.triggers.sagemaker import stop_training_job
+
+        if self.job_name:
+            stop_training_job(self.hook, self.job_name, self.log)
+

@@ -1,0 +1,26 @@
+"""The `aws` backend's training-job trigger: the provider's SageMakerTrigger, plus stopping the job
+when a user kills the deferred task (mark failed, clear, mark success)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
+
+
+class SageMakerTrainingJobTrigger(SageMakerTrigger):
+    def __init__(self, job_name: str, **kwargs) -> None:
+        kwargs.pop("job_type", None)  # serialize() writes it back: it is always a training job here
+        super().__init__(job_name=job_name, job_type="Training", **kwargs)
+
+    async def on_kill(self) -> None:
+        await asyncio.to_thread(stop_training_job, self.hook(), self.job_name, self.log)
+
+
+def stop_training_job(hook, job_name: str, log) -> None:
+    """Best effort: a job already finished (or a call that fails) is logged, never raised."""
+    try:
+        hook.conn.stop_training_job(TrainingJobName=job_name)
+        log.info("stopped SageMaker training job %s", job_name)
+    except Exception as err:  # noqa: BLE001 - killing must not fail on an already finished job
+        log.warning("could not stop SageMaker training job %s: %s", job_name, err)

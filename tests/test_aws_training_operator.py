@@ -1,0 +1,197 @@
+"""The aws training operator against moto's server over HTTP, playing the container's part: when
+moto reports the job Completed (at once, with no artifact), the training entrypoint runs here with
+SageMaker's environment (SM_CHANNEL_TRAIN, SM_MODEL_DIR, SM_HOSTS) and its SM_MODEL_DIR is uploaded
+as the job's model.tar.gz. Calls moto does not implement (StopTrainingJob) or states it cannot
+reach (Failed) go through botocore's Stubber, which validates requests and responses against the
+service model."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+BUCKET = "mlfactory-data"
+ROLE = "arn:aws:iam::123456789012:role/mlfactory-sagemaker"
+
+
+@pytest.fixture
+def aws_env(moto_server, training_set, tmp_path, monkeypatch):
+    """Config with backend aws on moto; the training set uploaded where ml_train would put it."""
+    import boto3
+
+    from mlfactory.config import DEFAULT_CONFIG
+
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).close()
+    monkeypatch.setenv("AIRFLOW_CONN_MOTO", json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
+                                                         "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw.update(backend="aws", aws={"role_arn": ROLE, "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1",
+                                   "conn_id": "moto", "budget_usd": 20})
+    raw["storage"]["bucket"] = f"s3://{BUCKET}"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MLFACTORY_CONFIG", str(config))
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    local = Path(training_set.uri.removeprefix("file://"))
+    for path in local.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), BUCKET, f"models/training_sets/ts1/{path.relative_to(local)}")
+    sagemaker = boto3.client("sagemaker", endpoint_url=moto_server, region_name="us-east-1")
+    return SimpleNamespace(s3=s3, sagemaker=sagemaker, local_training_set=local)
+
+
+def job_spec(**changes) -> dict:
+    from mlfactory.jobs import TrainingJobSpec
+
+    fields = dict(name="run-1-t0", input_uri=f"s3://{BUCKET}/models/training_sets/ts1",
+                  output_uri=f"s3://{BUCKET}/models/runs/run-1/trial-0",
+                  checkpoint_uri=f"s3://{BUCKET}/models/checkpoints/run-1/trial-0",
+                  hyperparameters={"epochs": 1, "learning_rate": 0.003, "batch_size": 512, "hidden_sizes": [32]},
+                  max_runtime_s=1800)
+    return TrainingJobSpec(**{**fields, **changes}).model_dump()
+
+
+def play_the_container(env, job: dict, tmp_path: Path) -> None:
+    """What SageMaker does with the job: the image's entrypoint with the job's arguments, the train
+    channel downloaded to SM_CHANNEL_TRAIN, SM_MODEL_DIR tarred to the job's output path."""
+    model_dir = tmp_path / "opt-ml-model"
+    algorithm = job["AlgorithmSpecification"]
+    command = [sys.executable if a == "python" else a for a in algorithm["ContainerEntrypoint"]]
+    sm_env = {**os.environ, **job.get("Environment", {}), "SM_CHANNEL_TRAIN": str(env.local_training_set),
+              "SM_MODEL_DIR": str(model_dir), "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1",
+              "TRAINING_JOB_NAME": job["TrainingJobName"]}
+    sm_env.pop("MLFLOW_TRACKING_URI", None)
+    # /opt/ml/checkpoints is the container's; on this machine an explicit argument (which wins) keeps it in tmp
+    done = subprocess.run([*command, *algorithm["ContainerArguments"], "--checkpoint-uri", str(tmp_path / "ckpt")],
+                          env=sm_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for path in model_dir.iterdir():
+            tar.add(path, arcname=path.name)
+    artifact = job["ModelArtifacts"]["S3ModelArtifacts"]
+    bucket, _, key = artifact.removeprefix("s3://").partition("/")
+    env.s3.put_object(Bucket=bucket, Key=key, Body=archive.getvalue())
+
+
+def test_the_job_is_created_deferred_and_its_model_collected(aws_env, tmp_path):
+    from airflow.exceptions import TaskDeferred
+
+    from mlfactory_airflow.operators.sagemaker_training import SageMakerTrainingOperator
+    from mlfactory_airflow.triggers.sagemaker import SageMakerTrainingJobTrigger
+
+    operator = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(), waiter_delay=1)
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute({"ti": SimpleNamespace(try_number=1)})
+    trigger, kwargs = deferred.value.trigger, deferred.value.kwargs
+    assert isinstance(trigger, SageMakerTrainingJobTrigger) and kwargs == {"job_name": "run-1-t0"}
+    assert deferred.value.method_name == "execute_complete"
+    classpath, fields = trigger.serialize()
+    assert classpath == "mlfactory_airflow.triggers.sagemaker.SageMakerTrainingJobTrigger"
+    assert SageMakerTrainingJobTrigger(**fields).job_name == "run-1-t0"  # what the triggerer rebuilds
+
+    job = aws_env.sagemaker.describe_training_job(TrainingJobName="run-1-t0")
+    assert job["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge" and job["EnableManagedSpotTraining"] is True
+    assert job["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/models/checkpoints/run-1/trial-0"
+
+    async def wait():  # the provider's waiter, through the trigger, over HTTP
+        return [event async for event in trigger.run()]
+
+    (event,) = asyncio.run(wait())
+    assert event.payload["status"] == "success"
+
+    play_the_container(aws_env, job, tmp_path)
+    result = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec()).execute_complete(
+        {}, event.payload, job_name=kwargs["job_name"])
+    assert result["metric"] == "val_roc_auc" and 0.5 < result["value"] <= 1
+    assert result["model_bundle_uri"] == f"s3://{BUCKET}/models/runs/run-1/trial-0/model.pt"
+    assert result["sagemaker_job"] == "run-1-t0" and result["epochs"] == 1
+    stored = aws_env.s3.get_object(Bucket=BUCKET, Key="models/runs/run-1/trial-0/metrics.json")["Body"].read()
+    assert json.loads(stored)["model_bundle_uri"] == result["model_bundle_uri"]
+    assert aws_env.s3.head_object(Bucket=BUCKET, Key="models/runs/run-1/trial-0/model.pt")["ContentLength"] > 1000
+
+    # a retried task finds its completed job and takes its result, creating nothing
+    again = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec()).execute({"ti": SimpleNamespace(try_number=2)})
+    assert again["value"] == result["value"]
+    assert [j["TrainingJobName"] for j in aws_env.sagemaker.list_training_jobs()["TrainingJobSummaries"]] == ["run-1-t0"]
+
+
+def test_a_failed_job_fails_the_task_with_sagemakers_reason(aws_env):
+    from airflow.exceptions import AirflowException, TaskDeferred
+    from botocore.stub import Stubber
+
+    from mlfactory_airflow.operators.sagemaker_training import SageMakerTrainingOperator
+
+    operator = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name="run-2-t0"))
+    with pytest.raises(TaskDeferred):
+        operator.execute({"ti": SimpleNamespace(try_number=1)})
+    described = aws_env.sagemaker.describe_training_job(TrainingJobName="run-2-t0")
+    described.pop("ResponseMetadata")
+    failed = {**described, "TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
+              "FailureReason": "AlgorithmError: CUDA out of memory (exit code 1)"}
+    with Stubber(operator.hook.conn) as stub:  # moto cannot fail a job; the Stubber checks this answer's shape
+        stub.add_response("describe_training_job", failed, {"TrainingJobName": "run-2-t0"})
+        with pytest.raises(AirflowException, match="run-2-t0 failed: AlgorithmError: CUDA out of memory"):
+            operator.execute_complete({}, {"status": "failed", "message": "waiter"}, job_name="run-2-t0")
+
+
+def test_a_retry_after_a_failed_job_starts_a_new_one_on_the_same_checkpoints(aws_env):
+    from airflow.exceptions import TaskDeferred
+    from botocore.stub import Stubber
+
+    from mlfactory.aws import create_training_job_request
+    from mlfactory.jobs import TrainingJobSpec
+    from mlfactory_airflow.operators.sagemaker_training import SageMakerTrainingOperator
+
+    first = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name="run-3-t0"))
+    with pytest.raises(TaskDeferred):
+        first.execute({"ti": SimpleNamespace(try_number=1)})
+    described = aws_env.sagemaker.describe_training_job(TrainingJobName="run-3-t0")
+    described.pop("ResponseMetadata")
+    retry = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name="run-3-t0"))
+    with Stubber(retry.hook.conn) as stub:
+        stub.add_response("describe_training_job", {**described, "TrainingJobStatus": "Stopped", "SecondaryStatus": "Stopped"},
+                          {"TrainingJobName": "run-3-t0"})
+        expected = {**create_training_job_request(TrainingJobSpec(**job_spec(name="run-3-t0")), retry.settings),
+                    "TrainingJobName": "run-3-t0-a2"}  # same checkpoints, new name
+        stub.add_response("create_training_job", {"TrainingJobArn": described["TrainingJobArn"] + "-a2"}, expected)
+        with pytest.raises(TaskDeferred) as deferred:
+            retry.execute({"ti": SimpleNamespace(try_number=2)})
+    assert deferred.value.kwargs == {"job_name": "run-3-t0-a2"}
+
+
+def test_killing_the_task_stops_the_job(aws_env):
+    from botocore.stub import Stubber
+
+    from mlfactory_airflow.triggers.sagemaker import SageMakerTrainingJobTrigger
+
+    trigger = SageMakerTrainingJobTrigger(job_name="run-4-t0", aws_conn_id="moto", region_name="us-east-1")
+    hook = trigger.hook()
+    trigger.hook = lambda: hook
+    with Stubber(hook.conn) as stub:  # moto answers StopTrainingJob with HTTP 500: the Stubber checks the request
+        stub.add_response("stop_training_job", {}, {"TrainingJobName": "run-4-t0"})
+        asyncio.run(trigger.on_kill())
+        stub.assert_no_pending_responses()
+
+
+def test_the_cost_guard_refuses_before_anything_is_created(aws_env):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from mlfactory_airflow.operators.sagemaker_training import SageMakerTrainingOperator
+
+    spec = job_spec(name="run-5-t0", nodes=2, accelerator={"kind": "gpu", "model": "nvidia-a10g", "count": 8})
+    with pytest.raises(AirflowFailException, match=r"up to \$20\.36 .*above aws.budget_usd \$20\.00"):
+        SageMakerTrainingOperator(task_id="train_aws", spec=spec).execute({"ti": SimpleNamespace(try_number=1)})
+    assert aws_env.sagemaker.list_training_jobs()["TrainingJobSummaries"] == []
