@@ -6,10 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseEventTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
+
+from mlfactory_airflow.triggers.watermark import WatermarkedTrigger
 
 
-class LocalBucketChangeTrigger(BaseEventTrigger):
+class LocalBucketChangeTrigger(WatermarkedTrigger):
     """Fires once per new or changed object under ``prefix_uri`` (a file:// folder), never twice for the same.
 
     Used as an AssetWatcher trigger. The set of announced objects (the watermark) lives in Airflow's
@@ -30,25 +32,10 @@ class LocalBucketChangeTrigger(BaseEventTrigger):
             {"prefix_uri": self.prefix_uri, "poll_interval": self.poll_interval, "settle_seconds": self.settle_seconds},
         )
 
-    async def _load_seen(self) -> dict[str, str]:
-        from mlfactory.landing import STATE_KEY
-
-        if self.asset_state_store is None:
-            self.log.warning("no asset state store (not run as an AssetWatcher?): the watermark is kept in memory only")
-            return {}
-        return dict(await self.asset_state_store.aget(STATE_KEY, default={}) or {})
-
-    async def _save_seen(self, seen: dict[str, str]) -> None:
-        from mlfactory.landing import STATE_KEY
-
-        if self.asset_state_store is not None:
-            await self.asset_state_store.aset(STATE_KEY, seen)
-
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from mlfactory import storage
-        from mlfactory.landing import LandingWatermark
 
-        watermark = LandingWatermark(await self._load_seen())
+        watermark = await self.load_watermark()
         self.log.info("watching %s (%d objects already announced)", self.prefix_uri, len(watermark.seen))
         while True:
             listing = await asyncio.to_thread(storage.list_objects, self.prefix_uri)
@@ -56,5 +43,5 @@ class LocalBucketChangeTrigger(BaseEventTrigger):
                 self.log.info("new object %s (%d bytes)", obj.uri, obj.size)
                 yield TriggerEvent({"uri": obj.uri, "key": obj.key, "size": obj.size, "fingerprint": obj.fingerprint})
                 watermark.mark(obj)
-                await self._save_seen(watermark.seen)
+                await self.save_watermark(watermark)
             await asyncio.sleep(self.poll_interval)

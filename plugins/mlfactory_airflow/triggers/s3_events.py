@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseEventTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
+
+from mlfactory_airflow.triggers.watermark import WatermarkedTrigger
 
 
-class S3EventQueueTrigger(BaseEventTrigger):
+class S3EventQueueTrigger(WatermarkedTrigger):
     """One event per object created under ``s3://bucket/prefix``, read from the notification queue.
 
     Used as an AssetWatcher trigger, through the amazon provider's SqsHook (``aws_conn_id``; an
@@ -38,27 +40,12 @@ class S3EventQueueTrigger(BaseEventTrigger):
                 {"queue_url": self.queue_url, "bucket": self.bucket, "prefix": self.prefix, "aws_conn_id": self.aws_conn_id,
                  "region_name": self.region_name, "wait_time_s": self.wait_time_s, "max_messages": self.max_messages})
 
-    async def _load_seen(self) -> dict[str, str]:
-        from mlfactory.landing import STATE_KEY
-
-        if self.asset_state_store is None:
-            self.log.warning("no asset state store (not run as an AssetWatcher?): announced objects are kept in memory only")
-            return {}
-        return dict(await self.asset_state_store.aget(STATE_KEY, default={}) or {})
-
-    async def _save_seen(self, seen: dict[str, str]) -> None:
-        from mlfactory.landing import STATE_KEY
-
-        if self.asset_state_store is not None:
-            await self.asset_state_store.aset(STATE_KEY, seen)
-
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airflow.providers.amazon.aws.hooks.sqs import SqsHook
 
         from mlfactory.aws import NotANotification, s3_landing_events
-        from mlfactory.landing import LandingWatermark
 
-        watermark = LandingWatermark(await self._load_seen())
+        watermark = await self.load_watermark()
         hook = SqsHook(aws_conn_id=self.aws_conn_id, region_name=self.region_name)
         self.log.info("reading S3 notifications for s3://%s/%s from %s (%d objects already announced)",
                       self.bucket, self.prefix, self.queue_url, len(watermark.seen))
@@ -80,5 +67,5 @@ class S3EventQueueTrigger(BaseEventTrigger):
                         self.log.info("new object %s (%d bytes)", event["uri"], event["size"])
                         yield TriggerEvent(event)
                         watermark.remember(event["key"], event["etag"])
-                        await self._save_seen(watermark.seen)
+                        await self.save_watermark(watermark)
                     await client.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
