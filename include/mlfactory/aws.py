@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote_plus, urlparse
 
+from mlfactory.cluster import SAGEMAKER_CHECKPOINT_DIR  # synced with CheckpointConfig.S3Uri; the entrypoint reads it
 from mlfactory.config import AwsSpec
 from mlfactory.jobs import Accelerator, TrainingJobSpec
 
@@ -61,9 +62,7 @@ PRICES_USD_PER_HOUR: dict[str, float] = {
     "ml.p3.2xlarge": 3.825, "ml.p3.8xlarge": 14.688, "ml.p3.16xlarge": 28.152,
     "ml.p4d.24xlarge": 37.688, "ml.p5.48xlarge": 113.07,
 }
-CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker syncs it with CheckpointConfig.S3Uri (mlfactory.cluster reads it)
 TRAIN_CHANNEL = "train"  # -> SM_CHANNEL_TRAIN in the container
-SERVING_PORT_ENV = {"MLFACTORY_SERVING_HOST": "0.0.0.0"}  # the model server answers SageMaker on 8080
 
 
 class AwsRequestError(ValueError):
@@ -257,7 +256,7 @@ def create_training_job_request(spec: TrainingJobSpec, aws: AwsSpec) -> dict:
     }
     if spec.checkpoint_uri:
         request["CheckpointConfig"] = {"S3Uri": s3_uri(spec.checkpoint_uri, "the checkpoint location"),
-                                       "LocalPath": CHECKPOINT_DIR}
+                                       "LocalPath": SAGEMAKER_CHECKPOINT_DIR}
     elif spot:
         raise AwsRequestError(f"job {spec.name} uses spot instances but has no checkpoint_uri: a preempted job "
                               "would start over")
@@ -324,7 +323,7 @@ def create_model_request(name: str, model_uri: str, aws: AwsSpec, environment: d
     return validated("sagemaker", "CreateModel", {
         "ModelName": job_name(name),
         "PrimaryContainer": {"Image": aws.image_uri, "Mode": "SingleModel",
-                             "Environment": {**SERVING_PORT_ENV, "MLFACTORY_MODEL_URI": model_uri, **(environment or {})}},
+                             "Environment": {"MLFACTORY_MODEL_URI": model_uri, **(environment or {})}},
         "ExecutionRoleArn": aws.role_arn,
         "Tags": _tags(aws.tags),
         **_vpc(aws),

@@ -113,7 +113,7 @@ class Signature:
 
 
 _JSON_TYPES = {"double": {float, int}, "float": {float, int}, "long": {int}, "integer": {int},
-                 "boolean": {bool}, "string": {str}, "datetime": {str}}
+               "boolean": {bool}, "string": {str}, "datetime": {str}}
 
 
 def _check_fast(col: InputColumn, values: list) -> list | None:

@@ -14,13 +14,12 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
 from mlfactory.config import DatasetSpec
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from mlfactory.features import FeatureSet, numeric_arrow, numeric_matrix, typed_features, wire_table
 
 

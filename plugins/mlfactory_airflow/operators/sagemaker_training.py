@@ -71,7 +71,8 @@ class SageMakerTrainingOperator(BaseOperator):
             state = training_status(earlier).state
             if state in ("running", "succeeded"):
                 self.log.info("job %s from an earlier try is %s: taking it over", name, state)
-                return self._wait_or_finish(name, spec, state)
+                self.job_name = name
+                return self._result(name, spec, earlier) if state == "succeeded" else self._wait(name, spec)
             name = job_name(f"{name[:56]}-a{context['ti'].try_number}")
             request["TrainingJobName"] = name
             self.log.info("the earlier job failed or stopped: starting %s from the same checkpoints", name)
@@ -79,7 +80,8 @@ class SageMakerTrainingOperator(BaseOperator):
         self.hook.conn.create_training_job(**request)
         self.log.info("created SageMaker training job %s: %d x %s", name, spec.nodes,
                       request["ResourceConfig"]["InstanceType"])
-        return self._wait_or_finish(name, spec, "running")
+        self.job_name = name
+        return self._wait(name, spec)
 
     def _describe(self, name: str) -> dict | None:
         """The job of that name, or None if SageMaker has none."""
@@ -93,10 +95,7 @@ class SageMakerTrainingOperator(BaseOperator):
                 return None
             raise
 
-    def _wait_or_finish(self, name: str, spec, state: str) -> dict:
-        self.job_name = name
-        if state == "succeeded":
-            return self._result(name, spec)
+    def _wait(self, name: str, spec) -> None:
         from mlfactory_airflow.triggers.sagemaker import SageMakerTrainingJobTrigger
 
         self.defer(
@@ -114,19 +113,20 @@ class SageMakerTrainingOperator(BaseOperator):
         from mlfactory.jobs import TrainingJobSpec
 
         self.job_name = job_name
-        status = training_status(self.hook.describe_training_job(job_name))
+        described = self.hook.describe_training_job(job_name)
+        status = training_status(described)
         if status.state != "succeeded":
             reason = status.detail or (event or {}).get("message", "")
             raise AirflowException(f"SageMaker training job {job_name} {status.state}: {reason}")
-        return self._result(job_name, TrainingJobSpec.model_validate(self.spec))
+        return self._result(job_name, TrainingJobSpec.model_validate(self.spec), described)
 
-    def _result(self, name: str, spec) -> dict:
+    def _result(self, name: str, spec, described: dict) -> dict:
         """The job's model.tar.gz unpacked next to it: model.pt and metrics.json under ``output_uri``."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
         from mlfactory.aws import training_result, training_status
 
-        artifact = training_status(self.hook.describe_training_job(name)).model_artifact
+        artifact = training_status(described).model_artifact
         if not artifact:
             raise ValueError(f"SageMaker training job {name} completed without a model artifact")
         s3 = S3Hook(aws_conn_id=self.settings.conn_id, region_name=self.settings.region)
