@@ -102,9 +102,23 @@ def assert_same(predictions: list[dict], want: pd.DataFrame) -> None:
     assert got["probability"].to_numpy() == pytest.approx(want["probability"].to_numpy(), abs=1e-6)
 
 
-def test_every_platform_format_gives_the_pyfuncs_predictions(server, expected):
+def curated_parquet(typed: pd.DataFrame) -> bytes:
+    """Rows as a curated Parquet file holds them: typed timestamps, the key and target columns too."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(typed.reset_index(drop=True), preserve_index=False), buffer)
+    return buffer.getvalue()
+
+
+def test_every_platform_format_gives_the_pyfuncs_predictions(server, expected, champion):
     url, _ = server
     rows, want = expected
+    typed = champion[2].head(len(rows))
+    assert set(typed.columns) - set(rows.columns) and (typed["age"].to_numpy() == rows["age"].to_numpy()).all()
     recs = records(rows)
     split = {"columns": list(rows.columns), "data": [[r[c] for c in rows.columns] for r in recs]}
     csv_body = rows.to_csv(index=False).encode()
@@ -118,6 +132,8 @@ def test_every_platform_format_gives_the_pyfuncs_predictions(server, expected):
         "vertex ai instances as lists": (VERTEX_PREDICT, {"instances": split["data"], "parameters": {}}, "application/json"),
         "vertex ai instances as objects": (VERTEX_PREDICT, {"instances": recs}, "application/json"),
         "azure ml input_data": ("/score", {"input_data": {**split, "index": list(range(len(recs)))}}, "application/json"),
+        "sagemaker batch transform: a curated parquet file": ("/invocations", curated_parquet(typed),
+                                                             "application/vnd.apache.parquet"),
     }
     for name, (path, body, content_type) in requests.items():
         status, reply, headers = call(url, path, body, content_type=content_type)
@@ -153,6 +169,7 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(server, expected):
         (b"", "application/json", 400, "the request body is empty"),
         (b"age,income\n40,abc\n", "text/csv", 400, "missing required column(s)"),
         (b"<xml/>", "application/xml", 415, "unsupported content type"),
+        (b"PAR1 not really", "application/vnd.apache.parquet", 400, "not a valid Parquet file"),
         (b"x" * (11 * 1024 * 1024), "application/json", 413, "the limit is"),
     ]
     for body, content_type, status, message in cases:

@@ -190,9 +190,11 @@ def parse_body(body: bytes, content_type: str, signature: Signature) -> dict[str
     media = content_type.split(";", 1)[0].strip().lower()
     if media in ("text/csv", "application/csv"):
         return _parse_csv(body, signature)
+    if media in PARQUET_TYPES:
+        return _parse_parquet(body, signature)
     if media and media not in ("application/json", "application/jsonlines", "*/*"):
-        raise BadRequest(f"unsupported content type {media!r}: send application/json or text/csv", 415,
-                         "UNSUPPORTED_MEDIA_TYPE")
+        raise BadRequest(f"unsupported content type {media!r}: send application/json, text/csv or "
+                         f"{PARQUET_TYPES[0]}", 415, "UNSUPPORTED_MEDIA_TYPE")
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -267,6 +269,32 @@ def _parse_csv(body: bytes, signature: Signature) -> dict[str, list]:
         raise BadRequest(f"CSV row {bad} has {len(data[bad])} fields; the header has {len(header)}")
     columns = {c: [_csv_value(by_name[c], r[j], i) for i, r in enumerate(data)] for j, c in enumerate(header)}
     return signature.typed(columns, len(data))
+
+
+PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet")
+
+
+def _parse_parquet(body: bytes, signature: Signature) -> dict[str, list]:
+    """A Parquet file (a batch transform sends each curated file whole): the signature's columns are
+    taken, any other column (keys, the target) is ignored, and timestamps become ISO 8601 strings as
+    a JSON caller sends them. The answers come back in the file's row order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(body), columns=None)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise BadRequest(f"the body is not a valid Parquet file: {err}") from None
+    present = [c.name for c in signature.columns if c.name in table.column_names]
+    signature.check_columns(present)
+    columns = {}
+    for name in present:
+        column = table.column(name)
+        values = column.to_pylist()
+        if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
+            values = [None if v is None else v.isoformat() for v in values]
+        columns[name] = values
+    return signature.typed(columns, table.num_rows)
 
 
 # ---------------------------------------------------------------------------------------------
