@@ -4,6 +4,10 @@ Daily (``batch_scoring.schedule``) and whenever Asset `champion` moves. Scores i
 ``batch_scoring.chunk_rows`` and writes ``<bucket>/predictions/batch/run=<run id>/`` (key columns,
 outputs, model version, snapshot, time); a retried run replaces its own output, never duplicates it.
 The form can score any Parquet URI instead, or use another model version.
+
+On `aws`, a SageMaker batch transform job does the scoring (the same model server, each curated
+file sent whole as Parquet) over a manifest of the snapshots not scored yet; its answers land under
+the same ``run=<run id>/`` prefix as ``<file>.out`` (JSON, in the file's row order).
 """
 
 from __future__ import annotations
@@ -37,16 +41,34 @@ with DAG(
     },
 ):
 
-    @task(outlets=[assets.predictions])
-    def score(params: dict, run_id=None) -> dict:
+    def champion_version(params: dict) -> str:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from mlfactory.batch_scoring import score
         from mlfactory.registry import CHAMPION, Registry
 
         version = params.get("version") or Registry(cfg).alias_version(CHAMPION)
         if not version:
             raise AirflowSkipException(f"{cfg.model_name} has no champion yet: nothing to score with")
-        return score(cfg, run_id, str(version), params.get("input_uri"))
+        return str(version)
 
-    score()
+    if cfg.backend == "aws":
+        from mlfactory_airflow.operators.sagemaker import SageMakerTransformOperator
+
+        @task
+        def resolve(params: dict) -> dict:
+            """The version to score with and where its files are in S3 (what the SageMaker Model loads)."""
+            from mlfactory.deployment import cloud_target
+
+            return cloud_target(cfg, champion_version(params))
+
+        SageMakerTransformOperator(task_id="transform", target=resolve(), input_uri="{{ params.input_uri or '' }}",
+                                   outlets=[assets.predictions])
+    else:
+
+        @task(outlets=[assets.predictions])
+        def score(params: dict, run_id=None) -> dict:
+            from mlfactory.batch_scoring import score
+
+            return score(cfg, run_id, champion_version(params), params.get("input_uri"))
+
+        score()

@@ -76,6 +76,43 @@ def moto_server():
     stop_group(process)
 
 
+def play_sagemaker_training_job(s3, job: dict, workdir: Path, environment: dict | None = None) -> None:
+    """Play the container's part of a training job moto reports Completed (moto runs nothing): the
+    image's entrypoint with the job's arguments and SageMaker's environment, the `train` channel
+    downloaded to SM_CHANNEL_TRAIN, SM_MODEL_DIR tarred to the job's model artifact in S3.
+    moto's DescribeTrainingJob drops the job's Environment: pass what the container needs (the
+    MLflow server) as ``environment``; without it the entrypoint logs to no MLflow server."""
+    import io
+    import subprocess
+    import sys
+    import tarfile
+
+    channel, model_dir = workdir / "input" / "data" / "train", workdir / "model"
+    source = job["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"]
+    bucket, _, prefix = source.removeprefix("s3://").partition("/")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+        for obj in page.get("Contents", []):
+            target = channel / obj["Key"][len(prefix.rstrip("/")) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(target))
+    algorithm = job["AlgorithmSpecification"]
+    command = [sys.executable if a == "python" else a for a in algorithm["ContainerEntrypoint"]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(environment or {}, SM_CHANNEL_TRAIN=str(channel), SM_MODEL_DIR=str(model_dir), SM_HOSTS='["algo-1"]',
+               SM_CURRENT_HOST="algo-1", TRAINING_JOB_NAME=job["TrainingJobName"])
+    # /opt/ml/checkpoints is the container's; on this machine an explicit argument (which wins) keeps it in workdir
+    done = subprocess.run([*command, *algorithm["ContainerArguments"], "--checkpoint-uri", str(workdir / "checkpoints")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for path in model_dir.iterdir():
+            tar.add(path, arcname=path.name)
+    artifact = job["ModelArtifacts"]["S3ModelArtifacts"]
+    bucket, _, key = artifact.removeprefix("s3://").partition("/")
+    s3.put_object(Bucket=bucket, Key=key, Body=archive.getvalue())
+
+
 def with_section(cfg, section: str, **changes):
     """``cfg`` with some settings of one section changed (the models are frozen)."""
     return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=changes)})

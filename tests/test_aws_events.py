@@ -129,3 +129,41 @@ def test_the_aws_config_watches_the_landing_prefix_through_the_queue(tmp_path, m
     trigger = pipeline_assets(load_config(path)).landing.watchers[0].trigger
     assert isinstance(trigger, S3EventQueueTrigger)
     assert (trigger.bucket, trigger.prefix, trigger.aws_conn_id, trigger.region_name) == (BUCKET, PREFIX, "aws_prod", "eu-west-1")
+
+
+def test_without_a_queue_the_landing_prefix_is_polled_each_object_once(aws_resources, tmp_path):
+    import yaml
+
+    from mlfactory.config import DEFAULT_CONFIG, load_config
+    from mlfactory_airflow.assets import pipeline_assets
+    from mlfactory_airflow.triggers.s3_events import S3PrefixPollTrigger
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw.update(backend="aws", aws={"role_arn": "arn:aws:iam::123456789012:role/mlfactory", "image_uri": "img", "conn_id": "moto"})
+    raw["storage"]["bucket"] = f"s3://{BUCKET}"
+    raw["ingest"].update(poll_interval_s=0.2, settle_s=0)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    trigger = pipeline_assets(load_config(path)).landing.watchers[0].trigger
+    assert isinstance(trigger, S3PrefixPollTrigger) and (trigger.bucket, trigger.prefix) == (BUCKET, PREFIX)
+    assert S3PrefixPollTrigger(**trigger.serialize()[1]).poll_interval == 0.2  # what the triggerer rebuilds
+
+    s3, _, _ = aws_resources
+    s3.put_object(Bucket=BUCKET, Key="landing/a.csv", Body=b"a\n1\n")
+    s3.put_object(Bucket=BUCKET, Key="landing/_tmp/partial.csv", Body=b"a\n")  # an in-progress upload folder: ignored
+    s3.put_object(Bucket=BUCKET, Key="elsewhere/b.csv", Body=b"a\n1\n")
+
+    async def scenario():
+        events = trigger.run()
+        first = (await asyncio.wait_for(anext(events), 30)).payload
+        assert (first["uri"], first["size"]) == (f"s3://{BUCKET}/landing/a.csv", 4) and first["etag"]
+        s3.put_object(Bucket=BUCKET, Key="landing/a.csv", Body=b"a\n1\n")  # same content, same ETag: not again
+        s3.put_object(Bucket=BUCKET, Key="landing/c.csv", Body=b"a\n2\n")
+        second = (await asyncio.wait_for(anext(events), 30)).payload
+        assert second["key"] == "landing/c.csv"
+        s3.put_object(Bucket=BUCKET, Key="landing/a.csv", Body=b"a\n1\n3\n")  # a new version of a key: announced
+        third = (await asyncio.wait_for(anext(events), 30)).payload
+        assert third["key"] == "landing/a.csv" and third["etag"] != first["etag"]
+        await events.aclose()
+
+    asyncio.run(scenario())

@@ -208,7 +208,14 @@ def test_the_airflow_policy_allows_every_call_the_backend_makes():
     used = {f"{service}:{operation}" for service, operation in re.findall(r'validated\(\s*"([a-z-]+)",\s*"(\w+)"', source)}
     trigger = (root / "plugins" / "mlfactory_airflow" / "triggers" / "s3_events.py").read_text()
     used |= {"sqs:" + "".join(w.title() for w in call.split("_")) for call in re.findall(r"client\.(\w+)\(", trigger)}
-    assert {"sagemaker:CreateTrainingJob", "sagemaker:UpdateEndpoint", "sqs:ReceiveMessage", "sqs:DeleteMessage"} <= used
+    camel = lambda call: "".join(w.title() for w in call.split("_"))  # noqa: E731
+    for operators in (root / "plugins" / "mlfactory_airflow" / "operators").glob("sagemaker*.py"):
+        text = operators.read_text()
+        for call in set(re.findall(r"conn\.(\w+)\(", text)) | set(re.findall(r'"((?:describe|create|stop)_\w+)"', text)):
+            service = "application-autoscaling" if call in ("register_scalable_target", "put_scaling_policy") else "sagemaker"
+            used.add(f"{service}:{camel(call)}")
+    assert {"sagemaker:CreateTrainingJob", "sagemaker:UpdateEndpoint", "sagemaker:DescribeModel",
+            "sagemaker:DescribeTransformJob", "sqs:ReceiveMessage", "sqs:DeleteMessage"} <= used
     policy = json.loads((root / "deploy" / "aws" / "airflow-policy.json").read_text())
     granted = {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     assert used - granted == set()

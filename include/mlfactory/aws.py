@@ -388,27 +388,59 @@ def autoscaling_requests(endpoint: str, variant: str, aws: AwsSpec) -> tuple[dic
     return target, policy
 
 
-def endpoint_state(described: dict) -> JobStatus:
+def endpoint_state(described: dict, config_name: str | None = None) -> JobStatus:
+    """DescribeEndpoint's answer -> a JobStatus. With ``config_name``, an endpoint back in service on
+    another config is a failed deployment: SageMaker rolled it back (an alarm fired, or the new fleet
+    was unhealthy) and the old model still serves."""
     status = described["EndpointStatus"]
     state = {"Creating": "running", "Updating": "running", "SystemUpdating": "running", "RollingBack": "running",
              "InService": "succeeded", "Failed": "failed", "Deleting": "stopped", "OutOfService": "failed",
              "UpdateRollbackFailed": "failed"}[status]
+    serving = described.get("EndpointConfigName")
+    if state == "succeeded" and config_name and serving != job_name(config_name):
+        reason = described.get("FailureReason") or "a rollback alarm fired or the new fleet failed its health checks"
+        return JobStatus("failed", f"rolled back to {serving}: {reason}")
     return JobStatus(state, described.get("FailureReason") or status)
+
+
+def endpoint_name(aws: AwsSpec, model_name: str) -> str:
+    """The endpoint of a pipeline: ``aws.endpoint_name``, else the registered model's name."""
+    return job_name(aws.endpoint_name or model_name.replace("_", "-"))
+
+
+def model_name_for(endpoint: str, version: str) -> str:
+    """The SageMaker Model of one registered version (shared by the endpoint and batch transform)."""
+    return job_name(f"{endpoint[:50]}-v{version}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Batch transform
 
 
-def transform_job_request(name: str, model_name: str, input_uri: str, output_uri: str, aws: AwsSpec) -> dict:
+def transform_manifest(prefix: str, files: list[str]) -> bytes:
+    """A SageMaker manifest file: the exact objects a transform job reads (the snapshots not scored yet)."""
+    base = s3_uri(prefix, "the manifest prefix").rstrip("/") + "/"
+    keys = []
+    for uri in files:
+        if not uri.startswith(base):
+            raise AwsRequestError(f"{uri} is not under the manifest prefix {base}")
+        keys.append(uri[len(base):])
+    return json.dumps([{"prefix": base}, *keys]).encode()
+
+
+def transform_job_request(name: str, model_name: str, input_uri: str, output_uri: str, aws: AwsSpec,
+                          manifest: bool = False) -> dict:
     """Batch transform over curated Parquet files: each file is one request (``SplitType`` None) to
-    the model server, which reads Parquet bodies; the answers land beside each input under ``output_uri``."""
+    the model server, which reads Parquet bodies; the answers (JSON, in the file's row order) land
+    under ``output_uri`` as ``<file>.out``. ``input_uri`` is a prefix, or with ``manifest`` a manifest
+    file listing the objects (``transform_manifest``)."""
     return validated("sagemaker", "CreateTransformJob", {
         "TransformJobName": job_name(name),
         "ModelName": job_name(model_name),
         "MaxPayloadInMB": 100,
         "BatchStrategy": "SingleRecord",
-        "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": s3_uri(input_uri, "the input")}},
+        "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "ManifestFile" if manifest else "S3Prefix",
+                                                           "S3Uri": s3_uri(input_uri, "the input")}},
                            "ContentType": "application/vnd.apache.parquet", "SplitType": "None"},
         "TransformOutput": {"S3OutputPath": s3_uri(output_uri, "the predictions location"), "Accept": "application/json",
                             **({"KmsKeyId": aws.kms_key_id} if aws.kms_key_id else {})},

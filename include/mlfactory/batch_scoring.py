@@ -36,6 +36,28 @@ def run_key(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-")[:80]
 
 
+def output_uri(cfg: PipelineConfig, key: str) -> str:
+    """Where run ``key`` writes its predictions (every backend)."""
+    return storage.join(batch_uri(cfg), f"run={key}")
+
+
+def _scored(cfg: PipelineConfig) -> tuple[str, dict]:
+    uri = storage.join(batch_uri(cfg), "_scored.json")
+    return uri, json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+
+
+def unscored(cfg: PipelineConfig, key: str) -> dict[str, str]:
+    """Snapshot id -> folder of the curated snapshots no run but ``key`` (a retry of itself) has scored."""
+    _, scored = _scored(cfg)
+    return {sid: uri for sid, uri in curated_snapshots(cfg).items() if scored.get(sid) in (None, key)}
+
+
+def mark_scored(cfg: PipelineConfig, key: str, snapshot_ids) -> None:
+    uri, scored = _scored(cfg)
+    scored.update(dict.fromkeys(snapshot_ids, key))
+    storage.write_bytes(uri, json.dumps(scored, indent=2, sort_keys=True).encode())
+
+
 def load_tabular_model(cfg: PipelineConfig, version: str):
     """The registered version as our LoadedModel (typed rows in, no pyfunc round trip)."""
     import mlflow.pyfunc
@@ -57,13 +79,8 @@ def _write_part(table: pa.Table, uri: str) -> None:
 def score(cfg: PipelineConfig, run_id: str, version: str, input_uri: str | None = None) -> dict:
     model = load_tabular_model(cfg, version)
     key = run_key(run_id)
-    out = storage.join(batch_uri(cfg), f"run={key}")
-    state_uri = storage.join(batch_uri(cfg), "_scored.json")
-    scored = json.loads(storage.read_bytes(state_uri)) if storage.exists(state_uri) else {}
-    if input_uri:
-        sources = {input_uri: input_uri}
-    else:
-        sources = {sid: uri for sid, uri in curated_snapshots(cfg).items() if scored.get(sid) in (None, key)}
+    out = output_uri(cfg, key)
+    sources = {input_uri: input_uri} if input_uri else unscored(cfg, key)
     if storage.exists(out):
         storage.remove(out)  # a retry of this run: write it again, whole
     keys = [c.name for c in cfg.dataset.columns if c.type == "string"]
@@ -97,8 +114,7 @@ def score(cfg: PipelineConfig, run_id: str, version: str, input_uri: str | None 
         if pending is not None:
             pending.result()
     if not input_uri:
-        scored.update(dict.fromkeys(sources, key))
-        storage.write_bytes(state_uri, json.dumps(scored, indent=2, sort_keys=True).encode())
+        mark_scored(cfg, key, sources)
     seconds = time.perf_counter() - started
     summary = {"uri": out, "version": version, "rows": rows, "files": parts, "snapshots": sorted(sources),
                "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds) if rows and seconds else 0,

@@ -138,6 +138,8 @@ class StorageSpec(_Strict):
     models_prefix: str = Field("models/", description="training sets, the frozen holdout, job outputs, checkpoints")
     predictions_prefix: str = Field("predictions/", description="batch predictions and the endpoint's prediction log")
     state_prefix: str = "_mlfactory/"
+    mlflow_prefix: str = Field("mlflow/", description="the MLflow server's artifact store (its --artifacts-destination): "
+                                                      "run artifacts and registered models")
 
     @field_validator("bucket")
     @classmethod
@@ -150,6 +152,10 @@ class StorageSpec(_Strict):
     def uri(self, prefix_field: str, *parts: str) -> str:
         base = self.bucket.rstrip("/") + "/" + getattr(self, prefix_field).strip("/")
         return "/".join([base, *(p.strip("/") for p in parts if p)])
+
+    @property
+    def mlflow_artifacts_uri(self) -> str:
+        return self.uri("mlflow_prefix")
 
     @property
     def landing_uri(self) -> str:
@@ -194,7 +200,7 @@ class ValidationSpec(_Strict):
 
 
 class IngestSpec(_Strict):
-    poll_interval_s: float = Field(2.0, gt=0, description="how often the local landing watcher lists the folder")
+    poll_interval_s: float = Field(2.0, gt=0, description="how often the landing watcher lists the folder (local, or S3 without a notification queue)")
     settle_s: float = Field(1.0, ge=0, description="an object must be unchanged this long before it is ingested")
 
 
@@ -304,7 +310,7 @@ class AwsSpec(_Strict):
     role_arn: str = Field(description="IAM role SageMaker assumes for jobs and endpoints (arn:aws:iam::<account>:role/...)")
     image_uri: str = Field(description="the project's container image in ECR: training entrypoint and model server")
     sqs_queue_url: str = Field("", description="queue that receives the bucket's ObjectCreated notifications for the "
-                                               "landing prefix; empty: ml_ingest polls S3 with a deferrable sensor")
+                                               "landing prefix; empty: the landing watcher polls S3 (ListObjectsV2) every ingest.poll_interval_s")
     training_instance_type: str = Field("", description="overrides the catalog's choice from the accelerator")
     volume_size_gb: int = Field(50, ge=1, le=16384)
     spot: bool = Field(True, description="managed spot training; preempted jobs resume from their checkpoints")

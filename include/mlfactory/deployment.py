@@ -40,6 +40,60 @@ class DeploymentFailed(RuntimeError):
     """A rollout step failed; the message says which and why."""
 
 
+def endpoint_state_uri(cfg: PipelineConfig) -> str:
+    """The endpoint's state on every backend: URL or name, served version, last failure."""
+    return storage.join(cfg.storage.state_uri, "endpoint", "endpoint.json")
+
+
+def read_endpoint_state(cfg: PipelineConfig) -> dict:
+    uri = endpoint_state_uri(cfg)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+
+
+def write_endpoint_state(cfg: PipelineConfig, **changes) -> dict:
+    state = {**read_endpoint_state(cfg), **changes}
+    storage.write_bytes(endpoint_state_uri(cfg), json.dumps(state, indent=2).encode())
+    return state
+
+
+def version_to_deploy(cfg: PipelineConfig, asked: str | None, events: list) -> str:
+    """The version a deployment run is for: the form's, else the `champion` event's, else the alias."""
+    from mlfactory.registry import CHAMPION, Registry
+
+    version = asked or (events[-1].extra.get("version") if events else None) or Registry(cfg).alias_version(CHAMPION)
+    if not version:
+        raise ValueError(f"nothing to deploy: {cfg.model_name} has no `champion` yet; set 'version' in the form")
+    return str(version)
+
+
+def cloud_target(cfg: PipelineConfig, version: str) -> dict:
+    """What a cloud endpoint or batch job loads: the version, and its files in the bucket."""
+    from mlfactory.registry import Registry
+
+    return {"version": str(version), "model_uri": Registry(cfg).model_storage_uri(str(version))}
+
+
+def restore_after_failure(cfg: PipelineConfig, version: str | None, served: str | None, reason: str) -> dict:
+    """After a failed rollout of ``version``: alias `champion` back on the ``served`` version, and the
+    failure tagged on the version."""
+    from mlfactory.registry import Registry
+
+    Registry(cfg).restore_champion(served, version)
+    if version:
+        tag_version(cfg, version, {"mlfactory.deployment": "rolled_back", "mlfactory.deployment_reason": reason[:5000]})
+    log.warning("rolled back v%s: %s; serving v%s", version, reason, served)
+    return {"rolled_back": version, "serving": served, "reason": reason}
+
+
+def tag_version(cfg: PipelineConfig, version: str, tags: dict) -> None:
+    """Deployment tags (``mlfactory.deployment*``) on the model version in MLflow."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.model_name, version, key, value)
+
+
 class LocalEndpoint:
     """The local model server: started on demand, driven through its admin API."""
 
@@ -49,7 +103,7 @@ class LocalEndpoint:
         self.cfg = cfg
         self.url = f"http://127.0.0.1:{cfg.serving.port}"
         self.home = Path(storage.local_path(storage.join(cfg.storage.state_uri, "endpoint")))
-        self.state_file = self.home / "endpoint.json"
+        self.state_file = Path(storage.local_path(endpoint_state_uri(cfg)))
         self.log_file = self.home / "endpoint.log"
 
     @property
@@ -118,15 +172,10 @@ class LocalEndpoint:
     # --- state --------------------------------------------------------------------------------
 
     def state(self) -> dict:
-        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        return read_endpoint_state(self.cfg)
 
     def write_state(self, **changes) -> dict:
-        state = {**self.state(), "url": self.url, "log": str(self.log_file), **changes}
-        self.home.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_file)
-        return state
+        return write_endpoint_state(self.cfg, url=self.url, log=str(self.log_file), **changes)
 
     # --- HTTP ---------------------------------------------------------------------------------
 
@@ -251,8 +300,6 @@ class Rollout:
 
     def rollback(self, plan: dict | None, version: str | None) -> dict:
         """Traffic back to the old colour, the new one unloaded, alias `champion` back on the served version."""
-        from mlfactory.registry import CHAMPION, Registry
-
         state = self.endpoint.state()
         reason = (state.get("last_failure") or {}).get("reason", "a rollout step failed")
         if plan and self.endpoint.alive():
@@ -261,13 +308,7 @@ class Rollout:
             if not plan.get("already_served") and plan.get("new") in self.endpoint.variants():
                 self.endpoint.call(f"/admin/variants/{plan['new']}", method="DELETE")
         served = (plan or {}).get("old_version") or state.get("served_version")
-        registry = Registry(self.cfg)
-        if served and version and served != version and registry.alias_version(CHAMPION) == version:
-            registry.client.set_registered_model_alias(self.cfg.model_name, CHAMPION, served)
-        if version:
-            self._tag(version, {"mlfactory.deployment": "rolled_back", "mlfactory.deployment_reason": reason})
-        log.warning("rolled back v%s: %s; serving v%s", version, reason, served)
-        return {"rolled_back": version, "serving": served, "reason": reason}
+        return restore_after_failure(self.cfg, version, served, reason)
 
     def _traffic(self, weights: dict) -> None:
         status, reply = self.endpoint.call("/admin/traffic", weights, method="PUT")
@@ -280,11 +321,7 @@ class Rollout:
             raise DeploymentFailed(reason)
 
     def _tag(self, version: str, tags: dict) -> None:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(self.cfg.mlflow.tracking_uri)
-        for key, value in tags.items():
-            client.set_model_version_tag(self.cfg.model_name, version, key, value)
+        tag_version(self.cfg, version, tags)
 
 
 def _sane(prediction: dict) -> bool:

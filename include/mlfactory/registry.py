@@ -134,6 +134,23 @@ class Registry:
         except MlflowException:
             return None
 
+    def model_storage_uri(self, version: str) -> str:
+        """Where ``version``'s files are in the bucket (e.g. s3://...): what a cloud endpoint or batch
+        job loads. The server's proxied ``mlflow-artifacts:/`` paths live under ``storage.mlflow_prefix``."""
+        uri = self.client.get_model_version_download_uri(self.name, version)
+        if uri.startswith("mlflow-artifacts:"):
+            return self.cfg.storage.mlflow_artifacts_uri.rstrip("/") + "/" + uri.split(":", 1)[1].lstrip("/")
+        return uri
+
+    def restore_champion(self, served: str | None, failed: str | None) -> bool:
+        """After a failed rollout of ``failed``: alias `champion` back on the ``served`` version (if the
+        alias still points at the failed one). True if it moved."""
+        if not (served and failed and served != failed and self.alias_version(CHAMPION) == failed):
+            return False
+        self.client.set_registered_model_alias(self.name, CHAMPION, served)
+        log.warning("%s: champion back on v%s (v%s failed to deploy)", self.name, served, failed)
+        return True
+
     def holdout(self, default_uri: str, default_sha256: str) -> tuple[str, str]:
         """The holdout kept with the first champion (registered-model tags), else the frozen one given."""
         tags = self.client.get_registered_model(self.name).tags

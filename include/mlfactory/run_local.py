@@ -201,7 +201,7 @@ def main() -> int:
     if cfg.backend != "local" or not storage.is_local(cfg.storage.bucket):
         print(f"make run drives the local backend; {cfg.source} says backend {cfg.backend} bucket {cfg.storage.bucket}")
         return 2
-    mlflow = LocalMlflow(STATE_DIR / ".mlflow", storage.join(cfg.storage.bucket, "mlflow"),
+    mlflow = LocalMlflow(STATE_DIR / ".mlflow", cfg.storage.mlflow_artifacts_uri,
                          port=int(os.environ.get("MLFLOW_PORT", "5000")))
     if mlflow.url != cfg.mlflow.tracking_uri.rstrip("/"):
         print(f"mlflow.tracking_uri in {cfg.source} is {cfg.mlflow.tracking_uri}; make run serves MLflow at {mlflow.url}")

@@ -67,6 +67,11 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def is_hidden(key: str) -> bool:
+    """Dot-files, ``_``-folders and in-progress uploads (.tmp, .part): never data to ingest."""
+    return any(part.startswith((".", "_")) for part in key.split("/")) or key.endswith((".tmp", ".part", "/"))
+
+
 def list_objects(prefix_uri: str) -> list[ObjectInfo]:
     """Every object under ``prefix_uri`` (recursively), skipping dot-files and in-progress uploads."""
     fs, root = filesystem(prefix_uri)
@@ -75,7 +80,7 @@ def list_objects(prefix_uri: str) -> list[ObjectInfo]:
     found = []
     for path, info in sorted(fs.find(root, detail=True).items()):
         key = posixpath.relpath(path, root)
-        if any(part.startswith((".", "_")) for part in key.split("/")) or key.endswith((".tmp", ".part")):
+        if is_hidden(key):
             continue
         modified = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified")
         if hasattr(modified, "timestamp"):

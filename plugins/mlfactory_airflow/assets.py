@@ -33,20 +33,18 @@ def bucket_change_trigger(cfg: PipelineConfig):
             poll_interval=cfg.ingest.poll_interval_s,
             settle_seconds=cfg.ingest.settle_s,
         )
-    if cfg.backend == "aws" and cfg.aws.sqs_queue_url:
+    if cfg.backend == "aws":
         from urllib.parse import urlparse
 
-        from mlfactory_airflow.triggers.s3_events import S3EventQueueTrigger
+        from mlfactory_airflow.triggers.s3_events import S3EventQueueTrigger, S3PrefixPollTrigger
 
         landing = urlparse(cfg.storage.landing_uri)
-        return S3EventQueueTrigger(queue_url=cfg.aws.sqs_queue_url, bucket=landing.netloc,
-                                   prefix=landing.path.strip("/") + "/", aws_conn_id=cfg.aws.conn_id,
-                                   region_name=cfg.aws.region)
-    raise NotImplementedError(
-        f"backend {cfg.backend!r} has no bucket-change trigger for this config yet"
-        + (" without aws.sqs_queue_url (set it to the queue of the bucket's notifications)" if cfg.backend == "aws" else "")
-        + f"; see {cfg.source}"
-    )
+        where = {"bucket": landing.netloc, "prefix": landing.path.strip("/") + "/", "aws_conn_id": cfg.aws.conn_id,
+                 "region_name": cfg.aws.region}
+        if cfg.aws.sqs_queue_url:
+            return S3EventQueueTrigger(queue_url=cfg.aws.sqs_queue_url, **where)
+        return S3PrefixPollTrigger(poll_interval=cfg.ingest.poll_interval_s, settle_seconds=cfg.ingest.settle_s, **where)
+    raise NotImplementedError(f"backend {cfg.backend!r} has no bucket-change trigger yet; see {cfg.source}")
 
 
 def pipeline_assets(cfg: PipelineConfig) -> PipelineAssets:

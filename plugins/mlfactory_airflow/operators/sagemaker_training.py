@@ -8,9 +8,9 @@ defers, holding no worker slot), S3Hook for the model artifact.
 - Before anything is created, the cost guard (``mlfactory.aws.check_budget``) refuses a job whose
   worst case is over ``aws.budget_usd``.
 - The job name is chosen once and carried through the deferral in the resume kwargs; it is never
-  recomputed. A retried task whose earlier job is still running waits for that job; one whose
-  earlier job completed takes its result; one whose earlier job failed or stopped starts
-  ``<name>-a<try>``, resuming from the same checkpoints.
+  recomputed. A retried task whose earlier job is running or completed takes it over (waits for
+  it, or takes its result); one whose earlier job failed or stopped starts ``<name>-a<try>``,
+  resuming from the same checkpoints.
 - Killing the task (mark failed, clear) stops the job: the trigger's ``on_kill`` while deferred,
   the operator's ``on_kill`` while it runs on a worker.
 - A failed job fails the task with SageMaker's FailureReason.
@@ -18,44 +18,25 @@ defers, holding no worker slot), S3Hook for the model artifact.
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any
 
-from airflow.sdk import BaseOperator
-
 from mlfactory.local_airflow import TRAINING_POOL
+from mlfactory_airflow.operators.sagemaker import SageMakerBaseOperator
 
 
-class SageMakerTrainingOperator(BaseOperator):
+class SageMakerTrainingOperator(SageMakerBaseOperator):
     template_fields = ("spec",)
-    ui_color = "#ffe9c7"
 
-    def __init__(self, *, spec: dict[str, Any], waiter_delay: int = 30, **kwargs) -> None:
+    def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
         kwargs.setdefault("pool", TRAINING_POOL)
         super().__init__(**kwargs)
         self.spec = spec
-        self.waiter_delay = waiter_delay
         self.job_name: str | None = None
 
-    @cached_property
-    def settings(self):
-        from mlfactory.config import load_config
-
-        cfg = load_config()
-        if cfg.aws is None:
-            raise ValueError(f"the aws backend needs an 'aws' section in {cfg.source}")
-        return cfg.aws
-
-    @cached_property
-    def hook(self):
-        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-
-        return SageMakerHook(aws_conn_id=self.settings.conn_id, region_name=self.settings.region)
-
-    def execute(self, context) -> dict:
+    def execute(self, context) -> None:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from mlfactory.aws import AwsRequestError, check_budget, create_training_job_request, job_name, training_status
+        from mlfactory.aws import AwsRequestError, check_budget, create_training_job_request, training_status
         from mlfactory.jobs import TrainingJobSpec
 
         spec = TrainingJobSpec.model_validate(self.spec)
@@ -65,35 +46,12 @@ class SageMakerTrainingOperator(BaseOperator):
             request = create_training_job_request(spec, self.settings)
         except AwsRequestError as err:
             raise AirflowFailException(str(err)) from err  # retrying the same request cannot help
-        name = request["TrainingJobName"]
-        earlier = self._describe(name)
-        if earlier is not None:
-            state = training_status(earlier).state
-            if state in ("running", "succeeded"):
-                self.log.info("job %s from an earlier try is %s: taking it over", name, state)
-                self.job_name = name
-                return self._result(name, spec, earlier) if state == "succeeded" else self._wait(name, spec)
-            name = job_name(f"{name[:56]}-a{context['ti'].try_number}")
-            request["TrainingJobName"] = name
-            self.log.info("the earlier job failed or stopped: starting %s from the same checkpoints", name)
         self.hook.check_training_config(request)  # the provider's own check: the input channels exist in S3
-        self.hook.conn.create_training_job(**request)
-        self.log.info("created SageMaker training job %s: %d x %s", name, spec.nodes,
+        self.job_name = self.start_or_take_over(request, "TrainingJobName", "describe_training_job", training_status,
+                                                "create_training_job", context["ti"].try_number)
+        self.log.info("SageMaker training job %s: %d x %s", self.job_name, spec.nodes,
                       request["ResourceConfig"]["InstanceType"])
-        self.job_name = name
-        return self._wait(name, spec)
-
-    def _describe(self, name: str) -> dict | None:
-        """The job of that name, or None if SageMaker has none."""
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.hook.describe_training_job(name)
-        except ClientError as err:
-            message = str(err.response.get("Error", {}).get("Message", "")).lower()
-            if "not found" in message or "could not find" in message:
-                return None
-            raise
+        self._wait(self.job_name, spec)
 
     def _wait(self, name: str, spec) -> None:
         from mlfactory_airflow.triggers.sagemaker import SageMakerTrainingJobTrigger
@@ -131,6 +89,9 @@ class SageMakerTrainingOperator(BaseOperator):
             raise ValueError(f"SageMaker training job {name} completed without a model artifact")
         s3 = S3Hook(aws_conn_id=self.settings.conn_id, region_name=self.settings.region)
         bucket, key = S3Hook.parse_s3_url(artifact)
+        if not s3.check_for_key(key, bucket):
+            raise FileNotFoundError(f"SageMaker training job {name} completed, but its model artifact {artifact} is "
+                                    "not in S3; a retry takes the job over and looks again")
         result, files = training_result(s3.get_key(key, bucket).get()["Body"].read(), spec.output_uri, name, artifact)
         out_bucket, out_key = S3Hook.parse_s3_url(spec.output_uri)
         for filename, data in files.items():

@@ -1,0 +1,175 @@
+"""The lifecycle with `backend: aws` under a REAL Airflow 3 (scheduler, DAG processor, triggerer, API
+server), a real MLflow server keeping its artifacts in S3, and moto's server over HTTP for S3, SQS,
+S3 -> SQS notifications, SageMaker and Application Auto Scaling.
+
+An object put in the bucket must reach SQS as a notification, start ml_ingest through the
+AssetWatcher, then ml_validate, ml_train (a SageMaker training job), ml_promote, ml_deploy (a
+SageMaker endpoint with autoscaling) and ml_batch_score (a batch transform job), by themselves.
+
+moto completes a training job the moment it is created and runs nothing, so the test plays the
+container's part: a thread watches moto's jobs and, for each one, runs the training entrypoint with
+SageMaker's environment and uploads its model.tar.gz to the job's output path. The operator's first
+try finds no artifact yet and says so; Airflow retries the task, and the retry takes the completed
+job over and collects its model.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import play_sagemaker_training_job
+
+from mlfactory import sample_data, storage
+from mlfactory.config import DEFAULT_CONFIG, load_config
+from mlfactory.local_airflow import LocalAirflow
+from mlfactory.mlflow_server import LocalMlflow
+from mlfactory.processes import free_port
+
+pytestmark = pytest.mark.scheduler
+
+BUCKET = "mlfactory-lifecycle"
+ROLE = "arn:aws:iam::123456789012:role/mlfactory-sagemaker"
+STAGES = ["ml_ingest", "ml_validate", "ml_train", "ml_promote", "ml_deploy", "ml_batch_score"]
+
+
+class SageMakerCompute(threading.Thread):
+    """Plays the container of every training job moto reports, once each."""
+
+    def __init__(self, endpoint: str, workdir: Path, environment: dict):
+        super().__init__(daemon=True)
+        self.environment = environment  # the job's Environment (moto's DescribeTrainingJob drops it)
+        self.sagemaker = boto3.client("sagemaker", endpoint_url=endpoint, region_name="us-east-1")
+        self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        self.workdir, self.played, self.errors = workdir, [], []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(1):
+            for summary in self.sagemaker.list_training_jobs()["TrainingJobSummaries"]:
+                name = summary["TrainingJobName"]
+                if name in self.played:
+                    continue
+                self.played.append(name)
+                try:
+                    job = self.sagemaker.describe_training_job(TrainingJobName=name)
+                    play_sagemaker_training_job(self.s3, job, self.workdir / name, self.environment)
+                except Exception as err:  # noqa: BLE001 - reported by the test
+                    self.errors.append(f"{name}: {err}")
+
+
+def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    from mlfactory.deployment import read_endpoint_state
+    from mlfactory.registry import CHAMPION, Registry
+
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).close()
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    sqs = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    queue = sqs.create_queue(QueueName="mlfactory-landing")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [{
+        "QueueArn": arn, "Events": ["s3:ObjectCreated:*"],
+        "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "landing/"}]}}}]})
+
+    # The MLflow server keeps run artifacts and registered models in the bucket (S3).
+    for name, value in {"AWS_ENDPOINT_URL": moto_server, "MLFLOW_S3_ENDPOINT_URL": moto_server}.items():
+        monkeypatch.setenv(name, value)
+    mlflow_server = LocalMlflow(tmp_path / "mlflow", f"s3://{BUCKET}/mlflow", port=free_port()).start()
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw.update(backend="aws", aws={"role_arn": ROLE, "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1",
+                                   "sqs_queue_url": queue, "endpoint_name": "churn-lifecycle", "budget_usd": 50})
+    raw["storage"]["bucket"] = f"s3://{BUCKET}"
+    raw["training"].update(epochs=2, trials=1, processes=1, search_space={})
+    raw["promotion"].update(floor=0.6)
+    raw["mlflow"].update(tracking_uri=mlflow_server.url, experiment="aws-lifecycle", model_name="churn_aws")
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MLFACTORY_CONFIG", str(tmp_path / "pipeline.yaml"))
+    cfg = load_config()
+    connection = json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
+                             "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}})
+    airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), env_overrides={
+        "MLFACTORY_CONFIG": cfg.source, "AIRFLOW_CONN_AWS_DEFAULT": connection,
+        # the first try of train_aws finds moto's job completed with no model yet (see the docstring)
+        "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "3", "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "20"})
+    compute = SageMakerCompute(moto_server, tmp_path / "sagemaker", {"MLFLOW_TRACKING_URI": mlflow_server.url,
+                                                                     "MLFLOW_EXPERIMENT_NAME": "aws-lifecycle"})
+    compute.start()
+    airflow.start()
+    try:
+        airflow.wait_for_dags(STAGES)  # raises on any DAG import error (the aws branches of every DAG)
+
+        # An object put in S3 -> a notification on SQS -> the AssetWatcher -> ml_ingest.
+        local = sample_data.write(sample_data.generate(3000, seed=31), tmp_path / "june batch.csv")
+        s3.upload_file(str(local), BUCKET, "landing/june batch.csv")
+        ingest = airflow.wait_for_run("ml_ingest", 1, timeout=180)
+        assert ingest["state"] == "success" and ingest["run_type"] == "asset_triggered"
+        assert sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages"])[
+            "Attributes"]["ApproximateNumberOfMessages"] == "0"  # deleted once its event was emitted
+        validate = airflow.wait_for_run("ml_validate", 1, timeout=240)
+        assert validate["state"] == "success"
+        parts = [o for o in storage.list_objects(cfg.storage.curated_uri) if o.key.endswith(".parquet")]
+        assert len(parts) == 1
+        with storage.open_uri(parts[0].uri) as f:
+            assert pq.read_metadata(f).num_rows == 3000
+
+        # `curated` -> ml_train: one SageMaker training job, submitted with the right request.
+        train = airflow.wait_for_run("ml_train", 1, timeout=600, run_type="asset_triggered")
+        assert not compute.errors, compute.errors
+        assert train["state"] == "success", airflow.task_log("ml_train", train["dag_run_id"], "train_aws", map_index=0)
+        (job_name,) = compute.played
+        job = compute.sagemaker.describe_training_job(TrainingJobName=job_name)
+        assert job["AlgorithmSpecification"]["ContainerEntrypoint"] == ["python", "-m", "mlfactory.train"]
+        assert job["InputDataConfig"][0]["ChannelName"] == "train"
+        assert job["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"].startswith(f"s3://{BUCKET}/models/training_sets/")
+        assert (job["ResourceConfig"]["InstanceType"], job["ResourceConfig"]["InstanceCount"]) == ("ml.m5.xlarge", 1)
+        assert job["EnableManagedSpotTraining"] is True and job["CheckpointConfig"]["S3Uri"].startswith(f"s3://{BUCKET}/models/checkpoints/")
+        assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] >= job["StoppingCondition"]["MaxRuntimeInSeconds"]
+        tries = {t["try_number"] for t in airflow.task_instances("ml_train", train["dag_run_id"]) if t["task_id"] == "train_aws"}
+        candidate = airflow.xcom("ml_train", train["dag_run_id"], "select_best")
+        assert candidate["model_bundle_uri"].startswith(f"s3://{BUCKET}/models/runs/") and candidate["model_uri"]
+
+        # `candidate` -> ml_promote: the registry stays MLflow; the model's files are in S3.
+        promote = airflow.wait_for_run("ml_promote", 1, timeout=300)
+        assert promote["state"] == "success"
+        registry = Registry(cfg)
+        champion = registry.alias_version(CHAMPION)
+        model_uri = registry.model_storage_uri(champion)
+        assert model_uri.startswith(f"s3://{BUCKET}/mlflow/") and storage.exists(storage.join(model_uri, "MLmodel"))
+
+        # `champion` -> ml_deploy: Model, EndpointConfig, Endpoint, autoscaling.
+        deploy = airflow.wait_for_run("ml_deploy", 1, timeout=300)
+        assert deploy["state"] == "success"
+        endpoint = compute.sagemaker.describe_endpoint(EndpointName="churn-lifecycle")
+        assert endpoint["EndpointStatus"] == "InService"
+        model = compute.sagemaker.describe_model(ModelName=f"churn-lifecycle-v{champion}")
+        assert model["PrimaryContainer"]["Environment"]["MLFACTORY_MODEL_URI"] == model_uri
+        state = read_endpoint_state(cfg)
+        assert state["served_version"] == champion and state["endpoint_config"] == endpoint["EndpointConfigName"]
+        scaling = boto3.client("application-autoscaling", endpoint_url=moto_server, region_name="us-east-1")
+        (target,) = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+        assert target["ResourceId"] == "endpoint/churn-lifecycle/variant/primary"
+        assert MlflowClient(mlflow_server.url).get_model_version("churn_aws", champion).tags["mlfactory.deployment"] == "serving"
+
+        # `champion` -> ml_batch_score: a transform job over the unscored curated snapshot.
+        batch = airflow.wait_for_run("ml_batch_score", 1, timeout=300, run_type="asset_triggered")
+        assert batch["state"] == "success"
+        scored = airflow.xcom("ml_batch_score", batch["dag_run_id"], "transform")
+        transform = compute.sagemaker.describe_transform_job(TransformJobName=scored["job"])
+        assert transform["ModelName"] == f"churn-lifecycle-v{champion}"
+        assert transform["TransformInput"]["DataSource"]["S3DataSource"]["S3DataType"] == "ManifestFile"
+        assert len(scored["snapshots"]) == 1 and parts[0].uri.split("/snapshot=")[1].startswith(scored["snapshots"][0])
+        print(f"train_aws tries: {sorted(tries)}; jobs played: {compute.played}")
+    finally:
+        compute.stopping.set()
+        airflow.stop()
+        mlflow_server.stop()
