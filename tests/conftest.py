@@ -76,6 +76,34 @@ def moto_server():
     stop_group(process)
 
 
+AWS_ROLE = "arn:aws:iam::123456789012:role/mlfactory-sagemaker"
+AWS_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1"
+
+
+def aws_config_on_moto(moto_server: str, bucket: str, path: Path, monkeypatch, conn_id: str = "moto", **aws):
+    """A clean moto, an Airflow connection ``conn_id`` to it, and the sample config with backend aws on
+    ``s3://bucket`` (created) written to ``path`` as MLFACTORY_CONFIG. Returns the raw config to edit
+    further (write it again with ``path.write_text(yaml.safe_dump(raw))``)."""
+    import urllib.request
+
+    import boto3
+    import yaml
+
+    from mlfactory.config import DEFAULT_CONFIG
+
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).close()
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({
+        "conn_type": "aws", "login": "testing", "password": "testing",
+        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw.update(backend="aws", aws={"role_arn": AWS_ROLE, "image_uri": AWS_IMAGE, "conn_id": conn_id, **aws})
+    raw["storage"]["bucket"] = f"s3://{bucket}"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return raw
+
+
 def play_sagemaker_training_job(s3, job: dict, workdir: Path, environment: dict | None = None) -> None:
     """Play the container's part of a training job moto reports Completed (moto runs nothing): the
     image's entrypoint with the job's arguments and SageMaker's environment, the `train` channel

@@ -15,19 +15,17 @@ job over and collects its model.
 
 from __future__ import annotations
 
-import json
 import threading
-import urllib.request
 from pathlib import Path
 
 import boto3
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import play_sagemaker_training_job
+from conftest import aws_config_on_moto, play_sagemaker_training_job
 
 from mlfactory import sample_data, storage
-from mlfactory.config import DEFAULT_CONFIG, load_config
+from mlfactory.config import load_config
 from mlfactory.local_airflow import LocalAirflow
 from mlfactory.mlflow_server import LocalMlflow
 from mlfactory.processes import free_port
@@ -35,7 +33,6 @@ from mlfactory.processes import free_port
 pytestmark = pytest.mark.scheduler
 
 BUCKET = "mlfactory-lifecycle"
-ROLE = "arn:aws:iam::123456789012:role/mlfactory-sagemaker"
 STAGES = ["ml_ingest", "ml_validate", "ml_train", "ml_promote", "ml_deploy", "ml_batch_score"]
 
 
@@ -70,10 +67,11 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
     from mlfactory.deployment import read_endpoint_state
     from mlfactory.registry import CHAMPION, Registry
 
-    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).close()
+    path = tmp_path / "pipeline.yaml"
+    raw = aws_config_on_moto(moto_server, BUCKET, path, monkeypatch, conn_id="aws_default", endpoint_name="churn-lifecycle",
+                             budget_usd=50)
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     sqs = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1")
-    s3.create_bucket(Bucket=BUCKET)
     queue = sqs.create_queue(QueueName="mlfactory-landing")["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [{
@@ -85,20 +83,14 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         monkeypatch.setenv(name, value)
     mlflow_server = LocalMlflow(tmp_path / "mlflow", f"s3://{BUCKET}/mlflow", port=free_port()).start()
 
-    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    raw.update(backend="aws", aws={"role_arn": ROLE, "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1",
-                                   "sqs_queue_url": queue, "endpoint_name": "churn-lifecycle", "budget_usd": 50})
-    raw["storage"]["bucket"] = f"s3://{BUCKET}"
+    raw["aws"]["sqs_queue_url"] = queue
     raw["training"].update(epochs=2, trials=1, processes=1, search_space={})
     raw["promotion"].update(floor=0.6)
     raw["mlflow"].update(tracking_uri=mlflow_server.url, experiment="aws-lifecycle", model_name="churn_aws")
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch.setenv("MLFACTORY_CONFIG", str(tmp_path / "pipeline.yaml"))
+    path.write_text(yaml.safe_dump(raw))
     cfg = load_config()
-    connection = json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
-                             "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}})
-    airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), env_overrides={
-        "MLFACTORY_CONFIG": cfg.source, "AIRFLOW_CONN_AWS_DEFAULT": connection,
+    airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), env_overrides={  # inherits AIRFLOW_CONN_AWS_DEFAULT
+        "MLFACTORY_CONFIG": cfg.source,
         # the first try of train_aws finds moto's job completed with no model yet (see the docstring)
         "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "3", "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "20"})
     compute = SageMakerCompute(moto_server, tmp_path / "sagemaker", {"MLFLOW_TRACKING_URI": mlflow_server.url,

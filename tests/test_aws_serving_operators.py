@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import AWS_ROLE, aws_config_on_moto
 
 BUCKET = "mlfactory-serving"
-ROLE = "arn:aws:iam::123456789012:role/mlfactory-sagemaker"
 
 
 @pytest.fixture
@@ -24,24 +23,16 @@ def aws_cfg(moto_server, champion, tmp_path, monkeypatch):
     """backend aws on moto, with the `champion` fixture's MLflow registry (model versions 1 and 2)."""
     import boto3
 
-    from mlfactory.config import DEFAULT_CONFIG, load_config
+    from mlfactory.config import load_config
     from mlfactory.registry import CHAMPION, Registry
 
-    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).close()
-    monkeypatch.setenv("AIRFLOW_CONN_MOTO", json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
-                                                         "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)  # the storage layer (s3fs) on moto too
     served = champion[0]
-    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    raw.update(backend="aws", aws={"role_arn": ROLE, "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1",
-                                   "conn_id": "moto", "endpoint_name": "churn", "rollback_alarms": ["churn-5xx"],
-                                   "canary_wait_s": 120, "endpoint_max_instances": 3})
-    raw["storage"]["bucket"] = f"s3://{BUCKET}"
-    raw["mlflow"] = served.mlflow.model_dump()
     path = tmp_path / "pipeline.yaml"
+    raw = aws_config_on_moto(moto_server, BUCKET, path, monkeypatch, endpoint_name="churn", rollback_alarms=["churn-5xx"],
+                             canary_wait_s=120, endpoint_max_instances=3)
+    raw["mlflow"] = served.mlflow.model_dump()
     path.write_text(yaml.safe_dump(raw))
-    monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
-    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=BUCKET)
     registry = Registry(served)
     registry.client.set_registered_model_alias(served.model_name, CHAMPION, "1")
     if registry.alias_version("second") is None:
@@ -85,7 +76,7 @@ def test_a_first_deploy_creates_model_config_endpoint_and_autoscaling(aws_cfg):
     model = aws_cfg.sagemaker.describe_model(ModelName="churn-v1")
     assert model["PrimaryContainer"]["Environment"] == {"MLFACTORY_MODEL_URI": target["model_uri"],
                                                       "MLFACTORY_MODEL_VERSION": "1"}
-    assert model["ExecutionRoleArn"] == ROLE
+    assert model["ExecutionRoleArn"] == AWS_ROLE
     config = aws_cfg.sagemaker.describe_endpoint_config(EndpointConfigName=deferred.kwargs["config"])
     (variant,) = config["ProductionVariants"]
     assert (variant["VariantName"], variant["ModelName"], variant["InstanceType"]) == ("primary", "churn-v1", "ml.m5.large")

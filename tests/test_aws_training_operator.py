@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
-from conftest import play_sagemaker_training_job
+from conftest import aws_config_on_moto, play_sagemaker_training_job
 
 BUCKET = "mlfactory-data"
-ROLE = "arn:aws:iam::123456789012:role/mlfactory-sagemaker"
 
 
 @pytest.fixture
@@ -26,26 +23,14 @@ def aws_env(moto_server, training_set, tmp_path, monkeypatch):
     """Config with backend aws on moto; the training set uploaded where ml_train would put it."""
     import boto3
 
-    from mlfactory.config import DEFAULT_CONFIG
-
-    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).close()
-    monkeypatch.setenv("AIRFLOW_CONN_MOTO", json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
-                                                         "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
-    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    raw.update(backend="aws", aws={"role_arn": ROLE, "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1",
-                                   "conn_id": "moto", "budget_usd": 20})
-    raw["storage"]["bucket"] = f"s3://{BUCKET}"
-    config = tmp_path / "pipeline.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    monkeypatch.setenv("MLFACTORY_CONFIG", str(config))
+    aws_config_on_moto(moto_server, BUCKET, tmp_path / "pipeline.yaml", monkeypatch, budget_usd=20)
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
-    s3.create_bucket(Bucket=BUCKET)
     local = Path(training_set.uri.removeprefix("file://"))
     for path in local.rglob("*"):
         if path.is_file():
             s3.upload_file(str(path), BUCKET, f"models/training_sets/ts1/{path.relative_to(local)}")
     sagemaker = boto3.client("sagemaker", endpoint_url=moto_server, region_name="us-east-1")
-    return SimpleNamespace(s3=s3, sagemaker=sagemaker, local_training_set=local)
+    return SimpleNamespace(s3=s3, sagemaker=sagemaker)
 
 
 def job_spec(**changes) -> dict:

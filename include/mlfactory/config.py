@@ -200,7 +200,8 @@ class ValidationSpec(_Strict):
 
 
 class IngestSpec(_Strict):
-    poll_interval_s: float = Field(2.0, gt=0, description="how often the landing watcher lists the folder (local, or S3 without a notification queue)")
+    poll_interval_s: float = Field(2.0, gt=0, description="how often the landing watcher lists the folder (local, "
+                                                          "or S3 without a notification queue)")
     settle_s: float = Field(1.0, ge=0, description="an object must be unchanged this long before it is ingested")
 
 
@@ -310,7 +311,8 @@ class AwsSpec(_Strict):
     role_arn: str = Field(description="IAM role SageMaker assumes for jobs and endpoints (arn:aws:iam::<account>:role/...)")
     image_uri: str = Field(description="the project's container image in ECR: training entrypoint and model server")
     sqs_queue_url: str = Field("", description="queue that receives the bucket's ObjectCreated notifications for the "
-                                               "landing prefix; empty: the landing watcher polls S3 (ListObjectsV2) every ingest.poll_interval_s")
+                                               "landing prefix; empty: the landing watcher polls S3 (ListObjectsV2) "
+                                               "every ingest.poll_interval_s")
     training_instance_type: str = Field("", description="overrides the catalog's choice from the accelerator")
     volume_size_gb: int = Field(50, ge=1, le=16384)
     spot: bool = Field(True, description="managed spot training; preempted jobs resume from their checkpoints")

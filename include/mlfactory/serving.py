@@ -7,9 +7,12 @@ It loads a model from the MLflow registry (or any MLflow model URI) and answers 
 | platform | health | predict |
 |---|---|---|
 | MLflow scoring protocol | `GET /ping`, `GET /health`, `GET /version` | `POST /invocations`: `dataframe_split`, `dataframe_records`, `instances`, `inputs` (JSON) or CSV |
-| SageMaker container contract | `GET /ping` | `POST /invocations` (port 8080) |
+| SageMaker container contract | `GET /ping` | `POST /invocations` (port 8080); batch transform sends each Parquet file whole (`application/vnd.apache.parquet`) |
 | Vertex AI custom container | `AIP_HEALTH_ROUTE` | `AIP_PREDICT_ROUTE`, port `AIP_HTTP_PORT`: `{"instances": [...]}` → `{"predictions": [...]}` |
 | Azure ML online endpoint | liveness `GET /`, readiness `GET /ready` | `POST /score` (`input_data` as split or records, or any of the above) |
+
+In a container, ``MLFACTORY_MODEL_URI`` names the model (a SageMaker Model points it at the
+version's files in S3) and ``MLFACTORY_MODEL_VERSION`` the registered version it is.
 
 Every predict route takes every body format and answers ``{"predictions": [{...}, ...]}``, one
 object per row, as the MLflow pyfunc's output columns.
@@ -304,12 +307,13 @@ def _parse_parquet(body: bytes, signature: Signature) -> dict[str, list]:
 class ServedModel:
     """An MLflow model loaded once: its signature, and predict over checked columns."""
 
-    def __init__(self, model_uri: str):
+    def __init__(self, model_uri: str, version: str | None = None):
         import mlflow.pyfunc
 
         from mlfactory.tabular import TabularPyfunc
 
-        self.model_uri, self.version = model_uri, _resolve_version(model_uri)
+        # a cloud endpoint loads the files (s3://...) and is told the registered version beside them
+        self.model_uri, self.version = model_uri, version or _resolve_version(model_uri)
         self.pyfunc = mlflow.pyfunc.load_model(model_uri)
         python_model = getattr(self.pyfunc, "unwrap_python_model", lambda: None)()
         # Our tabular models take the checked columns straight into Arrow and numpy: no pyfunc schema
@@ -819,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
         predict_route=env.get("AIP_PREDICT_ROUTE", "/predict"),
     )
     if args.model_uri:
-        server.add_variant("primary", ServedModel(args.model_uri), 100.0)
+        server.add_variant("primary", ServedModel(args.model_uri, env.get("MLFACTORY_MODEL_VERSION")), 100.0)
         log.info("serving %s (version %s) on %s:%d", args.model_uri, server.variants["primary"].model.version,
                  args.host, args.port)
     uvicorn.run(server, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="on",
