@@ -74,8 +74,9 @@ def test_a_first_deploy_creates_model_config_endpoint_and_autoscaling(aws_cfg):
     operator, deferred = deploy(target)
     assert deferred.trigger.job_type == "endpoint" and deferred.kwargs["endpoint"] == "churn"
     model = aws_cfg.sagemaker.describe_model(ModelName="churn-v1")
-    assert model["PrimaryContainer"]["Environment"] == {"MLFACTORY_MODEL_URI": target["model_uri"],
-                                                      "MLFACTORY_MODEL_VERSION": "1"}
+    assert model["PrimaryContainer"]["Environment"] == {
+        "MLFACTORY_MODEL_URI": target["model_uri"], "MLFACTORY_MODEL_VERSION": "1",
+        "MLFACTORY_PREDICTION_LOG_URI": f"s3://{BUCKET}/predictions/serving"}  # what ml_monitor reads
     assert model["ExecutionRoleArn"] == AWS_ROLE
     config = aws_cfg.sagemaker.describe_endpoint_config(EndpointConfigName=deferred.kwargs["config"])
     (variant,) = config["ProductionVariants"]

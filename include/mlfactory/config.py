@@ -158,6 +158,11 @@ class StorageSpec(_Strict):
         return self.uri("mlflow_prefix")
 
     @property
+    def prediction_log_uri(self) -> str:
+        """Where the endpoint logs what it served (every backend), for ml_monitor."""
+        return self.uri("predictions_prefix", "serving")
+
+    @property
     def landing_uri(self) -> str:
         return self.uri("landing_prefix")
 

@@ -135,7 +135,7 @@ class LocalEndpoint:
         with open(self.log_file, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mlfactory.serving", "--host", "127.0.0.1", "--port", str(self.cfg.serving.port),
-                 "--log-uri", storage.join(self.cfg.storage.predictions_uri, "serving"),
+                 "--log-uri", self.cfg.storage.prediction_log_uri,
                  "--log-flush-seconds", str(self.cfg.serving.log_flush_s)],
                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # outlives the task that started it; stop() ends its group

@@ -73,7 +73,7 @@ def check(cfg: PipelineConfig, run_key: str, min_rows: int | None = None) -> dic
     reference, reference_uri = reference_columns(cfg, version)
 
     snapshots = {sid: uri for sid, uri in curated_snapshots(cfg).items() if sid not in state["curated"]}
-    serving_log = storage.join(cfg.storage.predictions_uri, "serving")
+    serving_log = cfg.storage.prediction_log_uri
     parts = [o for o in storage.list_objects(serving_log) if o.key.endswith(".parquet") and o.key > state["serving_after"]]
     pending = {
         "curated": (lambda: _read(list(snapshots.values()), raw), list(snapshots)),

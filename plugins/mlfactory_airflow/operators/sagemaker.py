@@ -86,8 +86,9 @@ class SageMakerBaseOperator(BaseOperator):
 
         name = model_name_for(endpoint_name(self.settings, self.config.model_name), version)
         if self.describe("describe_model", ModelName=name) is None:
-            self.hook.conn.create_model(**create_model_request(name, model_uri, self.settings,
-                                                              {"MLFACTORY_MODEL_VERSION": str(version)}))
+            environment = {"MLFACTORY_MODEL_VERSION": str(version),  # the prediction log ml_monitor reads, as on local
+                           "MLFACTORY_PREDICTION_LOG_URI": self.config.storage.prediction_log_uri}
+            self.hook.conn.create_model(**create_model_request(name, model_uri, self.settings, environment))
             self.log.info("created SageMaker model %s on %s", name, model_uri)
         return name
 
