@@ -126,7 +126,12 @@ def test_a_retry_after_a_failed_job_starts_a_new_one_on_the_same_checkpoints(aws
     described = aws_env.sagemaker.describe_training_job(TrainingJobName="run-3-t0")
     described.pop("ResponseMetadata")
     retry = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name="run-3-t0"))
+    def absent(stub, name):  # SageMaker's answer for a job that does not exist
+        stub.add_client_error("describe_training_job", "ValidationException", "Requested resource not found.", 400,
+                              expected_params={"TrainingJobName": name})
+
     with Stubber(retry.hook.conn) as stub:
+        absent(stub, "run-3-t0-a2")
         stub.add_response("describe_training_job", {**described, "TrainingJobStatus": "Stopped", "SecondaryStatus": "Stopped"},
                           {"TrainingJobName": "run-3-t0"})
         expected = {**create_training_job_request(TrainingJobSpec(**job_spec(name="run-3-t0")), retry.settings),
@@ -134,6 +139,18 @@ def test_a_retry_after_a_failed_job_starts_a_new_one_on_the_same_checkpoints(aws
         stub.add_response("create_training_job", {"TrainingJobArn": described["TrainingJobArn"] + "-a2"}, expected)
         with pytest.raises(TaskDeferred) as deferred:
             retry.execute({"ti": SimpleNamespace(try_number=2)})
+    assert deferred.value.kwargs == {"job_name": "run-3-t0-a2"}
+
+    # a third try while -a2 still runs takes -a2 over: the latest earlier job counts, nothing is created
+    third = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name="run-3-t0"))
+    with Stubber(third.hook.conn) as stub:
+        absent(stub, "run-3-t0-a3")
+        stub.add_response("describe_training_job", {**described, "TrainingJobName": "run-3-t0-a2",
+                                                    "TrainingJobStatus": "InProgress", "SecondaryStatus": "Training"},
+                          {"TrainingJobName": "run-3-t0-a2"})
+        with pytest.raises(TaskDeferred) as deferred:
+            third.execute({"ti": SimpleNamespace(try_number=3)})
+        stub.assert_no_pending_responses()
     assert deferred.value.kwargs == {"job_name": "run-3-t0-a2"}
 
 

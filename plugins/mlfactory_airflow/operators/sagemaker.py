@@ -64,19 +64,23 @@ class SageMakerBaseOperator(BaseOperator):
             raise
 
     def start_or_take_over(self, request: dict, name_field: str, describe: str, status, create: str, try_number: int) -> str:
-        """Create the job in ``request`` unless an earlier try's job of that name is running or done (then
-        take it over); after a failed or stopped one, start ``<name>-a<try>``. Returns the job's name."""
+        """Create the job in ``request`` unless an earlier try's job (``<name>``, or ``<name>-a<n>`` that a
+        later try started) is running or done: then take the latest of them over. After a failed or
+        stopped one, start ``<name>-a<try>``. Returns the job's name."""
         from mlfactory.aws import job_name
 
-        name = request[name_field]
-        earlier = self.describe(describe, **{name_field: name})
+        base = request[name_field]
+        names = [job_name(f"{base[:56]}-a{n}") for n in range(try_number, 1, -1)] + [base]  # the latest try first
+        earlier = next(((n, d) for n in names if (d := self.describe(describe, **{name_field: n})) is not None), None)
+        name = base
         if earlier is not None:
-            state = status(earlier).state
-            if state in ("running", "succeeded"):
-                self.log.info("%s from an earlier try is %s: taking it over", name, state)
-                return name
-            name = job_name(f"{name[:56]}-a{try_number}")
-            self.log.info("the earlier job failed or stopped (%s): starting %s", status(earlier).detail, name)
+            found, described = earlier
+            job = status(described)
+            if job.state in ("running", "succeeded"):
+                self.log.info("%s from an earlier try is %s: taking it over", found, job.state)
+                return found
+            name = job_name(f"{base[:56]}-a{try_number}")
+            self.log.info("the earlier job %s %s (%s): starting %s", found, job.state, job.detail, name)
         getattr(self.hook.conn, create)(**{**request, name_field: name})
         return name
 
