@@ -93,17 +93,32 @@ def test_the_job_is_created_deferred_and_its_model_collected(aws_env, tmp_path):
     assert [j["TrainingJobName"] for j in aws_env.sagemaker.list_training_jobs()["TrainingJobSummaries"]] == ["run-1-t0"]
 
 
-def test_a_failed_job_fails_the_task_with_sagemakers_reason(aws_env):
-    from airflow.exceptions import AirflowException, TaskDeferred
-    from botocore.stub import Stubber
+def first_try_on_moto(aws_env, name: str):
+    """The operator's first try, creating job ``name`` on moto: (the operator, moto's DescribeTrainingJob
+    answer as a starting point for the states moto cannot reach)."""
+    from airflow.exceptions import TaskDeferred
 
     from mlfactory_airflow.operators.sagemaker_training import SageMakerTrainingOperator
 
-    operator = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name="run-2-t0"))
+    operator = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name=name))
     with pytest.raises(TaskDeferred):
         operator.execute({"ti": SimpleNamespace(try_number=1)})
-    described = aws_env.sagemaker.describe_training_job(TrainingJobName="run-2-t0")
+    described = aws_env.sagemaker.describe_training_job(TrainingJobName=name)
     described.pop("ResponseMetadata")
+    return operator, described
+
+
+def absent(stub, name: str) -> None:
+    """SageMaker's answer to DescribeTrainingJob for a job that does not exist."""
+    stub.add_client_error("describe_training_job", "ValidationException", "Requested resource not found.", 400,
+                          expected_params={"TrainingJobName": name})
+
+
+def test_a_failed_job_fails_the_task_with_sagemakers_reason(aws_env):
+    from airflow.exceptions import AirflowException
+    from botocore.stub import Stubber
+
+    operator, described = first_try_on_moto(aws_env, "run-2-t0")
     failed = {**described, "TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
               "FailureReason": "AlgorithmError: CUDA out of memory (exit code 1)"}
     with Stubber(operator.hook.conn) as stub:  # moto cannot fail a job; the Stubber checks this answer's shape
@@ -120,16 +135,8 @@ def test_a_retry_after_a_failed_job_starts_a_new_one_on_the_same_checkpoints(aws
     from mlfactory.jobs import TrainingJobSpec
     from mlfactory_airflow.operators.sagemaker_training import SageMakerTrainingOperator
 
-    first = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name="run-3-t0"))
-    with pytest.raises(TaskDeferred):
-        first.execute({"ti": SimpleNamespace(try_number=1)})
-    described = aws_env.sagemaker.describe_training_job(TrainingJobName="run-3-t0")
-    described.pop("ResponseMetadata")
+    _, described = first_try_on_moto(aws_env, "run-3-t0")
     retry = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name="run-3-t0"))
-    def absent(stub, name):  # SageMaker's answer for a job that does not exist
-        stub.add_client_error("describe_training_job", "ValidationException", "Requested resource not found.", 400,
-                              expected_params={"TrainingJobName": name})
-
     with Stubber(retry.hook.conn) as stub:
         absent(stub, "run-3-t0-a2")
         stub.add_response("describe_training_job", {**described, "TrainingJobStatus": "Stopped", "SecondaryStatus": "Stopped"},

@@ -56,13 +56,9 @@ class SageMakerTrainingOperator(SageMakerBaseOperator):
     def _wait(self, name: str, spec) -> None:
         from mlfactory_airflow.triggers.sagemaker import SageMakerTrainingJobTrigger
 
-        self.defer(
-            trigger=SageMakerTrainingJobTrigger(job_name=name, waiter_delay=self.waiter_delay,
-                                                waiter_max_attempts=max(1, spec.max_runtime_s * 3 // self.waiter_delay),
-                                                aws_conn_id=self.settings.conn_id, region_name=self.settings.region),
-            method_name="execute_complete",
-            kwargs={"job_name": name},
-        )
+        # spot jobs may wait for capacity: poll for up to 3 x the max runtime
+        self.defer(trigger=self.trigger(name, "Training", spec.max_runtime_s * 3, SageMakerTrainingJobTrigger),
+                   method_name="execute_complete", kwargs={"job_name": name})
 
     def execute_complete(self, context, event: dict[str, Any] | None = None, job_name: str | None = None) -> dict:
         from airflow.sdk.exceptions import AirflowException
