@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,13 +34,9 @@ class LocalBucketChangeTrigger(WatermarkedTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from mlfactory import storage
 
-        watermark = await self.load_watermark()
-        self.log.info("watching %s (%d objects already announced)", self.prefix_uri, len(watermark.seen))
-        while True:
-            listing = await asyncio.to_thread(storage.list_objects, self.prefix_uri)
-            for obj in watermark.unannounced(listing, self.settle_seconds):
-                self.log.info("new object %s (%d bytes)", obj.uri, obj.size)
-                yield TriggerEvent({"uri": obj.uri, "key": obj.key, "size": obj.size, "fingerprint": obj.fingerprint})
-                watermark.mark(obj)
-                await self.save_watermark(watermark)
-            await asyncio.sleep(self.poll_interval)
+        self.log.info("watching %s", self.prefix_uri)
+        async for event in self.poll(lambda: storage.list_objects(self.prefix_uri),
+                                     lambda obj: {"uri": obj.uri, "key": obj.key, "size": obj.size,
+                                                  "fingerprint": obj.fingerprint},
+                                     self.poll_interval, self.settle_seconds):
+            yield event

@@ -109,20 +109,12 @@ class S3PrefixPollTrigger(WatermarkedTrigger):
         return found
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        import asyncio
-
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-        watermark = await self.load_watermark()
         s3 = S3Hook(aws_conn_id=self.aws_conn_id, region_name=self.region_name).conn
-        self.log.info("polling s3://%s/%s every %.0fs (no notification queue configured; %d objects already announced)",
-                      self.bucket, self.prefix, self.poll_interval, len(watermark.seen))
-        while True:
-            listing = await asyncio.to_thread(self._listing, s3)
-            for obj in watermark.unannounced(listing, self.settle_seconds):
-                self.log.info("new object %s (%d bytes)", obj.uri, obj.size)
-                yield TriggerEvent({"uri": obj.uri, "bucket": self.bucket, "key": obj.key, "size": obj.size,
-                                    "etag": obj.fingerprint})
-                watermark.mark(obj)
-                await self.save_watermark(watermark)
-            await asyncio.sleep(self.poll_interval)
+        self.log.info("listing s3://%s/%s (no notification queue configured)", self.bucket, self.prefix)
+        async for event in self.poll(lambda: self._listing(s3),
+                                     lambda obj: {"uri": obj.uri, "bucket": self.bucket, "key": obj.key, "size": obj.size,
+                                                  "etag": obj.fingerprint},
+                                     self.poll_interval, self.settle_seconds):
+            yield event

@@ -1,9 +1,13 @@
 """What the bucket-change triggers of every backend share: the watermark of announced objects,
-kept in Airflow's asset state store for the watched Asset (see mlfactory.landing)."""
+kept in Airflow's asset state store for the watched Asset (see mlfactory.landing), and the polling
+loop of the triggers that list a prefix."""
 
 from __future__ import annotations
 
-from airflow.triggers.base import BaseEventTrigger
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 
 class WatermarkedTrigger(BaseEventTrigger):
@@ -20,3 +24,17 @@ class WatermarkedTrigger(BaseEventTrigger):
 
         if self.asset_state_store is not None:
             await self.asset_state_store.aset(STATE_KEY, watermark.seen)
+
+    async def poll(self, listing: Callable[[], list], payload: Callable, poll_interval: float,
+                   settle_seconds: float) -> AsyncIterator[TriggerEvent]:
+        """Every ``poll_interval`` s, ``listing()`` (in a thread) -> one event per object new or changed
+        since announced and settled for ``settle_seconds``; the watermark is saved after each event."""
+        watermark = await self.load_watermark()
+        self.log.info("polling every %.1fs (%d objects already announced)", poll_interval, len(watermark.seen))
+        while True:
+            for obj in watermark.unannounced(await asyncio.to_thread(listing), settle_seconds):
+                self.log.info("new object %s (%d bytes)", obj.uri, obj.size)
+                yield TriggerEvent(payload(obj))
+                watermark.mark(obj)
+                await self.save_watermark(watermark)
+            await asyncio.sleep(poll_interval)
