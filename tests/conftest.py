@@ -47,7 +47,7 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def moto_server():
+def moto_server(tmp_path_factory):
     """moto's server (S3, SQS, SageMaker, Application Auto Scaling) over real HTTP on 127.0.0.1,
     for the whole session; yields its URL. Tests that need a clean slate POST /moto-api/reset."""
     import subprocess
@@ -58,8 +58,11 @@ def moto_server():
     from mlfactory.processes import free_port, stop_group
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # moto logs every request: to a file, never to a pipe nobody reads (a full pipe blocks the server)
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -69,7 +72,7 @@ def moto_server():
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 stop_group(process)
-                raise RuntimeError(f"moto's server did not start: {process.stderr.read().decode()[-2000:]}") from None
+                raise RuntimeError(f"moto's server did not start: {log.read_text()[-2000:]}") from None
             time.sleep(0.3)
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     yield url
