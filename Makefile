@@ -27,7 +27,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m mlfactory.run_local
+	$(PY) -m mlfactory.backends.local.run
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -25,7 +25,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mlfactory-p5-"))
     env = {**os.environ, "MLFACTORY_EXIT_WHEN_DONE": "1", "MLFACTORY_ROWS": str(args.rows),
            "MLFACTORY_STATE_DIR": str(work), "MLFACTORY_BUCKET": str(work / "bucket")}
-    code = subprocess.run([sys.executable, "-m", "mlfactory.run_local"], env=env).returncode
+    code = subprocess.run([sys.executable, "-m", "mlfactory.backends.local.run"], env=env).returncode
     summary = json.loads((work / ".mlfactory" / "run-summary.json").read_text())
     first = [r for r in summary.get("runs", [])][:6]
     seconds = summary.get("timings", {}).get("landing_to_serving_s")

@@ -28,18 +28,19 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from mlfactory.batch_scoring import load_tabular_model, score
+    from mlfactory.backends.local.scoring import load_tabular_model, score
+    from mlfactory.batch_scoring import plan
     from mlfactory.registry import CHAMPION, Registry
     from mlfactory.training_data import curated_snapshots, read_curated
 
     with served_model(rows=20_000) as (cfg, work):
         version = Registry(cfg).alias_version(CHAMPION)
-        score(cfg, "warm-up", version)  # the training rows; the measured runs score only the new batch
+        score(cfg, plan(cfg, "warm-up", version))  # the training rows; the measured runs score only the new batch
         before = set(curated_snapshots(cfg))
         sample_data.land_and_curate(cfg, args.rows, seed=7)
         (measured_uri,) = [uri for sid, uri in curated_snapshots(cfg).items() if sid not in before]
 
-        model = load_tabular_model(cfg, version)
+        model = load_tabular_model(cfg, f"models:/{cfg.model_name}/{version}")
         columns = [c.name for c in cfg.dataset.columns] + [f.name for f in cfg.dataset.derived]
         frame = read_curated(cfg, columns).tail(args.rows)
         chunk = cfg.batch_scoring.chunk_rows
@@ -48,7 +49,7 @@ def main() -> int:
         batch_rows_per_s = loop_rows_per_s = bare_rows_per_s = 0.0
         for repeat in range(args.repeats):
             started = time.perf_counter()
-            result = score(cfg, f"measured-{repeat}", version, measured_uri)
+            result = score(cfg, plan(cfg, f"measured-{repeat}", version, measured_uri))
             batch_rows_per_s = max(batch_rows_per_s, result["rows"] / (time.perf_counter() - started))
             loop_rows_per_s = max(loop_rows_per_s, result["rows"] / result["seconds"])
             started = time.perf_counter()

@@ -1,13 +1,11 @@
 """ml_batch_score: the champion scores curated data not yet scored → a predictions table in the bucket.
 
-Daily (``batch_scoring.schedule``) and whenever Asset `champion` moves. Scores in chunks of
-``batch_scoring.chunk_rows`` and writes ``<bucket>/predictions/batch/run=<run id>/`` (key columns,
-outputs, model version, snapshot, time); a retried run replaces its own output, never duplicates it.
-The form can score any Parquet URI instead, or use another model version.
-
-On `aws`, a SageMaker batch transform job does the scoring (the same model server, each curated
-file sent whole as Parquet) over a manifest of the snapshots not scored yet; its answers land under
-the same ``run=<run id>/`` prefix as ``<file>.out`` (JSON, in the file's row order).
+Daily (``batch_scoring.schedule``) and whenever Asset `champion` moves. `plan` makes the run's
+``BatchJobSpec``: the version (the champion, or the form's), the curated snapshots no run has scored
+yet (or the URI from the form), the output ``<bucket>/predictions/batch/run=<run id>/``, and the
+sizing of ``batch_scoring``; with nothing new to score, the run skips. `score` runs it on the
+backend (see below), and marks the snapshots scored when it succeeds; a retried run replaces its own
+output, never duplicates it.
 """
 
 from __future__ import annotations
@@ -18,9 +16,11 @@ from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, t
 
 from mlfactory.config import load_config
 from mlfactory_airflow.assets import pipeline_assets
+from mlfactory_airflow.backends import backend_for
 
 cfg = load_config()
 assets = pipeline_assets(cfg)
+backend = backend_for(cfg)
 
 with DAG(
     dag_id="ml_batch_score",
@@ -32,7 +32,7 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["mlfactory", "batch"],
-    doc_md=__doc__,
+    doc_md=f"{__doc__}\n**This pipeline's backend, `{cfg.backend.name}`:** {backend.batch_doc}",
     params={
         "input_uri": Param(None, type=["null", "string"], title="Data to score",
                            description="Leave empty for the curated snapshots not scored yet. Example: file:///data/batch/"),
@@ -41,34 +41,13 @@ with DAG(
     },
 ):
 
-    def champion_version(params: dict) -> str:
-        from airflow.sdk.exceptions import AirflowSkipException
+    @task
+    def plan(params: dict, run_id=None) -> dict:
+        """The BatchJobSpec of this run (skipped when there is no champion or nothing new to score)."""
+        from mlfactory.batch_scoring import plan
+        from mlfactory_airflow.outcomes import task_outcome
 
-        from mlfactory.registry import CHAMPION, Registry
+        with task_outcome():
+            return plan(cfg, run_id, params.get("version"), params.get("input_uri")).model_dump()
 
-        version = params.get("version") or Registry(cfg).alias_version(CHAMPION)
-        if not version:
-            raise AirflowSkipException(f"{cfg.model_name} has no champion yet: nothing to score with")
-        return str(version)
-
-    if cfg.backend == "aws":
-        from mlfactory_airflow.operators.sagemaker import SageMakerTransformOperator
-
-        @task
-        def resolve(params: dict) -> dict:
-            """The version to score with and where its files are in S3 (what the SageMaker Model loads)."""
-            from mlfactory.deployment import cloud_target
-
-            return cloud_target(cfg, champion_version(params))
-
-        SageMakerTransformOperator(task_id="transform", target=resolve(), input_uri="{{ params.input_uri or '' }}",
-                                   outlets=[assets.predictions])
-    else:
-
-        @task(outlets=[assets.predictions])
-        def score(params: dict, run_id=None) -> dict:
-            from mlfactory.batch_scoring import score
-
-            return score(cfg, run_id, champion_version(params), params.get("input_uri"))
-
-        score()
+    backend.batch_operator(task_id="score", spec=plan(), outlets=[assets.predictions])

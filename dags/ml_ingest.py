@@ -49,16 +49,14 @@ with DAG(
 
     @task(outlets=[assets.raw], map_index_template="{{ task.op_kwargs['uri'] if task.op_kwargs else '' }}")
     def ingest(uri: str, outlet_events=None) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+        from mlfactory import NothingToDo
+        from mlfactory.ingest import ingest_object
+        from mlfactory_airflow.outcomes import task_outcome
 
-        from mlfactory.ingest import IngestError, ingest_object
-
-        try:
+        with task_outcome():  # bad input fails at once: retrying will not help
             manifest, created = ingest_object(cfg, uri)
-        except IngestError as err:
-            raise AirflowFailException(str(err)) from err  # bad input: retrying will not help
-        if not created:
-            raise AirflowSkipException(f"{uri} has the same bytes as snapshot {manifest.snapshot_uri}: ingested already")
+            if not created:
+                raise NothingToDo(f"{uri} has the same bytes as snapshot {manifest.snapshot_uri}: ingested already")
         outlet_events[assets.raw].extra = manifest.to_dict()
         return manifest.to_dict()
 

@@ -37,37 +37,17 @@ with DAG(
     @task
     def register(params: dict, triggering_asset_events=None) -> dict:
         """Register the candidate (from the `candidate` event, or the form) with alias `challenger`."""
-        from mlfactory.registry import TRAINING_SET_TAG, Registry
+        from mlfactory.registry import candidate_from, register_candidate
 
-        if params.get("model_uri"):
-            candidate = {"model_uri": params["model_uri"], "mlflow_run_id": None}
-        else:
-            events = triggering_asset_events[assets.candidate] if triggering_asset_events else []
-            if not events:
-                raise ValueError("nothing to promote: no `candidate` event started this run; set 'model_uri' in the form")
-            candidate = events[-1].extra
-        if not candidate.get("model_uri"):
-            raise ValueError(f"the candidate has no MLflow model URI (was MLflow reachable from training?): {candidate}")
-        registry = Registry(cfg)
-        tags = {"mlfactory.mlflow_run_id": candidate.get("mlflow_run_id") or "",
-                "mlfactory.validation_metric": f"{candidate.get('metric')}={candidate.get('value')}",
-                TRAINING_SET_TAG: (candidate.get("training_set") or {}).get("uri", "")}
-        version = registry.register(candidate["model_uri"], candidate.get("mlflow_run_id"), tags)
-        return {"version": version, **candidate}
+        events = triggering_asset_events[assets.candidate] if triggering_asset_events else []
+        return register_candidate(cfg, candidate_from(params.get("model_uri"), [e.extra for e in events]))
 
     @task
     def evaluate(candidate: dict) -> dict:
         """Challenger vs champion on the frozen holdout; the decision is tagged on the version."""
-        from mlfactory.registry import Registry
-        from mlfactory.training_data import frozen_holdout, read_holdout
+        from mlfactory.registry import evaluate_challenger
 
-        registry = Registry(cfg)
-        frozen = frozen_holdout(cfg)
-        if frozen is None:
-            raise ValueError(f"no frozen holdout under {cfg.storage.models_uri}: ml_train freezes one on its first run")
-        uri, sha256 = registry.holdout(frozen.uri, frozen.sha256)
-        decision = registry.evaluate(candidate["version"], read_holdout(uri, sha256))  # logs the decision
-        return {**decision.to_dict(), "version": candidate["version"], "holdout_uri": uri, "holdout_sha256": sha256}
+        return evaluate_challenger(cfg, candidate["version"])
 
     @task.short_circuit
     def gate(decision: dict) -> bool:

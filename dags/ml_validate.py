@@ -48,15 +48,11 @@ with DAG(
 
     @task(outlets=[assets.curated])
     def curate(snapshot_uri: str, outlet_events=None) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
+        from mlfactory.etl import curate_snapshot
+        from mlfactory_airflow.outcomes import task_outcome
 
-        from mlfactory.etl import ValidationFailed, curate_snapshot
-        from mlfactory.ingest import IngestError
-
-        try:
+        with task_outcome():  # the data is wrong: a retry would fail the same way
             result = curate_snapshot(cfg, snapshot_uri)
-        except (ValidationFailed, IngestError) as err:
-            raise AirflowFailException(str(err)) from err  # the data is wrong: a retry would fail the same way
         outlet_events[assets.curated].extra = result.to_extra()
         return result.to_extra()
 

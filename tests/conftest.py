@@ -83,10 +83,12 @@ AWS_ROLE = "arn:aws:iam::123456789012:role/mlfactory-sagemaker"
 AWS_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1"
 
 
-def aws_config_on_moto(moto_server: str, bucket: str, path: Path, monkeypatch, conn_id: str = "moto", **aws):
+def aws_config_on_moto(moto_server: str, bucket: str, path: Path, monkeypatch, conn_id: str = "moto",
+                       serving: dict | None = None, **aws):
     """A clean moto, an Airflow connection ``conn_id`` to it, and the sample config with backend aws on
-    ``s3://bucket`` (created) written to ``path`` as MLFACTORY_CONFIG. Returns the raw config to edit
-    further (write it again with ``path.write_text(yaml.safe_dump(raw))``)."""
+    ``s3://bucket`` (created) written to ``path`` as MLFACTORY_CONFIG; ``aws`` goes to the aws section and
+    ``serving`` to the serving section. Returns the raw config to edit further (write it again with
+    ``path.write_text(yaml.safe_dump(raw))``)."""
     import urllib.request
 
     import boto3
@@ -100,6 +102,7 @@ def aws_config_on_moto(moto_server: str, bucket: str, path: Path, monkeypatch, c
         "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw.update(backend="aws", aws={"role_arn": AWS_ROLE, "image_uri": AWS_IMAGE, "conn_id": conn_id, **aws})
+    raw["serving"].update(serving or {})
     raw["storage"]["bucket"] = f"s3://{bucket}"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("MLFACTORY_CONFIG", str(path))

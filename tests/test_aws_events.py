@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from mlfactory.aws import NotANotification, s3_landing_events
+from mlfactory.backends.aws.events import NotANotification, s3_landing_events
 
 BUCKET, PREFIX = "mlfactory-data", "landing/"
 
@@ -42,7 +42,7 @@ def messages_on(sqs, queue_url) -> int:
 
 
 def test_the_trigger_announces_each_new_object_once_and_acknowledges_after_emitting(aws_resources):
-    from mlfactory_airflow.triggers.s3_events import S3EventQueueTrigger
+    from mlfactory_airflow.backends.aws.triggers import S3EventQueueTrigger
 
     s3, sqs, queue_url = aws_resources
     s3.put_object(Bucket=BUCKET, Key="landing/june batch+1.csv", Body=b"a,b\n1,2\n")
@@ -50,7 +50,7 @@ def test_the_trigger_announces_each_new_object_once_and_acknowledges_after_emitt
     assert messages_on(sqs, queue_url) == 2  # moto's s3:TestEvent, then the landing object
 
     trigger = S3EventQueueTrigger(queue_url, BUCKET, PREFIX, aws_conn_id="moto", wait_time_s=1)
-    assert trigger.serialize()[0] == "mlfactory_airflow.triggers.s3_events.S3EventQueueTrigger"
+    assert trigger.serialize()[0] == "mlfactory_airflow.backends.aws.triggers.S3EventQueueTrigger"
 
     async def scenario():
         events = trigger.run()
@@ -80,7 +80,7 @@ def test_the_trigger_announces_each_new_object_once_and_acknowledges_after_emitt
 
 
 def test_a_message_that_is_not_a_notification_stays_on_the_queue(aws_resources):
-    from mlfactory_airflow.triggers.s3_events import S3EventQueueTrigger
+    from mlfactory_airflow.backends.aws.triggers import S3EventQueueTrigger
 
     _, sqs, queue_url = aws_resources
     sqs.purge_queue(QueueUrl=queue_url)
@@ -117,7 +117,7 @@ def test_the_aws_config_watches_the_landing_prefix_through_the_queue(tmp_path, m
 
     from mlfactory.config import DEFAULT_CONFIG, load_config
     from mlfactory_airflow.assets import pipeline_assets
-    from mlfactory_airflow.triggers.s3_events import S3EventQueueTrigger
+    from mlfactory_airflow.backends.aws.triggers import S3EventQueueTrigger
 
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw.update(backend="aws", aws={"role_arn": "arn:aws:iam::123456789012:role/mlfactory", "image_uri": "img",
@@ -136,7 +136,7 @@ def test_without_a_queue_the_landing_prefix_is_polled_each_object_once(aws_resou
 
     from mlfactory.config import DEFAULT_CONFIG, load_config
     from mlfactory_airflow.assets import pipeline_assets
-    from mlfactory_airflow.triggers.s3_events import S3PrefixPollTrigger
+    from mlfactory_airflow.backends.aws.triggers import S3PrefixPollTrigger
 
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw.update(backend="aws", aws={"role_arn": "arn:aws:iam::123456789012:role/mlfactory", "image_uri": "img", "conn_id": "moto"})

@@ -68,7 +68,8 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
     from mlfactory.registry import CHAMPION, Registry
 
     path = tmp_path / "pipeline.yaml"
-    raw = aws_config_on_moto(moto_server, BUCKET, path, monkeypatch, conn_id="aws_default", endpoint_name="churn-lifecycle",
+    raw = aws_config_on_moto(moto_server, BUCKET, path, monkeypatch, conn_id="aws_default",
+                             serving={"endpoint_name": "churn-lifecycle"},
                              budget_usd=50)
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     sqs = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1")
@@ -91,7 +92,7 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
     cfg = load_config()
     airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), env_overrides={  # inherits AIRFLOW_CONN_AWS_DEFAULT
         "MLFACTORY_CONFIG": cfg.source,
-        # the first try of train_aws finds moto's job completed with no model yet (see the docstring)
+        # the first try of `train` finds moto's job completed with no model yet (see the docstring)
         "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "3", "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "20"})
     compute = SageMakerCompute(moto_server, tmp_path / "sagemaker", {"MLFLOW_TRACKING_URI": mlflow_server.url,
                                                                      "MLFLOW_EXPERIMENT_NAME": "aws-lifecycle"})
@@ -117,7 +118,7 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         # `curated` -> ml_train: one SageMaker training job, submitted with the right request.
         train = airflow.wait_for_run("ml_train", 1, timeout=600, run_type="asset_triggered")
         assert not compute.errors, compute.errors
-        assert train["state"] == "success", airflow.task_log("ml_train", train["dag_run_id"], "train_aws", map_index=0)
+        assert train["state"] == "success", airflow.task_log("ml_train", train["dag_run_id"], "train", map_index=0)
         (job_name,) = compute.played
         job = compute.sagemaker.describe_training_job(TrainingJobName=job_name)
         assert job["AlgorithmSpecification"]["ContainerEntrypoint"] == ["python", "-m", "mlfactory.train"]
@@ -126,7 +127,7 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         assert (job["ResourceConfig"]["InstanceType"], job["ResourceConfig"]["InstanceCount"]) == ("ml.m5.xlarge", 1)
         assert job["EnableManagedSpotTraining"] is True and job["CheckpointConfig"]["S3Uri"].startswith(f"s3://{BUCKET}/models/checkpoints/")
         assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] >= job["StoppingCondition"]["MaxRuntimeInSeconds"]
-        tries = {t["try_number"] for t in airflow.task_instances("ml_train", train["dag_run_id"]) if t["task_id"] == "train_aws"}
+        tries = {t["try_number"] for t in airflow.task_instances("ml_train", train["dag_run_id"]) if t["task_id"] == "train"}
         candidate = airflow.xcom("ml_train", train["dag_run_id"], "select_best")
         assert candidate["model_bundle_uri"].startswith(f"s3://{BUCKET}/models/runs/") and candidate["model_uri"]
 
@@ -143,7 +144,7 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         assert deploy["state"] == "success"
         endpoint = compute.sagemaker.describe_endpoint(EndpointName="churn-lifecycle")
         assert endpoint["EndpointStatus"] == "InService"
-        model = compute.sagemaker.describe_model(ModelName=f"churn-lifecycle-v{champion}")
+        model = compute.sagemaker.describe_model(ModelName=f"churn-aws-v{champion}")  # of registered model churn_aws
         assert model["PrimaryContainer"]["Environment"]["MLFACTORY_MODEL_URI"] == model_uri
         state = read_endpoint_state(cfg)
         assert state["served_version"] == champion and state["endpoint_config"] == endpoint["EndpointConfigName"]
@@ -155,12 +156,12 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         # `champion` -> ml_batch_score: a transform job over the unscored curated snapshot.
         batch = airflow.wait_for_run("ml_batch_score", 1, timeout=300, run_type="asset_triggered")
         assert batch["state"] == "success"
-        scored = airflow.xcom("ml_batch_score", batch["dag_run_id"], "transform")
+        scored = airflow.xcom("ml_batch_score", batch["dag_run_id"], "score")
         transform = compute.sagemaker.describe_transform_job(TransformJobName=scored["job"])
-        assert transform["ModelName"] == f"churn-lifecycle-v{champion}"
+        assert transform["ModelName"] == f"churn-aws-v{champion}"
         assert transform["TransformInput"]["DataSource"]["S3DataSource"]["S3DataType"] == "ManifestFile"
         assert len(scored["snapshots"]) == 1 and parts[0].uri.split("/snapshot=")[1].startswith(scored["snapshots"][0])
-        print(f"train_aws tries: {sorted(tries)}; jobs played: {compute.played}")
+        print(f"train tries: {sorted(tries)}; jobs played: {compute.played}")
     finally:
         compute.stopping.set()
         airflow.stop()

@@ -9,17 +9,17 @@ import urllib.request
 
 import pytest
 
-from mlfactory import aws
-from mlfactory.config import AwsSpec
-from mlfactory.jobs import Accelerator, TrainingJobSpec
+from mlfactory.backends.aws import AwsSettings
+from mlfactory.backends.aws import sagemaker as aws
+from mlfactory.specs import Accelerator, BatchJobSpec, BudgetExceeded, EndpointSpec, ModelRef, TrainingJobSpec
 
 ROLE = "arn:aws:iam::123456789012:role/mlfactory-sagemaker"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1.0"
 
 
 @pytest.fixture
-def settings() -> AwsSpec:
-    return AwsSpec(role_arn=ROLE, image_uri=IMAGE, budget_usd=50, tags={"team": "ml"},
+def settings() -> AwsSettings:
+    return AwsSettings(role_arn=ROLE, image_uri=IMAGE, budget_usd=50, tags={"team": "ml"},
                    subnets=["subnet-0abc"], security_group_ids=["sg-0abc"], kms_key_id="alias/mlfactory")
 
 
@@ -30,6 +30,13 @@ def spec(**changes) -> TrainingJobSpec:
                   environment={"MLFLOW_TRACKING_URI": "https://mlflow.example.com"},
                   tags={"mlfactory.airflow_run_id": "asset_triggered__2026-11-22T03:01:33+00:00", "mlfactory.trial": "0"})
     return TrainingJobSpec(**{**fields, **changes})
+
+
+MODEL = ModelRef(name="customer_churn", version="3", uri="s3://data/mlflow/1/abc/artifacts")
+
+
+def endpoint(**changes) -> EndpointSpec:
+    return EndpointSpec(**{"name": "customer_churn", "model": MODEL, **changes})
 
 
 @pytest.fixture
@@ -52,6 +59,17 @@ def test_the_catalog_maps_accelerators_to_instance_types(settings, accelerator, 
     assert aws.training_instance(accelerator, settings) == instance
 
 
+def test_endpoints_and_transforms_size_from_the_neutral_accelerator_with_aws_overrides(settings):
+    gpu = Accelerator(kind="gpu", model="nvidia-l4", count=1)
+    assert (aws.endpoint_instance(Accelerator(), settings), aws.transform_instance(Accelerator(), settings)) == \
+        ("ml.m5.large", "ml.m5.xlarge")
+    assert aws.endpoint_instance(gpu, settings) == aws.transform_instance(gpu, settings) == "ml.g6.xlarge"
+    pinned = settings.model_copy(update={"endpoint_instance_type": "ml.c5.large", "transform_instance_type": "ml.c5.4xlarge"})
+    assert (aws.endpoint_instance(gpu, pinned), aws.transform_instance(gpu, pinned)) == ("ml.c5.large", "ml.c5.4xlarge")
+    with pytest.raises(aws.AwsRequestError, match="or set aws.endpoint_instance_type"):
+        aws.endpoint_instance(Accelerator(kind="gpu", model="nvidia-h100", count=1), settings)
+
+
 def test_the_catalog_refuses_what_it_cannot_place(settings):
     with pytest.raises(aws.AwsRequestError, match=r"nvidia-h100 comes \[8\] per instance"):
         aws.training_instance(Accelerator(kind="gpu", model="nvidia-h100", count=2), settings)
@@ -63,15 +81,15 @@ def test_the_catalog_refuses_what_it_cannot_place(settings):
 
 def test_the_cost_guard_refuses_a_job_over_budget(settings):
     small = spec(accelerator=Accelerator(kind="gpu", model="nvidia-a10g", count=1), nodes=2, max_runtime_s=7200)
-    assert aws.check_budget(small, settings).usd == pytest.approx(2 * 2 * 1.408)
+    assert aws.check_training_budget(small, settings).usd == pytest.approx(2 * 2 * 1.408)
     big = spec(accelerator=Accelerator(kind="gpu", model="nvidia-h100", count=8), nodes=2, max_runtime_s=3600)
-    with pytest.raises(aws.BudgetExceeded, match=r"up to \$226\.14 .*above aws.budget_usd \$50\.00"):
-        aws.check_budget(big, settings)
+    with pytest.raises(BudgetExceeded, match=r"up to \$226\.14 .*above aws.budget_usd \$50\.00"):
+        aws.check_training_budget(big, settings)
     unpriced = settings.model_copy(update={"training_instance_type": "ml.trn1.32xlarge"})
     with pytest.raises(aws.AwsRequestError, match="no price for ml.trn1.32xlarge"):
-        aws.check_budget(small, unpriced)
+        aws.check_training_budget(small, unpriced)
     priced = unpriced.model_copy(update={"prices_usd_per_hour": {"ml.trn1.32xlarge": 10.0}})
-    assert aws.check_budget(small, priced).usd == pytest.approx(2 * 2 * 10.0)
+    assert aws.check_training_budget(small, priced).usd == pytest.approx(2 * 2 * 10.0)
 
 
 def test_the_training_request_and_moto_runs_it(settings, sagemaker):
@@ -104,7 +122,7 @@ def test_training_status_carries_the_failure_reason():
     running = aws.training_status({"TrainingJobStatus": "InProgress", "SecondaryStatus": "Downloading"})
     assert (running.state, running.detail) == ("running", "Downloading")
     done = aws.training_status({"TrainingJobStatus": "Completed", "ModelArtifacts": {"S3ModelArtifacts": "s3://b/m.tar.gz"}})
-    assert done.model_artifact == "s3://b/m.tar.gz"
+    assert done.artifact == "s3://b/m.tar.gz"
 
 
 def test_spot_without_checkpoints_is_refused(settings):
@@ -148,7 +166,10 @@ def test_endpoint_requests_and_moto_serves_them(settings, sagemaker, moto_server
     assert aws.endpoint_state(described).state == "succeeded"
     assert {v["VariantName"] for v in described["ProductionVariants"]} == {"blue", "green"}
 
-    target, policy = aws.autoscaling_requests("customer-churn", "blue", plain)
+    assert aws.endpoint_name(endpoint()) == "customer-churn" and aws.model_name_for(MODEL) == "customer-churn-v3"
+    assert aws.endpoint_variant(endpoint(min_replicas=2), "customer-churn-v3", plain) == \
+        aws.Variant("primary", "customer-churn-v3", 1.0, "ml.m5.large", 2)
+    target, policy = aws.autoscaling_requests(endpoint(max_replicas=2, target_requests_per_replica=1000), "blue")
     scaling = boto3.client("application-autoscaling", endpoint_url=moto_server, region_name="us-east-1")
     scaling.register_scalable_target(**target)
     scaling.put_scaling_policy(**policy)
@@ -165,8 +186,8 @@ def test_the_blue_green_update_request_passes_botocores_stubber(settings):
     import boto3
     from botocore.stub import Stubber
 
-    canary = settings.model_copy(update={"rollback_alarms": ["customer-churn-5xx"], "canary_wait_s": 300})
-    request = aws.update_endpoint_request("customer-churn", "customer-churn-v4", canary, canary_percent=10)
+    canary = endpoint(rollback_alarms=["customer-churn-5xx"], canary_wait_s=300, canary_percent=10)
+    request = aws.update_endpoint_request("customer-churn", "customer-churn-v4", canary)
     policy = request["DeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]
     assert policy == {"Type": "CANARY", "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 10}, "WaitIntervalInSeconds": 300}
     assert request["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "customer-churn-5xx"}]}
@@ -181,9 +202,12 @@ def test_the_blue_green_update_request_passes_botocores_stubber(settings):
 def test_the_transform_request_and_moto_runs_it(settings, sagemaker):
     plain = settings.model_copy(update={"subnets": [], "security_group_ids": [], "kms_key_id": ""})
     sagemaker.create_model(**aws.create_model_request("customer-churn-v3", "s3://data/mlflow/model", plain))
+    batch = BatchJobSpec(name="score-2026-11-22", model=MODEL, inputs={"abc": "s3://data/curated/ingest_date=2026-11-22/"},
+                         output_uri="s3://data/predictions/batch/run=score-2026-11-22/", instances=3)
     request = aws.transform_job_request("score-2026-11-22", "customer-churn-v3", "s3://data/curated/ingest_date=2026-11-22/",
-                                        "s3://data/predictions/batch/run=score-2026-11-22/", plain)
+                                        batch, plain)
     assert request["TransformInput"]["ContentType"] == "application/vnd.apache.parquet"
+    assert request["TransformResources"] == {"InstanceType": "ml.m5.xlarge", "InstanceCount": 3}
     sagemaker.create_transform_job(**request)
     status = aws.transform_status(sagemaker.describe_transform_job(TransformJobName="score-2026-11-22"))
     assert status.state == "succeeded"
@@ -197,19 +221,20 @@ def test_names_are_made_valid_for_sagemaker():
 
 
 def test_the_airflow_policy_allows_every_call_the_backend_makes():
-    """Each request built in mlfactory.aws and each SQS call of the event trigger has its IAM action
-    in deploy/aws/airflow-policy.json."""
+    """Each request built in the aws backend's translation and each SQS call of the event trigger has its IAM
+    action in deploy/aws/airflow-policy.json."""
     import json
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    source = (root / "include" / "mlfactory" / "aws.py").read_text()
+    source = (root / "include" / "mlfactory" / "backends" / "aws" / "sagemaker.py").read_text()
     used = {f"{service}:{operation}" for service, operation in re.findall(r'validated\(\s*"([a-z-]+)",\s*"(\w+)"', source)}
-    trigger = (root / "plugins" / "mlfactory_airflow" / "triggers" / "s3_events.py").read_text()
+    plugin = root / "plugins" / "mlfactory_airflow" / "backends" / "aws"
+    trigger = (plugin / "triggers.py").read_text()
     used |= {"sqs:" + "".join(w.title() for w in call.split("_")) for call in re.findall(r"client\.(\w+)\(", trigger)}
     camel = lambda call: "".join(w.title() for w in call.split("_"))  # noqa: E731
-    for operators in (root / "plugins" / "mlfactory_airflow" / "operators").glob("sagemaker*.py"):
+    for operators in (plugin / "sagemaker.py", plugin / "training.py", plugin / "sagemaker_trigger.py"):
         text = operators.read_text()
         for call in set(re.findall(r"conn\.(\w+)\(", text)) | set(re.findall(r'"((?:describe|create|stop)_\w+)"', text)):
             service = "application-autoscaling" if call in ("register_scalable_target", "put_scaling_policy") else "sagemaker"

@@ -29,8 +29,8 @@ def aws_cfg(moto_server, champion, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)  # the storage layer (s3fs) on moto too
     served = champion[0]
     path = tmp_path / "pipeline.yaml"
-    raw = aws_config_on_moto(moto_server, BUCKET, path, monkeypatch, endpoint_name="churn", rollback_alarms=["churn-5xx"],
-                             canary_wait_s=120, endpoint_max_instances=3)
+    raw = aws_config_on_moto(moto_server, BUCKET, path, monkeypatch, serving={
+        "endpoint_name": "churn", "rollback_alarms": ["churn-5xx"], "canary_wait_s": 120, "max_replicas": 3})
     raw["mlflow"] = served.mlflow.model_dump()
     path.write_text(yaml.safe_dump(raw))
     registry = Registry(served)
@@ -53,35 +53,41 @@ def run_trigger(trigger) -> dict:
     return event.payload
 
 
-def deploy(target: dict):
-    """ml_deploy's deploy task up to its deferral: (operator, the TaskDeferred)."""
+def deploy(spec: dict):
+    """ml_deploy's deploy group on aws: `stage`, then `full_traffic` up to its deferral:
+    (the full_traffic operator, the TaskDeferred, what stage returned)."""
     from airflow.exceptions import TaskDeferred
 
-    from mlfactory_airflow.operators.sagemaker import SageMakerEndpointOperator
+    from mlfactory_airflow.backends.aws.sagemaker import SageMakerEndpointOperator, SageMakerEndpointStageOperator
 
-    operator = SageMakerEndpointOperator(task_id="deploy_sagemaker", target=target, waiter_delay=1)
+    context = {"ti": SimpleNamespace(try_number=1)}
+    staged = SageMakerEndpointStageOperator(task_id="stage", spec=spec).execute(context)
+    operator = SageMakerEndpointOperator(task_id="full_traffic", spec=spec, staged=staged, waiter_delay=1)
     with pytest.raises(TaskDeferred) as deferred:
-        operator.execute({"ti": SimpleNamespace(try_number=1)})
-    return operator, deferred.value
+        operator.execute(context)
+    return operator, deferred.value, staged
+
+
+MODEL = "churn-served-v1"  # the SageMaker Model of version 1 of registered model churn_served
 
 
 def test_a_first_deploy_creates_model_config_endpoint_and_autoscaling(aws_cfg):
-    from mlfactory.deployment import cloud_target, read_endpoint_state
+    from mlfactory.deployment import endpoint_spec, read_endpoint_state
 
-    target = cloud_target(aws_cfg.cfg, "1")
+    spec = endpoint_spec(aws_cfg.cfg, "1")
     # the registry's proxied artifact path, under the bucket's MLflow prefix (what a SageMaker Model loads)
-    assert target["model_uri"].startswith(f"s3://{BUCKET}/mlflow/") and target["model_uri"].endswith("/artifacts")
-    operator, deferred = deploy(target)
-    assert deferred.trigger.job_type == "endpoint" and deferred.kwargs["endpoint"] == "churn"
-    model = aws_cfg.sagemaker.describe_model(ModelName="churn-v1")
+    assert spec.model.uri.startswith(f"s3://{BUCKET}/mlflow/") and spec.model.uri.endswith("/artifacts")
+    operator, deferred, staged = deploy(spec.model_dump())
+    assert deferred.trigger.job_type == "endpoint" and staged["endpoint"] == "churn" and staged["model"] == MODEL
+    model = aws_cfg.sagemaker.describe_model(ModelName=MODEL)
     assert model["PrimaryContainer"]["Environment"] == {
-        "MLFACTORY_MODEL_URI": target["model_uri"], "MLFACTORY_MODEL_VERSION": "1",
+        "MLFACTORY_MODEL_URI": spec.model.uri, "MLFACTORY_MODEL_VERSION": "1",
         "MLFACTORY_PREDICTION_LOG_URI": f"s3://{BUCKET}/predictions/serving"}  # what ml_monitor reads
     assert model["ExecutionRoleArn"] == AWS_ROLE
-    config = aws_cfg.sagemaker.describe_endpoint_config(EndpointConfigName=deferred.kwargs["config"])
+    config = aws_cfg.sagemaker.describe_endpoint_config(EndpointConfigName=staged["config"])
     (variant,) = config["ProductionVariants"]
-    assert (variant["VariantName"], variant["ModelName"], variant["InstanceType"]) == ("primary", "churn-v1", "ml.m5.large")
-    assert aws_cfg.sagemaker.describe_endpoint(EndpointName="churn")["EndpointConfigName"] == deferred.kwargs["config"]
+    assert (variant["VariantName"], variant["ModelName"], variant["InstanceType"]) == ("primary", MODEL, "ml.m5.large")
+    assert aws_cfg.sagemaker.describe_endpoint(EndpointName="churn")["EndpointConfigName"] == staged["config"]
 
     payload = run_trigger(deferred.trigger)  # the provider's endpoint_in_service waiter, over HTTP
     assert payload["status"] == "success"
@@ -95,8 +101,8 @@ def test_a_first_deploy_creates_model_config_endpoint_and_autoscaling(aws_cfg):
     assert tags["mlfactory.deployment"] == "serving" and tags["mlfactory.endpoint"] == "churn"
 
     # a retry (or a second run for the same version) takes the endpoint over: no new config, no update
-    _, again = deploy(target)
-    assert again.kwargs["config"] == deferred.kwargs["config"] and again.kwargs["previous_config"] is None
+    _, again, restaged = deploy(spec.model_dump())
+    assert restaged["config"] == staged["config"] and again.kwargs["previous_config"] is None
     assert len(aws_cfg.sagemaker.list_endpoint_configs()["EndpointConfigs"]) == 1
 
 
@@ -105,11 +111,11 @@ def test_an_update_is_blue_green_and_a_rollback_fails_the_task_and_restores_the_
     from airflow.exceptions import AirflowException
     from botocore.stub import ANY, Stubber
 
-    from mlfactory import aws
-    from mlfactory.deployment import cloud_target, read_endpoint_state, restore_after_failure
+    from mlfactory.backends.aws import sagemaker as aws
+    from mlfactory.deployment import endpoint_spec, read_endpoint_state, restore_after_failure
     from mlfactory.registry import CHAMPION
 
-    first, deferred = deploy(cloud_target(aws_cfg.cfg, "1"))
+    first, deferred, staged = deploy(endpoint_spec(aws_cfg.cfg, "1").model_dump())
     first.execute_complete({"ts": None}, run_trigger(deferred.trigger), **deferred.kwargs)
 
     # v2 becomes champion; its deploy updates the endpoint blue/green (moto has no UpdateEndpoint:
@@ -117,12 +123,15 @@ def test_an_update_is_blue_green_and_a_rollback_fails_the_task_and_restores_the_
     second = aws_cfg.second
     aws_cfg.registry.client.set_registered_model_alias(aws_cfg.cfg.model_name, CHAMPION, second)
     stubbed = boto3.client("sagemaker", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
-    expected = aws.update_endpoint_request("churn", "placeholder", aws_cfg.cfg.aws, aws_cfg.cfg.serving.canary_percent)
+    spec = endpoint_spec(aws_cfg.cfg, second)
+    expected = aws.update_endpoint_request("churn", "placeholder", spec)
     from airflow.exceptions import TaskDeferred
 
-    from mlfactory_airflow.operators.sagemaker import SageMakerEndpointOperator
+    from mlfactory_airflow.backends.aws.sagemaker import SageMakerEndpointOperator, SageMakerEndpointStageOperator
 
-    operator = SageMakerEndpointOperator(task_id="deploy_sagemaker", target=cloud_target(aws_cfg.cfg, second), waiter_delay=1)
+    restaged = SageMakerEndpointStageOperator(task_id="stage", spec=spec.model_dump()).execute({})
+    assert restaged["config"] != staged["config"] and restaged["model"] == f"churn-served-v{second}"
+    operator = SageMakerEndpointOperator(task_id="full_traffic", spec=spec.model_dump(), staged=restaged, waiter_delay=1)
     operator.hook.conn.update_endpoint = stubbed.update_endpoint
     with Stubber(stubbed) as stub:
         stub.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/churn"},
@@ -134,16 +143,17 @@ def test_an_update_is_blue_green_and_a_rollback_fails_the_task_and_restores_the_
     assert routing == {"Type": "CANARY", "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": aws_cfg.cfg.serving.canary_percent},
                        "WaitIntervalInSeconds": 120}
     assert expected["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "churn-5xx"}]}
-    assert update.value.kwargs["previous_config"] == deferred.kwargs["config"]
-    assert aws_cfg.sagemaker.describe_model(ModelName=f"churn-v{second}")  # the new version's Model exists
+    assert update.value.kwargs["previous_config"] == staged["config"]
+    assert aws_cfg.sagemaker.describe_model(ModelName=f"churn-served-v{second}")  # the new version's Model exists
 
     # The endpoint is back in service on the OLD config (what SageMaker shows after an alarm rolled
     # the canary back): the task fails saying so; ml_deploy's rollback puts `champion` back on v1.
-    with pytest.raises(AirflowException, match=f"churn did not take v{second} .*rolled back to {deferred.kwargs['config']}"):
+    with pytest.raises(AirflowException, match=f"churn did not take v{second} .*rolled back to {staged['config']}"):
         operator.execute_complete({"ts": None}, {"status": "success"}, **update.value.kwargs)
     state = read_endpoint_state(aws_cfg.cfg)
     assert state["served_version"] == "1" and "rolled back" in state["last_failure"]["reason"]
-    restored = restore_after_failure(aws_cfg.cfg, second, state["served_version"], state["last_failure"]["reason"])
+    assert state["last_failure"]["step"] == "full_traffic"
+    restored = restore_after_failure(aws_cfg.cfg, second)
     assert restored["serving"] == "1" and aws_cfg.registry.alias_version(CHAMPION) == "1"
     assert aws_cfg.registry.client.get_model_version(aws_cfg.cfg.model_name, second).tags["mlfactory.deployment"] == "rolled_back"
 
@@ -158,28 +168,30 @@ def write_curated(cfg, snapshot: str, rows: pa.Table) -> str:
 
 
 def test_batch_transform_scores_the_unscored_snapshots_through_a_manifest(aws_cfg, champion):
-    from airflow.exceptions import AirflowSkipException, TaskDeferred
+    from airflow.exceptions import TaskDeferred
 
-    from mlfactory import storage
-    from mlfactory.deployment import cloud_target
-    from mlfactory_airflow.operators.sagemaker import SageMakerTransformOperator
+    from mlfactory import NothingToDo, storage
+    from mlfactory.batch_scoring import plan
+    from mlfactory_airflow.backends.aws.sagemaker import SageMakerTransformOperator
 
     rows = pa.Table.from_pandas(champion[2].head(50), preserve_index=False)
     files = [write_curated(aws_cfg.cfg, sid, rows) for sid in ("aaaa", "bbbb")]
-    context = {"run_id": "scheduled__2026-11-22T04:00:00+00:00", "ti": SimpleNamespace(try_number=1)}
-    operator = SageMakerTransformOperator(task_id="transform", target=cloud_target(aws_cfg.cfg, "1"), waiter_delay=1)
+    run_id = "scheduled__2026-11-22T04:00:00+00:00"
+    context = {"run_id": run_id, "ti": SimpleNamespace(try_number=1)}
+    spec = plan(aws_cfg.cfg, run_id, "1")  # ml_batch_score's `plan`: the snapshots not scored yet
+    assert spec.snapshots == ["aaaa", "bbbb"] and spec.output_uri.endswith("/predictions/batch/run=scheduled__2026-11-22T04-00-00-00-00")
+    operator = SageMakerTransformOperator(task_id="score", spec=spec.model_dump(), waiter_delay=1)
     with pytest.raises(TaskDeferred) as deferred:
         operator.execute(context)
     kwargs = deferred.value.kwargs
-    assert kwargs["snapshots"] == ["aaaa", "bbbb"] and kwargs["uri"].endswith("/predictions/batch/run=scheduled__2026-11-22T04-00-00-00-00")
     job = aws_cfg.sagemaker.describe_transform_job(TransformJobName=kwargs["job"])
     source = job["TransformInput"]["DataSource"]["S3DataSource"]
     assert source["S3DataType"] == "ManifestFile" and job["TransformInput"]["ContentType"] == "application/vnd.apache.parquet"
-    assert job["TransformOutput"]["S3OutputPath"] == kwargs["uri"] and job["ModelName"] == "churn-v1"
+    assert job["TransformOutput"]["S3OutputPath"] == spec.output_uri and job["ModelName"] == MODEL
     manifest = json.loads(storage.read_bytes(source["S3Uri"]))
     assert [manifest[0]["prefix"] + key for key in manifest[1:]] == files
 
     result = operator.execute_complete(context, run_trigger(deferred.value.trigger), **kwargs)
-    assert result["version"] == "1" and result["snapshots"] == ["aaaa", "bbbb"]
-    with pytest.raises(AirflowSkipException, match="scored already"):  # the next run has nothing new
-        operator.execute({**context, "run_id": "scheduled__2026-11-23T04:00:00+00:00"})
+    assert result["version"] == "1" and result["snapshots"] == ["aaaa", "bbbb"] and result["uri"] == spec.output_uri
+    with pytest.raises(NothingToDo, match="scored already"):  # the next run has nothing new
+        plan(aws_cfg.cfg, "scheduled__2026-11-23T04:00:00+00:00", "1")

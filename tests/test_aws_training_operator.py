@@ -34,7 +34,7 @@ def aws_env(moto_server, training_set, tmp_path, monkeypatch):
 
 
 def job_spec(**changes) -> dict:
-    from mlfactory.jobs import TrainingJobSpec
+    from mlfactory.specs import TrainingJobSpec
 
     fields = dict(name="run-1-t0", input_uri=f"s3://{BUCKET}/models/training_sets/ts1",
                   output_uri=f"s3://{BUCKET}/models/runs/run-1/trial-0",
@@ -47,17 +47,17 @@ def job_spec(**changes) -> dict:
 def test_the_job_is_created_deferred_and_its_model_collected(aws_env, tmp_path):
     from airflow.exceptions import TaskDeferred
 
-    from mlfactory_airflow.operators.sagemaker_training import SageMakerTrainingOperator
-    from mlfactory_airflow.triggers.sagemaker import SageMakerTrainingJobTrigger
+    from mlfactory_airflow.backends.aws.training import SageMakerTrainingOperator
+    from mlfactory_airflow.backends.aws.sagemaker_trigger import SageMakerTrainingJobTrigger
 
-    operator = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(), waiter_delay=1)
+    operator = SageMakerTrainingOperator(task_id="train", spec=job_spec(), waiter_delay=1)
     with pytest.raises(TaskDeferred) as deferred:
         operator.execute({"ti": SimpleNamespace(try_number=1)})
     trigger, kwargs = deferred.value.trigger, deferred.value.kwargs
     assert isinstance(trigger, SageMakerTrainingJobTrigger) and kwargs == {"job_name": "run-1-t0"}
     assert deferred.value.method_name == "execute_complete"
     classpath, fields = trigger.serialize()
-    assert classpath == "mlfactory_airflow.triggers.sagemaker.SageMakerTrainingJobTrigger"
+    assert classpath == "mlfactory_airflow.backends.aws.sagemaker_trigger.SageMakerTrainingJobTrigger"
     assert SageMakerTrainingJobTrigger(**fields).job_name == "run-1-t0"  # what the triggerer rebuilds
 
     job = aws_env.sagemaker.describe_training_job(TrainingJobName="run-1-t0")
@@ -72,9 +72,9 @@ def test_the_job_is_created_deferred_and_its_model_collected(aws_env, tmp_path):
 
     # moto completes the job before any container ran: the task says so, and a retry looks again
     with pytest.raises(FileNotFoundError, match="run-1-t0 completed, but its model artifact s3://.*model.tar.gz is not in S3"):
-        SageMakerTrainingOperator(task_id="train_aws", spec=job_spec()).execute_complete({}, event.payload, **kwargs)
+        SageMakerTrainingOperator(task_id="train", spec=job_spec()).execute_complete({}, event.payload, **kwargs)
     play_sagemaker_training_job(aws_env.s3, job, tmp_path)
-    result = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec()).execute_complete(
+    result = SageMakerTrainingOperator(task_id="train", spec=job_spec()).execute_complete(
         {}, event.payload, job_name=kwargs["job_name"])
     assert result["metric"] == "val_roc_auc" and 0.5 < result["value"] <= 1
     assert result["model_bundle_uri"] == f"s3://{BUCKET}/models/runs/run-1/trial-0/model.pt"
@@ -84,7 +84,7 @@ def test_the_job_is_created_deferred_and_its_model_collected(aws_env, tmp_path):
     assert aws_env.s3.head_object(Bucket=BUCKET, Key="models/runs/run-1/trial-0/model.pt")["ContentLength"] > 1000
 
     # a retried task finds its completed job and takes its result, creating nothing
-    retry = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec())
+    retry = SageMakerTrainingOperator(task_id="train", spec=job_spec())
     with pytest.raises(TaskDeferred) as deferred:
         retry.execute({"ti": SimpleNamespace(try_number=2)})
     assert deferred.value.kwargs == {"job_name": "run-1-t0"}
@@ -98,9 +98,9 @@ def first_try_on_moto(aws_env, name: str):
     answer as a starting point for the states moto cannot reach)."""
     from airflow.exceptions import TaskDeferred
 
-    from mlfactory_airflow.operators.sagemaker_training import SageMakerTrainingOperator
+    from mlfactory_airflow.backends.aws.training import SageMakerTrainingOperator
 
-    operator = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name=name))
+    operator = SageMakerTrainingOperator(task_id="train", spec=job_spec(name=name))
     with pytest.raises(TaskDeferred):
         operator.execute({"ti": SimpleNamespace(try_number=1)})
     described = aws_env.sagemaker.describe_training_job(TrainingJobName=name)
@@ -131,12 +131,12 @@ def test_a_retry_after_a_failed_job_starts_a_new_one_on_the_same_checkpoints(aws
     from airflow.exceptions import TaskDeferred
     from botocore.stub import Stubber
 
-    from mlfactory.aws import create_training_job_request
-    from mlfactory.jobs import TrainingJobSpec
-    from mlfactory_airflow.operators.sagemaker_training import SageMakerTrainingOperator
+    from mlfactory.backends.aws.sagemaker import create_training_job_request
+    from mlfactory.specs import TrainingJobSpec
+    from mlfactory_airflow.backends.aws.training import SageMakerTrainingOperator
 
     _, described = first_try_on_moto(aws_env, "run-3-t0")
-    retry = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name="run-3-t0"))
+    retry = SageMakerTrainingOperator(task_id="train", spec=job_spec(name="run-3-t0"))
     with Stubber(retry.hook.conn) as stub:
         absent(stub, "run-3-t0-a2")
         stub.add_response("describe_training_job", {**described, "TrainingJobStatus": "Stopped", "SecondaryStatus": "Stopped"},
@@ -149,7 +149,7 @@ def test_a_retry_after_a_failed_job_starts_a_new_one_on_the_same_checkpoints(aws
     assert deferred.value.kwargs == {"job_name": "run-3-t0-a2"}
 
     # a third try while -a2 still runs takes -a2 over: the latest earlier job counts, nothing is created
-    third = SageMakerTrainingOperator(task_id="train_aws", spec=job_spec(name="run-3-t0"))
+    third = SageMakerTrainingOperator(task_id="train", spec=job_spec(name="run-3-t0"))
     with Stubber(third.hook.conn) as stub:
         absent(stub, "run-3-t0-a3")
         stub.add_response("describe_training_job", {**described, "TrainingJobName": "run-3-t0-a2",
@@ -164,7 +164,7 @@ def test_a_retry_after_a_failed_job_starts_a_new_one_on_the_same_checkpoints(aws
 def test_killing_the_task_stops_the_job(aws_env):
     from botocore.stub import Stubber
 
-    from mlfactory_airflow.triggers.sagemaker import SageMakerTrainingJobTrigger
+    from mlfactory_airflow.backends.aws.sagemaker_trigger import SageMakerTrainingJobTrigger
 
     trigger = SageMakerTrainingJobTrigger(job_name="run-4-t0", aws_conn_id="moto", region_name="us-east-1")
     hook = trigger.hook()
@@ -178,9 +178,9 @@ def test_killing_the_task_stops_the_job(aws_env):
 def test_the_cost_guard_refuses_before_anything_is_created(aws_env):
     from airflow.sdk.exceptions import AirflowFailException
 
-    from mlfactory_airflow.operators.sagemaker_training import SageMakerTrainingOperator
+    from mlfactory_airflow.backends.aws.training import SageMakerTrainingOperator
 
     spec = job_spec(name="run-5-t0", nodes=2, accelerator={"kind": "gpu", "model": "nvidia-a10g", "count": 8})
     with pytest.raises(AirflowFailException, match=r"up to \$20\.36 .*above aws.budget_usd \$20\.00"):
-        SageMakerTrainingOperator(task_id="train_aws", spec=spec).execute({"ti": SimpleNamespace(try_number=1)})
+        SageMakerTrainingOperator(task_id="train", spec=spec).execute({"ti": SimpleNamespace(try_number=1)})
     assert aws_env.sagemaker.list_training_jobs()["TrainingJobSummaries"] == []

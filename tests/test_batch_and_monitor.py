@@ -27,14 +27,16 @@ def parts_of(uri: str) -> list[str]:
 def test_batch_scoring_is_idempotent_per_run_and_scores_only_new_data(served_cfg, champion):
     import mlflow.pyfunc
 
-    from mlfactory.batch_scoring import batch_uri, score
+    from mlfactory import NothingToDo
+    from mlfactory.backends.local.scoring import score
+    from mlfactory.batch_scoring import batch_uri, plan
     from mlfactory.features import to_wire
 
     cfg = served_cfg
     cfg = cfg.model_copy(update={"batch_scoring": cfg.batch_scoring.model_copy(update={"chunk_rows": 3000})})
     curated_rows = sum(pq.read_metadata(storage.local_path(u)).num_rows for u in parts_of(cfg.storage.curated_uri))
 
-    first = score(cfg, "scheduled__2026-11-01", FIRST_VERSION)
+    first = score(cfg, plan(cfg, "scheduled__2026-11-01", FIRST_VERSION))
     assert first["rows"] == curated_rows and first["files"] >= 3  # chunked
     table = pd.concat([pq.read_table(storage.local_path(u)).to_pandas() for u in parts_of(first["uri"])])
     assert len(table) == curated_rows and table["customer_id"].is_unique
@@ -50,13 +52,14 @@ def test_batch_scoring_is_idempotent_per_run_and_scores_only_new_data(served_cfg
     assert got == pytest.approx(want, abs=1e-6)
 
     # A retry of the same run replaces its output; a later run finds nothing new.
-    again = score(cfg, "scheduled__2026-11-01", FIRST_VERSION)
+    again = score(cfg, plan(cfg, "scheduled__2026-11-01", FIRST_VERSION))
     assert again["rows"] == curated_rows and len(parts_of(again["uri"])) == first["files"]
-    assert score(cfg, "scheduled__2026-11-02", FIRST_VERSION)["rows"] == 0
+    with pytest.raises(NothingToDo, match="every curated snapshot is scored already"):
+        plan(cfg, "scheduled__2026-11-02", FIRST_VERSION)
 
     # New curated data is scored by the next run, and only it.
     sample_data.land_and_curate(cfg, 1500, seed=41)
-    third = score(cfg, "scheduled__2026-11-03", FIRST_VERSION)
+    third = score(cfg, plan(cfg, "scheduled__2026-11-03"))  # the champion (alias) when no version is given
     assert third["rows"] == 1500 and len(third["snapshots"]) == 1
     runs = {o.key.split("/")[0] for o in storage.list_objects(batch_uri(cfg))}
     assert runs == {"run=scheduled__2026-11-01", "run=scheduled__2026-11-03"}
@@ -65,7 +68,7 @@ def test_batch_scoring_is_idempotent_per_run_and_scores_only_new_data(served_cfg
 def test_monitor_flags_drifted_curated_data_and_drifted_traffic_only(served_cfg, champion):
     from mlfactory.features import to_wire
     from mlfactory.monitoring import check
-    from mlfactory.serving import PredictionLog
+    from mlfactory.serving.prediction_log import PredictionLog
 
     cfg = served_cfg
     cfg = cfg.model_copy(update={"monitoring": cfg.monitoring.model_copy(update={"min_rows": 500})})

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from conftest import AWS_IMAGE, AWS_ROLE
 
 DAGS = sorted((Path(__file__).resolve().parents[1] / "dags").glob("*.py"))
 HEAVY = ("torch", "mlflow", "great_expectations", "boto3", "botocore", "google.cloud.storage", "google.cloud.aiplatform", "azure.ai.ml", "azure.storage")
@@ -26,8 +31,10 @@ print(json.dumps({"seconds": elapsed, "errors": {k: str(v) for k, v in bag.impor
 """
 
 
-def parse(path: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(path), *HEAVY], capture_output=True, text=True, check=True)
+def parse(path: Path, config: Path | None = None, heavy: tuple[str, ...] = HEAVY) -> dict:
+    env = {**os.environ, **({"MLFACTORY_CONFIG": str(config)} if config else {})}
+    out = subprocess.run([sys.executable, "-c", PROBE, str(path), *heavy], capture_output=True, text=True, check=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -38,6 +45,58 @@ def test_dag_file_imports_fast_without_heavy_libraries(path):
     assert result["dags"] == [path.stem]
     assert result["heavy"] == []
     assert result["seconds"] <= 0.3, f"{path.name} took {result['seconds']:.2f}s to parse"
+
+
+@pytest.fixture(scope="module")
+def aws_config(tmp_path_factory) -> Path:
+    from mlfactory.config import DEFAULT_CONFIG
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw.update(backend="aws", aws={"role_arn": AWS_ROLE, "image_uri": AWS_IMAGE, "sqs_queue_url": "https://sqs/q"})
+    raw["storage"]["bucket"] = "s3://parse-only"
+    path = tmp_path_factory.mktemp("aws-parse") / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+AWS_HOOKS = ("airflow.providers.amazon.aws.hooks.sagemaker", "airflow.providers.amazon.aws.hooks.sqs",
+             "airflow.providers.amazon.aws.triggers", "airflow.providers.amazon.aws.operators")
+# What Airflow itself imports for an Asset on an s3:// URI (its providers' URI handlers load the S3 hook, boto3)
+ASSET_ONLY = """
+import json, sys
+from airflow.sdk import Asset
+Asset(name="probe", uri=sys.argv[1])
+print(json.dumps(sorted({m for m in sys.modules for h in sys.argv[2:] if m == h or m.startswith(h + ".")})))
+"""
+
+
+@pytest.mark.parametrize("path", DAGS, ids=[p.name for p in DAGS])
+def test_dag_files_stay_light_on_a_cloud_backend_too(path, aws_config):
+    """The aws backend's operators and triggers are built at parse time: their SDK clients and provider hooks
+    wait for the tasks. (Airflow's own handling of an s3:// Asset URI imports boto3 and the S3 hook: that much
+    is Airflow's, and allowed.)"""
+    heavy = (*HEAVY, *AWS_HOOKS)
+    out = subprocess.run([sys.executable, "-c", ASSET_ONLY, "s3://parse-only/landing", *heavy], capture_output=True,
+                         text=True, check=True)
+    airflows_own = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = parse(path, aws_config, heavy)
+    assert result["errors"] == {} and result["dags"] == [path.stem]
+    assert set(result["heavy"]) - airflows_own == set()
+
+
+def test_no_dag_names_a_backend_and_nothing_switches_on_one_outside_the_backend_packages():
+    from mlfactory.backends import names
+
+    project = DAGS[0].parents[1]
+    for path in DAGS:
+        source = path.read_text()
+        named = [name for name in names() if re.search(rf"\b{name}\b", source)]
+        assert not named, f"{path.name} names backend(s) {named}"
+    switch = re.compile(r"backend\s*(==|!=|in)\s")
+    offending = [f"{path.relative_to(project)}:{n}" for folder in ("dags", "plugins", "include")
+                 for path in (project / folder).rglob("*.py") if "backends" not in path.parts
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if switch.search(line)]
+    assert offending == []
 
 
 def test_every_dag_has_typed_params_for_the_trigger_form():
@@ -56,7 +115,7 @@ def test_every_dag_has_typed_params_for_the_trigger_form():
 BAD_TRAIN_PARAMS = [
     ("epochs", 0), ("epochs", "ten"), ("learning_rate", 0), ("learning_rate", 2.0), ("batch_size", 4),
     ("hidden_sizes", []), ("hidden_sizes", [0, 64]), ("hidden_sizes", "128,64"), ("processes", 0),
-    ("trials", 0), ("search", "bayes"), ("backend", "kubernetes"), ("search_space", {"momentum": [0.9]}),
+    ("trials", 0), ("search", "bayes"), ("search_space", {"momentum": [0.9]}),
     ("search_space", {"learning_rate": []}), ("search_space", {"learning_rate": 0.1}),
 ]
 
@@ -80,8 +139,34 @@ def test_ml_train_form_defaults_come_from_the_config_and_validate():
     dag = DagBag(dag_folder=str(DAGS[0].parent / "ml_train.py")).dags["ml_train"]
     resolved = dag.params.validate()
     assert resolved["epochs"] == training.epochs and resolved["hidden_sizes"] == training.hidden_sizes
-    assert resolved["search_space"] == training.search_space and resolved["backend"] == "local"
+    assert resolved["search_space"] == training.search_space
     assert dag.params.get_param("search_space").resolve({"dropout": [0.0, 0.2], "hidden_sizes": [[32]]})
+
+
+def test_the_backend_comes_from_the_config_with_the_same_task_ids_on_every_backend(aws_config, monkeypatch):
+    """One `train` task mapped per trial in the configured pool, `deploy.stage` ... `deploy.full_traffic`, `score`:
+    on local and aws alike, each the configured backend's own operator; no branch of skipped tasks."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from mlfactory.config import load_config
+
+    built = {}
+    for config in (None, aws_config):
+        if config:
+            monkeypatch.setenv("MLFACTORY_CONFIG", str(config))
+        cfg = load_config()
+        bag = DagBag(dag_folder=str(DAGS[0].parent))
+        assert bag.import_errors == {}
+        train, deploy, batch = (bag.dags[d] for d in ("ml_train", "ml_deploy", "ml_batch_score"))
+        assert train.task_ids == ["prepare", "plan", "train", "select_best"]
+        assert train.get_task("train").pool == cfg.training.pool
+        assert deploy.task_ids[0] == "resolve" and deploy.task_ids[-2:] == ["deploy.full_traffic", "rollback"]
+        assert deploy.get_task("deploy.stage").upstream_task_ids == {"resolve"}
+        assert batch.task_ids == ["plan", "score"]
+        built[cfg.backend.name] = {"train": train.get_task("train").task_type,
+                                   "score": batch.get_task("score").task_type}
+    assert built == {"local": {"train": "LocalTrainingOperator", "score": "LocalBatchScoreOperator"},
+                     "aws": {"train": "SageMakerTrainingOperator", "score": "SageMakerTransformOperator"}}
 
 
 @pytest.mark.parametrize("approval", [False, True])

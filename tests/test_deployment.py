@@ -8,7 +8,9 @@ import torch
 
 from conftest import with_section
 from mlfactory import storage
-from mlfactory.deployment import DeploymentFailed, LocalEndpoint, Rollout
+from mlfactory.backends.local.endpoint import LocalEndpoint
+from mlfactory.backends.local.rollout import Rollout
+from mlfactory.deployment import DeploymentFailed, endpoint_spec, holdout_requests, read_endpoint_state, restore_after_failure
 from mlfactory.processes import free_port
 from mlfactory.registry import CHAMPION, Registry
 
@@ -17,7 +19,7 @@ def broken_model_uri(cfg, holdout) -> str:
     """The champion's own bundle with NaN weights (a diverged training run): it loads, and answers NaN."""
     import mlflow
 
-    from mlfactory.train import log_pyfunc
+    from mlfactory.tracking import log_pyfunc
 
     bundle_path = storage.local_path(storage.join(cfg.storage.models_uri, "runs", "served", "model.pt"))
     bundle = torch.load(bundle_path, weights_only=True)
@@ -31,39 +33,42 @@ def broken_model_uri(cfg, holdout) -> str:
 
 def test_blue_green_rollout_canary_and_rollback_of_a_broken_model(champion):
     cfg, wire, holdout = champion
-    cfg = with_section(cfg, "serving", port=free_port(), canary_requests=60, canary_percent=30)
+    cfg = with_section(with_section(cfg, "serving", canary_requests=60, canary_percent=30), "backend", port=free_port())
     endpoint = LocalEndpoint(cfg)
-    rollout = Rollout(cfg, endpoint)
     registry = Registry(cfg)
+
+    def rollout(version: str) -> Rollout:
+        return Rollout(cfg, endpoint_spec(cfg, version), endpoint)
+
     first = registry.alias_version(CHAMPION)
-    rows = rollout.sample_rows(3)
+    rows = holdout_requests(cfg, 3)
     try:
         # First deployment: nothing served before, so no canary.
-        plan = rollout.stage(first)
+        plan = rollout(first).stage()
         assert plan["new"] == "blue" and plan["old"] is None
         assert endpoint.call("/ping", auth=False)[0] == 503  # loaded, but no traffic yet
-        rollout.health_check(plan)
-        rollout.smoke_test(plan)
-        assert "skipped" in rollout.canary(plan)
-        state = rollout.complete(plan)
-        assert state["served_version"] == first and state["url"] == endpoint.url
+        rollout(first).health_check(plan)
+        rollout(first).smoke_test(plan)
+        assert "skipped" in rollout(first).canary(plan)
+        state = rollout(first).complete(plan)
+        assert state["served_version"] == first and state["url"] == endpoint.url == state["endpoint"]
         status, reply = endpoint.predict(rows)
         assert status == 200 and len(reply["predictions"]) == 3
         assert endpoint.state()["pid"] and endpoint.token and (endpoint.home / "token").stat().st_mode & 0o077 == 0
 
         # Deploying the version already served is a no-op.
-        assert rollout.stage(first)["already_served"]
+        assert rollout(first).stage()["already_served"]
 
         # An upgrade goes to the other colour, through a canary share of real requests.
         source = registry.client.get_model_version(cfg.model_name, first).source
         second = registry.register(source, None, {})
-        plan = rollout.stage(second)
+        plan = rollout(second).stage()
         assert (plan["new"], plan["old"], plan["old_version"]) == ("green", "blue", first)
-        rollout.health_check(plan)
-        rollout.smoke_test(plan)
-        canary = rollout.canary(plan)
+        rollout(second).health_check(plan)
+        rollout(second).smoke_test(plan)
+        canary = rollout(second).canary(plan)
         assert canary["requests"] > 0 and canary["errors"] == 0 and canary["percent"] == 30
-        rollout.complete(plan)
+        rollout(second).complete(plan)
         variants = endpoint.variants()
         assert list(variants) == ["green"] and variants["green"]["version"] == second and variants["green"]["weight"] == 100
 
@@ -71,12 +76,14 @@ def test_blue_green_rollout_canary_and_rollback_of_a_broken_model(champion):
         # smoke test, and everything goes back.
         third = registry.register(broken_model_uri(cfg, holdout), None, {})
         registry.client.set_registered_model_alias(cfg.model_name, CHAMPION, third)
-        plan = rollout.stage(third)
-        assert plan["new"] == "blue"
-        rollout.health_check(plan)
+        plan = rollout(third).stage()
+        assert plan["new"] == "blue" and read_endpoint_state(cfg)["rollout"] == plan  # kept for the rollback
+        rollout(third).health_check(plan)
         with pytest.raises(DeploymentFailed, match=f"smoke test of v{third}"):
-            rollout.smoke_test(plan)
-        result = rollout.rollback(plan, third)
+            rollout(third).smoke_test(plan)
+        # ml_deploy's rollback: the backend restores the traffic, then alias `champion` goes back
+        endpoint.restore(read_endpoint_state(cfg)["rollout"])
+        result = restore_after_failure(cfg, third)
         assert result["serving"] == second and "smoke test" in result["reason"]
         assert registry.alias_version(CHAMPION) == second
         assert list(endpoint.variants()) == ["green"]

@@ -4,7 +4,7 @@ import asyncio
 import os
 import time
 
-from mlfactory_airflow.triggers.local_bucket import LocalBucketChangeTrigger
+from mlfactory_airflow.backends.local.triggers import LocalBucketChangeTrigger
 
 
 class InMemoryAssetState:
@@ -74,6 +74,6 @@ def test_waits_for_an_object_to_settle(tmp_path):
 def test_serializes_to_exactly_its_arguments(tmp_path):
     trigger = LocalBucketChangeTrigger(prefix_uri=tmp_path.as_uri(), poll_interval=3.0, settle_seconds=1.5)
     path, kwargs = trigger.serialize()
-    assert path == "mlfactory_airflow.triggers.local_bucket.LocalBucketChangeTrigger"
+    assert path == "mlfactory_airflow.backends.local.triggers.LocalBucketChangeTrigger"
     assert kwargs == {"prefix_uri": tmp_path.as_uri(), "poll_interval": 3.0, "settle_seconds": 1.5}
     assert LocalBucketChangeTrigger(**kwargs).serialize() == (path, kwargs)

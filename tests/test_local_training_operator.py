@@ -10,8 +10,8 @@ import pytest
 from airflow.sdk.exceptions import AirflowException
 
 from mlfactory import storage
-from mlfactory.jobs import TrainingJobSpec
-from mlfactory_airflow.operators.local_training import TRAINING_POOL, LocalTrainingOperator
+from mlfactory.specs import TrainingJobSpec
+from mlfactory_airflow.backends.local.training import LocalTrainingOperator
 
 
 def spec_for(training_set, tmp_path, **changes) -> dict:
@@ -28,7 +28,6 @@ def training_processes(marker: str) -> list[psutil.Process]:
 
 def test_runs_torchrun_streams_the_log_and_returns_the_metrics(training_set, tmp_path, capfd):
     operator = LocalTrainingOperator(task_id="train", spec=spec_for(training_set, tmp_path))
-    assert operator.pool == TRAINING_POOL
     result = operator.execute(context={})
     assert result["epochs"] == 2 and result["world_size"] == 2 and result["metric"] == "val_roc_auc"
     captured = capfd.readouterr()

@@ -20,7 +20,8 @@ import yaml
 
 from mlfactory import sample_data, storage
 from mlfactory.config import DEFAULT_CONFIG, load_config
-from mlfactory.deployment import LocalEndpoint, Rollout
+from mlfactory.backends.local.endpoint import LocalEndpoint
+from mlfactory.deployment import holdout_requests
 from mlfactory.etl import read_quarantine
 from mlfactory.local_airflow import LocalAirflow
 from mlfactory.processes import free_port
@@ -37,7 +38,8 @@ def small_training_config(tmp_path, monkeypatch, mlflow_url: str):
     raw["training"].update(epochs=3, trials=2, processes=2, search_space={"learning_rate": [0.003, 0.001]})
     raw["promotion"].update(floor=0.6)
     raw["mlflow"].update(tracking_uri=mlflow_url, experiment="scheduler-test", model_name="churn_scheduler")
-    raw["serving"].update(port=free_port(), canary_requests=20)
+    raw["serving"].update(canary_requests=20)
+    raw["local"] = {"port": free_port()}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
@@ -93,8 +95,8 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
         train = airflow.wait_for_run("ml_train", 1, timeout=600, run_type="asset_triggered")
         assert train["state"] == "success" and train["run_type"] == "asset_triggered"
         tis = {(t["task_id"], t["map_index"]): t["state"] for t in airflow.task_instances("ml_train", train["dag_run_id"])}
-        assert tis[("train_local", 0)] == tis[("train_local", 1)] == "success" and tis[("select_best", -1)] == "success"
-        log = airflow.task_log("ml_train", train["dag_run_id"], "train_local", map_index=0)
+        assert tis[("train", 0)] == tis[("train", 1)] == "success" and tis[("select_best", -1)] == "success"
+        log = airflow.task_log("ml_train", train["dag_run_id"], "train", map_index=0)
         assert "--nproc-per-node=2" in log and "epoch 3/3" in log  # torchrun's output, streamed into the task log
 
         # Asset `candidate` -> ml_promote -> a champion in the MLflow registry.
@@ -116,7 +118,7 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
         assert deploy["state"] == "success" and deploy["run_type"] == "asset_triggered"
         endpoint = LocalEndpoint(cfg)
         assert endpoint.state()["served_version"] == champion.version
-        rows = Rollout(cfg, endpoint).sample_rows(5)
+        rows = holdout_requests(cfg, 5)
         status, reply = endpoint.predict(rows)
         assert status == 200 and len(reply["predictions"]) == 5
         batch = airflow.wait_for_run("ml_batch_score", 1, timeout=300, run_type="asset_triggered")

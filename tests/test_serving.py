@@ -230,7 +230,7 @@ def test_metrics_and_the_prediction_log(server, expected):
 def test_the_fast_column_check_agrees_with_the_value_by_value_one():
     """Signature.typed takes whole columns at once when every value already has its JSON type; any
     other column goes value by value. Both must give the same values and the same errors."""
-    from mlfactory.serving import BadRequest, InputColumn, Signature, _check
+    from mlfactory.serving.payloads import BadRequest, InputColumn, Signature, _check
 
     columns = [InputColumn("when", "string", True, True), InputColumn("x", "double"), InputColumn("opt", "double", False),
                InputColumn("flag", "boolean"), InputColumn("n", "long")]

@@ -13,7 +13,8 @@ import pytest
 
 from mlfactory import storage
 from mlfactory.cluster import LOOPBACK_ENV, Cluster, data_locations, launched_by_torchrun
-from mlfactory.jobs import Accelerator, TrainingJobSpec, search_trials
+from mlfactory.specs import Accelerator, TrainingJobSpec
+from mlfactory.training_plan import search_trials
 from mlfactory.processes import kill_tree
 from mlfactory.train import parse_args
 

@@ -1,7 +1,8 @@
 """The pipeline config: one YAML file describes the dataset, the backend, the bucket and the thresholds.
 
 A user brings their own tabular dataset by writing such a file and pointing ``MLFACTORY_CONFIG`` at
-it; nothing else changes. ``${VAR}`` and ``${VAR:-default}`` are expanded from the environment, and a
+it; nothing else changes. ``backend: <name>`` picks where the pipeline runs, and the section of the
+same name holds that backend's settings (a model each backend registers: ``mlfactory.backends``). ``${VAR}`` and ``${VAR:-default}`` are expanded from the environment, and a
 bucket given as a plain relative path is resolved against the config file's own folder.
 
 This module is imported by DAG files at parse time: it must stay light (pydantic and yaml only).
@@ -11,18 +12,19 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from mlfactory import backends
+from mlfactory.backends import BackendSettings
+from mlfactory.dataset import DatasetSpec
+from mlfactory.specs import Accelerator
 
 CONFIG_ENV = "MLFACTORY_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "pipeline.yaml"
-
-ColumnType = Literal["integer", "float", "string", "category", "boolean", "datetime"]
-NUMERIC_TYPES = ("integer", "float")
 
 
 class ConfigError(ValueError):
@@ -31,99 +33,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ColumnSpec(_Strict):
-    """One column of the landed dataset."""
-
-    name: str = Field(min_length=1)
-    type: ColumnType
-    required: bool = Field(True, description="nulls are not allowed in this column")
-    unique: bool = Field(False, description="every non-null value appears once per batch")
-    min: float | datetime | None = Field(None, description="inclusive lower bound (numeric or datetime)")
-    max: float | datetime | None = Field(None, description="inclusive upper bound (numeric or datetime)")
-    categories: list[str] | None = Field(None, description="allowed values of a category column")
-    description: str = ""
-
-    @model_validator(mode="after")
-    def _bounds_fit_type(self) -> ColumnSpec:
-        if self.type == "category" and not self.categories:
-            raise ValueError(f"column {self.name!r} has type category but no 'categories' list")
-        if self.categories is not None and self.type != "category":
-            raise ValueError(f"column {self.name!r}: 'categories' is only allowed on type category")
-        for bound in ("min", "max"):
-            value = getattr(self, bound)
-            if value is None:
-                continue
-            if self.type in NUMERIC_TYPES and isinstance(value, datetime):
-                raise ValueError(f"column {self.name!r}: {bound} must be a number for type {self.type}")
-            if self.type == "datetime" and not isinstance(value, datetime):
-                raise ValueError(f"column {self.name!r}: {bound} must be a datetime for type datetime")
-            if self.type not in (*NUMERIC_TYPES, "datetime"):
-                raise ValueError(f"column {self.name!r}: {bound} is not allowed on type {self.type}")
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"column {self.name!r}: min {self.min} is greater than max {self.max}")
-        return self
-
-
-class DerivedFeature(_Strict):
-    """A feature computed during ETL from other columns and written to the curated data."""
-
-    name: str = Field(min_length=1)
-    kind: Literal["ratio", "log1p", "day_of_week", "month", "days_since"]
-    inputs: list[str] = Field(min_length=1, max_length=2)
-
-    @model_validator(mode="after")
-    def _arity(self) -> DerivedFeature:
-        want = 2 if self.kind == "ratio" else 1
-        if len(self.inputs) != want:
-            raise ValueError(f"derived feature {self.name!r} ({self.kind}) takes {want} input(s)")
-        return self
-
-
-class DatasetSpec(_Strict):
-    name: str = Field(min_length=1)
-    task: Literal["classification", "regression"]
-    target: str
-    columns: list[ColumnSpec] = Field(min_length=2)
-    derived: list[DerivedFeature] = []
-    min_rows: int = Field(1, ge=1, description="a batch with fewer rows fails as a whole")
-    max_rows: int | None = Field(None, ge=1)
-    csv_delimiter: str = Field(",", min_length=1, max_length=1)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DatasetSpec:
-        names = [c.name for c in self.columns]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate column names: {dupes}")
-        by_name = {c.name: c for c in self.columns}
-        if self.target not in by_name:
-            raise ValueError(f"target {self.target!r} is not one of the columns {names}")
-        if not by_name[self.target].required:
-            raise ValueError(f"target {self.target!r} must be required (a row without a label is useless)")
-        target_types = ("boolean", "category") if self.task == "classification" else NUMERIC_TYPES
-        if by_name[self.target].type not in target_types:
-            raise ValueError(
-                f"target {self.target!r} is {by_name[self.target].type}; a {self.task} target must be "
-                f"{' or '.join(target_types)}"
-            )
-        for feature in self.derived:
-            if feature.name in by_name:
-                raise ValueError(f"derived feature {feature.name!r} clashes with a column of that name")
-            for source in feature.inputs:
-                if source not in by_name:
-                    raise ValueError(f"derived feature {feature.name!r}: unknown input column {source!r}")
-                wanted = ("datetime",) if feature.kind in ("day_of_week", "month", "days_since") else NUMERIC_TYPES
-                if by_name[source].type not in wanted:
-                    raise ValueError(
-                        f"derived feature {feature.name!r} ({feature.kind}) needs {' or '.join(wanted)} "
-                        f"input, column {source!r} is {by_name[source].type}"
-                    )
-        return self
-
-    def column(self, name: str) -> ColumnSpec:
-        return next(c for c in self.columns if c.name == name)
 
 
 class StorageSpec(_Strict):
@@ -233,7 +142,9 @@ class TrainingSpec(_Strict):
     )
     schedule: str = Field("0 3 * * 0", description="cron of the scheduled retraining (UTC)")
     max_runtime_s: int = Field(3600, ge=10, description="a training job running longer is stopped")
-    concurrent_jobs: int = Field(1, ge=1, description="size of the mlfactory_training pool (the local GPU quota)")
+    pool: str = Field("mlfactory_training", min_length=1, description="the Airflow pool every training job runs in")
+    concurrent_jobs: int = Field(1, ge=1, description="size of that pool: training jobs at once (make run creates "
+                                                      "it; the local stand-in for a GPU quota)")
     retrain_on_new_data: bool = Field(
         False, description="retrain on every curated batch even when a champion exists (default: only until the "
         "first champion; then on the schedule, on drift, or by hand)")
@@ -266,25 +177,38 @@ class PromotionSpec(_Strict):
 
 
 class ServingSpec(_Strict):
-    """The real-time endpoint (on `local`: the model server on this machine) and ml_deploy's rollout."""
+    """The real-time endpoint and ml_deploy's blue/green rollout, on every backend (each turns this into its
+    own requests through ``mlfactory.specs.EndpointSpec``; where the local endpoint listens is in ``local``)."""
 
-    port: int = Field(8090, ge=1, le=65535, description="local endpoint port (on 127.0.0.1)")
-    token: str = Field("", description="bearer token of the endpoint; empty: one is generated and kept in the state folder")
+    endpoint_name: str = Field("", description="the endpoint's name on a cloud; default: the registered model's name")
+    accelerator: Accelerator = Field(Accelerator(), description="hardware of each replica (cpu, or a gpu model and count)")
+    min_replicas: int = Field(1, ge=1, description="autoscaling: replicas always running")
+    max_replicas: int = Field(2, ge=1, description="autoscaling: most replicas")
+    target_requests_per_replica: int = Field(1000, ge=1, description="autoscaling target: requests per minute per replica")
     smoke_rows: int = Field(20, ge=1, description="holdout rows sent to a new version before it gets traffic")
     canary_percent: float = Field(10, gt=0, lt=100, description="share of traffic the new version gets first")
-    canary_requests: int = Field(200, ge=0, description="requests sent through the endpoint during the canary")
+    canary_wait_s: int = Field(600, ge=0, le=3600, description="clouds: how long the canary runs on real traffic "
+                                                                "before the rest shifts")
+    canary_requests: int = Field(200, ge=0, description="local: requests the rollout sends through the endpoint "
+                                                        "during the canary")
     max_error_rate: float = Field(0.01, ge=0, le=1, description="a canary failing more requests than this rolls back")
+    rollback_alarms: list[str] = Field([], description="clouds: the platform's alarms (e.g. CloudWatch alarm names) "
+                                                       "that roll a deployment back")
     log_flush_s: float = Field(10.0, gt=0, description="how often the prediction log is written to the bucket")
 
-    @field_validator("token", mode="before")
-    @classmethod
-    def _empty_token(cls, value):
-        return "" if value is None else value  # `token: ${UNSET:-}` reads as YAML null
+    @model_validator(mode="after")
+    def _replicas(self) -> ServingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is greater than max_replicas {self.max_replicas}")
+        return self
 
 
 class BatchScoringSpec(_Strict):
     schedule: str = Field("0 4 * * *", description="cron of the daily batch scoring (UTC), besides a new champion")
     chunk_rows: int = Field(100_000, ge=1_000, description="rows scored at a time; bounds memory")
+    accelerator: Accelerator = Field(Accelerator(), description="hardware of each scoring instance")
+    instances: int = Field(1, ge=1, description="clouds: instances scoring at once")
+    max_runtime_s: int = Field(6 * 3600, ge=60, description="a batch job running longer is stopped")
 
 
 class MonitoringSpec(_Strict):
@@ -304,54 +228,10 @@ class MlflowSpec(_Strict):
     model_name: str = Field("", description="registered model name; default: the dataset name")
 
 
-class AwsSpec(_Strict):
-    """The `aws` backend: SageMaker training, endpoints and batch transform, S3 and S3 -> SQS events.
-
-    Every request is built from these fields by ``mlfactory.aws``; what IAM permissions each step
-    needs is in ``deploy/aws/`` (``airflow-policy.json`` for Airflow, ``sagemaker-execution-role-policy.json``
-    for the role jobs and endpoints run as)."""
-
-    region: str = Field("us-east-1", min_length=1)
-    conn_id: str = Field("aws_default", description="Airflow connection (credentials; extra endpoint_url for an emulator)")
-    role_arn: str = Field(description="IAM role SageMaker assumes for jobs and endpoints (arn:aws:iam::<account>:role/...)")
-    image_uri: str = Field(description="the project's container image in ECR: training entrypoint and model server")
-    sqs_queue_url: str = Field("", description="queue that receives the bucket's ObjectCreated notifications for the "
-                                               "landing prefix; empty: the landing watcher polls S3 (ListObjectsV2) "
-                                               "every ingest.poll_interval_s")
-    training_instance_type: str = Field("", description="overrides the catalog's choice from the accelerator")
-    volume_size_gb: int = Field(50, ge=1, le=16384)
-    spot: bool = Field(True, description="managed spot training; preempted jobs resume from their checkpoints")
-    max_wait_s: int | None = Field(None, ge=1, description="spot: longest wait + run time; default 2 x max runtime")
-    budget_usd: float = Field(100.0, gt=0, description="a training job whose worst-case cost is above this is refused")
-    prices_usd_per_hour: dict[str, float] = Field(
-        default_factory=dict, description="instance type -> USD/hour; overrides the catalog's on-demand list prices")
-    subnets: list[str] = []
-    security_group_ids: list[str] = []
-    kms_key_id: str = Field("", description="KMS key for job volumes, outputs and endpoint storage; empty: AWS-managed")
-    endpoint_name: str = Field("", description="default: the model name")
-    endpoint_instance_type: str = "ml.m5.large"
-    endpoint_min_instances: int = Field(1, ge=1)
-    endpoint_max_instances: int = Field(2, ge=1)
-    invocations_per_instance: int = Field(1000, ge=1, description="autoscaling target: invocations per instance per minute")
-    canary_wait_s: int = Field(600, ge=0, le=3600, description="blue/green: how long the canary runs before the rest shifts")
-    rollback_alarms: list[str] = Field(default_factory=list, description="CloudWatch alarms that roll a deployment back")
-    transform_instance_type: str = "ml.m5.xlarge"
-    transform_instance_count: int = Field(1, ge=1)
-    tags: dict[str, str] = {}
-
-    @model_validator(mode="after")
-    def _consistent(self) -> AwsSpec:
-        if not re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+", self.role_arn):
-            raise ValueError(f"role_arn {self.role_arn!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
-        if self.endpoint_min_instances > self.endpoint_max_instances:
-            raise ValueError("endpoint_min_instances is greater than endpoint_max_instances")
-        if bool(self.subnets) != bool(self.security_group_ids):
-            raise ValueError("a VPC config needs both subnets and security_group_ids")
-        return self
-
-
 class PipelineConfig(_Strict):
-    backend: Literal["local", "aws", "gcp", "azure"] = "local"
+    backend: SerializeAsAny[BackendSettings] = Field(
+        description="where events, jobs and endpoints live: `backend: <name>` and its section `<name>:` "
+                    "(see mlfactory.backends)")
     dataset: DatasetSpec
     storage: StorageSpec
     ingest: IngestSpec = IngestSpec()
@@ -362,16 +242,11 @@ class PipelineConfig(_Strict):
     serving: ServingSpec = ServingSpec()
     batch_scoring: BatchScoringSpec = BatchScoringSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
-    aws: AwsSpec | None = None
     source: str = Field("", description="the file this config was read from (set by load_config)")
 
     @model_validator(mode="after")
-    def _backend_configured(self) -> PipelineConfig:
-        if self.backend == "aws":
-            if self.aws is None:
-                raise ValueError("backend aws needs an 'aws' section (role_arn and image_uri at least)")
-            if not self.storage.bucket.startswith("s3://"):
-                raise ValueError(f"backend aws needs an s3:// bucket, got {self.storage.bucket!r}")
+    def _fits_backend(self) -> PipelineConfig:
+        self.backend.check_pipeline(self)
         return self
 
     @property
@@ -418,6 +293,39 @@ def _resolve_bucket(raw: dict, path: Path) -> None:
         storage["bucket"] = (path.parent / storage["bucket"]).resolve().as_uri()
 
 
+def _backend_settings(raw: dict) -> tuple[BackendSettings | None, list[str]]:
+    """``backend: <name>`` and the sections named after backends -> the chosen backend's settings, and the
+    errors (as ``section.field: message``). Every backend section present is checked, so switching the
+    backend later meets no surprise."""
+    name = raw.pop("backend", "local")
+    sections = {key: raw.pop(key) for key in list(raw)
+                if key not in PipelineConfig.model_fields and backends.is_registered(key)}
+    errors: list[str] = []
+    if not isinstance(name, str) or not backends.is_registered(name):
+        errors.append(f"backend: {name!r} is not a registered backend; registered: {', '.join(backends.names())}")
+        name = None
+    chosen = None
+    for key in sorted({*sections, *([name] if name else [])}):
+        section = sections.get(key) or {}
+        settings_model = backends.get(key).settings
+        if not isinstance(section, dict):
+            errors.append(f"{key}: expected a mapping of {key} settings, got {type(section).__name__}")
+            continue
+        if not sections.get(key):
+            required = [f for f, info in settings_model.model_fields.items() if info.is_required() and f != "name"]
+            if required:
+                errors.append(f"backend {key} needs its section '{key}:' ({' and '.join(required)} at least)")
+                continue
+        try:
+            settings = settings_model.model_validate({**section, "name": key})
+        except ValidationError as err:
+            errors += [f"{_location((key, *e['loc']), {key: section})}: {e['msg']}" for e in err.errors()]
+            continue
+        if key == name:
+            chosen = settings
+    return chosen, errors
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> PipelineConfig:
     """Read and validate the pipeline config (``MLFACTORY_CONFIG``, else include/pipeline.yaml)."""
     path = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG).expanduser().resolve()
@@ -433,8 +341,14 @@ def load_config(path: str | os.PathLike[str] | None = None) -> PipelineConfig:
         raise ConfigError(f"pipeline config {path}: expected a mapping at the top level, got {type(raw).__name__}")
     _resolve_bucket(raw, path)
     raw["source"] = str(path)
+    settings, errors = _backend_settings(raw)
+    if settings is not None:
+        raw["backend"] = settings
     try:
-        return PipelineConfig.model_validate(raw)
+        if not errors:
+            return PipelineConfig.model_validate(raw)
+        # report the other sections' errors too: validate them around a placeholder backend
+        PipelineConfig.model_validate({**raw, "backend": BackendSettings(name="")})
     except ValidationError as err:
-        lines = [f"{_location(e['loc'], raw)}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"pipeline config {path} is invalid:\n  " + "\n  ".join(lines)) from None
+        errors += [f"{_location(e['loc'], raw)}: {e['msg']}" for e in err.errors()]
+    raise ConfigError(f"pipeline config {path} is invalid:\n  " + "\n  ".join(errors))

@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mlfactory.config import DatasetSpec
+from mlfactory.dataset import DatasetSpec
 from mlfactory.features import FeatureSet, numeric_matrix
 
 LOW_CARDINALITY = 5  # numeric features with at most this many distinct values are compared as categories

@@ -37,8 +37,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mlfactory import storage
-from mlfactory.config import ColumnSpec, DatasetSpec, PipelineConfig
+from mlfactory import BadInput, storage
+from mlfactory.config import PipelineConfig
+from mlfactory.dataset import ColumnSpec, DatasetSpec
 from mlfactory.features import FALSE_WORDS, TRUE_WORDS, derive_features
 from mlfactory.ingest import Manifest, read_manifest
 from mlfactory.validation import (
@@ -66,7 +67,7 @@ ROW_NUMBER = "_row"
 RAW_LINE = "_raw_line"
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(BadInput):
     """The snapshot as a whole fails the data contract; its raw snapshot is kept."""
 
     def __init__(self, message: str, result: CurationResult) -> None:

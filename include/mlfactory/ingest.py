@@ -13,13 +13,13 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from mlfactory import storage
+from mlfactory import BadInput, storage
 from mlfactory.config import PipelineConfig
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
-class IngestError(ValueError):
+class IngestError(BadInput):
     """A landed object that cannot be ingested; the landed object is left untouched."""
 
 

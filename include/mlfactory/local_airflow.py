@@ -1,8 +1,11 @@
-"""Airflow 3 on this machine: the scheduler, DAG processor, triggerer and API server of the `local` backend.
+"""Airflow 3 on this machine: the scheduler, DAG processor, triggerer and API server, for ``make run`` and
+the integration tests (whichever backend the pipeline config names).
 
 ``make run`` and the integration tests start Airflow through this one class, so what the tests
 exercise is what a user runs. Every process binds 127.0.0.1, runs in its own process group (the
-scheduler's workers ignore SIGTERM sent to the parent alone) and is stopped with its children.
+scheduler's workers ignore SIGTERM sent to the parent alone) and is stopped with its children. The
+pool that training jobs run in is created from the pipeline config (``training.pool``, sized
+``training.concurrent_jobs``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlfactory.processes import signal_group, stop_group
-
-TRAINING_POOL = "mlfactory_training"
 
 PROJECT = Path(__file__).resolve().parents[2]
 # The scheduler and triggerer would also start log servers on every interface; on one machine the
@@ -39,7 +41,9 @@ class LocalAirflow:
     home: Path
     api_port: int = 8080
     env_overrides: dict[str, str] = field(default_factory=dict)
-    training_slots: int = 1  # size of the mlfactory_training pool: training jobs run at once
+    # A migrated metadata database to start from (copied): migrating a new SQLite file costs ~10 s. When the
+    # file does not exist yet, this instance migrates its own database and leaves a copy there.
+    db_template: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -87,12 +91,7 @@ class LocalAirflow:
     def start(self, timeout: float = 120) -> LocalAirflow:
         env = self.env()
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
-        subprocess.run(
-            [sys.executable, "-m", "airflow", "pools", "set", TRAINING_POOL, str(self.training_slots),
-             "training jobs running at once on this machine (the local stand-in for a GPU quota)"],
-            env=env, check=True, capture_output=True,
-        )
+        self._migrate(env)
         for name, args in COMPONENTS.items():
             with open(self.home / "logs" / f"{name}.log", "ab") as log:
                 self.processes[name] = subprocess.Popen(
@@ -105,7 +104,32 @@ class LocalAirflow:
                     cwd=self.home,
                 )
         self.wait_until(lambda: self._get("/api/v2/version") is not None, timeout, "the API server to answer")
+        self._training_pool(env)
         return self
+
+    def _migrate(self, env: dict[str, str]) -> None:
+        database = self.home / "airflow.db"
+        if self.db_template is not None and self.db_template.exists() and not database.exists():
+            shutil.copyfile(self.db_template, database)
+            return
+        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+        if self.db_template is not None and not self.db_template.exists():
+            shutil.copyfile(database, self.db_template)
+
+    def _training_pool(self, env: dict[str, str]) -> None:
+        """The pool of the training jobs, as the pipeline config this Airflow runs with says."""
+        from mlfactory.config import CONFIG_ENV, load_config
+
+        training = load_config(env.get(CONFIG_ENV)).training
+        pool = {"name": training.pool, "slots": training.concurrent_jobs,
+                "description": "training jobs running at once (training.concurrent_jobs; locally, the stand-in for a GPU quota)",
+                "include_deferred": True}  # a deferred cloud job still holds its GPUs
+        try:
+            self.api("/api/v2/pools", method="POST", body=pool)
+        except urllib.error.HTTPError as err:
+            if err.code != 409:
+                raise
+            self.api(f"/api/v2/pools/{training.pool}", method="PATCH", body=pool)
 
     def stop(self, grace: float = 15) -> None:
         for proc in self.processes.values():

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from mlfactory.config import DatasetSpec, PipelineConfig
+from mlfactory.config import PipelineConfig
+from mlfactory.dataset import DatasetSpec
 from mlfactory.features import to_wire
 from mlfactory.tabular import primary_metric
 
@@ -185,3 +186,42 @@ class Registry:
         log.info("%s: champion is now v%s (previous: v%s)", self.name, version, replaced)
         return {"model_name": self.name, "version": version, "previous_version": replaced,
                 "model_uri": f"models:/{self.name}/{version}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# ml_promote's steps
+
+
+def candidate_from(form_model_uri: str | None, event_extras: list[dict]) -> dict:
+    """The candidate to register: the model URI given in the trigger form, else the latest `candidate`
+    event's (ml_train's best trial)."""
+    if form_model_uri:
+        return {"model_uri": form_model_uri, "mlflow_run_id": None}
+    if not event_extras:
+        raise ValueError("nothing to promote: no `candidate` event started this run; set 'model_uri' in the form")
+    candidate = event_extras[-1]
+    if not candidate.get("model_uri"):
+        raise ValueError(f"the candidate has no MLflow model URI (was MLflow reachable from training?): {candidate}")
+    return candidate
+
+
+def register_candidate(cfg: PipelineConfig, candidate: dict) -> dict:
+    """A new version of the candidate with alias ``challenger``, tagged with its run, metric and training set."""
+    tags = {"mlfactory.mlflow_run_id": candidate.get("mlflow_run_id") or "",
+            "mlfactory.validation_metric": f"{candidate.get('metric')}={candidate.get('value')}",
+            TRAINING_SET_TAG: (candidate.get("training_set") or {}).get("uri", "")}
+    version = Registry(cfg).register(candidate["model_uri"], candidate.get("mlflow_run_id"), tags)
+    return {"version": version, **candidate}
+
+
+def evaluate_challenger(cfg: PipelineConfig, version: str) -> dict:
+    """Challenger ``version`` vs the champion on the frozen holdout; the decision is tagged on the version."""
+    from mlfactory.training_data import frozen_holdout, read_holdout
+
+    registry = Registry(cfg)
+    frozen = frozen_holdout(cfg)
+    if frozen is None:
+        raise ValueError(f"no frozen holdout under {cfg.storage.models_uri}: ml_train freezes one on its first run")
+    uri, sha256 = registry.holdout(frozen.uri, frozen.sha256)
+    decision = registry.evaluate(version, read_holdout(uri, sha256))
+    return {**decision.to_dict(), "version": version, "holdout_uri": uri, "holdout_sha256": sha256}

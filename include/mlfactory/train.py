@@ -15,8 +15,9 @@ shuffling and dropout are seeded from (seed, epoch, rank), which also makes a re
 exactly what the interrupted one would have done.
 
 Rank 0 alone writes ``model.pt`` and ``metrics.json`` to ``--output-uri`` and logs to MLflow (when a
-tracking URI is given): params, per-epoch metrics, the training set as a dataset input with its
-digest, the training curves, and the model as a pyfunc that takes the raw feature columns.
+tracking URI is given; ``mlfactory.tracking``): params, per-epoch metrics, the training set as a
+dataset input with its digest, the training curves, and the model as a pyfunc that takes the raw
+feature columns.
 """
 
 from __future__ import annotations
@@ -34,13 +35,10 @@ from pathlib import Path
 
 from mlfactory import storage
 from mlfactory.cluster import Cluster, data_locations, launched_by_torchrun
+from mlfactory.specs import CHECKPOINT_FILE, DATASET_FILE, METRICS_FILE, MODEL_FILE
 
 log = logging.getLogger("mlfactory.train")
 
-DATASET_FILE = "dataset.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.json"
-MODEL_FILE = "model.pt"  # the bundle: dataset spec, preprocessor, network shape and weights
 HYPERPARAMETERS = ("epochs", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "seed",
                    "validation_fraction")
 
@@ -169,7 +167,7 @@ def read_training_set(train_uri: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mlfactory.config import DatasetSpec
+    from mlfactory.dataset import DatasetSpec
 
     spec_uri = storage.join(train_uri, DATASET_FILE)
     if not storage.exists(spec_uri):
@@ -224,6 +222,7 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
     from torch.utils.data import DistributedSampler
 
     from mlfactory.tabular import Preprocessor, build_net, loss_function, metrics, primary_metric, scores
+    from mlfactory.tracking import MlflowTracker
 
     runtime = start_runtime(args.device, env)
     local_world = int(env.get("LOCAL_WORLD_SIZE", runtime.world_size))
@@ -262,7 +261,16 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
     loss_fn = loss_function(pre)
     sampler = DistributedSampler(range(len(y)), num_replicas=runtime.world_size, rank=runtime.rank,
                                  shuffle=True, seed=args.seed, drop_last=True)
-    tracker = MlflowTracker.start(args, dataset, frame, digest, runtime, mlflow_run_id, env) if runtime.is_primary else None
+    tracker = None
+    if runtime.is_primary:
+        cluster = Cluster.from_environ(env)
+        tracker = MlflowTracker.start(
+            args.mlflow_tracking_uri, args.experiment, args.run_name, mlflow_run_id,
+            params={**_hyperparameters(args), "world_size": runtime.world_size, "backend": runtime.backend,
+                    "rows": len(frame), "train_uri": args.train_uri},
+            tags={"mlfactory.platform": cluster.platform, "mlfactory.job_id": cluster.job_id,
+                  "mlfactory.dataset_sha256": digest, **dict(t.split("=", 1) for t in args.tag)},
+            dataset=dataset, frame=frame, digest=digest, source_uri=args.train_uri)
     say("training %s on %d rows (%d validation), %d process(es), backend %s, epochs %d..%d",
         dataset.name, len(y), len(v_y), runtime.world_size, runtime.backend, start_epoch, args.epochs)
 
@@ -351,125 +359,6 @@ def _finish(args, dataset, pre, net, history, metric, runtime, tracker, val_rows
     log.info("done: %s %.4f after %d epochs; model and metrics in %s", metric, result["value"] or float("nan"),
              len(history), args.output_uri)
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# MLflow (rank 0 only)
-
-
-class MlflowTracker:
-    def __init__(self, mlflow, run_id: str):
-        self.mlflow, self.run_id = mlflow, run_id
-
-    @classmethod
-    def start(cls, args, dataset, frame, digest, runtime, resume_run_id, env) -> MlflowTracker | None:
-        if not args.mlflow_tracking_uri:
-            log.info("MLflow: no tracking URI (--mlflow-tracking-uri or MLFLOW_TRACKING_URI); not logging")
-            return None
-        import warnings
-
-        import mlflow
-
-        # the training set's integer columns are typed; the hint is about serving, where the signature decides
-        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-        mlflow.set_tracking_uri(args.mlflow_tracking_uri)
-        mlflow.set_experiment(args.experiment)
-        if resume_run_id:
-            run = mlflow.start_run(run_id=resume_run_id)
-            return cls(mlflow, run.info.run_id)
-        run = mlflow.start_run(run_name=args.run_name)
-        cluster = Cluster.from_environ(env)
-        mlflow.log_params({**_hyperparameters(args), "world_size": runtime.world_size, "backend": runtime.backend,
-                           "rows": len(frame), "train_uri": args.train_uri})
-        mlflow.set_tags({"mlfactory.platform": cluster.platform, "mlfactory.job_id": cluster.job_id,
-                         "mlfactory.dataset_sha256": digest,
-                         **dict(t.split("=", 1) for t in args.tag)})
-        source = mlflow.data.from_pandas(frame, source=args.train_uri, name=dataset.name, targets=dataset.target,
-                                         digest=digest[:36])
-        try:
-            mlflow.log_input(source, context="training")
-        except mlflow.exceptions.MlflowException:  # a parallel trial registered the same dataset first: reuse it
-            time.sleep(1)
-            mlflow.log_input(source, context="training")
-        return cls(mlflow, run.info.run_id)
-
-    def log_epoch(self, row: dict) -> None:
-        self.mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and v == v}, step=row["epoch"])
-
-    def finish(self, bundle: str, history: list[dict], val_rows, dataset) -> dict:
-        mlflow = self.mlflow
-        mlflow.log_figure(_curves(history), "training_curves.png")
-        model_info = log_pyfunc(bundle, val_rows, dataset)
-        mlflow.end_run()
-        return {"mlflow_run_id": self.run_id, "model_uri": model_info.model_uri}
-
-
-def _curves(history: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    val_keys = [k for k in (history[0] if history else {}) if k.startswith("val_")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(epochs, [h["train_loss"] for h in history], marker="o")
-    axes[0].set(title="training loss", xlabel="epoch")
-    for key in val_keys:
-        axes[1].plot(epochs, [h[key] for h in history], marker="o", label=key)
-    axes[1].set(title="validation", xlabel="epoch")
-    axes[1].legend()
-    fig.tight_layout()
-    return fig
-
-
-MODEL_CODE = ("__init__.py", "config.py", "features.py", "tabular.py")
-
-
-def pip_requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in
-            ("mlflow", "torch", "pandas", "numpy", "pyarrow", "pydantic", "pyyaml", "scikit-learn")]
-
-
-def log_pyfunc(bundle: str, sample_rows, dataset):
-    """Log the model as a pyfunc over the RAW feature columns, with its code, signature and example.
-
-    The signature is written from the config, as a JSON caller sends values: numbers as doubles,
-    datetimes as ISO 8601 strings, categories as strings; a column the config allows to be null is
-    optional.
-    """
-    import shutil
-
-    import mlflow
-    from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types import ColSpec, Schema
-
-    from mlfactory.features import FeatureSet, to_wire
-    from mlfactory.tabular import LoadedModel, TabularPyfunc
-
-    wire = {"integer": "double", "float": "double", "datetime": "string", "boolean": "boolean"}
-    columns = [dataset.column(name) for name in FeatureSet.of(dataset).raw_inputs]
-    inputs = Schema([ColSpec(wire.get(c.type, "string"), c.name, required=c.required) for c in columns])
-    example = to_wire(sample_rows.head(5), dataset)
-    outputs = infer_signature(example, LoadedModel(bundle).predict(example)).outputs
-    signature = ModelSignature(inputs=inputs, outputs=outputs)
-    with tempfile.TemporaryDirectory() as tmp:
-        package = Path(tmp) / "mlfactory"
-        package.mkdir()
-        here = Path(__file__).resolve().parent
-        for name in MODEL_CODE:  # only what prediction imports: the model stays small and light
-            shutil.copy(here / name, package / name)
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=TabularPyfunc(),
-            artifacts={"bundle": bundle},
-            code_paths=[str(package)],
-            signature=signature,
-            input_example=example,
-            pip_requirements=pip_requirements(),
-        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from mlfactory import storage
 from mlfactory.config import PipelineConfig
-from mlfactory.train import DATASET_FILE
+from mlfactory.specs import DATASET_FILE
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mlfactory.config import DatasetSpec
+from mlfactory.dataset import DatasetSpec
 
 ARROW_TYPES = {
     "integer": pa.int64(),

@@ -1,6 +1,7 @@
 """The Asset chain of the lifecycle (see DESIGN.md), built from the pipeline config.
 
 Every DAG file builds its Assets here, so producer and consumer always agree on names and URIs.
+The landing Asset is watched by the configured backend's event trigger.
 """
 
 from __future__ import annotations
@@ -23,36 +24,14 @@ class PipelineAssets:
     predictions: Asset  # ml_batch_score wrote a predictions table (extra: its URI, rows, model version)
 
 
-def bucket_change_trigger(cfg: PipelineConfig):
-    """The event trigger that watches the landing prefix on the configured backend."""
-    if cfg.backend == "local":
-        from mlfactory_airflow.triggers.local_bucket import LocalBucketChangeTrigger
-
-        return LocalBucketChangeTrigger(
-            prefix_uri=cfg.storage.landing_uri,
-            poll_interval=cfg.ingest.poll_interval_s,
-            settle_seconds=cfg.ingest.settle_s,
-        )
-    if cfg.backend == "aws":
-        from urllib.parse import urlparse
-
-        from mlfactory_airflow.triggers.s3_events import S3EventQueueTrigger, S3PrefixPollTrigger
-
-        landing = urlparse(cfg.storage.landing_uri)
-        where = {"bucket": landing.netloc, "prefix": landing.path.strip("/") + "/", "aws_conn_id": cfg.aws.conn_id,
-                 "region_name": cfg.aws.region}
-        if cfg.aws.sqs_queue_url:
-            return S3EventQueueTrigger(queue_url=cfg.aws.sqs_queue_url, **where)
-        return S3PrefixPollTrigger(poll_interval=cfg.ingest.poll_interval_s, settle_seconds=cfg.ingest.settle_s, **where)
-    raise NotImplementedError(f"backend {cfg.backend!r} has no bucket-change trigger yet; see {cfg.source}")
-
-
 def pipeline_assets(cfg: PipelineConfig) -> PipelineAssets:
+    from mlfactory_airflow.backends import backend_for
+
     return PipelineAssets(
         landing=Asset(
             name="mlfactory.landing",
             uri=cfg.storage.landing_uri,
-            watchers=[AssetWatcher(name="mlfactory_landing_watcher", trigger=bucket_change_trigger(cfg))],
+            watchers=[AssetWatcher(name="mlfactory_landing_watcher", trigger=backend_for(cfg).landing_trigger())],
         ),
         raw=Asset(name="mlfactory.raw", uri=cfg.storage.raw_uri),
         curated=Asset(name="mlfactory.curated", uri=cfg.storage.curated_uri),

@@ -3,8 +3,9 @@
 It takes the same ``TrainingJobSpec`` the cloud operators take. The job's output is streamed into
 the task log line by line; a job running past ``max_runtime_s`` is stopped; clearing or killing the
 task (``on_kill``) stops torchrun and every worker it started (the whole process group). Retries
-resume from the job's checkpoint. Run it in the ``mlfactory_training`` pool: its size is how many
-training jobs this machine runs at once (the local stand-in for a GPU quota).
+resume from the job's checkpoint. ml_train runs it in the ``training.pool`` pool: its size
+(``training.concurrent_jobs``) is how many training jobs this machine runs at once (the local
+stand-in for a GPU quota), and each job's intra-op threads are its share of the cores.
 """
 
 from __future__ import annotations
@@ -17,15 +18,12 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from mlfactory.local_airflow import TRAINING_POOL
-
 
 class LocalTrainingOperator(BaseOperator):
     template_fields = ("spec",)
     ui_color = "#fde8d7"
 
     def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
-        kwargs.setdefault("pool", TRAINING_POOL)
         super().__init__(**kwargs)
         self.spec = spec
         self._process: subprocess.Popen | None = None
@@ -36,8 +34,7 @@ class LocalTrainingOperator(BaseOperator):
         from mlfactory import storage
         from mlfactory.cluster import LOOPBACK_ENV, Cluster
         from mlfactory.config import load_config
-        from mlfactory.jobs import TrainingJobSpec
-        from mlfactory.train import METRICS_FILE
+        from mlfactory.specs import METRICS_FILE, TrainingJobSpec
 
         spec = TrainingJobSpec.model_validate(self.spec)
         if spec.nodes != 1:

@@ -5,7 +5,7 @@ result (the entrypoint's metrics.json, with the model bundle's S3 URI). Built on
 provider: SageMakerHook for the calls, a SageMakerTrigger subclass while the job runs (the task
 defers, holding no worker slot), S3Hook for the model artifact.
 
-- Before anything is created, the cost guard (``mlfactory.aws.check_budget``) refuses a job whose
+- Before anything is created, the cost guard (``mlfactory.backends.aws.sagemaker.check_training_budget``) refuses a job whose
   worst case is over ``aws.budget_usd``.
 - The job name is chosen once and carried through the deferral in the resume kwargs; it is never
   recomputed. A retried task whose earlier job is running or completed takes it over (waits for
@@ -20,32 +20,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlfactory.local_airflow import TRAINING_POOL
-from mlfactory_airflow.operators.sagemaker import SageMakerBaseOperator
+from mlfactory_airflow.backends.aws.sagemaker import SageMakerBaseOperator
 
 
 class SageMakerTrainingOperator(SageMakerBaseOperator):
     template_fields = ("spec",)
 
     def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
-        kwargs.setdefault("pool", TRAINING_POOL)
         super().__init__(**kwargs)
         self.spec = spec
         self.job_name: str | None = None
 
     def execute(self, context) -> None:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from mlfactory.aws import AwsRequestError, check_budget, create_training_job_request, training_status
-        from mlfactory.jobs import TrainingJobSpec
+        from mlfactory.backends.aws.sagemaker import check_training_budget, create_training_job_request, training_status
+        from mlfactory.specs import TrainingJobSpec
+        from mlfactory_airflow.outcomes import task_outcome
 
         spec = TrainingJobSpec.model_validate(self.spec)
-        try:
-            estimate = check_budget(spec, self.settings)
+        with task_outcome():  # a request over budget or that SageMaker's model refuses: retrying cannot help
+            estimate = check_training_budget(spec, self.settings)
             self.log.info("training job %s: %s", spec.name, estimate)
             request = create_training_job_request(spec, self.settings)
-        except AwsRequestError as err:
-            raise AirflowFailException(str(err)) from err  # retrying the same request cannot help
         self.hook.check_training_config(request)  # the provider's own check: the input channels exist in S3
         self.job_name = self.start_or_take_over(request, "TrainingJobName", "describe_training_job", training_status,
                                                 "create_training_job", context["ti"].try_number)
@@ -54,7 +49,7 @@ class SageMakerTrainingOperator(SageMakerBaseOperator):
         self._wait(self.job_name, spec)
 
     def _wait(self, name: str, spec) -> None:
-        from mlfactory_airflow.triggers.sagemaker import SageMakerTrainingJobTrigger
+        from mlfactory_airflow.backends.aws.sagemaker_trigger import SageMakerTrainingJobTrigger
 
         # spot jobs may wait for capacity: poll for up to 3 x the max runtime
         self.defer(trigger=self.trigger(name, "Training", spec.max_runtime_s * 3, SageMakerTrainingJobTrigger),
@@ -63,8 +58,8 @@ class SageMakerTrainingOperator(SageMakerBaseOperator):
     def execute_complete(self, context, event: dict[str, Any] | None = None, job_name: str | None = None) -> dict:
         from airflow.sdk.exceptions import AirflowException
 
-        from mlfactory.aws import training_status
-        from mlfactory.jobs import TrainingJobSpec
+        from mlfactory.backends.aws.sagemaker import training_status
+        from mlfactory.specs import TrainingJobSpec
 
         self.job_name = job_name
         described = self.hook.describe_training_job(job_name)
@@ -78,9 +73,9 @@ class SageMakerTrainingOperator(SageMakerBaseOperator):
         """The job's model.tar.gz unpacked next to it: model.pt and metrics.json under ``output_uri``."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-        from mlfactory.aws import training_result, training_status
+        from mlfactory.backends.aws.sagemaker import training_result, training_status
 
-        artifact = training_status(described).model_artifact
+        artifact = training_status(described).artifact
         if not artifact:
             raise ValueError(f"SageMaker training job {name} completed without a model artifact")
         s3 = S3Hook(aws_conn_id=self.settings.conn_id, region_name=self.settings.region)
@@ -96,7 +91,7 @@ class SageMakerTrainingOperator(SageMakerBaseOperator):
         return result
 
     def on_kill(self) -> None:
-        from mlfactory_airflow.triggers.sagemaker import stop_training_job
+        from mlfactory_airflow.backends.aws.sagemaker_trigger import stop_training_job
 
         if self.job_name:
             stop_training_job(self.hook, self.job_name, self.log)

@@ -43,7 +43,7 @@ class S3EventQueueTrigger(WatermarkedTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airflow.providers.amazon.aws.hooks.sqs import SqsHook
 
-        from mlfactory.aws import NotANotification, s3_landing_events
+        from mlfactory.backends.aws.events import NotANotification, s3_landing_events
 
         watermark = await self.load_watermark()
         hook = SqsHook(aws_conn_id=self.aws_conn_id, region_name=self.region_name)

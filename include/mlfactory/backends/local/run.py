@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mlfactory import sample_data, storage
+from mlfactory.backends.local import LocalSettings
 from mlfactory.config import load_config
 from mlfactory.local_airflow import PROJECT, LocalAirflow
 from mlfactory.mlflow_server import LocalMlflow
@@ -108,7 +109,8 @@ def land(cfg, rows: int, seed: int, drift: float, name: str) -> Path:
 
 
 def tell(cfg, airflow: LocalAirflow, summary: dict) -> bool:
-    from mlfactory.deployment import LocalEndpoint, Rollout
+    from mlfactory.backends.local.endpoint import LocalEndpoint
+    from mlfactory.deployment import holdout_requests
     from mlfactory.registry import CHAMPION, Registry
 
     story = Story(airflow)
@@ -133,10 +135,10 @@ def tell(cfg, airflow: LocalAirflow, summary: dict) -> bool:
 
     # 2. Traffic to the endpoint.
     state = endpoint.state()
-    sample = Rollout(cfg, endpoint).sample_rows(3)
+    sample = holdout_requests(cfg, 3)
     status, answer = endpoint.predict(sample[:1])
     summary["endpoint"] = {"url": endpoint.url, "served_version": state.get("served_version"),
-                           "token_file": str(endpoint.home / "token") if not cfg.serving.token else "(serving.token)",
+                           "token_file": str(endpoint.home / "token") if not cfg.backend.token else "(local.token)",
                            "sample_request": {"dataframe_records": sample[:1]}, "status": status, "answer": answer}
     print(f"\nendpoint {endpoint.url} serves v{state.get('served_version')}: {status} {json.dumps(answer)}", flush=True)
     if status != 200:
@@ -198,18 +200,17 @@ def _done(story: Story, summary: dict, registry) -> bool:
 
 def main() -> int:
     cfg = load_config()
-    if cfg.backend != "local" or not storage.is_local(cfg.storage.bucket):
-        print(f"make run drives the local backend; {cfg.source} says backend {cfg.backend} bucket {cfg.storage.bucket}")
+    if not isinstance(cfg.backend, LocalSettings) or not storage.is_local(cfg.storage.bucket):
+        print(f"make run drives the local backend; {cfg.source} says backend {cfg.backend.name} bucket {cfg.storage.bucket}")
         return 2
     mlflow = LocalMlflow(STATE_DIR / ".mlflow", cfg.storage.mlflow_artifacts_uri,
                          port=int(os.environ.get("MLFLOW_PORT", "5000")))
     if mlflow.url != cfg.mlflow.tracking_uri.rstrip("/"):
         print(f"mlflow.tracking_uri in {cfg.source} is {cfg.mlflow.tracking_uri}; make run serves MLflow at {mlflow.url}")
         return 2
-    from mlfactory.deployment import LocalEndpoint
+    from mlfactory.backends.local.endpoint import LocalEndpoint
 
-    airflow = LocalAirflow(STATE_DIR / ".airflow", api_port=int(os.environ.get("MLFACTORY_PORT", "8080")),
-                           training_slots=cfg.training.concurrent_jobs)
+    airflow = LocalAirflow(STATE_DIR / ".airflow", api_port=int(os.environ.get("MLFACTORY_PORT", "8080")))
     endpoint = LocalEndpoint(cfg)
     exit_when_done = os.environ.get("MLFACTORY_EXIT_WHEN_DONE", "") not in ("", "0", "false")
     summary: dict = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.source}

@@ -1,5 +1,5 @@
-"""The `aws` backend's translation layer: cloud-neutral specs -> SageMaker and Application Auto
-Scaling requests, responses -> statuses. Pure functions, no Airflow and no network.
+"""The `aws` backend's translation layer: cloud-neutral specs (``mlfactory.specs``) -> SageMaker and
+Application Auto Scaling requests, responses -> ``JobStatus``. Pure functions, no Airflow and no network.
 
 Every request leaves through ``validated``, which checks it against botocore's own service model
 (the one boto3 sends with), so a wrong name, type or missing field is an error here, naming the
@@ -7,7 +7,9 @@ field, and never reaches the wire. The Airflow operators in ``plugins/mlfactory_
 these functions build through the amazon provider's hooks.
 
 Instance catalog: a job asks for an accelerator (kind, model, count per node) and this table picks
-the SageMaker instance type. ``aws.training_instance_type`` in the config overrides it.
+the SageMaker instance type; endpoints and batch transform use the same table for GPUs, and
+ml.m5.large / ml.m5.xlarge on CPU. ``aws.training_instance_type``, ``aws.endpoint_instance_type`` and
+``aws.transform_instance_type`` in the config override it.
 
 | accelerator | 1 per node | 4 per node | 8 per node |
 |---|---|---|---|
@@ -31,11 +33,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote_plus, urlparse
+from urllib.parse import urlparse
 
+from mlfactory import BadInput
+from mlfactory.backends.aws import AwsSettings
 from mlfactory.cluster import SAGEMAKER_CHECKPOINT_DIR  # synced with CheckpointConfig.S3Uri; the entrypoint reads it
-from mlfactory.config import AwsSpec
-from mlfactory.jobs import Accelerator, TrainingJobSpec
+from mlfactory.specs import (METRICS_FILE, MODEL_FILE, Accelerator, BatchJobSpec, CostEstimate, EndpointSpec, JobStatus,
+                             ModelRef, TrainingJobSpec, check_budget)
 
 DEFAULT_GPU = "nvidia-a10g"
 CATALOG: dict[tuple[str, str | None, int], str] = {
@@ -62,15 +66,12 @@ PRICES_USD_PER_HOUR: dict[str, float] = {
     "ml.p3.2xlarge": 3.825, "ml.p3.8xlarge": 14.688, "ml.p3.16xlarge": 28.152,
     "ml.p4d.24xlarge": 37.688, "ml.p5.48xlarge": 113.07,
 }
+CPU_INSTANCES = {"endpoint": "ml.m5.large", "transform": "ml.m5.xlarge"}
 TRAIN_CHANNEL = "train"  # -> SM_CHANNEL_TRAIN in the container
 
 
-class AwsRequestError(ValueError):
+class AwsRequestError(BadInput):
     """A request that botocore's service model rejects, or a spec this backend cannot run."""
-
-
-class BudgetExceeded(AwsRequestError):
-    """The job's worst-case cost is above ``aws.budget_usd``."""
 
 
 def validated(service: str, operation: str, params: dict) -> dict:
@@ -95,45 +96,6 @@ def _service_model(service: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Bucket events: S3 -> event notification -> SQS
-
-
-class NotANotification(ValueError):
-    """An SQS message that is not an S3 event notification (nor one wrapped by SNS)."""
-
-
-def s3_landing_events(body: str, bucket: str, prefix: str) -> list[dict]:
-    """The ObjectCreated records of one SQS message body that fall under ``s3://bucket/prefix``, as
-    ingestion events {uri, bucket, key, size, etag, sequencer}; keys URL-decoded (S3 sends them
-    encoded: a space arrives as '+'). ``s3:TestEvent`` (sent when notifications are set up), other
-    event types and other prefixes give no events. A body that is not a notification raises."""
-    try:
-        message = json.loads(body)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise NotANotification(f"not JSON: {err}") from None
-    if isinstance(message, dict) and message.get("Type") == "Notification" and "Message" in message:
-        return s3_landing_events(message["Message"], bucket, prefix)  # S3 -> SNS -> SQS
-    if not isinstance(message, dict):
-        raise NotANotification(f"expected a JSON object, got {type(message).__name__}")
-    if message.get("Event") == "s3:TestEvent":
-        return []
-    if not isinstance(message.get("Records"), list):
-        raise NotANotification(f"no 'Records' list (keys: {sorted(message)[:10]})")
-    events = []
-    for record in message["Records"]:
-        if record.get("eventSource") != "aws:s3" or not str(record.get("eventName", "")).startswith("ObjectCreated:"):
-            continue
-        s3 = record.get("s3") or {}
-        name, obj = (s3.get("bucket") or {}).get("name"), s3.get("object") or {}
-        key = unquote_plus(obj.get("key", ""))
-        if name != bucket or not key.startswith(prefix) or key.endswith("/"):
-            continue
-        events.append({"uri": f"s3://{name}/{key}", "bucket": name, "key": key, "size": int(obj.get("size") or 0),
-                       "etag": str(obj.get("eTag") or obj.get("etag") or "").strip('"'), "sequencer": obj.get("sequencer", "")})
-    return events
-
-
-# ---------------------------------------------------------------------------------------------
 # Training
 
 
@@ -143,13 +105,23 @@ def _gpu_model(model: str | None) -> str:
     return re.sub(r"-\d+gb$", "", name)
 
 
-def training_instance(accelerator: Accelerator, aws: AwsSpec) -> str:
-    if aws.training_instance_type:
-        return aws.training_instance_type
+def training_instance(accelerator: Accelerator, aws: AwsSettings) -> str:
+    return aws.training_instance_type or _instance(accelerator, CATALOG[("cpu", None, 0)], "aws.training_instance_type")
+
+
+def endpoint_instance(accelerator: Accelerator, aws: AwsSettings) -> str:
+    return aws.endpoint_instance_type or _instance(accelerator, CPU_INSTANCES["endpoint"], "aws.endpoint_instance_type")
+
+
+def transform_instance(accelerator: Accelerator, aws: AwsSettings) -> str:
+    return aws.transform_instance_type or _instance(accelerator, CPU_INSTANCES["transform"], "aws.transform_instance_type")
+
+
+def _instance(accelerator: Accelerator, cpu: str, setting: str) -> str:
     if accelerator.kind == "tpu":
-        raise AwsRequestError("TPUs exist on the gcp backend (Vertex AI) only; ask for a gpu or cpu job on aws")
+        raise AwsRequestError("TPUs exist on the gcp backend (Vertex AI) only; ask for a gpu or cpu on aws")
     if accelerator.kind == "cpu":
-        return CATALOG[("cpu", None, 0)]
+        return cpu
     model = _gpu_model(accelerator.model)
     key = ("gpu", model, accelerator.count)
     if key not in CATALOG:
@@ -158,27 +130,11 @@ def training_instance(accelerator: Accelerator, aws: AwsSpec) -> str:
         raise AwsRequestError(
             f"no SageMaker instance in the catalog has {accelerator.count} x {model}: "
             + (f"{model} comes {counts} per instance" if counts else f"known GPUs: {known}")
-            + "; or set aws.training_instance_type")
+            + f"; or set {setting}")
     return CATALOG[key]
 
 
-@dataclass(frozen=True)
-class CostEstimate:
-    instance_type: str
-    instances: int
-    hours: float
-    usd_per_hour: float
-
-    @property
-    def usd(self) -> float:
-        return self.instances * self.hours * self.usd_per_hour
-
-    def __str__(self) -> str:
-        return (f"{self.instances} x {self.instance_type} x {self.hours:.2f} h max runtime x "
-                f"${self.usd_per_hour:.3f}/h = ${self.usd:.2f} at most (on-demand)")
-
-
-def estimate_training_cost(spec: TrainingJobSpec, aws: AwsSpec) -> CostEstimate:
+def estimate_training_cost(spec: TrainingJobSpec, aws: AwsSettings) -> CostEstimate:
     instance = training_instance(spec.accelerator, aws)
     prices = {**PRICES_USD_PER_HOUR, **aws.prices_usd_per_hour}
     if instance not in prices:
@@ -186,12 +142,8 @@ def estimate_training_cost(spec: TrainingJobSpec, aws: AwsSpec) -> CostEstimate:
     return CostEstimate(instance, spec.nodes, spec.max_runtime_s / 3600, prices[instance])
 
 
-def check_budget(spec: TrainingJobSpec, aws: AwsSpec) -> CostEstimate:
-    estimate = estimate_training_cost(spec, aws)
-    if estimate.usd > aws.budget_usd:
-        raise BudgetExceeded(f"training job {spec.name} would cost up to ${estimate.usd:.2f} ({estimate}), above "
-                             f"aws.budget_usd ${aws.budget_usd:.2f}: lower max_runtime_s or nodes, or raise the budget")
-    return estimate
+def check_training_budget(spec: TrainingJobSpec, aws: AwsSettings) -> CostEstimate:
+    return check_budget(f"training job {spec.name}", estimate_training_cost(spec, aws), aws.budget_usd, "aws.budget_usd")
 
 
 def s3_uri(uri: str, what: str) -> str:
@@ -216,11 +168,11 @@ def _tags(*groups: dict[str, str]) -> list[dict[str, str]]:
     return [{"Key": k[:128], "Value": re.sub(r"[^\w\s.:/=+\-@]", "_", str(v))[:256]} for k, v in sorted(merged.items())]
 
 
-def _vpc(aws: AwsSpec) -> dict:
+def _vpc(aws: AwsSettings) -> dict:
     return {"VpcConfig": {"SecurityGroupIds": aws.security_group_ids, "Subnets": aws.subnets}} if aws.subnets else {}
 
 
-def create_training_job_request(spec: TrainingJobSpec, aws: AwsSpec) -> dict:
+def create_training_job_request(spec: TrainingJobSpec, aws: AwsSettings) -> dict:
     """CreateTrainingJob for ``spec``: the training entrypoint as the container's entrypoint, its data
     through the ``train`` channel (SM_CHANNEL_TRAIN), the model from SM_MODEL_DIR to ``output_uri``,
     torch distributed across ``nodes`` instances (mlfactory.cluster reads SM_HOSTS), managed spot with
@@ -263,13 +215,6 @@ def create_training_job_request(spec: TrainingJobSpec, aws: AwsSpec) -> dict:
     return validated("sagemaker", "CreateTrainingJob", request)
 
 
-@dataclass(frozen=True)
-class JobStatus:
-    state: str  # running | succeeded | failed | stopped
-    detail: str  # SageMaker's secondary status, or the failure reason
-    model_artifact: str | None = None  # s3://.../output/model.tar.gz once succeeded
-
-
 def training_status(described: dict) -> JobStatus:
     """DescribeTrainingJob's answer -> a JobStatus; a failure carries SageMaker's FailureReason."""
     status = described["TrainingJobStatus"]
@@ -285,8 +230,6 @@ def training_result(model_tar_gz: bytes, output_uri: str, job: str, artifact: st
     its paths pointing at ``output_uri`` instead of the container's, the files to put there)."""
     import io
     import tarfile
-
-    from mlfactory.train import METRICS_FILE, MODEL_FILE
 
     files: dict[str, bytes] = {}
     with tarfile.open(fileobj=io.BytesIO(model_tar_gz), mode="r:gz") as archive:
@@ -317,7 +260,7 @@ class Variant:
     instances: int
 
 
-def create_model_request(name: str, model_uri: str, aws: AwsSpec, environment: dict[str, str] | None = None) -> dict:
+def create_model_request(name: str, model_uri: str, aws: AwsSettings, environment: dict[str, str] | None = None) -> dict:
     """A SageMaker Model running the project's model server (it speaks the SageMaker container contract)
     on the MLflow model at ``model_uri`` (its artifacts in S3)."""
     return validated("sagemaker", "CreateModel", {
@@ -330,7 +273,7 @@ def create_model_request(name: str, model_uri: str, aws: AwsSpec, environment: d
     })
 
 
-def endpoint_config_request(name: str, variants: list[Variant], aws: AwsSpec) -> dict:
+def endpoint_config_request(name: str, variants: list[Variant], aws: AwsSettings) -> dict:
     if not variants or sum(v.weight for v in variants) <= 0:
         raise AwsRequestError(f"endpoint config {name} needs at least one variant with weight > 0")
     return validated("sagemaker", "CreateEndpointConfig", {
@@ -342,45 +285,51 @@ def endpoint_config_request(name: str, variants: list[Variant], aws: AwsSpec) ->
     })
 
 
-def create_endpoint_request(name: str, config_name: str, aws: AwsSpec) -> dict:
+def endpoint_variant(spec: EndpointSpec, model_name: str, aws: AwsSettings, name: str = "primary") -> Variant:
+    """The production variant serving ``spec``'s model with all traffic, on ``min_replicas`` instances."""
+    return Variant(name, model_name, 1.0, endpoint_instance(spec.accelerator, aws), spec.min_replicas)
+
+
+def create_endpoint_request(name: str, config_name: str, aws: AwsSettings) -> dict:
     return validated("sagemaker", "CreateEndpoint", {"EndpointName": job_name(name), "EndpointConfigName": job_name(config_name),
                                                      "Tags": _tags(aws.tags)})
 
 
-def update_endpoint_request(name: str, config_name: str, aws: AwsSpec, canary_percent: float) -> dict:
+def update_endpoint_request(name: str, config_name: str, spec: EndpointSpec) -> dict:
     """Blue/green to a new endpoint config: ``canary_percent`` of the capacity first, the rest after
-    ``aws.canary_wait_s``; the CloudWatch alarms in ``aws.rollback_alarms`` roll it back."""
+    ``canary_wait_s``; the CloudWatch alarms named in ``rollback_alarms`` roll it back."""
     deployment = {
         "BlueGreenUpdatePolicy": {
             "TrafficRoutingConfiguration": {
                 "Type": "CANARY",
-                "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": max(1, round(canary_percent))},
-                "WaitIntervalInSeconds": aws.canary_wait_s,
+                "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": max(1, round(spec.canary_percent))},
+                "WaitIntervalInSeconds": spec.canary_wait_s,
             },
             "TerminationWaitInSeconds": 300,
-            "MaximumExecutionTimeoutInSeconds": max(600, aws.canary_wait_s + 1800),
+            "MaximumExecutionTimeoutInSeconds": max(600, spec.canary_wait_s + 1800),
         },
     }
-    if aws.rollback_alarms:
-        deployment["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": a} for a in aws.rollback_alarms]}
+    if spec.rollback_alarms:
+        deployment["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": a} for a in spec.rollback_alarms]}
     return validated("sagemaker", "UpdateEndpoint", {"EndpointName": job_name(name), "EndpointConfigName": job_name(config_name),
                                                      "DeploymentConfig": deployment})
 
 
-def autoscaling_requests(endpoint: str, variant: str, aws: AwsSpec) -> tuple[dict, dict]:
-    """RegisterScalableTarget and PutScalingPolicy (target tracking on invocations per instance)."""
-    resource = f"endpoint/{job_name(endpoint)}/variant/{variant}"
+def autoscaling_requests(spec: EndpointSpec, variant: str) -> tuple[dict, dict]:
+    """RegisterScalableTarget and PutScalingPolicy (target tracking on invocations per instance per minute)."""
+    endpoint = endpoint_name(spec)
+    resource = f"endpoint/{endpoint}/variant/{variant}"
     dimension = "sagemaker:variant:DesiredInstanceCount"
     target = validated("application-autoscaling", "RegisterScalableTarget", {
         "ServiceNamespace": "sagemaker", "ResourceId": resource, "ScalableDimension": dimension,
-        "MinCapacity": aws.endpoint_min_instances, "MaxCapacity": aws.endpoint_max_instances,
+        "MinCapacity": spec.min_replicas, "MaxCapacity": spec.max_replicas,
     })
     policy = validated("application-autoscaling", "PutScalingPolicy", {
-        "PolicyName": f"{job_name(endpoint)}-{variant}-invocations"[:256],
+        "PolicyName": f"{endpoint}-{variant}-invocations"[:256],
         "ServiceNamespace": "sagemaker", "ResourceId": resource, "ScalableDimension": dimension,
         "PolicyType": "TargetTrackingScaling",
         "TargetTrackingScalingPolicyConfiguration": {
-            "TargetValue": float(aws.invocations_per_instance),
+            "TargetValue": float(spec.target_requests_per_replica),
             "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
             "ScaleInCooldown": 300, "ScaleOutCooldown": 60,
         },
@@ -403,14 +352,14 @@ def endpoint_state(described: dict, config_name: str | None = None) -> JobStatus
     return JobStatus(state, described.get("FailureReason") or status)
 
 
-def endpoint_name(aws: AwsSpec, model_name: str) -> str:
-    """The endpoint of a pipeline: ``aws.endpoint_name``, else the registered model's name."""
-    return job_name(aws.endpoint_name or model_name.replace("_", "-"))
+def endpoint_name(spec: EndpointSpec) -> str:
+    """The SageMaker name of the pipeline's endpoint (``serving.endpoint_name``, else the registered model's)."""
+    return job_name(spec.name.replace("_", "-"))
 
 
-def model_name_for(endpoint: str, version: str) -> str:
+def model_name_for(model: ModelRef) -> str:
     """The SageMaker Model of one registered version (shared by the endpoint and batch transform)."""
-    return job_name(f"{endpoint[:50]}-v{version}")
+    return job_name(f"{model.name.replace('_', '-')[:50]}-v{model.version}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,12 +377,12 @@ def transform_manifest(prefix: str, files: list[str]) -> bytes:
     return json.dumps([{"prefix": base}, *keys]).encode()
 
 
-def transform_job_request(name: str, model_name: str, input_uri: str, output_uri: str, aws: AwsSpec,
+def transform_job_request(name: str, model_name: str, input_uri: str, spec: BatchJobSpec, aws: AwsSettings,
                           manifest: bool = False) -> dict:
     """Batch transform over curated Parquet files: each file is one request (``SplitType`` None) to
     the model server, which reads Parquet bodies; the answers (JSON, in the file's row order) land
-    under ``output_uri`` as ``<file>.out``. ``input_uri`` is a prefix, or with ``manifest`` a manifest
-    file listing the objects (``transform_manifest``)."""
+    under the spec's output URI as ``<file>.out``. ``input_uri`` is a prefix, or with ``manifest`` a
+    manifest file listing the objects (``transform_manifest``)."""
     return validated("sagemaker", "CreateTransformJob", {
         "TransformJobName": job_name(name),
         "ModelName": job_name(model_name),
@@ -442,9 +391,9 @@ def transform_job_request(name: str, model_name: str, input_uri: str, output_uri
         "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "ManifestFile" if manifest else "S3Prefix",
                                                            "S3Uri": s3_uri(input_uri, "the input")}},
                            "ContentType": "application/vnd.apache.parquet", "SplitType": "None"},
-        "TransformOutput": {"S3OutputPath": s3_uri(output_uri, "the predictions location"), "Accept": "application/json",
+        "TransformOutput": {"S3OutputPath": s3_uri(spec.output_uri, "the predictions location"), "Accept": "application/json",
                             **({"KmsKeyId": aws.kms_key_id} if aws.kms_key_id else {})},
-        "TransformResources": {"InstanceType": aws.transform_instance_type, "InstanceCount": aws.transform_instance_count,
+        "TransformResources": {"InstanceType": transform_instance(spec.accelerator, aws), "InstanceCount": spec.instances,
                                **({"VolumeKmsKeyId": aws.kms_key_id} if aws.kms_key_id else {})},
         "Tags": _tags(aws.tags),
     })

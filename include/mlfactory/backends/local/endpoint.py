@@ -1,0 +1,159 @@
+"""The `local` backend's real-time endpoint: one model server process that outlives Airflow tasks.
+
+The server (``mlfactory.serving``) listens on ``127.0.0.1:local.port`` and holds the endpoint's
+variants (blue and green, as SageMaker production variants, Vertex AI traffic splits and Azure ML
+deployments are), driven through its admin API by ml_deploy's rollout (``rollout``).
+
+Where to look: ``<bucket>/_mlfactory/endpoint/endpoint.json`` (URL, served version, colours, pid),
+``endpoint.log`` beside it, and the token file beside it (mode 600) unless ``local.token`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mlfactory import storage
+from mlfactory.config import PipelineConfig
+from mlfactory.deployment import DeploymentFailed, endpoint_state_uri, now, read_endpoint_state, write_endpoint_state
+
+log = logging.getLogger(__name__)
+
+
+class LocalEndpoint:
+    """The local model server: started on demand, driven through its admin API."""
+
+    def __init__(self, cfg: PipelineConfig):
+        if not storage.is_local(cfg.storage.bucket):
+            raise ValueError(f"the local endpoint keeps its state in a local bucket; {cfg.source} has {cfg.storage.bucket}")
+        self.cfg, self.settings = cfg, cfg.backend
+        self.url = f"http://127.0.0.1:{self.settings.port}"
+        self.home = Path(storage.local_path(storage.join(cfg.storage.state_uri, "endpoint")))
+        self.state_file = Path(storage.local_path(endpoint_state_uri(cfg)))
+        self.log_file = self.home / "endpoint.log"
+
+    @property
+    def token(self) -> str:
+        """The configured token, else one generated on first use and kept (mode 600) beside the state."""
+        if self.settings.token:
+            return self.settings.token
+        path = self.home / "token"
+        if not path.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
+    # --- the process ----------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        try:
+            return self.call("/live", auth=False)[0] == 200
+        except OSError:
+            return False
+
+    def ensure_running(self, timeout: float = 120) -> None:
+        if self.alive():
+            return
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MLFACTORY_SERVING_TOKEN": self.token, "MLFLOW_TRACKING_URI": self.cfg.mlflow.tracking_uri}
+        with open(self.log_file, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mlfactory.serving", "--host", "127.0.0.1", "--port", str(self.settings.port),
+                 "--log-uri", self.cfg.storage.prediction_log_uri,
+                 "--log-flush-seconds", str(self.cfg.serving.log_flush_s)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # outlives the task that started it; stop() ends its group
+            )
+        self.write_state(pid=proc.pid, started_at=now())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise DeploymentFailed(f"the model server exited with {proc.returncode}: see {self.log_file}")
+            if self.alive():
+                log.info("local endpoint started at %s (pid %d, log %s)", self.url, proc.pid, self.log_file)
+                return
+            time.sleep(0.3)
+        raise DeploymentFailed(f"the model server did not answer on {self.url} within {timeout:.0f}s: see {self.log_file}")
+
+    def stop(self, grace: float = 15) -> None:
+        """Stop the server process (it writes out its prediction log first)."""
+        pid = self.state().get("pid")
+        if not pid:
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        os.killpg(pid, signal.SIGKILL)
+
+    # --- state --------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return read_endpoint_state(self.cfg)
+
+    def write_state(self, **changes) -> dict:
+        return write_endpoint_state(self.cfg, url=self.url, log=str(self.log_file), **changes)
+
+    # --- HTTP ---------------------------------------------------------------------------------
+
+    def call(self, path: str, body=None, method: str | None = None, auth: bool = True, headers: dict | None = None,
+             timeout: float = 60) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, method=method or ("GET" if body is None else "POST"),
+                                         data=None if body is None else json.dumps(body).encode())
+        request.add_header("Content-Type", "application/json")
+        if auth:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        for key, value in (headers or {}).items():
+            request.add_header(key, value)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            try:
+                return err.code, json.loads(raw)
+            except json.JSONDecodeError:
+                return err.code, {"message": raw.decode(errors="replace")}
+
+    def variants(self) -> dict[str, dict]:
+        status, reply = self.call("/admin/variants")
+        if status != 200:
+            raise DeploymentFailed(f"the endpoint's admin API answered {status}: {reply.get('message')}")
+        return {v["name"]: v for v in reply["variants"]}
+
+    def predict(self, rows: list[dict], variant: str | None = None) -> tuple[int, dict]:
+        headers = {"X-Target-Variant": variant} if variant else None
+        return self.call("/invocations", {"dataframe_records": rows}, headers=headers)
+
+    def set_traffic(self, weights: dict) -> None:
+        status, reply = self.call("/admin/traffic", weights, method="PUT")
+        if status != 200:
+            raise DeploymentFailed(f"setting traffic {weights} answered {status}: {reply.get('message')}")
+
+    def restore(self, plan: dict | None) -> None:
+        """After a failed rollout (``plan``: what ``Rollout.stage`` set up): all traffic back on the old colour,
+        the new one unloaded."""
+        if not plan or not self.alive():
+            return
+        if plan.get("old"):
+            self.set_traffic({plan["old"]: 100})
+        if not plan.get("already_served") and plan.get("new") in self.variants():
+            self.call(f"/admin/variants/{plan['new']}", method="DELETE")

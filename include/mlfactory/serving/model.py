@@ -1,0 +1,67 @@
+"""A model version loaded once by the server: its signature, and predict over checked columns."""
+
+from __future__ import annotations
+
+import math
+
+from mlfactory.serving.payloads import InputColumn, Signature
+
+
+
+class ServedModel:
+    """An MLflow model loaded once: its signature, and predict over checked columns."""
+
+    def __init__(self, model_uri: str, version: str | None = None):
+        import mlflow.pyfunc
+
+        from mlfactory.tabular import TabularPyfunc
+
+        # a cloud endpoint loads the files (s3://...) and is told the registered version beside them
+        self.model_uri, self.version = model_uri, version or _resolve_version(model_uri)
+        self.pyfunc = mlflow.pyfunc.load_model(model_uri)
+        python_model = getattr(self.pyfunc, "unwrap_python_model", lambda: None)()
+        # Our tabular models take the checked columns straight into Arrow and numpy: no pyfunc schema
+        # enforcement and no DataFrame on the hot path (the request was already checked against the
+        # signature, with messages that say why). Any other pyfunc gets a DataFrame.
+        self.tabular = python_model.model if isinstance(python_model, TabularPyfunc) else None
+        dataset = self.tabular.dataset if self.tabular else None
+        self.signature = _signature(self.pyfunc.metadata.get_input_schema(), dataset)
+
+    def predict(self, columns: dict[str, list]) -> dict[str, list]:
+        """Checked input columns -> output columns (lists of plain Python values)."""
+        if self.tabular is not None:
+            outputs = self.tabular.predict_wire(columns)
+            return {name: [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+                    for name, values in outputs.items()}
+        import pandas as pd
+
+        output = self.pyfunc.predict(pd.DataFrame(columns))
+        if not isinstance(output, pd.DataFrame):
+            output = pd.DataFrame({"prediction": list(output)})
+        # JSON has no NaN: a missing output value is null
+        return {name: (values.astype(object).where(values.notna(), None) if values.hasnans else values).tolist()
+                for name, values in output.items()}
+
+
+def _signature(schema, dataset) -> Signature:
+    if schema is None:
+        raise ValueError("the model has no input signature; log it with one so requests can be checked")
+    datetimes = {c.name for c in dataset.columns if c.type == "datetime"} if dataset else set()
+    return Signature([
+        InputColumn(spec.name, spec.type.name if hasattr(spec.type, "name") else str(spec.type),
+                    getattr(spec, "required", True), spec.name in datetimes)
+        for spec in schema.inputs
+    ])
+
+
+def _resolve_version(model_uri: str) -> str:
+    """models:/name@alias and models:/name/3 -> the version number it is now; other URIs as given."""
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    from mlflow import MlflowClient
+
+    name, _, ref = model_uri[len("models:/"):].partition("@")
+    if ref:
+        return str(MlflowClient().get_model_version_by_alias(name, ref).version)
+    name, _, version = model_uri[len("models:/"):].rpartition("/")
+    return version if version.isdigit() else model_uri

@@ -1,0 +1,127 @@
+"""What a training run records in MLflow (rank 0 only): params, per-epoch metrics, the training set as a
+dataset input with its digest, the training curves, and the model as a pyfunc over the raw feature
+columns, with its signature, an input example, its code and pinned requirements."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("mlfactory.train")
+
+
+
+class MlflowTracker:
+    def __init__(self, mlflow, run_id: str):
+        self.mlflow, self.run_id = mlflow, run_id
+
+    @classmethod
+    def start(cls, tracking_uri: str | None, experiment: str, run_name: str | None, resume_run_id: str | None,
+              params: dict, tags: dict, dataset, frame, digest: str, source_uri: str) -> MlflowTracker | None:
+        """A new run (or the checkpoint's run, resumed) with ``params``, ``tags`` and the training set as its
+        dataset input; None without a tracking URI."""
+        if not tracking_uri:
+            log.info("MLflow: no tracking URI (--mlflow-tracking-uri or MLFLOW_TRACKING_URI); not logging")
+            return None
+        import warnings
+
+        import mlflow
+
+        # the training set's integer columns are typed; the hint is about serving, where the signature decides
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(experiment)
+        if resume_run_id:
+            run = mlflow.start_run(run_id=resume_run_id)
+            return cls(mlflow, run.info.run_id)
+        run = mlflow.start_run(run_name=run_name)
+        mlflow.log_params(params)
+        mlflow.set_tags(tags)
+        source = mlflow.data.from_pandas(frame, source=source_uri, name=dataset.name, targets=dataset.target,
+                                         digest=digest[:36])
+        try:
+            mlflow.log_input(source, context="training")
+        except mlflow.exceptions.MlflowException:  # a parallel trial registered the same dataset first: reuse it
+            time.sleep(1)
+            mlflow.log_input(source, context="training")
+        return cls(mlflow, run.info.run_id)
+
+    def log_epoch(self, row: dict) -> None:
+        self.mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and v == v}, step=row["epoch"])
+
+    def finish(self, bundle: str, history: list[dict], val_rows, dataset) -> dict:
+        mlflow = self.mlflow
+        mlflow.log_figure(_curves(history), "training_curves.png")
+        model_info = log_pyfunc(bundle, val_rows, dataset)
+        mlflow.end_run()
+        return {"mlflow_run_id": self.run_id, "model_uri": model_info.model_uri}
+
+
+def _curves(history: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    val_keys = [k for k in (history[0] if history else {}) if k.startswith("val_")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], marker="o")
+    axes[0].set(title="training loss", xlabel="epoch")
+    for key in val_keys:
+        axes[1].plot(epochs, [h[key] for h in history], marker="o", label=key)
+    axes[1].set(title="validation", xlabel="epoch")
+    axes[1].legend()
+    fig.tight_layout()
+    return fig
+
+
+MODEL_CODE = ("__init__.py", "dataset.py", "features.py", "tabular.py")  # what prediction imports, nothing more
+
+
+def pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in
+            ("mlflow", "torch", "pandas", "numpy", "pyarrow", "pydantic", "pyyaml", "scikit-learn")]
+
+
+def log_pyfunc(bundle: str, sample_rows, dataset):
+    """Log the model as a pyfunc over the RAW feature columns, with its code, signature and example.
+
+    The signature is written from the config, as a JSON caller sends values: numbers as doubles,
+    datetimes as ISO 8601 strings, categories as strings; a column the config allows to be null is
+    optional.
+    """
+    import shutil
+
+    import mlflow
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, Schema
+
+    from mlfactory.features import FeatureSet, to_wire
+    from mlfactory.tabular import LoadedModel, TabularPyfunc
+
+    wire = {"integer": "double", "float": "double", "datetime": "string", "boolean": "boolean"}
+    columns = [dataset.column(name) for name in FeatureSet.of(dataset).raw_inputs]
+    inputs = Schema([ColSpec(wire.get(c.type, "string"), c.name, required=c.required) for c in columns])
+    example = to_wire(sample_rows.head(5), dataset)
+    outputs = infer_signature(example, LoadedModel(bundle).predict(example)).outputs
+    signature = ModelSignature(inputs=inputs, outputs=outputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / "mlfactory"
+        package.mkdir()
+        here = Path(__file__).resolve().parent
+        for name in MODEL_CODE:  # only what prediction imports: the model stays small and light
+            shutil.copy(here / name, package / name)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=TabularPyfunc(),
+            artifacts={"bundle": bundle},
+            code_paths=[str(package)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=pip_requirements(),
+        )

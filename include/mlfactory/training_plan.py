@@ -1,0 +1,109 @@
+"""ml_train's policy, on every backend: why a run started and whether it trains, one ``TrainingJobSpec``
+per trial of the hyperparameter search, and which trial becomes the candidate.
+
+- ``prepare``: a run started by new curated data trains only until the first champion exists
+  (then ml_monitor judges new data, and its `drift_detected` retrains), unless
+  ``training.retrain_on_new_data``; a run with no curated data to train on has nothing to do. The
+  training set is curated data minus the frozen holdout.
+- ``plan``: the trials (grid order or a seeded random sample of the search space), each a job spec
+  with a name that is stable across retries, its own output and checkpoint folders, and MLflow tags
+  that say why the run started.
+- ``select_best``: the trial with the best validation metric.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+
+from mlfactory import NothingToDo, storage
+from mlfactory.config import PipelineConfig, check_search_space
+from mlfactory.specs import TrainingJobSpec
+
+FORM_HYPERPARAMETERS = ("epochs", "learning_rate", "batch_size", "hidden_sizes")  # the trigger form sets these
+
+
+def started_by(drift_events: list[dict], curated_events: int, run_type: str) -> tuple[str, list[str]]:
+    """Why a run started ("drift", "curated", or the run type: scheduled, manual) and the drifted features
+    that the `drift_detected` events (their extras) name."""
+    drifted = sorted({f for extra in drift_events for f in (extra or {}).get("drifted_features", [])})
+    return ("drift" if drift_events else "curated" if curated_events else run_type), drifted
+
+
+def prepare(cfg: PipelineConfig, reason: str, drifted_features: list[str]) -> dict:
+    """The training set of this run, or ``NothingToDo``."""
+    from mlfactory.training_data import NoTrainingData, prepare_training_set
+
+    if reason == "curated" and not cfg.training.retrain_on_new_data:
+        from mlfactory.registry import CHAMPION, Registry
+
+        if Registry(cfg).alias_version(CHAMPION):
+            raise NothingToDo("new curated data, and a champion exists: ml_monitor decides whether it drifted "
+                              "(training.retrain_on_new_data is false)")
+    try:
+        training_set = prepare_training_set(cfg)
+    except NoTrainingData as err:
+        raise NothingToDo(str(err)) from err
+    return {"training_set": training_set.to_dict(), "started_by": reason, "drifted_features": drifted_features}
+
+
+def search_trials(base: dict, space: dict[str, list], trials: int, mode: str, seed: int) -> list[dict]:
+    """Hyperparameters of each trial: ``base`` with values from ``space`` (grid order or a seeded sample).
+
+    Grid takes the first ``trials`` combinations of the cartesian product; random draws ``trials``
+    distinct combinations. Fewer combinations than trials gives one trial per combination.
+    """
+    keys = sorted(check_search_space(space))
+    combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))] or [{}]
+    if mode == "random":
+        combos = random.Random(seed).sample(combos, min(trials, len(combos)))
+    elif mode != "grid":
+        raise ValueError(f"search must be 'grid' or 'random', got {mode!r}")
+    return [{**base, **combo} for combo in combos[:trials]]
+
+
+def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str) -> list[dict]:
+    """One TrainingJobSpec (as JSON) per trial; ``params`` are the trigger form's values."""
+    defaults = cfg.training
+    base = {k: params[k] for k in FORM_HYPERPARAMETERS}
+    base.update(dropout=defaults.dropout, weight_decay=defaults.weight_decay, seed=defaults.seed,
+                validation_fraction=defaults.validation_fraction)
+    trials = search_trials(base, params["search_space"], params["trials"], params["search"], defaults.seed)
+    key = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")[:40]
+    tags = {"mlfactory.started_by": prepared["started_by"], "mlfactory.airflow_run_id": run_id,
+            "mlfactory.drifted_features": ",".join(prepared["drifted_features"])}
+    return [
+        TrainingJobSpec(
+            name=f"{key}-t{i}"[:63],
+            hyperparameters=hyperparameters,
+            input_uri=prepared["training_set"]["uri"],
+            output_uri=storage.join(cfg.storage.models_uri, "runs", key, f"trial-{i}"),
+            checkpoint_uri=storage.join(cfg.storage.models_uri, "checkpoints", key, f"trial-{i}"),
+            processes_per_node=params["processes"],
+            max_runtime_s=defaults.max_runtime_s,
+            environment={"MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri, "MLFLOW_EXPERIMENT_NAME": cfg.mlflow.experiment},
+            tags={**tags, "mlfactory.trial": str(i)},
+        ).model_dump()
+        for i, hyperparameters in enumerate(trials)
+    ]
+
+
+def select_best(prepared: dict, results: list[dict | None]) -> dict:
+    """The candidate: the trial whose validation metric is best (higher is better); the ranking is printed."""
+    done = [r for r in results if r and r.get("value") is not None]
+    if not done:
+        raise ValueError("no trial produced a model: see the train tasks' logs")
+    best = max(done, key=lambda r: r["value"])
+    for r in sorted(done, key=lambda r: -r["value"]):
+        print(f"trial {r['hyperparameters']}: {r['metric']} {r['value']:.4f}{'  <- best' if r is best else ''}")
+    return {
+        "mlflow_run_id": best.get("mlflow_run_id"),
+        "model_uri": best.get("model_uri"),
+        "model_bundle_uri": best["model_bundle_uri"],
+        "metric": best["metric"],
+        "value": best["value"],
+        "hyperparameters": best["hyperparameters"],
+        "training_set": prepared["training_set"],
+        "trials": len(done),
+    }

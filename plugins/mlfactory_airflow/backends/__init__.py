@@ -1,0 +1,61 @@
+"""The Airflow side of a backend: one small interface, implemented once per backend.
+
+The DAGs build every backend-specific task through ``backend_for(cfg)`` and never name a backend:
+
+| DAG | what the backend provides | task ids (every backend) |
+|---|---|---|
+| ml_ingest (its Asset `landing`) | ``landing_trigger()``: the AssetWatcher's event trigger | (the watcher) |
+| ml_train | ``training_operator``: runs one ``TrainingJobSpec``, returns the entrypoint's metrics | ``train`` (mapped, one per trial) |
+| ml_deploy | ``deploy_steps(spec)``: the rollout of an ``EndpointSpec``, in task group ``deploy``, ending in ``full_traffic`` (the endpoint state) | ``deploy.stage`` ... ``deploy.full_traffic`` |
+| ml_deploy | ``restore_traffic(state)``: after a failed step, the traffic back on the served version | ``rollback`` |
+| ml_batch_score | ``batch_operator``: scores one ``BatchJobSpec``, returns a summary with its ``uri`` | ``score`` |
+
+Which class implements a backend is in its registration (``mlfactory.backends``); it is imported
+only when a DAG file, task or trigger of that backend needs it. Operators and triggers import their
+cloud SDKs and providers inside their methods, so parsing a DAG stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+
+from mlfactory.config import PipelineConfig
+
+
+class AirflowBackend(ABC):
+    """What a backend gives the DAGs. ``cfg.backend`` is its own settings model."""
+
+    training_operator: type  # BaseOperator taking ``spec`` (a TrainingJobSpec as JSON); returns the metrics dict
+    batch_operator: type  # BaseOperator taking ``spec`` (a BatchJobSpec as JSON); returns {"uri", "version", ...}
+    deploy_doc: str = ""  # how this backend rolls an EndpointSpec out (in ml_deploy's docs, in the UI)
+    batch_doc: str = ""  # how it scores a BatchJobSpec (in ml_batch_score's docs)
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def landing_trigger(self):
+        """The ``BaseEventTrigger`` that announces each new object under the landing prefix, once per version
+        of it: {"uri", "key", "size", ...} (see ``mlfactory_airflow.triggers.watermark``)."""
+
+    @abstractmethod
+    def deploy_steps(self, spec) -> list:
+        """The rollout of ``spec`` (an ``EndpointSpec`` XComArg), built inside task group ``deploy``: the tasks
+        in order; the last, ``full_traffic``, returns the endpoint state. A failing step records why
+        (``mlfactory.deployment.record_failure``) and raises."""
+
+    def restore_traffic(self, state: dict) -> None:
+        """After a failed rollout, put the traffic back on the served version (``state``: endpoint.json).
+        Nothing to do where the platform rolls back by itself."""
+
+
+def backend_for(cfg: PipelineConfig) -> AirflowBackend:
+    """The configured backend's Airflow implementation."""
+    from mlfactory.backends import get
+
+    module, _, name = get(cfg.backend.name).airflow.partition(":")
+    implementation = getattr(importlib.import_module(module), name)
+    if not (isinstance(implementation, type) and issubclass(implementation, AirflowBackend)):
+        raise TypeError(f"backend {cfg.backend.name!r}: {module}:{name} is not an AirflowBackend")
+    return implementation(cfg)
