@@ -1,4 +1,5 @@
-# mlfactory: `make run` starts the local lifecycle, `make test` runs the whole suite.
+# mlfactory: `make run` starts the local lifecycle, `make test` runs the whole suite (`make test-fast`: all
+# but the end-to-end runs under a real scheduler).
 # Both create .venv from the pinned lock on first use and reuse it afterwards.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -12,7 +13,7 @@ CUDA_ONLY := cuda-bindings cuda-pathfinder cuda-toolkit triton nvidia-cublas nvi
   nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink \
   nvidia-nvshmem-cu13 nvidia-nvtx
 
-.PHONY: venv run test bench lock clean
+.PHONY: venv run test test-fast bench lock clean
 
 venv: $(STAMP)
 
@@ -31,6 +32,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The inner loop: everything but the end-to-end runs under a real Airflow scheduler (marker `scheduler`).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not scheduler"
 
 bench: $(STAMP)
 	$(PY) benchmarks/p3_etl_vs_pyarrow.py

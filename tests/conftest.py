@@ -47,6 +47,13 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def airflow_db_template(tmp_path_factory) -> Path:
+    """Where the first LocalAirflow of the session leaves its freshly migrated metadata database for the
+    others to copy (migrating a new SQLite file costs ~10 s)."""
+    return tmp_path_factory.mktemp("airflow-db") / "airflow.db"
+
+
+@pytest.fixture(scope="session")
 def moto_server(tmp_path_factory):
     """moto's server (S3, SQS, SageMaker, Application Auto Scaling) over real HTTP on 127.0.0.1,
     for the whole session; yields its URL. Tests that need a clean slate POST /moto-api/reset."""

@@ -61,7 +61,7 @@ class SageMakerCompute(threading.Thread):
                     self.errors.append(f"{name}: {err}")
 
 
-def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_server, monkeypatch):
+def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_server, monkeypatch, airflow_db_template):
     from mlflow import MlflowClient
 
     from mlfactory.deployment import read_endpoint_state
@@ -70,7 +70,7 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
     path = tmp_path / "pipeline.yaml"
     raw = aws_config_on_moto(moto_server, BUCKET, path, monkeypatch, conn_id="aws_default",
                              serving={"endpoint_name": "churn-lifecycle"},
-                             budget_usd=50)
+                             budget_usd=50, poll_interval_s=2)
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     sqs = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1")
     queue = sqs.create_queue(QueueName="mlfactory-landing")["QueueUrl"]
@@ -82,7 +82,7 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
     # The MLflow server keeps run artifacts and registered models in the bucket (S3).
     for name, value in {"AWS_ENDPOINT_URL": moto_server, "MLFLOW_S3_ENDPOINT_URL": moto_server}.items():
         monkeypatch.setenv(name, value)
-    mlflow_server = LocalMlflow(tmp_path / "mlflow", f"s3://{BUCKET}/mlflow", port=free_port()).start()
+    mlflow_server = LocalMlflow(tmp_path / "mlflow", f"s3://{BUCKET}/mlflow", port=free_port()).launch()
 
     raw["aws"]["sqs_queue_url"] = queue
     raw["training"].update(epochs=2, trials=1, processes=1, search_space={})
@@ -92,13 +92,15 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
     cfg = load_config()
     airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), env_overrides={  # inherits AIRFLOW_CONN_AWS_DEFAULT
         "MLFACTORY_CONFIG": cfg.source,
-        # the first try of `train` finds moto's job completed with no model yet (see the docstring)
-        "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "3", "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "20"})
+        # the first tries of `train` find moto's job completed with no model yet (see the docstring)
+        "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "10", "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "5"},
+        db_template=airflow_db_template)
     compute = SageMakerCompute(moto_server, tmp_path / "sagemaker", {"MLFLOW_TRACKING_URI": mlflow_server.url,
                                                                      "MLFLOW_EXPERIMENT_NAME": "aws-lifecycle"})
     compute.start()
-    airflow.start()
     try:
+        airflow.start()
+        mlflow_server.wait_ready()
         airflow.wait_for_dags(STAGES)  # raises on any DAG import error (the aws branches of every DAG)
 
         # An object put in S3 -> a notification on SQS -> the AssetWatcher -> ml_ingest.

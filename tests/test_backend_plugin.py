@@ -80,7 +80,8 @@ def test_the_unchanged_dags_are_built_from_the_plugin(toy, tmp_path, monkeypatch
 
 
 @pytest.mark.scheduler
-def test_a_landed_file_runs_to_a_deployed_champion_on_the_plugin_backend(toy, tmp_path, bucket, mlflow_server):
+def test_a_landed_file_runs_to_a_deployed_champion_on_the_plugin_backend(toy, tmp_path, bucket, mlflow_server,
+                                                                        airflow_db_template):
     from mlflow import MlflowClient
 
     from mlfactory.deployment import read_endpoint_state
@@ -91,7 +92,8 @@ def test_a_landed_file_runs_to_a_deployed_champion_on_the_plugin_backend(toy, tm
     cfg = load_config(write(toy, tmp_path / "pipeline.yaml"))
     path = os.pathsep.join(filter(None, [str(PLUGIN), os.environ.get("PYTHONPATH")]))
     airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(),
-                           env_overrides={"MLFACTORY_CONFIG": cfg.source, "PYTHONPATH": path})
+                           env_overrides={"MLFACTORY_CONFIG": cfg.source, "PYTHONPATH": path},
+                           db_template=airflow_db_template)
     airflow.start()
     try:
         airflow.wait_for_dags(["ml_ingest", "ml_validate", "ml_train", "ml_promote", "ml_deploy", "ml_batch_score"])
@@ -100,8 +102,7 @@ def test_a_landed_file_runs_to_a_deployed_champion_on_the_plugin_backend(toy, tm
         # the toy's own watcher announces the file; ingest and validate are every backend's
         ingest = airflow.wait_for_run("ml_ingest", 1, timeout=180)
         assert ingest["state"] == "success" and ingest["run_type"] == "asset_triggered"
-        landing = [e for e in airflow.api("/api/v2/assets/events?limit=100")["asset_events"]
-                   if e["uri"] == cfg.storage.landing_uri]
+        landing = [e for e in airflow.asset_events() if e["uri"] == cfg.storage.landing_uri]
         assert landing and landing[0]["extra"]["payload"]["toy"] is True
         assert airflow.wait_for_run("ml_validate", 1, timeout=180)["state"] == "success"
 

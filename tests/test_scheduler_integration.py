@@ -46,21 +46,6 @@ def small_training_config(tmp_path, monkeypatch, mlflow_url: str):
     return load_config()
 
 
-def asset_events(airflow: LocalAirflow) -> list[dict]:
-    """Every asset event. Airflow 3.3.2 answers 500 while an event's queued run has no start_date yet
-    (AssetEventResponse.created_dagruns.start_date is not optional): retry until the run started."""
-
-    def fetch():
-        try:
-            return airflow.api("/api/v2/assets/events?order_by=timestamp&limit=100")["asset_events"]
-        except urllib.error.HTTPError as err:
-            if err.code != 500:
-                raise
-            return None
-
-    return airflow.wait_until(fetch, 120, "the asset events listing")
-
-
 def post_error(airflow: LocalAirflow, path: str, body: dict) -> tuple[int, str]:
     try:
         airflow.api(path, method="POST", body=body)
@@ -69,11 +54,13 @@ def post_error(airflow: LocalAirflow, path: str, body: dict) -> tuple[int, str]:
     return 200, ""
 
 
-def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, monkeypatch, mlflow_server):
+def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, monkeypatch, mlflow_server,
+                                                            airflow_db_template):
     from mlflow import MlflowClient
 
     cfg = small_training_config(tmp_path, monkeypatch, mlflow_server.url)
-    airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), env_overrides={"MLFACTORY_CONFIG": cfg.source})
+    airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), env_overrides={"MLFACTORY_CONFIG": cfg.source},
+                           db_template=airflow_db_template)
     airflow.start()
     try:
         airflow.wait_for_dags(STAGES)  # raises on any DAG import error
@@ -86,7 +73,7 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
         assert validate["state"] == "success" and validate["run_type"] == "asset_triggered"
         parts = [o for o in storage.list_objects(cfg.storage.curated_uri) if o.key.endswith(".parquet")]
         assert len(parts) == 1 and pq.read_metadata(storage.local_path(parts[0].uri)).num_rows == 2000
-        events = asset_events(airflow)
+        events = airflow.asset_events()
         curated_events = [e for e in events if e["uri"] == cfg.storage.curated_uri]
         assert curated_events and curated_events[-1]["extra"]["curated_rows"] == 2000
 
@@ -105,7 +92,7 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
         client = MlflowClient(mlflow_server.url)
         champion = client.get_model_version_by_alias("churn_scheduler", "champion")
         assert champion.tags["mlfactory.decision"] == "promoted" and float(champion.tags["mlfactory.holdout_roc_auc"]) >= 0.6
-        events = asset_events(airflow)
+        events = airflow.asset_events()
         champion_events = [e for e in events if e["uri"].endswith("/models/champion")]
         assert champion_events and champion_events[-1]["extra"]["version"] == champion.version
 
@@ -168,10 +155,18 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
 
         assert airflow.wait_until(promote_of_retrain, 600, "ml_promote of the retrained model")["state"] == "success"
 
-        # The watermark survives a restart of every Airflow component: nothing fires again.
+        # The watermark survives a restart of every Airflow component: the watcher comes back knowing the
+        # two landed files, lists the folder again, and announces nothing.
+        triggerer_log = airflow.home / "logs" / "triggerer.log"
+        before = triggerer_log.read_text()
         airflow.stop()
         airflow.start()
-        time.sleep(20)
+        airflow.wait_until(lambda: "polling every" in triggerer_log.read_text()[len(before):], 120,
+                           "the landing watcher to run again")
+        restarted = triggerer_log.read_text()[len(before):]
+        assert "(2 objects already announced)" in restarted.split("polling every", 1)[1].splitlines()[0]
+        time.sleep(2 * cfg.ingest.poll_interval_s + cfg.ingest.settle_s)  # a few listings of the folder
+        assert "new object" not in triggerer_log.read_text()[len(before):]
         assert len(airflow.dag_runs("ml_ingest")) == 2
         raw_before = {o.key.split("/")[0] for o in storage.list_objects(cfg.storage.raw_uri) if o.key.endswith("data.csv")}
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from mlfactory import backends
 from mlfactory.backends import BackendSettings
 from mlfactory.dataset import DatasetSpec
-from mlfactory.specs import Accelerator
+from mlfactory.specs import Accelerator, check_replicas
 
 CONFIG_ENV = "MLFACTORY_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "pipeline.yaml"
@@ -198,9 +198,7 @@ class ServingSpec(_Strict):
 
     @model_validator(mode="after")
     def _replicas(self) -> ServingSpec:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas {self.min_replicas} is greater than max_replicas {self.max_replicas}")
-        return self
+        return check_replicas(self)
 
 
 class BatchScoringSpec(_Strict):

@@ -31,6 +31,10 @@ class LocalMlflow:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 90) -> LocalMlflow:
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> LocalMlflow:
+        """Start the server without waiting for it (it takes ~20 s: start something else meanwhile)."""
         self.home.mkdir(parents=True, exist_ok=True)
         artifacts = storage.local_path(self.artifacts_uri) if storage.is_local(self.artifacts_uri) else self.artifacts_uri
         command = [
@@ -46,6 +50,9 @@ class LocalMlflow:
         log = open(self.home / "mlflow-server.log", "ab")  # noqa: SIM115 - kept open while the server runs
         self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.home)
+        return self
+
+    def wait_ready(self, timeout: float = 90) -> LocalMlflow:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

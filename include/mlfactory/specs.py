@@ -114,9 +114,7 @@ class EndpointSpec(_Spec):
 
     @model_validator(mode="after")
     def _replicas(self) -> EndpointSpec:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas {self.min_replicas} is greater than max_replicas {self.max_replicas}")
-        return self
+        return check_replicas(self)
 
 
 class BatchJobSpec(_Spec):
@@ -132,6 +130,13 @@ class BatchJobSpec(_Spec):
     instances: int = Field(1, ge=1, description="parallelism: instances (or workers) scoring at once")
     chunk_rows: int = Field(100_000, ge=1)
     max_runtime_s: int = Field(6 * 3600, ge=1)
+
+
+def check_replicas(sizing):
+    """``sizing`` (an EndpointSpec, or the config's ``serving``) if its replica range is a range."""
+    if sizing.min_replicas > sizing.max_replicas:
+        raise ValueError(f"min_replicas {sizing.min_replicas} is greater than max_replicas {sizing.max_replicas}")
+    return sizing
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,6 @@ class Backend:
     name: str
     settings: type[BackendSettings]
     airflow: str  # "module:attribute" of its AirflowBackend class, imported by Airflow processes only
-    summary: str = ""
 
 
 class UnknownBackend(ValueError):
@@ -89,7 +88,3 @@ def is_registered(name: str) -> bool:
 def names() -> list[str]:
     return sorted({*BUILTIN, *_entry_points()})
 
-
-def registered() -> dict[str, Backend]:
-    """Every registered backend, imported."""
-    return {name: get(name) for name in names()}

@@ -26,4 +26,4 @@ class ToySettings(BackendSettings):
             raise ValueError("backend toy keeps its bucket in a folder")
 
 
-BACKEND = Backend("toy", ToySettings, airflow="toy_backend.airflow:ToyBackend", summary="a test-only backend")
+BACKEND = Backend("toy", ToySettings, airflow="toy_backend.airflow:ToyBackend")

@@ -51,6 +51,8 @@ class AwsSettings(BackendSettings):
     security_group_ids: list[str] = []
     kms_key_id: str = Field("", description="KMS key for job volumes, outputs and endpoint storage; empty: AWS-managed")
     tags: dict[str, str] = {}
+    poll_interval_s: int = Field(30, ge=1, le=3600, description="how often a deferred SageMaker job or endpoint "
+                                                               "is checked (from the triggerer: no worker slot held)")
 
     @model_validator(mode="after")
     def _consistent(self) -> AwsSettings:
@@ -65,5 +67,4 @@ class AwsSettings(BackendSettings):
             raise ValueError(f"backend aws needs an s3:// bucket, got {cfg.storage.bucket!r}")
 
 
-BACKEND = Backend("aws", AwsSettings, airflow="mlfactory_airflow.backends.aws:AwsBackend",
-                  summary="S3 + SQS events, SageMaker training, endpoints and batch transform")
+BACKEND = Backend("aws", AwsSettings, airflow="mlfactory_airflow.backends.aws:AwsBackend")

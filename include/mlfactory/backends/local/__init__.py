@@ -34,5 +34,4 @@ class LocalSettings(BackendSettings):
         return "" if value is None else value  # `token: ${UNSET:-}` reads as YAML null
 
 
-BACKEND = Backend("local", LocalSettings, airflow="mlfactory_airflow.backends.local:LocalBackend",
-                  summary="this machine: a folder as the bucket, torchrun, a local model server")
+BACKEND = Backend("local", LocalSettings, airflow="mlfactory_airflow.backends.local:LocalBackend")

@@ -36,9 +36,14 @@ class SageMakerBaseOperator(BaseOperator):
 
     ui_color = "#ffe9c7"
 
-    def __init__(self, *, waiter_delay: int = 30, **kwargs) -> None:
+    def __init__(self, *, waiter_delay: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.waiter_delay = waiter_delay
+        self._waiter_delay = waiter_delay
+
+    @property
+    def waiter_delay(self) -> int:
+        """Seconds between two checks of a deferred job or endpoint (``aws.poll_interval_s``)."""
+        return self._waiter_delay or self.settings.poll_interval_s
 
     @cached_property
     def config(self):
