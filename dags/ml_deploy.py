@@ -5,8 +5,9 @@ version and its files, and the endpoint's sizing and guards from ``serving`` (re
 canary share and duration, rollback conditions). The backend rolls it out in task group `deploy`,
 from `deploy.stage` (the version beside the served one, no traffic yet) to `deploy.full_traffic`,
 whose XCom is the endpoint state (also in ``<bucket>/_mlfactory/endpoint/endpoint.json``); the
-steps in between are the backend's (see below). If any step fails, `rollback` puts the traffic back on the served version (where the platform has
-not already) and moves alias `champion` back to it; the run ends failed.
+steps in between are the backend's (see below). If any step fails, `rollback` puts the traffic back
+on the served version (where the platform has not already) and moves alias `champion` back to it;
+the run ends failed.
 """
 
 from __future__ import annotations
