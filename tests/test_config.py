@@ -66,9 +66,11 @@ def test_config_path_comes_from_the_environment(tmp_path, monkeypatch):
         (lambda raw: raw.update(local="fast"), "local: expected a mapping of local settings, got str"),
         (lambda raw: raw.update(backend="aws", aws={"image_uri": "i"}), "aws.role_arn: Field required"),
         (lambda raw: raw.update(aws={"role_arn": "arn:aws:iam::123456789012:role/r", "image_uri": "i",
-                                     "endpoint_min_instances": 2}), "aws.endpoint_min_instances: Extra inputs"),
+                                     "endpoint_min_instances": 2, "canary_wait_s": 60}),
+         "aws.canary_wait_s is now serving.canary_wait_s; aws.endpoint_min_instances is now serving.min_replicas"),
         (lambda raw: raw["serving"].update(min_replicas=3, max_replicas=2), "min_replicas 3 is greater than max_replicas 2"),
-        (lambda raw: raw["serving"].update(port=8090), "serving.port: Extra inputs are not permitted"),
+        (lambda raw: raw["serving"].update(port=8090), "serving.port is now local.port"),
+        (lambda raw: raw["serving"].update(colour="blue"), "serving.colour: Extra inputs are not permitted"),
         (lambda raw: raw["serving"].update(accelerator={"kind": "gpu"}), "a gpu job needs count >= 1"),
     ],
 )

@@ -196,6 +196,15 @@ class ServingSpec(_Strict):
                                                        "that roll a deployment back")
     log_flush_s: float = Field(10.0, gt=0, description="how often the prediction log is written to the bucket")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        moved = [f"serving.{key} is now local.{key}" for key in ("port", "token") if key in data] \
+            if isinstance(data, dict) else []
+        if moved:
+            raise ValueError("; ".join(moved) + " (the local endpoint's own settings)")
+        return data
+
     @model_validator(mode="after")
     def _replicas(self) -> ServingSpec:
         return check_replicas(self)

@@ -10,6 +10,7 @@ pool that training jobs run in is created from the pipeline config (``training.p
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -51,6 +52,19 @@ COMPONENTS = {
 }
 
 
+def _private(path: Path, content) -> Path:
+    """``path``, written once with ``content()`` and readable by its owner alone."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(content())
+    return path
+
+
+def _fernet_key() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+
+
 @dataclass
 class LocalAirflow:
     home: Path
@@ -68,9 +82,11 @@ class LocalAirflow:
 
     def env(self) -> dict[str, str]:
         self.home.mkdir(parents=True, exist_ok=True)
-        secret_file = self.home / "jwt_secret"
-        if not secret_file.exists():
-            secret_file.write_text(secrets.token_hex(64))
+        secret_file = _private(self.home / "jwt_secret", lambda: secrets.token_hex(64))
+        # One Fernet key for every process, written before any of them starts: left to Airflow, each process
+        # that finds no airflow.cfg writes one with a key of its own, and a trigger encrypted by the DAG
+        # processor cannot be read by the triggerer.
+        _private(self.home / "airflow.cfg", lambda: f"[core]\nfernet_key = {_fernet_key()}\n")
         bin_dir = str(Path(sys.executable).parent)
         env = {
             **os.environ,

@@ -24,6 +24,13 @@ from pydantic import Field, model_validator
 from mlfactory.backends import Backend, BackendSettings
 
 
+# Settings this section had before sizing moved to the sections every backend shares.
+MOVED = {"endpoint_name": "serving.endpoint_name", "endpoint_min_instances": "serving.min_replicas",
+         "endpoint_max_instances": "serving.max_replicas",
+         "invocations_per_instance": "serving.target_requests_per_replica", "canary_wait_s": "serving.canary_wait_s",
+         "rollback_alarms": "serving.rollback_alarms", "transform_instance_count": "batch_scoring.instances"}
+
+
 class AwsSettings(BackendSettings):
     """Section ``aws:`` of the pipeline config. Sizing that every backend shares (replicas, canary,
     accelerators, batch parallelism) is in ``serving`` and ``batch_scoring``; this holds what only AWS has."""
@@ -53,6 +60,14 @@ class AwsSettings(BackendSettings):
     tags: dict[str, str] = {}
     poll_interval_s: int = Field(30, ge=1, le=3600, description="how often a deferred SageMaker job or endpoint "
                                                                "is checked (from the triggerer: no worker slot held)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        moved = [f"aws.{key} is now {MOVED[key]}" for key in data if key in MOVED] if isinstance(data, dict) else []
+        if moved:
+            raise ValueError("; ".join(moved) + " (endpoint and batch sizing are declared once, for every backend)")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> AwsSettings:
