@@ -84,6 +84,7 @@ def test_blue_green_rollout_canary_and_rollback_of_a_broken_model(champion):
         # ml_deploy's rollback: the backend restores the traffic, then alias `champion` goes back
         endpoint.restore(read_endpoint_state(cfg)["rollout"])
         result = restore_after_failure(cfg, third)
+        assert read_endpoint_state(cfg)["rollout"] is None  # nothing left for a later rollback to undo
         assert result["serving"] == second and "smoke test" in result["reason"]
         assert registry.alias_version(CHAMPION) == second
         assert list(endpoint.variants()) == ["green"]

@@ -85,6 +85,7 @@ def restore_after_failure(cfg: PipelineConfig, version: str | None) -> dict:
     served = state.get("served_version")
     reason = (state.get("last_failure") or {}).get("reason", "a deployment step failed")
     Registry(cfg).restore_champion(served, version)
+    write_endpoint_state(cfg, rollout=None)  # the rollout is over: nothing left for a later rollback to undo
     if version:
         tag_version(cfg, version, {"mlfactory.deployment": "rolled_back", "mlfactory.deployment_reason": reason[:5000]})
     log.warning("rolled back v%s: %s; serving v%s", version, reason, served)
@@ -102,7 +103,8 @@ def tag_version(cfg: PipelineConfig, version: str, tags: dict) -> None:
 
 def served(cfg: PipelineConfig, version: str, endpoint: str, tags: dict | None = None, **state) -> dict:
     """Record that ``version`` serves all traffic on ``endpoint`` (a URL or the cloud's endpoint name), with
-    the backend's ``state``, in endpoint.json and as tags on the version."""
+    the backend's ``state``, in endpoint.json and as tags on the version. (``rollout`` is what a backend keeps
+    for restoring traffic while a rollout is under way.)"""
     written = write_endpoint_state(cfg, served_version=version, endpoint=endpoint, deployed_at=now(), last_failure=None,
                                    rollout=None, **state)
     tag_version(cfg, version, {"mlfactory.deployment": "serving", "mlfactory.deployed_at": written["deployed_at"],
