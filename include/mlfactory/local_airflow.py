@@ -137,8 +137,12 @@ class LocalAirflow:
                     start_new_session=True,  # its own group, so stop() reaches the workers too
                     cwd=self.home,
                 )
-        self.wait_until(lambda: self._get("/api/v2/version") is not None, timeout, "the API server to answer")
-        self._training_pool(env)
+        try:
+            self.wait_until(lambda: self._get("/api/v2/version") is not None, timeout, "the API server to answer")
+            self._training_pool(env)
+        except BaseException:
+            self.stop()  # a component that died at start must not leave the others running
+            raise
         return self
 
     def _migrate(self, env: dict[str, str]) -> None:
