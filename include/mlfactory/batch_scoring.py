@@ -15,7 +15,7 @@ import re
 
 from mlfactory import NothingToDo, storage
 from mlfactory.config import PipelineConfig
-from mlfactory.specs import BatchJobSpec
+from mlfactory.specs import BatchJobSpec, BatchSizing, sizing
 from mlfactory.training_data import curated_snapshots
 
 
@@ -56,11 +56,9 @@ def plan(cfg: PipelineConfig, run_id: str, version: str | None = None, input_uri
     inputs = {input_uri: input_uri} if input_uri else unscored(cfg, key)
     if not inputs:
         raise NothingToDo("every curated snapshot is scored already: nothing new to score")
-    spec = cfg.batch_scoring
     return BatchJobSpec(name=key, model=model_ref(cfg, version), inputs=inputs,
                         snapshots=[] if input_uri else sorted(inputs), output_uri=output_uri(cfg, key),
-                        accelerator=spec.accelerator, instances=spec.instances, chunk_rows=spec.chunk_rows,
-                        max_runtime_s=spec.max_runtime_s)
+                        **sizing(cfg.batch_scoring, BatchSizing))
 
 
 def complete(cfg: PipelineConfig, spec: BatchJobSpec) -> None:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from mlfactory import backends
 from mlfactory.backends import BackendSettings
 from mlfactory.dataset import DatasetSpec
-from mlfactory.specs import Accelerator, check_replicas
+from mlfactory.specs import BatchSizing, EndpointSizing
 
 CONFIG_ENV = "MLFACTORY_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "pipeline.yaml"
@@ -176,24 +176,11 @@ class PromotionSpec(_Strict):
     holdout_max_rows: int = Field(50_000, ge=100)
 
 
-class ServingSpec(_Strict):
-    """The real-time endpoint and ml_deploy's blue/green rollout, on every backend (each turns this into its
-    own requests through ``mlfactory.specs.EndpointSpec``; where the local endpoint listens is in ``local``)."""
+class ServingSpec(EndpointSizing):
+    """The real-time endpoint and ml_deploy's blue/green rollout, on every backend: the sizing of every
+    ``EndpointSpec`` (``mlfactory.specs.EndpointSizing``); where the local endpoint listens is in ``local``."""
 
     endpoint_name: str = Field("", description="the endpoint's name on a cloud; default: the registered model's name")
-    accelerator: Accelerator = Field(Accelerator(), description="hardware of each replica (cpu, or a gpu model and count)")
-    min_replicas: int = Field(1, ge=1, description="autoscaling: replicas always running")
-    max_replicas: int = Field(2, ge=1, description="autoscaling: most replicas")
-    target_requests_per_replica: int = Field(1000, ge=1, description="autoscaling target: requests per minute per replica")
-    smoke_rows: int = Field(20, ge=1, description="holdout rows sent to a new version before it gets traffic")
-    canary_percent: float = Field(10, gt=0, lt=100, description="share of traffic the new version gets first")
-    canary_wait_s: int = Field(600, ge=0, le=3600, description="clouds: how long the canary runs on real traffic "
-                                                                "before the rest shifts")
-    canary_requests: int = Field(200, ge=0, description="local: requests the rollout sends through the endpoint "
-                                                        "during the canary")
-    max_error_rate: float = Field(0.01, ge=0, le=1, description="a canary failing more requests than this rolls back")
-    rollback_alarms: list[str] = Field([], description="clouds: the platform's alarms (e.g. CloudWatch alarm names) "
-                                                       "that roll a deployment back")
     log_flush_s: float = Field(10.0, gt=0, description="how often the prediction log is written to the bucket")
 
     @model_validator(mode="before")
@@ -205,17 +192,11 @@ class ServingSpec(_Strict):
             raise ValueError("; ".join(moved) + " (the local endpoint's own settings)")
         return data
 
-    @model_validator(mode="after")
-    def _replicas(self) -> ServingSpec:
-        return check_replicas(self)
 
+class BatchScoringSpec(BatchSizing):
+    """ml_batch_score: when it runs, and the sizing of every ``BatchJobSpec`` (``mlfactory.specs.BatchSizing``)."""
 
-class BatchScoringSpec(_Strict):
     schedule: str = Field("0 4 * * *", description="cron of the daily batch scoring (UTC), besides a new champion")
-    chunk_rows: int = Field(100_000, ge=1_000, description="rows scored at a time; bounds memory")
-    accelerator: Accelerator = Field(Accelerator(), description="hardware of each scoring instance")
-    instances: int = Field(1, ge=1, description="clouds: instances scoring at once")
-    max_runtime_s: int = Field(6 * 3600, ge=60, description="a batch job running longer is stopped")
 
 
 class MonitoringSpec(_Strict):

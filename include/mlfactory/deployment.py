@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 from mlfactory import storage
 from mlfactory.config import PipelineConfig
-from mlfactory.specs import EndpointSpec, ModelRef
+from mlfactory.specs import EndpointSizing, EndpointSpec, ModelRef, sizing
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,8 @@ def model_ref(cfg: PipelineConfig, version: str) -> ModelRef:
 
 def endpoint_spec(cfg: PipelineConfig, version: str) -> EndpointSpec:
     """The pipeline's endpoint serving ``version``, sized and guarded as ``serving`` says."""
-    serving = cfg.serving
-    return EndpointSpec(
-        name=serving.endpoint_name or cfg.model_name, model=model_ref(cfg, version), accelerator=serving.accelerator,
-        min_replicas=serving.min_replicas, max_replicas=serving.max_replicas,
-        target_requests_per_replica=serving.target_requests_per_replica, canary_percent=serving.canary_percent,
-        canary_wait_s=serving.canary_wait_s, canary_requests=serving.canary_requests, smoke_rows=serving.smoke_rows,
-        max_error_rate=serving.max_error_rate, rollback_alarms=serving.rollback_alarms)
+    return EndpointSpec(name=cfg.serving.endpoint_name or cfg.model_name, model=model_ref(cfg, version),
+                        **sizing(cfg.serving, EndpointSizing))
 
 
 def restore_after_failure(cfg: PipelineConfig, version: str | None) -> dict:

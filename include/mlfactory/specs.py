@@ -7,9 +7,11 @@ plain JSON (``model_dump()`` / ``model_validate``).
 
 - ``TrainingJobSpec``: the training entrypoint, its data, its hardware (nodes, processes,
   accelerator), spot capacity, max runtime and checkpoints.
-- ``EndpointSpec``: a registered model version on a real-time endpoint: hardware, replicas and the
-  load each takes, the canary (share, duration) and what rolls it back.
-- ``BatchJobSpec``: a model version over a set of inputs into one output prefix, on how many instances.
+- ``EndpointSpec``: a registered model version on a real-time endpoint, sized by an ``EndpointSizing``
+  (hardware, replicas and the load each takes, the canary and what rolls it back): the config's
+  ``serving`` section is that sizing.
+- ``BatchJobSpec``: a model version over a set of inputs into one output prefix, sized by a
+  ``BatchSizing`` (hardware, instances): the config's ``batch_scoring`` section.
 - ``JobStatus``: what a backend says about a job, endpoint or batch job.
 - ``CostEstimate`` and ``check_budget``: the cost guard a cloud backend runs before it submits.
 """
@@ -96,28 +98,47 @@ class ModelRef(_Spec):
         return f"models:/{self.name}/{self.version}"
 
 
-class EndpointSpec(_Spec):
+class EndpointSizing(_Spec):
+    """How an endpoint is sized and guarded, on every backend: declared once, as the config's ``serving``."""
+
+    accelerator: Accelerator = Field(Accelerator(), description="hardware of each replica (cpu, or a gpu model and count)")
+    min_replicas: int = Field(1, ge=1, description="autoscaling: replicas always running")
+    max_replicas: int = Field(2, ge=1, description="autoscaling: most replicas")
+    target_requests_per_replica: int = Field(1000, ge=1, description="autoscaling target: requests per minute per replica")
+    smoke_rows: int = Field(20, ge=1, description="holdout rows sent to a new version before it gets traffic")
+    canary_percent: float = Field(10, gt=0, lt=100, description="share of traffic the new version gets first")
+    canary_wait_s: int = Field(600, ge=0, le=3600, description="clouds: how long the canary runs on real traffic "
+                                                                "before the rest shifts")
+    canary_requests: int = Field(200, ge=0, description="local: requests the rollout sends through the endpoint "
+                                                        "during the canary")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="a canary failing more requests than this rolls back")
+    rollback_alarms: list[str] = Field([], description="clouds: the platform's alarms (e.g. CloudWatch alarm names) "
+                                                       "that roll a deployment back")
+
+    @model_validator(mode="after")
+    def _replicas(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is greater than max_replicas {self.max_replicas}")
+        return self
+
+
+class EndpointSpec(EndpointSizing):
     """A model version on the pipeline's real-time endpoint, rolled out blue/green behind a canary."""
 
     name: str = Field(min_length=1, description="the endpoint")
     model: ModelRef
-    accelerator: Accelerator = Accelerator()
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(2, ge=1)
-    target_requests_per_replica: int = Field(1000, ge=1, description="autoscaling target, requests per minute per replica")
-    canary_percent: float = Field(10, gt=0, lt=100, description="share of the traffic the new version gets first")
-    canary_wait_s: int = Field(600, ge=0, description="how long the canary runs on real traffic before the rest shifts")
-    canary_requests: int = Field(0, ge=0, description="requests the rollout itself sends during the canary")
-    smoke_rows: int = Field(20, ge=1, description="holdout rows the new version must answer before any traffic")
-    max_error_rate: float = Field(0.01, ge=0, le=1, description="a canary failing more requests than this rolls back")
-    rollback_alarms: list[str] = Field([], description="the platform's alarms that roll the deployment back")
-
-    @model_validator(mode="after")
-    def _replicas(self) -> EndpointSpec:
-        return check_replicas(self)
 
 
-class BatchJobSpec(_Spec):
+class BatchSizing(_Spec):
+    """How a batch job is sized, on every backend: declared once, as the config's ``batch_scoring``."""
+
+    accelerator: Accelerator = Field(Accelerator(), description="hardware of each scoring instance")
+    instances: int = Field(1, ge=1, description="clouds: instances scoring at once")
+    chunk_rows: int = Field(100_000, ge=1_000, description="rows scored at a time; bounds memory")
+    max_runtime_s: int = Field(6 * 3600, ge=60, description="a batch job running longer is stopped")
+
+
+class BatchJobSpec(BatchSizing):
     """A model version over ``inputs`` (Parquet folders or files) into ``output_uri``."""
 
     name: str = Field(min_length=1, description="stable for a run: a retry replaces its own output")
@@ -126,17 +147,11 @@ class BatchJobSpec(_Spec):
                                                              "each prediction (a curated snapshot id, or the URI)")
     snapshots: list[str] = Field([], description="the curated snapshots this job scores, marked scored when it succeeds")
     output_uri: str
-    accelerator: Accelerator = Accelerator()
-    instances: int = Field(1, ge=1, description="parallelism: instances (or workers) scoring at once")
-    chunk_rows: int = Field(100_000, ge=1)
-    max_runtime_s: int = Field(6 * 3600, ge=1)
 
 
-def check_replicas(sizing):
-    """``sizing`` (an EndpointSpec, or the config's ``serving``) if its replica range is a range."""
-    if sizing.min_replicas > sizing.max_replicas:
-        raise ValueError(f"min_replicas {sizing.min_replicas} is greater than max_replicas {sizing.max_replicas}")
-    return sizing
+def sizing(settings, model: type[_Spec]) -> dict:
+    """The fields of ``model`` (a sizing class) from ``settings`` (the config section that extends it)."""
+    return settings.model_dump(include=set(model.model_fields))
 
 
 @dataclass(frozen=True)
