@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlfactory.processes import signal_group, stop_group
+from mlfactory.storage import private_file
 
 PROJECT = Path(__file__).resolve().parents[2]
 # What the tasks import. The scheduler imports them once, before its LocalExecutor forks the workers that
@@ -52,15 +53,6 @@ COMPONENTS = {
 }
 
 
-def _private(path: Path, content) -> Path:
-    """``path``, written once with ``content()`` and readable by its owner alone."""
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(content())
-    return path
-
-
 def _fernet_key() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
 
@@ -82,11 +74,11 @@ class LocalAirflow:
 
     def env(self) -> dict[str, str]:
         self.home.mkdir(parents=True, exist_ok=True)
-        secret_file = _private(self.home / "jwt_secret", lambda: secrets.token_hex(64))
+        jwt_secret = private_file(self.home / "jwt_secret", lambda: secrets.token_hex(64))
         # One Fernet key for every process, written before any of them starts: left to Airflow, each process
         # that finds no airflow.cfg writes one with a key of its own, and a trigger encrypted by the DAG
         # processor cannot be read by the triggerer.
-        _private(self.home / "airflow.cfg", lambda: f"[core]\nfernet_key = {_fernet_key()}\n")
+        private_file(self.home / "airflow.cfg", lambda: f"[core]\nfernet_key = {_fernet_key()}\n")
         bin_dir = str(Path(sys.executable).parent)
         env = {
             **os.environ,
@@ -103,7 +95,7 @@ class LocalAirflow:
             "AIRFLOW__API__PORT": str(self.api_port),
             "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-            "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text(),
+            "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret,
             # The UI and API on loopback need no login on a developer's own machine.
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",

@@ -12,7 +12,7 @@ import hashlib
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -48,6 +48,18 @@ def local_path(uri: str) -> str:
     if not is_local(uri):
         raise ValueError(f"{uri} is not a local file URI")
     return filesystem(uri)[1]
+
+
+def private_file(path: str | os.PathLike, content: Callable[[], str]) -> str:
+    """The text of ``path``, a file on this machine readable by its owner alone: written with ``content()``
+    the first time (created 0600, never left readable by others between creation and chmod)."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(content())
+    with open(path) as f:
+        return f.read()
 
 
 def join(uri: str, *parts: str) -> str:

@@ -44,15 +44,7 @@ class LocalEndpoint:
     @property
     def token(self) -> str:
         """The configured token, else one generated on first use and kept (mode 600) beside the state."""
-        if self.settings.token:
-            return self.settings.token
-        path = self.home / "token"
-        if not path.exists():
-            self.home.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32))
-        return path.read_text().strip()
+        return self.settings.token or storage.private_file(self.home / "token", lambda: secrets.token_urlsafe(32)).strip()
 
     # --- the process ----------------------------------------------------------------------------
 
