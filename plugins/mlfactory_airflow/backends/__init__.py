@@ -19,15 +19,29 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from typing import Any
+
+from airflow.sdk import BaseOperator
 
 from mlfactory.config import PipelineConfig
+
+
+class SpecOperator(BaseOperator):
+    """An operator that runs one cloud-neutral spec (``mlfactory.specs``, as JSON; templated, so it can come
+    from an upstream task's XCom): the shape of every backend's training and batch operators."""
+
+    template_fields = ("spec",)
+
+    def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.spec = spec
 
 
 class AirflowBackend(ABC):
     """What a backend gives the DAGs. ``cfg.backend`` is its own settings model."""
 
-    training_operator: type  # BaseOperator taking ``spec`` (a TrainingJobSpec as JSON); returns the metrics dict
-    batch_operator: type  # BaseOperator taking ``spec`` (a BatchJobSpec as JSON); returns {"uri", "version", ...}
+    training_operator: type[SpecOperator]  # runs a TrainingJobSpec; returns the entrypoint's metrics dict
+    batch_operator: type[SpecOperator]  # runs a BatchJobSpec; returns {"uri", "version", "snapshots", ...}
     deploy_doc: str = ""  # how this backend rolls an EndpointSpec out (in ml_deploy's docs, in the UI)
     batch_doc: str = ""  # how it scores a BatchJobSpec (in ml_batch_score's docs)
 

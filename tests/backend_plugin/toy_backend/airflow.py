@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.sdk import BaseOperator, task
+from airflow.sdk import task
 from airflow.triggers.base import TriggerEvent
 
-from mlfactory_airflow.backends import AirflowBackend
+from mlfactory_airflow.backends import AirflowBackend, SpecOperator
 from mlfactory_airflow.triggers.watermark import WatermarkedTrigger
 
 
@@ -31,13 +31,7 @@ class ToyLandingTrigger(WatermarkedTrigger):
             yield event
 
 
-class ToyTrainingOperator(BaseOperator):
-    template_fields = ("spec",)
-
-    def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.spec = spec
-
+class ToyTrainingOperator(SpecOperator):
     def execute(self, context) -> dict:
         import json
         import os
@@ -62,13 +56,7 @@ class ToyTrainingOperator(BaseOperator):
         return {**json.loads(storage.read_bytes(storage.join(job.output_uri, METRICS_FILE))), "toy_region": cfg.backend.region}
 
 
-class ToyBatchOperator(BaseOperator):
-    template_fields = ("spec",)
-
-    def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.spec = spec
-
+class ToyBatchOperator(SpecOperator):
     def execute(self, context) -> dict:
         import json
 

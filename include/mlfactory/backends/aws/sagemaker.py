@@ -352,6 +352,12 @@ def endpoint_state(described: dict, config_name: str | None = None) -> JobStatus
     return JobStatus(state, described.get("FailureReason") or status)
 
 
+def endpoint_configs(described: dict | None) -> tuple[str | None, str | None]:
+    """(the config in service, the config an update is moving to) of a DescribeEndpoint answer (None: no endpoint)."""
+    described = described or {}
+    return described.get("EndpointConfigName"), (described.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+
+
 def endpoint_name(spec: EndpointSpec) -> str:
     """The SageMaker name of the pipeline's endpoint (``serving.endpoint_name``, else the registered model's)."""
     return job_name(spec.name.replace("_", "-"))

@@ -28,10 +28,10 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from mlfactory_airflow.backends import SpecOperator
 
 
-class SageMakerBaseOperator(BaseOperator):
+class SageMakerBaseOperator(SpecOperator):
     """The pipeline config's `aws` section, the provider's SageMakerHook, and finding earlier work."""
 
     ui_color = "#ffe9c7"
@@ -124,12 +124,6 @@ class SageMakerBaseOperator(BaseOperator):
 class SageMakerEndpointStageOperator(SageMakerBaseOperator):
     """``spec`` (an EndpointSpec) -> its SageMaker Model and an EndpointConfig that serves it alone."""
 
-    template_fields = ("spec",)
-
-    def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.spec = spec
-
     def execute(self, context) -> dict:
         from datetime import datetime, timezone
 
@@ -140,7 +134,8 @@ class SageMakerEndpointStageOperator(SageMakerBaseOperator):
         endpoint = sagemaker.endpoint_name(spec)
         model = self.ensure_model(spec.model)
         existing = self.describe("describe_endpoint", EndpointName=endpoint)
-        config = self._config_serving(existing, model)
+        current, pending = sagemaker.endpoint_configs(existing)
+        config = next((c for c in (pending, current) if c and self._serves(c, model)), None)  # the newest first
         if config:  # a retry, or the version is served already: no new config
             self.log.info("endpoint %s already has %s for v%s: reusing it", endpoint, config, spec.model.version)
         else:
@@ -151,17 +146,10 @@ class SageMakerEndpointStageOperator(SageMakerBaseOperator):
                           variant.instance_type)
         return {"endpoint": endpoint, "model": model, "config": config, "version": spec.model.version}
 
-    def _config_serving(self, endpoint: dict | None, model: str) -> str | None:
-        """The endpoint's config (current, or pending in an update) that serves ``model`` alone, if any."""
-        if endpoint is None:
-            return None
-        pending = (endpoint.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
-        for config in (pending, endpoint.get("EndpointConfigName")):
-            if config:
-                variants = self.hook.conn.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
-                if [v["ModelName"] for v in variants] == [model]:
-                    return config
-        return None
+    def _serves(self, config: str, model: str) -> bool:
+        """Whether endpoint config ``config`` serves ``model`` alone."""
+        variants = self.hook.conn.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
+        return [v["ModelName"] for v in variants] == [model]
 
 
 class SageMakerEndpointOperator(SageMakerBaseOperator):
@@ -169,9 +157,9 @@ class SageMakerEndpointOperator(SageMakerBaseOperator):
 
     template_fields = ("spec", "staged")
 
-    def __init__(self, *, spec: dict[str, Any], staged: dict[str, Any], **kwargs) -> None:
+    def __init__(self, *, staged: dict[str, Any], **kwargs) -> None:
         super().__init__(**kwargs)
-        self.spec, self.staged = spec, staged
+        self.staged = staged
 
     def execute(self, context) -> None:
         from mlfactory.backends.aws import sagemaker
@@ -180,8 +168,7 @@ class SageMakerEndpointOperator(SageMakerBaseOperator):
         spec = EndpointSpec.model_validate(self.spec)
         endpoint, config = self.staged["endpoint"], self.staged["config"]
         existing = self.describe("describe_endpoint", EndpointName=endpoint)
-        current = (existing or {}).get("EndpointConfigName")
-        pending = ((existing or {}).get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+        current, pending = sagemaker.endpoint_configs(existing)
         if config in (current, pending):  # a retry, or served already: wait for that deployment, start none
             self.log.info("endpoint %s is already on %s (%s): taking it over", endpoint, config, existing["EndpointStatus"])
         elif existing is None:
@@ -226,12 +213,6 @@ class SageMakerEndpointOperator(SageMakerBaseOperator):
 
 class SageMakerTransformOperator(SageMakerBaseOperator):
     """Score ``spec`` (a BatchJobSpec) with a batch transform job on the version's SageMaker Model."""
-
-    template_fields = ("spec",)
-
-    def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.spec = spec
 
     def execute(self, context) -> None:
         import hashlib

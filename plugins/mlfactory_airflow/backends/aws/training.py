@@ -24,11 +24,8 @@ from mlfactory_airflow.backends.aws.sagemaker import SageMakerBaseOperator
 
 
 class SageMakerTrainingOperator(SageMakerBaseOperator):
-    template_fields = ("spec",)
-
-    def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.spec = spec
         self.job_name: str | None = None
 
     def execute(self, context) -> None:

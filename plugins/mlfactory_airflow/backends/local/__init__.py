@@ -3,23 +3,16 @@ rollout (stage -> health_check -> smoke_test -> canary -> full_traffic) and batc
 
 from __future__ import annotations
 
-from typing import Any
+from airflow.sdk import task
 
-from airflow.sdk import BaseOperator, task
-
-from mlfactory_airflow.backends import AirflowBackend
+from mlfactory_airflow.backends import AirflowBackend, SpecOperator
 from mlfactory_airflow.backends.local.training import LocalTrainingOperator
 
 
-class LocalBatchScoreOperator(BaseOperator):
+class LocalBatchScoreOperator(SpecOperator):
     """Scores a ``BatchJobSpec`` in this task, in chunks (``mlfactory.backends.local.scoring``)."""
 
-    template_fields = ("spec",)
     ui_color = "#e3f1dc"
-
-    def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.spec = spec
 
     def execute(self, context) -> dict:
         from mlfactory.backends.local.scoring import score

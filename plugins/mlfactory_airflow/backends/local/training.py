@@ -14,18 +14,14 @@ import json
 import os
 import subprocess
 import threading
-from typing import Any
-
-from airflow.sdk import BaseOperator
+from mlfactory_airflow.backends import SpecOperator
 
 
-class LocalTrainingOperator(BaseOperator):
-    template_fields = ("spec",)
+class LocalTrainingOperator(SpecOperator):
     ui_color = "#fde8d7"
 
-    def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.spec = spec
         self._process: subprocess.Popen | None = None
 
     def execute(self, context) -> dict:
