@@ -104,6 +104,10 @@ class LocalAirflow:
             # A task's calls to the API server: on 2 busy cores (Airflow starting, training running) the
             # default 5 s timeout was seen to fail a task at startup.
             "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
+            # A task's worker notices its exit at the next heartbeat check when the process is still tearing
+            # down (the preloaded libraries take ~1-2 s) after closing its sockets: 5 s (the default) on every
+            # task, and a deferring try reported seconds after its trigger fired.
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "GX_ANALYTICS_ENABLED": "False",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

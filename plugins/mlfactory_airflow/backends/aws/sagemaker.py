@@ -112,10 +112,10 @@ class SageMakerBaseOperator(SpecOperator):
         return name
 
     def trigger(self, name: str, job_type: str, max_wait_s: int, trigger_class=None):
-        """The provider's SageMakerTrigger (or a subclass) polling ``name`` for up to ``max_wait_s``."""
-        from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
+        """A SageMakerJobTrigger (or a subclass) polling ``name`` for up to ``max_wait_s``."""
+        from mlfactory_airflow.backends.aws.sagemaker_trigger import SageMakerJobTrigger
 
-        return (trigger_class or SageMakerTrigger)(
+        return (trigger_class or SageMakerJobTrigger)(
             job_name=name, job_type=job_type, waiter_delay=self.waiter_delay,
             waiter_max_attempts=max(1, max_wait_s // self.waiter_delay),
             aws_conn_id=self.settings.conn_id, region_name=self.settings.region)

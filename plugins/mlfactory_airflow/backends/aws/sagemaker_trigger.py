@@ -1,5 +1,6 @@
-"""The `aws` backend's training-job trigger: the provider's SageMakerTrigger, plus stopping the job
-when a user kills the deferred task (mark failed, clear, mark success)."""
+"""The `aws` backend's triggers: the provider's SageMakerTrigger, first looking one ``waiter_delay``
+after the deferral; the training job's also stops the job when a user kills the deferred task (mark
+failed, clear, mark success)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,19 @@ import asyncio
 from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 
 
-class SageMakerTrainingJobTrigger(SageMakerTrigger):
+class SageMakerJobTrigger(SageMakerTrigger):
+    """Waits one ``waiter_delay`` before its first check. A job that is done already (a retry taking a
+    finished job over; an emulator's instant job) would otherwise fire within a second of the deferral,
+    while the deferring try's worker may still be reporting it: Airflow 3's scheduler then sees that try
+    finish while its resumed run is going, fails it, and was seen to exit on the clash."""
+
+    async def run(self):
+        await asyncio.sleep(self.waiter_delay)
+        async for event in super().run():
+            yield event
+
+
+class SageMakerTrainingJobTrigger(SageMakerJobTrigger):
     def __init__(self, job_name: str, **kwargs) -> None:
         kwargs.pop("job_type", None)  # serialize() writes it back: it is always a training job here
         super().__init__(job_name=job_name, job_type="Training", **kwargs)
