@@ -1,18 +1,21 @@
-"""ml_validate: Asset `raw` → ETL + Great Expectations validation → curated Parquet → Asset `curated`.
+"""ml_validate: raw snapshots → ETL + Great Expectations validation → curated Parquet → Asset `curated`.
 
-Scheduled on Asset `raw`, or started by hand from the trigger form with a raw snapshot URI.
-Rows that fail a check go to quarantine with the failed expectation; a snapshot whose quarantined
-share passes the configured limit fails here, naming the expectation, column and count.
+Scheduled on Asset `raw` and on the ``ingest.sweep_schedule`` sweep, or started by hand from the
+trigger form with a raw snapshot URI. A run takes every raw snapshot not curated yet (its validation
+summary, written last, is missing), not only those its events carry, one run at a time, shared among
+up to ``ingest.parallel_tasks`` `curate` tasks. Rows that fail a check go to quarantine with the
+failed expectation; a snapshot whose quarantined share passes the configured limit is not curated,
+and `report` fails the run naming the expectation, column and count; the other snapshots go on.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param, task
 
 from mlfactory.config import load_config
-from mlfactory_airflow.assets import pipeline_assets
+from mlfactory_airflow.assets import events_or_sweep, pipeline_assets
 
 cfg = load_config()
 assets = pipeline_assets(cfg)
@@ -20,10 +23,10 @@ assets = pipeline_assets(cfg)
 with DAG(
     dag_id="ml_validate",
     description="ETL raw snapshots to curated Parquet and validate them with Great Expectations",
-    schedule=[assets.raw],
+    schedule=events_or_sweep(cfg, assets.raw),
     start_date=datetime(2026, 1, 1),
     catchup=False,
-    max_active_runs=2,
+    max_active_runs=1,
     tags=["mlfactory", "validate"],
     doc_md=__doc__,
     params={
@@ -31,29 +34,55 @@ with DAG(
             None,
             type=["null", "string"],
             title="Raw snapshot to validate",
-            description=f"Leave empty for event-started runs. Example: {cfg.storage.raw_uri}/<sha256>/data.csv",
+            description="Empty: every raw snapshot not curated yet. Or one snapshot, curated again (its curated "
+                        f"partition is replaced). Example: {cfg.storage.raw_uri}/<sha256>/data.csv",
         ),
     },
 ):
 
     @task
-    def snapshots(params: dict, triggering_asset_events=None) -> list[str]:
-        """The snapshots this run validates: the one named in the form, or those the `raw` events carry."""
-        if params.get("snapshot_uri"):
-            return [params["snapshot_uri"]]
-        uris = [e.extra["snapshot_uri"] for e in triggering_asset_events[assets.raw] if "snapshot_uri" in e.extra]
-        if not uris:
-            raise ValueError("nothing to validate: no `raw` event started this run; set 'snapshot_uri' in the form")
-        return list(dict.fromkeys(uris))
-
-    @task(outlets=[assets.curated])
-    def curate(snapshot_uri: str, outlet_events=None) -> dict:
-        from mlfactory.etl import curate_snapshot
+    def snapshots(params: dict) -> list[list[str]]:
+        """The snapshot named in the form, or every raw snapshot not curated yet, in shares (none: `curate`
+        is skipped)."""
+        from mlfactory.etl import pending_snapshots
+        from mlfactory.ingest import read_manifest, spread
         from mlfactory_airflow.outcomes import task_outcome
 
-        with task_outcome():  # the data is wrong: a retry would fail the same way
-            result = curate_snapshot(cfg, snapshot_uri)
-        outlet_events[assets.curated].extra = result.to_extra()
-        return result.to_extra()
+        with task_outcome():
+            if params.get("snapshot_uri"):
+                return [[read_manifest(params["snapshot_uri"]).snapshot_uri]]  # a clear error if there is none
+        pending = pending_snapshots(cfg)
+        return spread([(o.uri, o.size) for o in pending], cfg.ingest.parallel_tasks)
 
-    curate.expand(snapshot_uri=snapshots())
+    @task(outlets=[assets.curated], map_index_template="{{ task.op_kwargs['uris'][0] if task.op_kwargs else '' }}",
+          execution_timeout=timedelta(seconds=cfg.validation.task_timeout_s),
+          retries=2, retry_delay=timedelta(seconds=10))  # a lost worker or a storage error; bad data is no error here
+    def curate(uris: list[str], outlet_events=None) -> dict:
+        """Each snapshot in turn → curated Parquet; failed ones are reported by `report`. Skipped (no
+        `curated` event) when none of its share passed."""
+        from mlfactory import NothingToDo
+        from mlfactory.etl import curate_snapshots
+        from mlfactory_airflow.outcomes import task_outcome
+
+        outcome = curate_snapshots(cfg, uris)
+        with task_outcome():
+            if not outcome["curated"]:
+                raise NothingToDo(f"no snapshot of this share passed validation: {sorted(outcome['failed'])}")
+        outlet_events[assets.curated].extra = {"snapshots": outcome["curated"],
+                                               "curated_rows": sum(c["curated_rows"] for c in outcome["curated"])}
+        return outcome
+
+    @task(trigger_rule="none_failed")  # also after `curate` was skipped: none passed, or nothing waited
+    def report(batches: list[list[str]]) -> dict:
+        """Fails the run when a snapshot failed validation (naming the expectation) or was not curated;
+        reads each snapshot's validation summary, the record of its last curation."""
+        from mlfactory.etl import curation_summary
+        from mlfactory_airflow.outcomes import report_outcomes
+
+        summaries = {uri: curation_summary(cfg, uri) for batch in batches for uri in batch}
+        failed = {uri: s["reason"] for uri, s in summaries.items() if s is not None and not s["success"]}
+        unfinished = [uri for uri, s in summaries.items() if s is None]
+        return report_outcomes("raw snapshot", len(summaries), failed, unfinished)
+
+    batches = snapshots()
+    curate.expand(uris=batches) >> report(batches)

@@ -131,7 +131,7 @@ def test_the_aws_config_watches_the_landing_prefix_through_the_queue(tmp_path, m
     assert (trigger.bucket, trigger.prefix, trigger.aws_conn_id, trigger.region_name) == (BUCKET, PREFIX, "aws_prod", "eu-west-1")
 
 
-def test_without_a_queue_the_landing_prefix_is_polled_each_object_once(aws_resources, tmp_path):
+def test_without_a_queue_the_landing_prefix_is_polled_each_object_once(aws_resources, tmp_path, moto_server, monkeypatch):
     import yaml
 
     from mlfactory.config import DEFAULT_CONFIG, load_config
@@ -153,8 +153,13 @@ def test_without_a_queue_the_landing_prefix_is_polled_each_object_once(aws_resou
     s3.put_object(Bucket=BUCKET, Key="landing/_tmp/partial.csv", Body=b"a\n")  # an in-progress upload folder: ignored
     s3.put_object(Bucket=BUCKET, Key="elsewhere/b.csv", Body=b"a\n1\n")
 
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)  # the storage layer's (s3fs) view of the bucket
+
     async def scenario():
         events = trigger.run()
+        # The watcher starts with a.csv landed and not ingested (no entry in raw/_landed/): one event for it.
+        waiting = (await asyncio.wait_for(anext(events), 30)).payload
+        assert waiting == {"waiting": 1, "first": f"s3://{BUCKET}/landing/a.csv"}
         first = (await asyncio.wait_for(anext(events), 30)).payload
         assert (first["uri"], first["size"]) == (f"s3://{BUCKET}/landing/a.csv", 4) and first["etag"]
         s3.put_object(Bucket=BUCKET, Key="landing/a.csv", Body=b"a\n1\n")  # same content, same ETag: not again

@@ -106,11 +106,11 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         # An object put in S3 -> a notification on SQS -> the AssetWatcher -> ml_ingest.
         local = sample_data.write(sample_data.generate(3000, seed=31), tmp_path / "june batch.csv")
         s3.upload_file(str(local), BUCKET, "landing/june batch.csv")
-        ingest = airflow.wait_for_run("ml_ingest", 1, timeout=180)
+        ingest = airflow.wait_for_run("ml_ingest", 1, timeout=180, run_type="asset_triggered")
         assert ingest["state"] == "success" and ingest["run_type"] == "asset_triggered"
         assert sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages"])[
             "Attributes"]["ApproximateNumberOfMessages"] == "0"  # deleted once its event was emitted
-        validate = airflow.wait_for_run("ml_validate", 1, timeout=240)
+        validate = airflow.wait_for_run("ml_validate", 1, timeout=240, run_type="asset_triggered")
         assert validate["state"] == "success"
         parts = [o for o in storage.list_objects(cfg.storage.curated_uri) if o.key.endswith(".parquet")]
         assert len(parts) == 1

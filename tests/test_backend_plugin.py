@@ -100,11 +100,11 @@ def test_a_landed_file_runs_to_a_deployed_champion_on_the_plugin_backend(toy, tm
         sample_data.write(sample_data.generate(3000, seed=51), bucket / "landing" / "toy.csv")
 
         # the toy's own watcher announces the file; ingest and validate are every backend's
-        ingest = airflow.wait_for_run("ml_ingest", 1, timeout=180)
+        ingest = airflow.wait_for_run("ml_ingest", 1, timeout=180, run_type="asset_triggered")
         assert ingest["state"] == "success" and ingest["run_type"] == "asset_triggered"
         landing = [e for e in airflow.asset_events() if e["uri"] == cfg.storage.landing_uri]
         assert landing and landing[0]["extra"]["payload"]["toy"] is True
-        assert airflow.wait_for_run("ml_validate", 1, timeout=180)["state"] == "success"
+        assert airflow.wait_for_run("ml_validate", 1, timeout=180, run_type="asset_triggered")["state"] == "success"
 
         train = airflow.wait_for_run("ml_train", 1, timeout=300, run_type="asset_triggered")
         assert train["state"] == "success"

@@ -75,5 +75,36 @@ def test_serializes_to_exactly_its_arguments(tmp_path):
     trigger = LocalBucketChangeTrigger(prefix_uri=tmp_path.as_uri(), poll_interval=3.0, settle_seconds=1.5)
     path, kwargs = trigger.serialize()
     assert path == "mlfactory_airflow.backends.local.triggers.LocalBucketChangeTrigger"
-    assert kwargs == {"prefix_uri": tmp_path.as_uri(), "poll_interval": 3.0, "settle_seconds": 1.5}
+    assert kwargs == {"prefix_uri": tmp_path.as_uri(), "poll_interval": 3.0, "settle_seconds": 1.5,
+                      "ledger_uri": None}
     assert LocalBucketChangeTrigger(**kwargs).serialize() == (path, kwargs)
+
+
+def test_a_restarted_watcher_starts_a_run_for_objects_announced_but_never_ingested(tmp_path):
+    """An event lost between the trigger and Airflow's database (a crash after the watermark was saved)
+    strands nothing: the restarted watcher sees objects waiting in the landing area, not in ingestion's
+    ledger, and fires one event for them; once they are ingested, a restart is quiet again."""
+    from mlfactory.config import load_config
+    from mlfactory.ingest import ingest_object, ledger_uri
+
+    cfg = load_config()
+    cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"bucket": tmp_path.as_uri()})})
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    old(landing / "a.csv", "x,y\n1,2\n")
+    old(landing / "b.csv", "x,y\n3,4\n")
+    state = InMemoryAssetState()
+    ledger = ledger_uri(cfg)
+
+    def watcher():
+        trigger = LocalBucketChangeTrigger(prefix_uri=landing.as_uri(), poll_interval=0.05, settle_seconds=0.2,
+                                           ledger_uri=ledger)
+        trigger.asset_state_store = state
+        return trigger
+
+    assert sorted(e.get("key", "waiting") for e in collect(watcher(), 0.5)) == ["a.csv", "b.csv", "waiting"]
+    # Announced (the watermark says so) but never ingested: the restarted watcher says they wait.
+    assert collect(watcher(), 0.5) == [{"waiting": 2, "first": (landing / "a.csv").as_uri()}]
+    for name in ("a.csv", "b.csv"):
+        ingest_object(cfg, (landing / name).as_uri())
+    assert collect(watcher(), 0.5) == []

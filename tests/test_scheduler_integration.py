@@ -39,6 +39,7 @@ def small_training_config(tmp_path, monkeypatch, mlflow_url: str):
     raw["promotion"].update(floor=0.6)
     raw["mlflow"].update(tracking_uri=mlflow_url, experiment="scheduler-test", model_name="churn_scheduler")
     raw["serving"].update(canary_requests=20)
+    raw["ingest"].update(sweep_schedule=None)  # events alone: a sweep run would change the counts below
     raw["local"] = {"port": free_port()}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -67,9 +68,9 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
 
         # A good file: ingest, then validate, then curated Parquet.
         sample_data.write(sample_data.generate(2000, seed=21), bucket / "landing" / "good.csv")
-        ingest = airflow.wait_for_run("ml_ingest", 1, timeout=120)
+        ingest = airflow.wait_for_run("ml_ingest", 1, timeout=120, run_type="asset_triggered")
         assert ingest["state"] == "success" and ingest["run_type"] == "asset_triggered"
-        validate = airflow.wait_for_run("ml_validate", 1, timeout=180)
+        validate = airflow.wait_for_run("ml_validate", 1, timeout=180, run_type="asset_triggered")
         assert validate["state"] == "success" and validate["run_type"] == "asset_triggered"
         parts = [o for o in storage.list_objects(cfg.storage.curated_uri) if o.key.endswith(".parquet")]
         assert len(parts) == 1 and pq.read_metadata(storage.local_path(parts[0].uri)).num_rows == 2000
@@ -117,7 +118,7 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
         # starts ml_train by itself; its MLflow runs record which features drifted.
         monitors = {r["dag_run_id"] for r in airflow.dag_runs("ml_monitor")}
         sample_data.write(sample_data.generate(2000, seed=23, drift=1.0, id_offset=10**9), bucket / "landing" / "drifted.csv")
-        assert airflow.wait_for_run("ml_validate", 2, timeout=180)["state"] == "success"
+        assert airflow.wait_for_run("ml_validate", 2, timeout=180, run_type="asset_triggered")["state"] == "success"
 
         def drift_check():
             for run in airflow.dag_runs("ml_monitor"):
@@ -174,13 +175,12 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
         bad = sample_data.generate(1000, seed=22).to_pandas()
         bad.loc[bad.index[::10], "age"] = 150  # 10% out of range, over the 5% limit
         sample_data.write(pa.Table.from_pandas(bad, preserve_index=False), bucket / "landing" / "bad.csv")
-        assert airflow.wait_for_run("ml_ingest", 3, timeout=120)["state"] == "success"
-        failed = airflow.wait_for_run("ml_validate", 3, timeout=180)
+        assert airflow.wait_for_run("ml_ingest", 3, timeout=120, run_type="asset_triggered")["state"] == "success"
+        failed = airflow.wait_for_run("ml_validate", 3, timeout=180, run_type="asset_triggered")
         assert failed["state"] == "failed"
-        tis = airflow.task_instances("ml_validate", failed["dag_run_id"])
-        curate_ti = next(t for t in tis if t["task_id"] == "curate")
-        assert curate_ti["state"] == "failed"
-        log = airflow.task_log("ml_validate", failed["dag_run_id"], "curate", map_index=curate_ti["map_index"])
+        tis = {t["task_id"]: t["state"] for t in airflow.task_instances("ml_validate", failed["dag_run_id"])}
+        assert tis == {"snapshots": "success", "curate": "skipped", "report": "failed"}  # no `curated` event
+        log = airflow.task_log("ml_validate", failed["dag_run_id"], "report")
         assert "expect_column_values_to_be_between failed on column 'age' for 100 of 1000 rows" in log
         snapshots = [o for o in storage.list_objects(cfg.storage.raw_uri) if o.key.endswith("data.csv")]
         assert len(snapshots) == 3  # every raw snapshot kept

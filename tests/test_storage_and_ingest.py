@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import time
 
 import pytest
 
@@ -70,13 +71,19 @@ def test_ingest_rejects_empty_and_unknown_files_and_keeps_them(cfg, bucket):
     assert storage.list_objects(cfg.storage.raw_uri) == []
 
 
-def test_ingest_reports_a_damaged_parquet_and_keeps_its_snapshot(cfg, bucket):
+def test_a_damaged_parquet_is_refused_recorded_and_left_as_it_is(cfg, bucket):
+    from mlfactory.ingest import pending_objects
+
     bad = bucket / "landing" / "broken.parquet"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"PAR1 this is not parquet")
+    assert [o.key for o in pending_objects(cfg, now=time.time() + 60)] == ["broken.parquet"]
     with pytest.raises(IngestError, match="not a readable Parquet file"):
         ingest_object(cfg, bad.as_uri())
-    assert [o.key.split("/")[-1] for o in storage.list_objects(cfg.storage.raw_uri)] == ["data.parquet"]
+    assert storage.list_objects(cfg.storage.raw_uri) == [] and bad.read_bytes() == b"PAR1 this is not parquet"
+    assert pending_objects(cfg, now=time.time() + 60) == []  # refused once: no later run tries it again
+    bad.write_bytes(b"PAR1 still not parquet")  # a new version is a new object to ingest
+    assert [o.key for o in pending_objects(cfg, now=time.time() + 60)] == ["broken.parquet"]
 
 
 def test_sample_data_is_deterministic_and_drift_shifts_it():
@@ -85,3 +92,19 @@ def test_sample_data_is_deterministic_and_drift_shifts_it():
     drifted = sample_data.generate(2000, seed=1, drift=1.0)
     assert drifted["age"].to_numpy().mean() > a["age"].to_numpy().mean() + 5
     assert a.num_columns == 20 and 0.1 < a["churned"].to_numpy().mean() < 0.6
+
+
+def test_a_failed_write_leaves_the_old_object_and_stale_temporaries_are_swept(tmp_path):
+    target = (tmp_path / "out" / "data.bin").as_uri()
+    storage.write_bytes(target, b"old")
+    with pytest.raises(RuntimeError), storage.atomic_write(target) as f:
+        f.write(b"half of the new")
+        raise RuntimeError("the writer dies")
+    assert storage.read_bytes(target) == b"old" and [o.key for o in storage.list_objects((tmp_path / "out").as_uri())] == ["data.bin"]
+    killed = storage.temporary_uri(target)  # what a kill -9 leaves: the writer never reaches its cleanup
+    storage.open_uri(killed, "wb").close()
+    assert storage.remove_temporaries((tmp_path / "out").as_uri(), older_than_s=3600) == 0  # may be a live writer
+    past = time.time() - 7200
+    os.utime(storage.local_path(killed), (past, past))
+    assert storage.remove_temporaries((tmp_path / "out").as_uri(), older_than_s=3600) == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data.bin"]

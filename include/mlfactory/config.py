@@ -111,12 +111,34 @@ class ValidationSpec(_Strict):
     chunk_rows: int = Field(
         1_000_000, ge=1_000, description="rows read, checked and written at a time; bounds memory on big files"
     )
+    task_timeout_s: int = Field(7200, ge=60, description="a curate task running longer than this fails (execution_timeout)")
 
 
 class IngestSpec(_Strict):
     poll_interval_s: float = Field(2.0, gt=0, description="how often the landing watcher lists the folder (local, "
                                                           "or S3 without a notification queue)")
     settle_s: float = Field(1.0, ge=0, description="an object must be unchanged this long before it is ingested")
+    sweep_schedule: str | None = Field(
+        "*/30 * * * *", description="cron: ml_ingest and ml_validate also run on this schedule and take every object or "
+                                    "snapshot not done yet (the safety net under the bucket events); null: events only")
+    max_object_bytes: int = Field(20 * 2**30, ge=1, description="a landed object larger than this (or decompressing to "
+                                                                 "more) is refused")
+    max_line_bytes: int = Field(2**20, ge=1024, description="a CSV/JSON Lines line longer than this is refused")
+    max_row_group_bytes: int = Field(2**30, ge=2**20, description="a Parquet row group decompressing to more than this "
+                                                                  "is refused: ETL reads a row group at a time")
+    task_timeout_s: int = Field(3600, ge=60, description="an ingest task running longer than this fails (execution_timeout)")
+    parallel_tasks: int = Field(4, ge=1, le=64, description="ml_ingest and ml_validate share the objects or snapshots "
+                                                             "waiting among at most this many tasks, side by side")
+
+    @field_validator("sweep_schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            from croniter import croniter
+
+            if not croniter.is_valid(value):
+                raise ValueError(f"{value!r} is not a cron expression (e.g. '*/30 * * * *'), or null for events only")
+        return value
 
 
 HiddenSizes = list[Annotated[int, Field(ge=1, le=4096)]]

@@ -6,19 +6,24 @@ is never loaded whole. For each chunk:
 1. read every column as text (CSV, JSON Lines) or as stored (Parquet);
 2. parse each column to its configured type; a value that does not parse fails its row;
 3. run the row-level checks (nulls, ranges, categories, uniqueness) with vectorised pyarrow;
-4. write the passing rows, with derived features, to a staging folder, and the failing rows, as
-   their original text plus the failed expectation and column, to quarantine;
+4. append the passing rows, with derived features, to the snapshot's curated file, and the failing
+   rows, as their original text plus the failed expectation and column, to its quarantine file
+   (each a hidden temporary file until published);
 5. validate the parsed rows with the Great Expectations suite and render its Data Docs page.
 
-Then the snapshot-level decision: the row count, the column types, and the quarantined share
-against ``validation.max_quarantine_fraction``. A passing snapshot's staging folder becomes the
-curated partition ``curated/ingest_date=YYYY-MM-DD/snapshot=<id>/``; a failing one raises
-``ValidationFailed`` naming the expectation, the column and the count. Either way the raw snapshot
-is untouched and every raw row is either curated or quarantined.
+Then the row counts written are checked (raw rows = curated + quarantined, from the files' footers)
+and the snapshot-level decision made: the row count, the column types, and the quarantined share
+against ``validation.max_quarantine_fraction``. A passing snapshot's file is published as
+``curated/ingest_date=YYYY-MM-DD/snapshot=<id>/data.parquet`` in one step (a rename, or a
+server-side copy on object stores), replacing an earlier curation's; a failing one raises
+``ValidationFailed`` naming the expectation, the column and the count. Either way the quarantine is
+published as ``quarantine/snapshot=<id>/rows.parquet``, the raw snapshot is untouched, and the
+validation summary, written last, marks the snapshot done (``pending_snapshots``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -65,6 +70,8 @@ FAILED_EXPECTATION = "_failed_expectation"
 FAILED_COLUMN = "_failed_column"
 ROW_NUMBER = "_row"
 RAW_LINE = "_raw_line"
+CURATED_FILE = "data.parquet"  # a snapshot's curated rows: one file, published whole
+QUARANTINE_FILE = "rows.parquet"  # its quarantined rows
 
 
 class ValidationFailed(BadInput):
@@ -108,17 +115,35 @@ class _Chunk:
 # Reading
 
 
-def _csv_header(path: str, fs, delimiter: str) -> list[str]:
-    with fs.open_input_stream(path) as f:
-        first = f.read(1 << 20).split(b"\n", 1)[0].rstrip(b"\r")
-    return next(csv.reader([first.decode("utf-8", errors="backslashreplace")], delimiter=delimiter), [])
+BOM = b"\xef\xbb\xbf"
+TRAILING = "_trailing_empty_"  # the name given to empty header fields after the last named one ("a,b,c,")
 
 
-def _read_csv(manifest: Manifest, dataset: DatasetSpec, chunk_rows: int) -> tuple[list[str], Iterator[_Chunk]]:
+def _open_text(manifest: Manifest):
+    """The snapshot's bytes, decompressed (``.csv.gz``, ``.jsonl.zst``, ...), as a pyarrow input stream."""
+    fs, path = storage.pyarrow_filesystem(manifest.snapshot_uri)
+    return fs.open_input_stream(path, compression=manifest.compression)
+
+
+def _csv_header(manifest: Manifest, delimiter: str, max_line_bytes: int) -> list[str]:
+    """The header's field names: without a byte-order mark (spreadsheet exports write one), spaces around
+    them stripped; empty fields after the last named one (a trailing delimiter) named ``TRAILING<i>``."""
+    with _open_text(manifest) as f:
+        first = f.read(max_line_bytes + 2).split(b"\n", 1)[0].rstrip(b"\r")
+    first = first.removeprefix(BOM)
+    names = [n.strip() for n in next(csv.reader([first.decode("utf-8", errors="backslashreplace")], delimiter=delimiter), [])]
+    named = len(names)
+    while named and not names[named - 1]:
+        named -= 1
+    return names[:named] + [f"{TRAILING}{i}" for i in range(named, len(names))] if named else names
+
+
+def _read_csv(manifest: Manifest, cfg: PipelineConfig) -> tuple[list[str], Iterator[_Chunk]]:
     import pyarrow.csv as pacsv
 
-    fs, path = storage.pyarrow_filesystem(manifest.snapshot_uri)
-    header = _csv_header(path, fs, dataset.csv_delimiter)
+    delimiter = manifest.delimiter or cfg.dataset.csv_delimiter
+    names = _csv_header(manifest, delimiter, cfg.ingest.max_line_bytes)
+    header = [n for n in names if not n.startswith(TRAILING)]
     malformed: list[str] = []
 
     def on_invalid(row) -> str:  # pyarrow calls this for rows with the wrong number of fields
@@ -127,17 +152,21 @@ def _read_csv(manifest: Manifest, dataset: DatasetSpec, chunk_rows: int) -> tupl
 
     def chunks() -> Iterator[_Chunk]:
         reader = pacsv.open_csv(
-            fs.open_input_stream(path),
-            read_options=pacsv.ReadOptions(column_names=header, skip_rows=1, block_size=CSV_BLOCK_BYTES),
-            parse_options=pacsv.ParseOptions(delimiter=dataset.csv_delimiter, invalid_row_handler=on_invalid),
+            _open_text(manifest),
+            # a block holds whole rows: more than the longest line ingestion lets in
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1,
+                                           block_size=max(CSV_BLOCK_BYTES, cfg.ingest.max_line_bytes + 2)),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid,
+                                              newlines_in_values=True),  # a quoted value may hold line breaks
             convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.binary() for name in header},
+                column_types={name: pa.binary() for name in names},
+                include_columns=header,
                 null_values=NULL_TOKENS,
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=True,
             ),
         )
-        yield from _rechunk(reader, chunk_rows, malformed)
+        yield from _rechunk(reader, cfg.validation.chunk_rows, malformed)
 
     return header, chunks()
 
@@ -166,10 +195,11 @@ def _rechunk(batches, chunk_rows: int, malformed: list[str]) -> Iterator[_Chunk]
         yield _Chunk(pa.Table.from_batches(pending) if rows else None, first_row, drain())
 
 
-def _read_parquet(manifest: Manifest, dataset: DatasetSpec, chunk_rows: int) -> tuple[list[str], Iterator[_Chunk]]:
+def _read_parquet(manifest: Manifest, cfg: PipelineConfig) -> tuple[list[str], Iterator[_Chunk]]:
     fs, path = storage.pyarrow_filesystem(manifest.snapshot_uri)
     parquet = pq.ParquetFile(fs.open_input_file(path))
     header = parquet.schema_arrow.names
+    chunk_rows = cfg.validation.chunk_rows
 
     def chunks() -> Iterator[_Chunk]:
         yield from _rechunk(parquet.iter_batches(batch_size=chunk_rows), chunk_rows, [])
@@ -187,13 +217,15 @@ def _to_text(value) -> bytes | None:
     return str(value).encode()
 
 
-def _read_jsonl(manifest: Manifest, dataset: DatasetSpec, chunk_rows: int) -> tuple[list[str], Iterator[_Chunk]]:
-    expected = [c.name for c in dataset.columns]
-    fs, path = storage.pyarrow_filesystem(manifest.snapshot_uri)
+def _read_jsonl(manifest: Manifest, cfg: PipelineConfig) -> tuple[list[str], Iterator[_Chunk]]:
+    expected = [c.name for c in cfg.dataset.columns]
+    chunk_rows = cfg.validation.chunk_rows
 
     def records() -> Iterator[tuple[dict | None, str]]:
-        with fs.open_input_stream(path) as stream:
-            for raw in io.BufferedReader(stream):
+        with _open_text(manifest) as stream:
+            for number, raw in enumerate(io.BufferedReader(stream)):
+                if number == 0:
+                    raw = raw.removeprefix(BOM)
                 if not raw.strip():
                     continue
                 text = raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n")
@@ -239,9 +271,12 @@ READERS = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}
 
 
 def _decode_utf8(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """binary -> string; values that are not UTF-8 become null and are flagged."""
+    """binary -> string; values that are not UTF-8 text (bad UTF-8, or a NUL byte) become null and are flagged."""
+    nul = pc.fill_null(pc.match_substring(arr, "\x00"), False).to_numpy(zero_copy_only=False)
+    if nul.any():
+        arr = pc.if_else(pa.array(nul), pa.scalar(None, arr.type), arr)
     try:
-        return arr.cast(pa.string()), np.zeros(len(arr), bool)
+        return arr.cast(pa.string()), nul
     except pa.ArrowInvalid:
         bad = np.zeros(len(arr), bool)
         out = []
@@ -254,7 +289,7 @@ def _decode_utf8(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
             except UnicodeDecodeError:
                 bad[i] = True
                 out.append(None)
-        return pa.array(out, pa.string()), bad
+        return pa.array(out, pa.string()), bad | nul
 
 
 def _parse_numbers(text: pa.Array, spec: ColumnSpec) -> tuple[pa.Array, np.ndarray]:
@@ -336,26 +371,31 @@ def _non_finite(typed: pa.Array) -> np.ndarray:
 
 def _schema_error(header: list[str], dataset: DatasetSpec, manifest: Manifest) -> str | None:
     expected = [c.name for c in dataset.columns]
-    missing = [c for c in expected if c not in header]
-    extra = [c for c in header if c not in expected]
-    dupes = sorted({c for c in header if header.count(c) > 1})
+    present, wanted = set(header), set(expected)  # sets and a Counter: linear in a header of any width
+    missing = [c for c in expected if c not in present]
+    extra = [c for c in header if c not in wanted]
+    dupes = sorted(c for c, n in Counter(header).items() if n > 1)
     if not (missing or extra or dupes):
         return None
+
+    def names(found: list[str]) -> str:
+        return f"{found[:20]}" + (f" and {len(found) - 20} more" if len(found) > 20 else "")
+
     parts = []
     if missing:
-        parts.append(f"missing column(s) {missing}")
+        parts.append(f"missing column(s) {names(missing)}")
     if extra:
-        parts.append(f"unknown column(s) {extra} not in the config")
+        parts.append(f"unknown column(s) {names(extra)} not in the config")
     if dupes:
-        parts.append(f"duplicated column(s) {dupes}")
+        parts.append(f"duplicated column(s) {names(dupes)}")
     hint = ""
+    delimiter = manifest.delimiter or dataset.csv_delimiter
     if manifest.format == "csv" and len(header) == 1:
-        seen = [d for d in (";", "\t", "|", ",") if d in header[0] and d != dataset.csv_delimiter]
+        seen = [d for d in (";", "\t", "|", ",") if d in header[0] and d != delimiter]
         if seen:
-            hint = (
-                f" The header has a single field, which contains {seen[0]!r}: the file looks delimited by "
-                f"{seen[0]!r}, the config says csv_delimiter {dataset.csv_delimiter!r}."
-            )
+            said = ("its .tsv/.tab name says tab-separated" if manifest.delimiter
+                    else f"the config says csv_delimiter {delimiter!r}")
+            hint = f" The header has a single field, which contains {seen[0]!r}: the file looks delimited by {seen[0]!r}, {said}."
     return f"expect_table_columns_to_match_set failed: {'; '.join(parts)}.{hint}"
 
 
@@ -382,26 +422,153 @@ class _Uniqueness:
         return dup
 
 
+def validation_dir(cfg: PipelineConfig, snapshot_id: str) -> str:
+    return storage.join(cfg.storage.reports_uri, "validation", f"snapshot={snapshot_id}")
+
+
+def curation_summary(cfg: PipelineConfig, snapshot_uri: str) -> dict | None:
+    """The validation summary of the last curation of ``snapshot_uri`` (success, reason, row counts),
+    or None if none finished."""
+    uri = storage.join(validation_dir(cfg, posixpath.basename(posixpath.dirname(snapshot_uri))[:16]), "summary.json")
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def pending_snapshots(cfg: PipelineConfig) -> list[storage.ObjectInfo]:
+    """The data file of every complete raw snapshot not curated yet: its validation summary, written as
+    curation's last step (passed or failed), is not there. What an ml_validate run takes, whatever
+    events started it."""
+    from mlfactory.ingest import snapshots
+
+    reports = storage.list_objects(storage.join(cfg.storage.reports_uri, "validation"))
+    done = {o.key.split("/", 1)[0].removeprefix("snapshot=") for o in reports if o.key.endswith("/summary.json")}
+    return [obj for obj in snapshots(cfg) if obj.key.split("/", 1)[0][:16] not in done]
+
+
+def curate_snapshots(cfg: PipelineConfig, uris: list[str]) -> dict:
+    """Curate each of ``uris`` in turn; one that fails validation does not stop the others. Returns
+    {"curated": [asset-event extras of the passing ones], "failed": {uri: why}}; each outcome is also
+    in the snapshot's validation summary (``curation_summary``)."""
+    outcome: dict = {"curated": [], "failed": {}}
+    for uri in uris:
+        try:
+            outcome["curated"].append(curate_snapshot(cfg, uri).to_extra())
+        except BadInput as err:  # ValidationFailed, or a snapshot that is not there
+            log.warning("snapshot %s failed: %s", uri, err)
+            outcome["failed"][uri] = str(err)
+    return outcome
+
+
+class _StagedParquet:
+    """One Parquet file streamed, a chunk per row group, to a hidden name beside ``uri`` (unique to this
+    writer: a concurrent curation of the same snapshot has its own) and published whole in one step."""
+
+    def __init__(self, uri: str, schema: pa.Schema | None = None) -> None:
+        self.uri, self.tmp, self.schema = uri, storage.temporary_uri(uri), schema
+        self.rows = 0
+        self._writer = self._sink = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self.schema = self.schema or table.schema
+            fs, path = storage.pyarrow_filesystem(self.tmp)
+            fs.create_dir(posixpath.dirname(path), recursive=True)
+            self._sink = fs.open_output_stream(path)
+            self._writer = pq.ParquetWriter(self._sink, self.schema)
+        columns = {f.name: table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+                   for f in self.schema}
+        self._writer.write_table(pa.table(columns).cast(self.schema))
+        self.rows += table.num_rows
+
+    def close(self) -> int:
+        """Finish the file; returns the row count its footer says (0 when nothing was written)."""
+        if self._writer is None:
+            return 0
+        self._writer.close()
+        self._sink.close()
+        self._writer = None
+        fs, path = storage.pyarrow_filesystem(self.tmp)
+        return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+
+    def publish(self) -> None:
+        """This file becomes ``uri`` (none written: ``uri`` is removed), and every other file of the folder
+        (the parts an earlier layout or run left) goes, so no stale rows stay beside the new ones."""
+        if self.rows:
+            storage.publish(self.tmp, self.uri)
+        else:
+            storage.remove(self.uri)
+        folder = self.uri.rsplit("/", 1)[0]
+        for stale in storage.list_objects(folder):
+            if stale.uri != self.uri and stale.key.endswith(".parquet"):
+                storage.remove(stale.uri)
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+                self._sink.close()
+        storage.remove(self.tmp)
+
+
 def curate_snapshot(cfg: PipelineConfig, snapshot_uri: str) -> CurationResult:
-    """Run ETL and validation on one raw snapshot; raises ``ValidationFailed`` when the batch fails."""
-    dataset = cfg.dataset
+    """Run ETL and validation on one raw snapshot; raises ``ValidationFailed`` when the batch fails.
+
+    Safe to run twice at once or again later: each run writes its own hidden files and publishes each
+    output (curated, quarantine) whole, replacing what an earlier run published."""
     manifest = read_manifest(snapshot_uri)
     sid = manifest.snapshot_id
-    ingest_date = manifest.ingested_at[:10]
-    staging = storage.join(cfg.storage.curated_uri, "_staging", f"snapshot={sid}")
-    final = storage.join(cfg.storage.curated_uri, f"ingest_date={ingest_date}", f"snapshot={sid}")
+    final = storage.join(cfg.storage.curated_uri, f"ingest_date={manifest.ingested_at[:10]}", f"snapshot={sid}")
     quarantine = storage.join(cfg.storage.quarantine_uri, f"snapshot={sid}")
-    report_dir = storage.join(cfg.storage.reports_uri, "validation", f"snapshot={sid}")
-    for stale in (staging, quarantine, report_dir):  # a retry starts clean; the raw snapshot is the source
-        storage.remove(stale)
-
-    header, chunks = READERS[manifest.format](manifest, dataset, cfg.validation.chunk_rows)
+    report_dir = validation_dir(cfg, sid)
+    header, chunks = READERS[manifest.format](manifest, cfg)
     result = CurationResult(sid, snapshot_uri, None, quarantine, storage.join(report_dir, "index.html"), 0, 0, 0, {}, False)
-    problem = _schema_error(header, dataset, manifest)
+    problem = _schema_error(header, cfg.dataset, manifest)
     if problem:
+        result.reason = f"{manifest.source_uri}: {problem} Raw snapshot kept at {snapshot_uri}."
         _write_report(result, report_dir, [])
-        _fail(result, f"{manifest.source_uri}: {problem} Raw snapshot kept at {snapshot_uri}.")
+        raise ValidationFailed(result.reason, result)
 
+    for folder in (final, quarantine):  # what curations killed mid-write left
+        storage.remove_temporaries(folder, cfg.validation.task_timeout_s)
+    curated = _StagedParquet(storage.join(final, CURATED_FILE))
+    quarantined = _StagedParquet(storage.join(quarantine, QUARANTINE_FILE), _quarantine_schema(header))
+    try:
+        try:
+            pages = _curate(cfg, manifest, chunks, result, curated, quarantined, report_dir)
+        except pa.ArrowInvalid as err:  # the reader's own verdict on the bytes, e.g. a row longer than a block
+            result.reason = (f"{manifest.source_uri}: not readable as {manifest.format}: {err}. Rows are limited to "
+                             f"ingest.max_line_bytes ({cfg.ingest.max_line_bytes}). Raw snapshot kept at {snapshot_uri}.")
+            _write_report(result, report_dir, [])
+            raise ValidationFailed(result.reason, result) from None
+        written = (curated.close(), quarantined.close())
+        if written != (result.curated_rows, result.quarantined_rows) or sum(written) != result.raw_rows:
+            raise RuntimeError(f"snapshot {sid}: {result.raw_rows} raw rows read but {written[0]} curated + {written[1]} "
+                               f"quarantined rows written; nothing was published")
+        decision = _decide(cfg, result, manifest)
+        quarantined.publish()
+        if decision:
+            curated.discard()
+            storage.remove(final)  # a snapshot that fails now has no curated rows, whatever an earlier run said
+        else:
+            curated.publish()
+            result.curated_uri = final if result.curated_rows else None
+    finally:
+        curated.discard()
+        quarantined.discard()
+    result.success, result.reason = not decision, decision or ""
+    _write_report(result, report_dir, pages)  # the summary, written last, marks the snapshot done
+    if decision:
+        raise ValidationFailed(decision, result)
+    log.info(
+        "snapshot %s: %d raw rows -> %d curated + %d quarantined", sid, result.raw_rows, result.curated_rows,
+        result.quarantined_rows,
+    )
+    return result
+
+
+def _curate(cfg, manifest: Manifest, chunks, result: CurationResult, curated: _StagedParquet,
+            quarantined: _StagedParquet, report_dir: str) -> list:
+    """Every chunk parsed, checked and written; GX validates each batch. Returns the Data Docs pages."""
+    dataset = cfg.dataset
     checks = build_checks(dataset)
     # Rows are judged on the whole snapshot (row count, cross-chunk uniqueness), not per GX batch.
     ge_checks = [c for c in checks if c.expectation != "expect_table_row_count_to_be_between"]
@@ -418,47 +585,31 @@ def curate_snapshot(cfg: PipelineConfig, snapshot_uri: str) -> CurationResult:
         for index, chunk in enumerate(chunks):
             if chunk.malformed:
                 failures[f"{MALFORMED_ROW}()"] += len(chunk.malformed)
-                _write_malformed(chunk.malformed, quarantine, index)
+                quarantined.write(_malformed_rows(chunk.malformed))
             result.raw_rows += len(chunk.malformed)
             if chunk.table is None or chunk.table.num_rows == 0:
                 continue
-            parsed, curated = _check_chunk(chunk, dataset, row_checks, unique, failures, quarantine, index)
+            parsed, passing = _check_chunk(chunk, dataset, row_checks, unique, failures, quarantined)
             result.raw_rows += chunk.table.num_rows
             if len(batches) > 1:
                 batches[-2].result()  # keep at most two batches in memory
             rows = f"rows {chunk.first_row}..{chunk.first_row + chunk.table.num_rows - 1}"
             fingerprint = f"{manifest.sha256}:{index}"
             batches.append(gx.submit(_validate_batch, runner, parsed, fingerprint, report_dir, index, rows))
-            curated = derive_features(curated, dataset, as_of)
-            result.curated_rows += curated.num_rows
-            if curated.num_rows:
-                _write_parquet(curated, storage.join(staging, f"part-{index:05d}.parquet"))
+            passing = derive_features(passing, dataset, as_of)
+            result.curated_rows += passing.num_rows
+            if passing.num_rows:
+                curated.write(passing)
         outcomes = [b.result() for b in batches]
     finally:
         gx.shutdown(cancel_futures=True)
     result.expectations = [e for summary, _ in outcomes for e in summary]
-    pages = [page for _, page in outcomes]
     result.quarantined_rows = result.raw_rows - result.curated_rows
     result.failures = dict(failures.most_common())
-    decision = _decide(cfg, result, manifest)
-    _write_report(result, report_dir, pages)
-    if decision:
-        storage.remove(staging)
-        _fail(result, decision)
-    if result.curated_rows:
-        for part in storage.list_objects(staging):
-            storage.move(part.uri, storage.join(final, part.key))
-        storage.remove(staging)
-        result.curated_uri = final
-    result.success = True
-    log.info(
-        "snapshot %s: %d raw rows -> %d curated + %d quarantined", sid, result.raw_rows, result.curated_rows,
-        result.quarantined_rows,
-    )
-    return result
+    return [page for _, page in outcomes]
 
 
-def _check_chunk(chunk: _Chunk, dataset, row_checks, unique, failures: Counter, quarantine: str, index: int):
+def _check_chunk(chunk: _Chunk, dataset, row_checks, unique, failures: Counter, quarantined: _StagedParquet):
     """Parse and check one chunk; quarantines its failing rows and returns (parsed rows, passing rows)."""
     raw = chunk.table
     n = raw.num_rows
@@ -492,7 +643,7 @@ def _check_chunk(chunk: _Chunk, dataset, row_checks, unique, failures: Counter, 
     if reason.null_count == n:
         return parsed, typed
     good = pc.is_null(reason)
-    _write_quarantine(raw, pc.invert(good), reason, reason_col, chunk.first_row, quarantine, index)
+    quarantined.write(_quarantined_rows(raw, pc.invert(good), reason, reason_col, chunk.first_row))
     return parsed, typed.filter(good)
 
 
@@ -540,17 +691,6 @@ def _decide(cfg: PipelineConfig, result: CurationResult, manifest: Manifest) -> 
     return None
 
 
-def _fail(result: CurationResult, reason: str) -> None:
-    result.reason = reason
-    raise ValidationFailed(reason, result)
-
-
-def _write_parquet(table: pa.Table, uri: str) -> None:
-    fs, path = storage.pyarrow_filesystem(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    pq.write_table(table, path, filesystem=fs)
-
-
 def _text_columns(raw: pa.Table) -> dict[str, pa.Array]:
     """The rows' original values as text (invalid UTF-8 shown with backslash escapes)."""
     out = {}
@@ -568,38 +708,30 @@ def _text_columns(raw: pa.Table) -> dict[str, pa.Array]:
     return out
 
 
-def _write_quarantine(raw, bad, reason, reason_col, first_row, quarantine_uri, index) -> None:
+def _quarantine_schema(header: list[str]) -> pa.Schema:
+    """Quarantined rows, parsed or not, in one file: where and why, the raw line of a row that could
+    not be split, and every column's original text."""
+    fixed = [(ROW_NUMBER, pa.int64()), (FAILED_EXPECTATION, pa.string()), (FAILED_COLUMN, pa.string()), (RAW_LINE, pa.string())]
+    return pa.schema(fixed + [(name, pa.string()) for name in header if name not in dict(fixed)])
+
+
+def _quarantined_rows(raw, bad, reason, reason_col, first_row) -> pa.Table:
     rows = pa.array(np.arange(first_row, first_row + raw.num_rows, dtype=np.int64))
-    table = pa.table(
-        {
-            ROW_NUMBER: rows,
-            FAILED_EXPECTATION: reason,
-            FAILED_COLUMN: reason_col,
-            **_text_columns(raw),
-        }
-    ).filter(bad)
-    _write_parquet(table, storage.join(quarantine_uri, f"part-{index:05d}.parquet"))
+    table = pa.table({ROW_NUMBER: rows, FAILED_EXPECTATION: reason, FAILED_COLUMN: reason_col, **_text_columns(raw)})
+    return table.filter(bad)
 
 
-def _write_malformed(lines: list[str], quarantine_uri: str, index: int) -> None:
-    table = pa.table(
-        {
-            ROW_NUMBER: pa.nulls(len(lines), pa.int64()),
-            FAILED_EXPECTATION: pa.array([MALFORMED_ROW] * len(lines)),
-            FAILED_COLUMN: pa.nulls(len(lines), pa.string()),
-            RAW_LINE: pa.array(lines, pa.string()),
-        }
-    )
-    _write_parquet(table, storage.join(quarantine_uri, f"malformed-{index:05d}.parquet"))
+def _malformed_rows(lines: list[str]) -> pa.Table:
+    return pa.table({FAILED_EXPECTATION: pa.array([MALFORMED_ROW] * len(lines)), RAW_LINE: pa.array(lines, pa.string())})
 
 
 def _write_report(result: CurationResult, report_dir: str, pages) -> None:
     summary = {k: v for k, v in asdict(result).items() if k != "expectations"}
-    storage.write_bytes(storage.join(report_dir, "summary.json"), json.dumps(asdict(result), indent=2, default=str).encode())
     storage.write_bytes(
         storage.join(report_dir, "index.html"),
         render_index(f"Validation of snapshot {result.snapshot_id}", pages, summary).encode(),
     )
+    storage.write_bytes(storage.join(report_dir, "summary.json"), json.dumps(asdict(result), indent=2, default=str).encode())
 
 
 def read_quarantine(quarantine_uri: str) -> pa.Table | None:

@@ -11,6 +11,7 @@ pool that training jobs run in is created from the pipeline config (``training.p
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -24,7 +25,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlfactory.processes import signal_group, stop_group
+import psutil
+
+from mlfactory.processes import descendants, signal_group, stop_group
 from mlfactory.storage import private_file
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -108,6 +111,12 @@ class LocalAirflow:
             # down (the preloaded libraries take ~1-2 s) after closing its sockets: 5 s (the default) on every
             # task, and a deferring try reported seconds after its trigger fired.
             "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+            # A task whose process died (kill -9, out of memory) is failed, and retried, this long after its last
+            # heartbeat instead of 5 minutes: the heartbeat comes every second.
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+            # After a crash of the whole of Airflow, the restarted scheduler takes over the dead one's tasks
+            # (and runs them again) within a minute instead of five.
+            "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "60",
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "GX_ANALYTICS_ENABLED": "False",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
@@ -122,17 +131,8 @@ class LocalAirflow:
         (self.home / "config").mkdir(exist_ok=True)  # on every Airflow process's path: airflow_local_settings
         (self.home / "config" / "airflow_local_settings.py").write_text(LOCAL_SETTINGS)
         self._migrate(env)
-        for name, args in COMPONENTS.items():
-            with open(self.home / "logs" / f"{name}.log", "ab") as log:
-                self.processes[name] = subprocess.Popen(
-                    [sys.executable, "-m", "airflow", *args],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,  # its own group, so stop() reaches the workers too
-                    cwd=self.home,
-                )
+        for name in COMPONENTS:
+            self._launch(name, env)
         try:
             self.wait_until(lambda: self._get("/api/v2/version") is not None, timeout, "the API server to answer")
             self._training_pool(env)
@@ -140,6 +140,41 @@ class LocalAirflow:
             self.stop()  # a component that died at start must not leave the others running
             raise
         return self
+
+    def _launch(self, name: str, env: dict[str, str]) -> None:
+        with open(self.home / "logs" / f"{name}.log", "ab") as log:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "airflow", *COMPONENTS[name]],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own group, so stop() reaches the workers too
+                cwd=self.home,
+            )
+
+    def crash(self, name: str) -> None:
+        """kill -9 of one component's main process, as a crash or the OOM killer would; its children (a
+        scheduler's executor workers, their tasks) are orphaned, not signalled."""
+        proc = self.processes.pop(name)
+        proc.kill()
+        proc.wait()
+
+    def crash_all(self) -> None:
+        """kill -9 of every process of every component, tasks included: a power cut."""
+        tree = [child for proc in self.processes.values() for child in descendants(proc)]  # tasks may leave the group
+        for proc in self.processes.values():
+            signal_group(proc, signal.SIGKILL)
+        for child in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        for proc in self.processes.values():
+            proc.wait()
+        self.processes.clear()
+
+    def relaunch(self, name: str) -> None:
+        """Start one component again (after ``crash``)."""
+        self._launch(name, self.env())
 
     def _migrate(self, env: dict[str, str]) -> None:
         database = self.home / "airflow.db"

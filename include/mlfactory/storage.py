@@ -8,6 +8,7 @@ STORAGE_EMULATOR_HOST, AZURE_STORAGE_CONNECTION_STRING).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
@@ -35,8 +36,18 @@ class ObjectInfo:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path inside it."""
-    return url_to_fs(uri)
+    """The fsspec filesystem for ``uri`` and the path inside it.
+
+    Object stores are listed afresh every time: other processes (triggers, tasks, the cloud's jobs)
+    write the bucket, and fsspec's listings cache would answer "no such object" from an old listing.
+    An S3 endpoint override is passed explicitly: fsspec caches filesystems by their arguments, and one
+    made before the variable was set must not be reused after."""
+    if is_local(uri):
+        return url_to_fs(uri)
+    options: dict[str, Any] = {"use_listings_cache": False}
+    if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    return url_to_fs(uri, **options)
 
 
 def is_local(uri: str) -> bool:
@@ -84,6 +95,19 @@ def is_hidden(key: str) -> bool:
     return any(part.startswith((".", "_")) for part in key.split("/")) or key.endswith((".tmp", ".part", "/"))
 
 
+def _object_info(uri: str, key: str, info: dict) -> ObjectInfo:
+    modified = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified")
+    if hasattr(modified, "timestamp"):
+        modified = modified.timestamp()
+    elif isinstance(modified, str):
+        from datetime import datetime
+
+        modified = datetime.fromisoformat(modified.replace("Z", "+00:00")).timestamp()
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("generation") or modified
+    size = int(info.get("size") or 0)
+    return ObjectInfo(uri, key, size, f"{size}:{str(tag).strip(chr(34))}", float(modified or 0))
+
+
 def list_objects(prefix_uri: str) -> list[ObjectInfo]:
     """Every object under ``prefix_uri`` (recursively), skipping dot-files and in-progress uploads."""
     fs, root = filesystem(prefix_uri)
@@ -92,19 +116,54 @@ def list_objects(prefix_uri: str) -> list[ObjectInfo]:
     found = []
     for path, info in sorted(fs.find(root, detail=True).items()):
         key = posixpath.relpath(path, root)
-        if is_hidden(key):
-            continue
-        modified = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified")
-        if hasattr(modified, "timestamp"):
-            modified = modified.timestamp()
-        elif isinstance(modified, str):
-            from datetime import datetime
-
-            modified = datetime.fromisoformat(modified.replace("Z", "+00:00")).timestamp()
-        tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("generation") or modified
-        size = int(info.get("size") or 0)
-        found.append(ObjectInfo(_unstrip(fs, prefix_uri, path), key, size, f"{size}:{tag}", float(modified or 0)))
+        if not is_hidden(key):
+            found.append(_object_info(_unstrip(fs, prefix_uri, path), key, info))
     return found
+
+
+def stat(uri: str) -> ObjectInfo:
+    """One object's ObjectInfo (its key is its base name), with the fingerprint ``list_objects`` gives it.
+    Raises FileNotFoundError when there is none."""
+    fs, path = filesystem(uri)
+    return _object_info(uri, posixpath.basename(path), fs.info(path))
+
+
+class NotARegularFile(OSError):
+    """A local landed path that is a symlink, FIFO, device, socket or folder: never opened for reading."""
+
+
+def _not_regular(uri: str, mode: int) -> NotARegularFile | None:
+    import stat as stat_
+
+    if stat_.S_ISREG(mode):
+        return None
+    kind = {stat_.S_IFLNK: "a symbolic link", stat_.S_IFIFO: "a FIFO (named pipe)", stat_.S_IFCHR: "a character device",
+            stat_.S_IFBLK: "a block device", stat_.S_IFSOCK: "a socket", stat_.S_IFDIR: "a folder"}
+    return NotARegularFile(f"{uri} is {kind.get(stat_.S_IFMT(mode), 'not a regular file')}")
+
+
+def open_regular(uri: str) -> IO:
+    """Open ``uri`` for reading; on this machine, only a regular file: a symlink is not followed, a FIFO
+    or device never opened (a FIFO would block), and the opened descriptor is checked again, so a swap
+    between check and open cannot slip another file in. Object-store objects are always plain objects."""
+    import fcntl
+
+    if not is_local(uri):
+        return open_uri(uri)
+    path = local_path(uri)
+    if problem := _not_regular(uri, os.lstat(path).st_mode):
+        raise problem
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENXIO):  # replaced by a link or a socket since the check
+            raise _not_regular(uri, os.lstat(path).st_mode) or err from None
+        raise
+    if problem := _not_regular(uri, os.fstat(fd).st_mode):
+        os.close(fd)
+        raise problem
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return os.fdopen(fd, "rb")
 
 
 def open_uri(uri: str, mode: str = "rb", **kwargs: Any) -> IO:
@@ -119,29 +178,58 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def temporary_uri(uri: str) -> str:
+    """A hidden name beside ``uri`` (``.<name>.<random>.tmp``: listings and pyarrow datasets skip it),
+    unique to this writer, to write before ``publish``."""
+    head, name = uri.rstrip("/").rsplit("/", 1)
+    return f"{head}/.{name}.{uuid.uuid4().hex}.tmp"
+
+
+def remove_temporaries(folder_uri: str, older_than_s: float) -> int:
+    """Remove the ``temporary_uri`` files under ``folder_uri`` last written over ``older_than_s`` ago:
+    what writers killed mid-write left (no live writer is that old). Returns how many."""
+    import time
+
+    fs, root = filesystem(folder_uri)
+    if not fs.exists(root):
+        return 0
+    stale = [path for path, info in fs.find(root, detail=True).items()
+             if posixpath.basename(path).startswith(".") and path.endswith(".tmp")
+             and time.time() - _object_info(path, path, info).modified > older_than_s]
+    for path in stale:
+        fs.rm(path)
+    return len(stale)
+
+
+def publish(tmp_uri: str, uri: str) -> None:
+    """Make the complete object at ``tmp_uri`` the object at ``uri`` in one step: a rename on local disk,
+    a server-side copy on object stores. Readers see the old object or the new one, never a part."""
+    move(tmp_uri, uri)
+
+
 @contextmanager
 def atomic_write(uri: str, mode: str = "wb") -> Iterator[IO]:
-    """Write ``uri`` so that readers see the old object or the whole new one, never a part.
+    """Write ``uri`` so that readers see the old object or the whole new one, never a part, and a write
+    that fails leaves it as it was: written to ``temporary_uri(uri)``, published when complete.
 
-    Local files are written beside the target and renamed; object stores publish an object only
-    when its upload completes, so there the write goes straight to the key.
-    """
-    fs, path = filesystem(uri)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    if not is_local(uri):
-        with fs.open(path, mode) as f:
-            yield f
-        return
-    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    (On object stores a plain write is not enough: fsspec commits an upload when its file is closed,
+    also when the with-block that wrote it raised.)"""
+    tmp = temporary_uri(uri)
+    fs, tmp_path = filesystem(tmp)
+    fs.makedirs(posixpath.dirname(tmp_path), exist_ok=True)
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if is_local(uri):
+            with open(tmp_path, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            with fs.open(tmp_path, mode) as f:
+                yield f
+        publish(tmp, uri)
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -149,30 +237,58 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+@dataclass
+class LineStats:
+    """Lines of a byte stream fed block by block: their count and the longest one."""
+
+    size: int = 0
+    newlines: int = 0  # b"\n" count: the record count of line-based formats
+    longest_line: int = 0
+    ends_with_newline: bool = False
+    _open_line: int = 0  # bytes since the last newline
+
+    def feed(self, block: bytes) -> None:
+        import numpy as np
+
+        ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+        self.size += len(block)
+        self.newlines += len(ends)
+        if len(ends):
+            lengths = np.diff(ends, prepend=-1) - 1
+            lengths[0] += self._open_line
+            self.longest_line = max(self.longest_line, int(lengths.max()))
+            self._open_line = len(block) - 1 - int(ends[-1])
+        else:
+            self._open_line += len(block)
+        self.longest_line = max(self.longest_line, self._open_line)
+        self.ends_with_newline = block.endswith(b"\n")
+
+
 @dataclass(frozen=True)
 class CopyResult:
-    size: int
     sha256: str
-    newlines: int  # b"\n" count: the record count of line-based formats
-    ends_with_newline: bool
+    lines: LineStats
+
+    @property
+    def size(self) -> int:
+        return self.lines.size
 
 
-def copy_hashing(src_uri: str, dst_uri: str) -> CopyResult:
-    """Stream ``src_uri`` to ``dst_uri`` in blocks, hashing and counting lines on the way.
-
-    Never holds the whole object in memory, and never modifies the source.
-    """
+def copy_hashing(src_uri: str, dst_uri: str, max_bytes: int | None = None) -> CopyResult:
+    """Stream ``src_uri`` (a regular file, see ``open_regular``) to ``dst_uri`` in blocks, hashing and
+    counting lines on the way. Never holds the whole object in memory, and never modifies the source.
+    Stops with ValueError past ``max_bytes``. ``dst_uri`` is a temporary name (it may hold a part after
+    a failure): ``publish`` it."""
     digest = hashlib.sha256()
-    size = newlines = 0
-    last = b""
-    with open_uri(src_uri, "rb") as src, atomic_write(dst_uri) as dst:
+    lines = LineStats()
+    with open_regular(src_uri) as src, open_uri(dst_uri, "wb") as dst:
         while block := src.read(COPY_BLOCK):
             digest.update(block)
-            size += len(block)
-            newlines += block.count(b"\n")
-            last = block[-1:]
+            lines.feed(block)
+            if max_bytes is not None and lines.size > max_bytes:
+                raise ValueError(f"{src_uri} is over {max_bytes} bytes")
             dst.write(block)
-    return CopyResult(size, digest.hexdigest(), newlines, last == b"\n")
+    return CopyResult(digest.hexdigest(), lines)
 
 
 def move(src_uri: str, dst_uri: str) -> None:

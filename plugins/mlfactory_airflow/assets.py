@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from airflow.sdk import Asset, AssetWatcher
+from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable
 
 from mlfactory.config import PipelineConfig
 
@@ -40,3 +40,11 @@ def pipeline_assets(cfg: PipelineConfig) -> PipelineAssets:
         champion=Asset(name="mlfactory.champion", uri=cfg.storage.uri("models_prefix", "champion")),
         predictions=Asset(name="mlfactory.predictions", uri=cfg.storage.uri("predictions_prefix", "batch")),
     )
+
+
+def events_or_sweep(cfg: PipelineConfig, asset: Asset):
+    """The schedule of a DAG that takes every item not done yet (ml_ingest, ml_validate): ``asset``'s
+    events, and the ``ingest.sweep_schedule`` sweep as the safety net under them."""
+    if cfg.ingest.sweep_schedule is None:
+        return [asset]
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cfg.ingest.sweep_schedule, timezone="UTC"), assets=asset)

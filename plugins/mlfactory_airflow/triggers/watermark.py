@@ -25,6 +25,24 @@ class WatermarkedTrigger(BaseEventTrigger):
         if self.asset_state_store is not None:
             await self.asset_state_store.aset(STATE_KEY, watermark.seen)
 
+    async def waiting_at_start(self, landing_uri: str, settle_s: float) -> AsyncIterator[TriggerEvent]:
+        """One event if objects under ``landing_uri`` wait, not ingested, as the watcher starts (with a
+        ``ledger_uri``: ingestion's ledger, see mlfactory.ingest). An event yielded just before a crash
+        can be lost on its way to Airflow's database after the watermark was saved; an ml_ingest run
+        takes every object not ingested yet, so this one event starts theirs."""
+        from mlfactory.ingest import waiting_objects
+
+        if not getattr(self, "ledger_uri", None):
+            return
+        try:
+            waiting = await asyncio.to_thread(waiting_objects, landing_uri, self.ledger_uri, settle_s)
+        except Exception as err:  # noqa: BLE001 - the watcher must start anyway; the sweep schedule is the net
+            self.log.warning("could not list the landed objects waiting for ingestion: %s", err)
+            return
+        if waiting:
+            self.log.info("%d landed object(s) wait for ingestion, e.g. %s", len(waiting), waiting[0].uri)
+            yield TriggerEvent({"waiting": len(waiting), "first": waiting[0].uri})
+
     async def poll(self, listing: Callable[[], list], payload: Callable, poll_interval: float,
                    settle_seconds: float) -> AsyncIterator[TriggerEvent]:
         """Every ``poll_interval`` s, ``listing()`` (in a thread) -> one event per object new or changed

@@ -23,12 +23,13 @@ class AwsBackend(AirflowBackend):
     def landing_trigger(self):
         from urllib.parse import urlparse
 
+        from mlfactory.ingest import ledger_uri
         from mlfactory_airflow.backends.aws.triggers import S3EventQueueTrigger, S3PrefixPollTrigger
 
         cfg, settings = self.cfg, self.cfg.backend
         landing = urlparse(cfg.storage.landing_uri)
         where = {"bucket": landing.netloc, "prefix": landing.path.strip("/") + "/", "aws_conn_id": settings.conn_id,
-                 "region_name": settings.region}
+                 "region_name": settings.region, "ledger_uri": ledger_uri(cfg)}
         if settings.sqs_queue_url:
             return S3EventQueueTrigger(queue_url=settings.sqs_queue_url, **where)
         return S3PrefixPollTrigger(poll_interval=cfg.ingest.poll_interval_s, settle_seconds=cfg.ingest.settle_s, **where)

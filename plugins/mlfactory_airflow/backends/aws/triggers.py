@@ -29,22 +29,27 @@ class S3EventQueueTrigger(WatermarkedTrigger):
     """
 
     def __init__(self, queue_url: str, bucket: str, prefix: str, aws_conn_id: str = "aws_default",
-                 region_name: str | None = None, wait_time_s: int = 20, max_messages: int = 10) -> None:
+                 region_name: str | None = None, wait_time_s: int = 20, max_messages: int = 10,
+                 ledger_uri: str | None = None) -> None:
         super().__init__()
         self.queue_url, self.bucket, self.prefix = queue_url, bucket, prefix
         self.aws_conn_id, self.region_name = aws_conn_id, region_name
         self.wait_time_s, self.max_messages = wait_time_s, max_messages
+        self.ledger_uri = ledger_uri
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}",
                 {"queue_url": self.queue_url, "bucket": self.bucket, "prefix": self.prefix, "aws_conn_id": self.aws_conn_id,
-                 "region_name": self.region_name, "wait_time_s": self.wait_time_s, "max_messages": self.max_messages})
+                 "region_name": self.region_name, "wait_time_s": self.wait_time_s, "max_messages": self.max_messages,
+                 "ledger_uri": self.ledger_uri})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airflow.providers.amazon.aws.hooks.sqs import SqsHook
 
         from mlfactory.backends.aws.events import NotANotification, s3_landing_events
 
+        async for event in self.waiting_at_start(f"s3://{self.bucket}/{self.prefix}", 0):
+            yield event
         watermark = await self.load_watermark()
         hook = SqsHook(aws_conn_id=self.aws_conn_id, region_name=self.region_name)
         self.log.info("reading S3 notifications for s3://%s/%s from %s (%d objects already announced)",
@@ -84,16 +89,17 @@ class S3PrefixPollTrigger(WatermarkedTrigger):
     """
 
     def __init__(self, bucket: str, prefix: str, aws_conn_id: str = "aws_default", region_name: str | None = None,
-                 poll_interval: float = 60.0, settle_seconds: float = 5.0) -> None:
+                 poll_interval: float = 60.0, settle_seconds: float = 5.0, ledger_uri: str | None = None) -> None:
         super().__init__()
         self.bucket, self.prefix, self.aws_conn_id, self.region_name = bucket, prefix, aws_conn_id, region_name
         self.poll_interval, self.settle_seconds = poll_interval, settle_seconds
+        self.ledger_uri = ledger_uri
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}",
                 {"bucket": self.bucket, "prefix": self.prefix, "aws_conn_id": self.aws_conn_id,
                  "region_name": self.region_name, "poll_interval": self.poll_interval,
-                 "settle_seconds": self.settle_seconds})
+                 "settle_seconds": self.settle_seconds, "ledger_uri": self.ledger_uri})
 
     def _listing(self, s3) -> list:
         from mlfactory.storage import ObjectInfo, is_hidden
@@ -113,6 +119,8 @@ class S3PrefixPollTrigger(WatermarkedTrigger):
 
         s3 = S3Hook(aws_conn_id=self.aws_conn_id, region_name=self.region_name).conn
         self.log.info("listing s3://%s/%s (no notification queue configured)", self.bucket, self.prefix)
+        async for event in self.waiting_at_start(f"s3://{self.bucket}/{self.prefix}", self.settle_seconds):
+            yield event
         async for event in self.poll(lambda: self._listing(s3),
                                      lambda obj: {"uri": obj.uri, "bucket": self.bucket, "key": obj.key, "size": obj.size,
                                                   "etag": obj.fingerprint},

@@ -35,11 +35,12 @@ class LocalBackend(AirflowBackend):
                  "outputs, model version, snapshot, time).")
 
     def landing_trigger(self):
+        from mlfactory.ingest import ledger_uri
         from mlfactory_airflow.backends.local.triggers import LocalBucketChangeTrigger
 
         cfg = self.cfg
         return LocalBucketChangeTrigger(prefix_uri=cfg.storage.landing_uri, poll_interval=cfg.ingest.poll_interval_s,
-                                        settle_seconds=cfg.ingest.settle_s)
+                                        settle_seconds=cfg.ingest.settle_s, ledger_uri=ledger_uri(cfg))
 
     def deploy_steps(self, spec) -> list:
         cfg = self.cfg
