@@ -230,7 +230,7 @@ def main() -> int:
   endpoint          {endpoint.url}/invocations   (Bearer token in {endpoint.home / 'token'}; state in {endpoint.state_file})
   drift reports     {storage.join(cfg.storage.reports_uri, 'drift')}
   predictions       {cfg.storage.predictions_uri}
-  landing folder    {storage.local_path(cfg.storage.landing_uri)}   (drop CSV/Parquet/JSONL files here)""", flush=True)
+  landing folder    {storage.local_path(cfg.storage.landing_uri)}   (drop CSV, TSV, Parquet or JSON Lines files here, also .gz/.bz2/.zst)""", flush=True)
         if not exit_when_done:
             print("\nEverything keeps running. Ctrl-C stops it.", flush=True)
             while True:
