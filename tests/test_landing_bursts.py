@@ -169,6 +169,24 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         landed.wait_all_curated(airflow, timeout=240)
         landed.assert_exactly_once()
 
+        # The scheduler again, while ml_validate curates: its orphaned worker finishes the task.
+        landed.burst(2, rows=40_000, prefix="scheduler-curating")
+        airflow.wait_until(lambda: running_task(airflow, "ml_validate", "curate"), 180, "a curate task to run")
+        airflow.crash("scheduler")
+        time.sleep(2)
+        airflow.relaunch("scheduler")
+        landed.wait_all_curated(airflow, timeout=300)
+        landed.assert_exactly_once()
+
+        # The whole of Airflow, while ml_ingest runs.
+        landed.burst(10, prefix="power-ingesting")
+        airflow.wait_until(lambda: any(r["state"] == "running" for r in airflow.dag_runs("ml_ingest")), 120,
+                           "an ml_ingest run")
+        airflow.crash_all()
+        airflow.start()
+        landed.wait_all_curated(airflow, timeout=300)
+        landed.assert_exactly_once()
+
         # One task process, in the middle of curating a big snapshot: the retry curates it whole.
         landed.burst(2, rows=40_000, prefix="task")
         ti = airflow.wait_until(lambda: running_task(airflow, "ml_validate", "curate"), 180, "a curate task to run")
@@ -178,7 +196,7 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         landed.assert_exactly_once()
 
         # The whole of Airflow, in the middle of curating: restarted, it finishes the work.
-        landed.burst(2, rows=40_000, prefix="power")
+        landed.burst(2, rows=40_000, prefix="power-curating")
         airflow.wait_until(lambda: running_task(airflow, "ml_validate", "curate"), 180, "a curate task to run")
         time.sleep(1)
         airflow.crash_all()
