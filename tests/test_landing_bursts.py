@@ -144,8 +144,8 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
     bucket = tmp_path / "bucket"
     cfg = intake_config(tmp_path, monkeypatch, bucket.as_uri())
     landed = Landed(cfg, bucket / "landing")
-    # a task whose process died is failed (and retried) 20 s after its last heartbeat;
-    airflow = start_intake(tmp_path, cfg, airflow_db_template, AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="20",
+    # a task whose process died is failed (and retried) 12 s after its last heartbeat;
+    airflow = start_intake(tmp_path, cfg, airflow_db_template, AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="12",
                            AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL="10",  # a dead scheduler's tasks are
                            AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD="10")  # taken over within ~20 s
     try:
@@ -170,7 +170,7 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         landed.assert_exactly_once()
 
         # The scheduler again, while ml_validate curates: its orphaned worker finishes the task.
-        landed.burst(2, rows=40_000, prefix="scheduler-curating")
+        landed.burst(2, rows=16_000, prefix="scheduler-curating")
         airflow.wait_until(lambda: running_task(airflow, "ml_validate", "curate"), 180, "a curate task to run")
         airflow.crash("scheduler")
         time.sleep(2)
@@ -188,7 +188,7 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         landed.assert_exactly_once()
 
         # One task process, in the middle of curating a big snapshot: the retry curates it whole.
-        landed.burst(2, rows=40_000, prefix="task")
+        landed.burst(2, rows=16_000, prefix="task")
         ti = airflow.wait_until(lambda: running_task(airflow, "ml_validate", "curate"), 180, "a curate task to run")
         time.sleep(1)
         os.kill(ti["pid"], signal.SIGKILL)
@@ -196,7 +196,7 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         landed.assert_exactly_once()
 
         # The whole of Airflow, in the middle of curating: restarted, it finishes the work.
-        landed.burst(2, rows=40_000, prefix="power-curating")
+        landed.burst(2, rows=16_000, prefix="power-curating")
         airflow.wait_until(lambda: running_task(airflow, "ml_validate", "curate"), 180, "a curate task to run")
         time.sleep(1)
         airflow.crash_all()
