@@ -11,6 +11,8 @@ from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 
 class WatermarkedTrigger(BaseEventTrigger):
+    ledger_uri: str | None = None  # ingestion's ledger (mlfactory.ingest.ledger_uri), set by the landing triggers
+
     async def load_watermark(self):
         from mlfactory.landing import STATE_KEY, LandingWatermark
 
@@ -32,7 +34,7 @@ class WatermarkedTrigger(BaseEventTrigger):
         takes every object not ingested yet, so this one event starts theirs."""
         from mlfactory.ingest import waiting_objects
 
-        if not getattr(self, "ledger_uri", None):
+        if not self.ledger_uri:
             return
         try:
             waiting = await asyncio.to_thread(waiting_objects, landing_uri, self.ledger_uri, settle_s)
