@@ -152,7 +152,7 @@ def waiting_objects(landing_uri: str, ledger: str, settle_s: float, now: float |
     now = time.time() if now is None else now
     done = {o.key for o in storage.list_objects(ledger)}
     return [o for o in storage.list_objects(landing_uri)
-            if _ledger_key(o.uri, o.fingerprint) not in done and (not o.modified or now - o.modified >= settle_s)]
+            if _ledger_key(o.uri, o.fingerprint) not in done and o.settled(settle_s, now)]
 
 
 # --- one object ---------------------------------------------------------------------------------
@@ -196,9 +196,11 @@ def ingest_object(cfg: PipelineConfig, source_uri: str, retry_refused: bool = Fa
         before = storage.stat(source_uri)
     except FileNotFoundError:
         raise IngestError(f"{source_uri} does not exist (was it moved before ingestion?)") from None
-    entry = storage.join(ledger_uri(cfg), _ledger_key(before.uri, before.fingerprint))
-    if storage.exists(entry):  # a retried task, or a second run, reaching an object already handled
-        previous = json.loads(storage.read_bytes(entry))
+    try:  # a retried task, or a second run, reaching an object already handled
+        previous = json.loads(storage.read_bytes(storage.join(ledger_uri(cfg), _ledger_key(before.uri, before.fingerprint))))
+    except FileNotFoundError:
+        previous = None
+    if previous is not None:
         if previous["outcome"] != "refused":
             return read_manifest(previous["snapshot_uri"]), False
         if not retry_refused:

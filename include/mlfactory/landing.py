@@ -26,7 +26,7 @@ class LandingWatermark:
         return [
             obj
             for obj in listing
-            if self.seen.get(obj.key) != obj.fingerprint and (not obj.modified or now - obj.modified >= settle_s)
+            if self.seen.get(obj.key) != obj.fingerprint and obj.settled(settle_s, now)
         ]
 
     def mark(self, obj: ObjectInfo) -> None:

@@ -34,6 +34,10 @@ class ObjectInfo:
     fingerprint: str  # changes whenever the object's content may have changed (mtime/etag + size)
     modified: float  # seconds since the epoch; 0 where the store does not say
 
+    def settled(self, settle_s: float, now: float) -> bool:
+        """Unchanged for ``settle_s`` (fully written), or the store does not say when it changed."""
+        return not self.modified or now - self.modified >= settle_s
+
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path inside it.
