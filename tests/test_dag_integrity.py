@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import AWS_IMAGE, AWS_ROLE
+from conftest import AWS_IMAGE, AWS_ROLE, GCP_IMAGE, GCP_PROJECT
 
 DAGS = sorted((Path(__file__).resolve().parents[1] / "dags").glob("*.py"))
 HEAVY = ("torch", "mlflow", "great_expectations", "boto3", "botocore", "google.cloud.storage", "google.cloud.aiplatform", "azure.ai.ml", "azure.storage")
@@ -76,30 +76,52 @@ def test_dag_file_imports_fast_without_heavy_libraries(path, parsed):
     assert result["seconds"] <= 0.3, f"{path.name} took {result['seconds']:.2f}s to parse"
 
 
-@pytest.fixture(scope="module")
-def aws_config(tmp_path_factory) -> Path:
+CLOUDS = {
+    "aws": ({"role_arn": AWS_ROLE, "image_uri": AWS_IMAGE, "sqs_queue_url": "https://sqs/q"}, "s3://parse-only",
+            AWS_HOOKS),
+    "gcp": ({"project": GCP_PROJECT, "image_uri": GCP_IMAGE, "pubsub_subscription": "landing"}, "gs://parse-only",
+            ("airflow.providers.google.cloud.hooks", "airflow.providers.google.cloud.triggers", "google.cloud.pubsub",
+             "google.cloud.aiplatform_v1")),
+}
+
+
+def cloud_config(tmp_path_factory, backend: str) -> Path:
     from mlfactory.config import DEFAULT_CONFIG
 
+    section, bucket, _ = CLOUDS[backend]
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    raw.update(backend="aws", aws={"role_arn": AWS_ROLE, "image_uri": AWS_IMAGE, "sqs_queue_url": "https://sqs/q"})
-    raw["storage"]["bucket"] = "s3://parse-only"
-    path = tmp_path_factory.mktemp("aws-parse") / "pipeline.yaml"
+    raw.update({"backend": backend, backend: section})
+    raw["storage"]["bucket"] = bucket
+    path = tmp_path_factory.mktemp(f"{backend}-parse") / "pipeline.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
 @pytest.fixture(scope="module")
-def parsed_on_aws(aws_config) -> dict:
-    return parse_each(["asset:s3://parse-only/landing", *map(str, DAGS)], aws_config, (*HEAVY, *AWS_HOOKS))
+def aws_config(tmp_path_factory) -> Path:
+    return cloud_config(tmp_path_factory, "aws")
+
+
+@pytest.fixture(scope="module")
+def gcp_config_file(tmp_path_factory) -> Path:
+    return cloud_config(tmp_path_factory, "gcp")
+
+
+@pytest.fixture(scope="module", params=sorted(CLOUDS))
+def parsed_on_cloud(request, tmp_path_factory) -> tuple[str, dict]:
+    _, bucket, hooks = CLOUDS[request.param]
+    config = cloud_config(tmp_path_factory, request.param)
+    return bucket, parse_each([f"asset:{bucket}/landing", *map(str, DAGS)], config, (*HEAVY, *hooks))
 
 
 @pytest.mark.parametrize("path", DAGS, ids=[p.name for p in DAGS])
-def test_dag_files_stay_light_on_a_cloud_backend_too(path, parsed_on_aws):
-    """The aws backend's operators and triggers are built at parse time: their SDK clients and provider hooks
-    wait for the tasks. (Airflow's own handling of an s3:// Asset URI imports boto3 and the S3 hook: that much
-    is Airflow's, and allowed.)"""
-    airflows_own = set(parsed_on_aws["asset:s3://parse-only/landing"]["heavy"])
-    result = parsed_on_aws[str(path)]
+def test_dag_files_stay_light_on_a_cloud_backend_too(path, parsed_on_cloud):
+    """A cloud backend's operators and triggers are built at parse time: their SDK clients and provider hooks
+    wait for the tasks. (Airflow's own handling of an s3:// or gs:// Asset URI may import the cloud's
+    storage hook: that much is Airflow's, and allowed.)"""
+    bucket, parsed = parsed_on_cloud
+    airflows_own = set(parsed[f"asset:{bucket}/landing"]["heavy"])
+    result = parsed[str(path)]
     assert result["errors"] == {} and result["dags"] == [path.stem]
     assert set(result["heavy"]) - airflows_own == set()
 
@@ -163,15 +185,16 @@ def test_ml_train_form_defaults_come_from_the_config_and_validate():
     assert dag.params.get_param("search_space").resolve({"dropout": [0.0, 0.2], "hidden_sizes": [[32]]})
 
 
-def test_the_backend_comes_from_the_config_with_the_same_task_ids_on_every_backend(aws_config, monkeypatch):
+def test_the_backend_comes_from_the_config_with_the_same_task_ids_on_every_backend(aws_config, gcp_config_file,
+                                                                                   monkeypatch):
     """One `train` task mapped per trial in the configured pool, `deploy.stage` ... `deploy.full_traffic`, `score`:
-    on local and aws alike, each the configured backend's own operator; no branch of skipped tasks."""
+    on local, aws and gcp alike, each the configured backend's own operator; no branch of skipped tasks."""
     from airflow.dag_processing.dagbag import DagBag
 
     from mlfactory.config import load_config
 
     built = {}
-    for config in (None, aws_config):
+    for config in (None, aws_config, gcp_config_file):
         if config:
             monkeypatch.setenv("MLFACTORY_CONFIG", str(config))
         cfg = load_config()
@@ -186,7 +209,8 @@ def test_the_backend_comes_from_the_config_with_the_same_task_ids_on_every_backe
         built[cfg.backend.name] = {"train": train.get_task("train").task_type,
                                    "score": batch.get_task("score").task_type}
     assert built == {"local": {"train": "LocalTrainingOperator", "score": "LocalBatchScoreOperator"},
-                     "aws": {"train": "SageMakerTrainingOperator", "score": "SageMakerTransformOperator"}}
+                     "aws": {"train": "SageMakerTrainingOperator", "score": "SageMakerTransformOperator"},
+                     "gcp": {"train": "VertexTrainingOperator", "score": "VertexBatchPredictionOperator"}}
 
 
 @pytest.mark.parametrize("approval", [False, True])

@@ -118,3 +118,10 @@ def holdout_requests(cfg: PipelineConfig, n: int) -> list[dict]:
     rows = read_holdout(holdout.uri, holdout.sha256).head(n)
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
             for r in to_wire(rows, cfg.dataset).to_dict("records")]
+
+
+def sane_prediction(prediction: dict) -> bool:
+    """An answer a caller could use: a prediction, and probabilities that are probabilities."""
+    if prediction.get("prediction") is None:
+        return False
+    return all(isinstance(v, int | float) and 0 <= v <= 1 for k, v in prediction.items() if k.startswith("probability"))

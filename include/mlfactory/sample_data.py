@@ -131,14 +131,20 @@ def write(table: pa.Table, path: str | Path) -> Path:
 
 
 def land_and_curate(cfg, rows: int, seed: int = 1) -> None:
-    """Land ``rows`` sample rows in ``cfg``'s local bucket and run them through ingest and ETL, in
-    process, into the curated prefix (for tests and benchmarks that start from curated data)."""
+    """Land ``rows`` sample rows in ``cfg``'s bucket (local or an object store) and run them through ingest
+    and ETL, in process, into the curated prefix (for tests and benchmarks that start from curated data)."""
+    import tempfile
+
     from mlfactory import storage
     from mlfactory.etl import curate_snapshot
     from mlfactory.ingest import ingest_object
 
     landed = storage.join(cfg.storage.landing_uri, f"sample-{seed}.csv")
-    write(generate(rows, seed=seed), storage.local_path(landed))
+    if storage.is_local(landed):
+        write(generate(rows, seed=seed), storage.local_path(landed))
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            storage.write_bytes(landed, write(generate(rows, seed=seed), Path(folder) / "sample.csv").read_bytes())
     manifest, _ = ingest_object(cfg, landed)
     curate_snapshot(cfg, manifest.snapshot_uri)
 

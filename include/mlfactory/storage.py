@@ -51,6 +51,13 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     options: dict[str, Any] = {"use_listings_cache": False}
     if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
         options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    if uri.startswith(("gs://", "gcs://")) and os.environ.get("STORAGE_EMULATOR_HOST"):
+        # an emulator (fake-gcs-server) speaks the JSON API only: gcsfs's default class would first ask the
+        # storage-control gRPC API for the bucket's layout and wait a minute per bucket for an answer
+        from gcsfs.core import GCSFileSystem
+
+        fs = GCSFileSystem(token="anon", endpoint_url=os.environ["STORAGE_EMULATOR_HOST"], **options)
+        return fs, fs._strip_protocol(uri)
     return url_to_fs(uri, **options)
 
 
@@ -107,7 +114,8 @@ def _object_info(uri: str, key: str, info: dict) -> ObjectInfo:
         from datetime import datetime
 
         modified = datetime.fromisoformat(modified.replace("Z", "+00:00")).timestamp()
-    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("generation") or modified
+    # GCS: the object generation (each upload of a key is a new one); S3 and Azure: the ETag
+    tag = info.get("generation") or info.get("ETag") or info.get("etag") or info.get("md5Hash") or modified
     size = int(info.get("size") or 0)
     return ObjectInfo(uri, key, size, f"{size}:{str(tag).strip(chr(34))}", float(modified or 0))
 

@@ -31,6 +31,7 @@ ENTRY_POINT_GROUP = "mlfactory.backends"
 BUILTIN = {
     "local": "mlfactory.backends.local:BACKEND",
     "aws": "mlfactory.backends.aws:BACKEND",
+    "gcp": "mlfactory.backends.gcp:BACKEND",
 }
 
 

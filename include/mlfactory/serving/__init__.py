@@ -12,7 +12,8 @@ It loads a model from the MLflow registry (or any MLflow model URI) and answers 
 | Azure ML online endpoint | liveness `GET /`, readiness `GET /ready` | `POST /score` (`input_data` as split or records, or any of the above) |
 
 In a container, ``MLFACTORY_MODEL_URI`` names the model (a SageMaker Model points it at the
-version's files in S3) and ``MLFACTORY_MODEL_VERSION`` the registered version it is.
+version's files in S3; on Vertex AI, ``AIP_STORAGE_URI``, the Model's artifact_uri, does) and
+``MLFACTORY_MODEL_VERSION`` the registered version it is.
 
 Every predict route takes every body format and answers ``{"predictions": [{...}, ...]}``, one
 object per row, as the MLflow pyfunc's output columns.

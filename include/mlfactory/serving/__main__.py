@@ -16,9 +16,11 @@ from mlfactory.serving.prediction_log import PredictionLog
 def main(argv: list[str] | None = None) -> int:
     env = os.environ
     p = argparse.ArgumentParser(prog="python -m mlfactory.serving", description="The mlfactory model server.")
-    p.add_argument("--model-uri", default=env.get("MLFACTORY_MODEL_URI"),
-                   help="MLflow model to serve as variant 'primary' with all traffic (models:/name@champion, a path, ...); "
-                        "without it the server starts empty and takes variants through its admin API")
+    # Vertex AI hands a deployed model's artifact_uri (copied to its own bucket) over as AIP_STORAGE_URI
+    p.add_argument("--model-uri", default=env.get("MLFACTORY_MODEL_URI") or env.get("AIP_STORAGE_URI"),
+                   help="MLflow model to serve as variant 'primary' with all traffic (models:/name@champion, a path, "
+                        "gs://..., ...; default $MLFACTORY_MODEL_URI, else Vertex AI's $AIP_STORAGE_URI); without it the "
+                        "server starts empty and takes variants through its admin API")
     p.add_argument("--host", default=env.get("MLFACTORY_SERVING_HOST", "0.0.0.0"),
                    help="interface to listen on (containers: 0.0.0.0; on a workstation use 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(env.get("AIP_HTTP_PORT") or env.get("PORT") or 8080))

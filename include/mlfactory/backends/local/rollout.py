@@ -14,7 +14,7 @@ import logging
 
 from mlfactory.backends.local.endpoint import LocalEndpoint
 from mlfactory.config import PipelineConfig
-from mlfactory.deployment import DeploymentFailed, holdout_requests, record_failure, served
+from mlfactory.deployment import DeploymentFailed, holdout_requests, record_failure, sane_prediction, served
 from mlfactory.specs import EndpointSpec
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Rollout:
         rows = holdout_requests(self.cfg, self.spec.smoke_rows)
         status, reply = self.endpoint.predict(rows, variant=plan["new"])
         predictions = reply.get("predictions") or []
-        ok = status == 200 and len(predictions) == len(rows) and all(_sane(p) for p in predictions)
+        ok = status == 200 and len(predictions) == len(rows) and all(sane_prediction(p) for p in predictions)
         self._fail_if(ok, f"smoke test of v{plan['version']} ({plan['new']}) answered {status}: "
                           f"{reply.get('message') or predictions[:3]}", step="smoke_test")
 
@@ -97,9 +97,3 @@ class Rollout:
             record_failure(self.cfg, step, self.version, reason)
             raise DeploymentFailed(reason)
 
-
-def _sane(prediction: dict) -> bool:
-    """An answer a caller could use: a prediction, and probabilities that are probabilities."""
-    if prediction.get("prediction") is None:
-        return False
-    return all(isinstance(v, int | float) and 0 <= v <= 1 for k, v in prediction.items() if k.startswith("probability"))

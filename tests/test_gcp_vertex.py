@@ -1,0 +1,333 @@
+"""The gcp backend's Vertex AI operators, against a local Vertex fake (tests/vertex_fake.py) spoken to over the
+aiplatform_v1 clients' REST transport (every body parsed into Vertex's own protos) and fake-gcs-server
+for the bucket. The containers are played here (tests/vertex_containers.py): the training entrypoint
+with Vertex's training environment, preempted once; the model server with Vertex's serving environment,
+sent Vertex's predict body by the fake's endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import gcp_config
+from vertex_containers import ModelContainers, TrainingContainers
+from vertex_fake import VertexFake
+
+pytestmark = pytest.mark.gcp
+
+
+def copy_tree(local: Path, uri: str) -> None:
+    from mlfactory import storage
+
+    for path in local.rglob("*"):
+        if path.is_file():
+            storage.write_bytes(storage.join(uri, str(path.relative_to(local))), path.read_bytes())
+
+
+def run_trigger(trigger, timeout: float = 300) -> list:
+    async def collect():
+        return [event async for event in trigger.run()]
+
+    return asyncio.run(asyncio.wait_for(collect(), timeout))
+
+
+def resume(operator, deferred, context=None):
+    """What Airflow does when a trigger fires: run the trigger, then the operator's resume method."""
+    (event,) = run_trigger(deferred.trigger)
+    return getattr(operator, deferred.method_name)(context or {"ti": SimpleNamespace(try_number=1)},
+                                                   event=event.payload, **(deferred.kwargs or {}))
+
+
+def run_to_end(operator, try_number: int = 1, limit: int = 10):
+    """execute, then every deferral resumed in turn (as the triggerer and a worker would), to the result."""
+    from airflow.exceptions import TaskDeferred
+
+    context = {"ti": SimpleNamespace(try_number=try_number)}
+    step = lambda: operator.execute(context)  # noqa: E731
+    for _ in range(limit):
+        try:
+            return step()
+        except TaskDeferred as deferred:
+            step = lambda d=deferred: resume(operator, d, context)  # noqa: E731
+    raise AssertionError(f"{operator.task_id} still deferring after {limit} steps")
+
+
+@pytest.fixture
+def gcp_training(gcp_emulators, training_set, tmp_path, monkeypatch):
+    """Backend gcp on fake-gcs-server and a Vertex fake whose custom jobs run the real entrypoint."""
+    player = TrainingContainers(tmp_path / "vertex", preempt_once=True)
+    fake = VertexFake(run_job=player).start()
+    raw = gcp_config("mlf-vertex-train", tmp_path / "pipeline.yaml", monkeypatch, api_endpoint=fake.url,
+                     poll_interval_s=1, budget_usd=20)
+    copy_tree(Path(training_set.uri.removeprefix("file://")), f"{raw['storage']['bucket']}/models/training_sets/ts1")
+    yield SimpleNamespace(fake=fake, player=player, bucket=raw["storage"]["bucket"])
+    fake.stop()
+
+
+def job_spec(bucket: str, **changes) -> dict:
+    from mlfactory.specs import TrainingJobSpec
+
+    fields = dict(name="run-1-t0", input_uri=f"{bucket}/models/training_sets/ts1",
+                  output_uri=f"{bucket}/models/runs/run-1/trial-0",
+                  hyperparameters={"epochs": 4, "learning_rate": 0.003, "batch_size": 512, "hidden_sizes": [32]},
+                  max_runtime_s=1800)
+    return TrainingJobSpec(**{**fields, **changes}).model_dump()
+
+
+def test_a_custom_job_trains_with_vertex_environment_and_resumes_after_preemption(gcp_training):
+    from airflow.exceptions import TaskDeferred
+
+    from mlfactory_airflow.backends.gcp.triggers import VertexJobTrigger
+    from mlfactory_airflow.backends.gcp.vertex import VertexTrainingOperator
+
+    fake, bucket = gcp_training.fake, gcp_training.bucket
+    operator = VertexTrainingOperator(task_id="train", spec=job_spec(bucket))
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute({"ti": SimpleNamespace(try_number=1)})
+    (name,) = fake.custom_jobs
+    assert deferred.value.kwargs == {"job": name} and deferred.value.method_name == "execute_complete"
+    classpath, fields = deferred.value.trigger.serialize()
+    assert classpath == "mlfactory_airflow.backends.gcp.triggers.VertexJobTrigger"
+    assert VertexJobTrigger(**fields).name == name  # what the triggerer rebuilds
+
+    job = fake.custom_jobs[name]
+    assert job.job_spec.scheduling.strategy.name == "SPOT" and job.job_spec.scheduling.restart_job_on_worker_restart
+    assert job.job_spec.base_output_directory.output_uri_prefix == f"{bucket}/models/runs/run-1/trial-0"
+    assert job.job_spec.worker_pool_specs[0].machine_spec.machine_type == "n1-standard-4"
+    assert job.labels["mlfactory_job"] == "run-1-t0"
+
+    result = resume(operator, deferred.value)
+    assert result["metric"] == "val_roc_auc" and 0.5 < result["value"] <= 1
+    assert result["model_bundle_uri"] == f"{bucket}/models/runs/run-1/trial-0/model/model.pt"
+    assert result["vertex_job"] == name
+    (run,) = gcp_training.player.runs
+    assert run["preempted"], "the first container was not killed mid-run"
+    assert "resuming from checkpoint" in run["log"] and f"{bucket}/models/runs/run-1/trial-0/checkpoints" in run["log"]
+    assert run["env"]["AIP_TRAINING_DATA_URI"] == f"{bucket}/models/training_sets/ts1"
+
+    # a retry of a task whose job succeeded takes that job over: no second job
+    with pytest.raises(TaskDeferred) as again:
+        VertexTrainingOperator(task_id="train", spec=job_spec(bucket)).execute({"ti": SimpleNamespace(try_number=2)})
+    assert again.value.kwargs == {"job": name} and len(fake.custom_jobs) == 1
+    assert not fake.refused
+
+
+def test_a_failed_job_fails_the_task_with_vertex_error_and_a_retry_starts_another(gcp_training):
+    from airflow.exceptions import TaskDeferred
+    from airflow.sdk.exceptions import AirflowException
+
+    from mlfactory_airflow.backends.gcp.vertex import VertexTrainingOperator
+
+    fake, bucket = gcp_training.fake, gcp_training.bucket
+    fake.fail_next_job("The replica workerpool0-0 exited with a non-zero status of 137 (out of memory)")
+    operator = VertexTrainingOperator(task_id="train", spec=job_spec(bucket, hyperparameters={"epochs": 1}))
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute({"ti": SimpleNamespace(try_number=1)})
+    with pytest.raises(AirflowException, match=r"customJobs/\d+ failed: The replica workerpool0-0 exited .* \(out of memory\)"):
+        resume(operator, deferred.value)
+    result = run_to_end(VertexTrainingOperator(task_id="train", spec=job_spec(bucket, hyperparameters={"epochs": 1})),
+                        try_number=2)
+    assert len(fake.custom_jobs) == 2 and result["vertex_job"] != deferred.value.kwargs["job"]
+
+
+def test_killing_the_deferred_task_cancels_the_job_and_over_budget_jobs_never_start(gcp_training, monkeypatch):
+    import threading
+
+    from airflow.exceptions import TaskDeferred
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from mlfactory_airflow.backends.gcp.vertex import VertexTrainingOperator
+
+    fake, bucket = gcp_training.fake, gcp_training.bucket
+    release = threading.Event()
+    fake.run_job = lambda job: release.wait(60)  # a job that runs until told otherwise
+    with pytest.raises(TaskDeferred) as deferred:
+        VertexTrainingOperator(task_id="train", spec=job_spec(bucket)).execute({"ti": SimpleNamespace(try_number=1)})
+    asyncio.run(deferred.value.trigger.on_kill())
+    release.set()
+    (name,) = fake.custom_jobs
+    assert fake.calls(r"POST .*customJobs/\d+:cancel")
+    for _ in range(50):
+        if fake.custom_jobs[name].state.name == "JOB_STATE_CANCELLED":
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert fake.custom_jobs[name].state.name == "JOB_STATE_CANCELLED"
+
+    before = len(fake.requests)
+    eight_h100 = {"kind": "gpu", "model": "nvidia-h100", "count": 8}
+    with pytest.raises(AirflowFailException, match=r"up to \$\d+.*a3-highgpu-8g.*above gcp.budget_usd \$20.00"):
+        VertexTrainingOperator(task_id="train", spec=job_spec(bucket, name="big", accelerator=eight_h100)).execute(
+            {"ti": SimpleNamespace(try_number=1)})
+    assert len(fake.requests) == before  # refused before any call to Vertex
+
+
+@pytest.fixture
+def gcp_serving(gcp_emulators, champion, mlflow_server, tmp_path, monkeypatch):
+    """Backend gcp with the champion's model files and frozen holdout in GCS, the registered model of the
+    `champion` fixture in MLflow, and a Vertex fake whose deployed models run the project's model server."""
+    import yaml
+
+    import mlflow.artifacts
+
+    from mlfactory import storage
+
+    cfg_local = champion[0]
+    containers = ModelContainers(tmp_path / "containers")
+    fake = VertexFake(serve=containers).start()
+    path = tmp_path / "pipeline.yaml"
+    raw = gcp_config("mlf-vertex-serve", path, monkeypatch, api_endpoint=fake.url, poll_interval_s=1,
+                     serving={"endpoint_name": "churn-endpoint", "canary_wait_s": 0, "canary_requests": 20,
+                              "canary_percent": 50, "min_replicas": 1, "max_replicas": 3})
+    raw["mlflow"].update(tracking_uri=mlflow_server.url, experiment="serving-test", model_name="churn_served")
+    path.write_text(yaml.safe_dump(raw))
+    bucket = raw["storage"]["bucket"]
+    copy_tree(Path(storage.local_path(cfg_local.storage.models_uri)), f"{bucket}/models")
+    local_model = Path(mlflow.artifacts.download_artifacts("models:/churn_served/1", dst_path=str(tmp_path / "v1"),
+                                                           tracking_uri=mlflow_server.url))
+    copy_tree(local_model, f"{bucket}/mlflow-models/v1")
+    yield SimpleNamespace(fake=fake, containers=containers, bucket=bucket)
+    containers.stop()
+    fake.stop()
+
+
+def endpoint_spec(bucket: str, version: str) -> dict:
+    """The config's endpoint serving ``version`` of churn_served, whose files are the champion's, copied to GCS."""
+    from mlfactory.config import load_config
+    from mlfactory.specs import EndpointSizing, EndpointSpec, ModelRef, sizing
+
+    cfg = load_config()
+    return EndpointSpec(name=cfg.serving.endpoint_name, model=ModelRef(name="churn_served", version=version,
+                                                                         uri=f"{bucket}/mlflow-models/v1"),
+                        **sizing(cfg.serving, EndpointSizing)).model_dump()
+
+
+def another_version(client) -> str:
+    """A new registered version of churn_served (the same model as v1)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    return str(mlflow.register_model(client.get_model_version("churn_served", "1").source, "churn_served").version)
+
+
+def rollout(spec: dict) -> tuple[dict, dict, dict]:
+    from mlfactory_airflow.backends.gcp.vertex import (VertexCanaryOperator, VertexFullTrafficOperator,
+                                                       VertexStageOperator)
+
+    plan = run_to_end(VertexStageOperator(task_id="stage", spec=spec))
+    canary = run_to_end(VertexCanaryOperator(task_id="canary", spec=spec, plan=plan))
+    state = run_to_end(VertexFullTrafficOperator(task_id="full_traffic", spec=spec, plan=plan, canary=canary))
+    return plan, canary, state
+
+
+def test_the_endpoint_rollout_uploads_deploys_with_a_canary_split_and_undeploys_the_old_model(gcp_serving):
+    from mlflow import MlflowClient
+
+    from mlfactory.config import load_config
+    from mlfactory.deployment import read_endpoint_state
+
+    fake, bucket = gcp_serving.fake, gcp_serving.bucket
+    cfg = load_config()
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    v2 = another_version(client)
+
+    # first rollout: the model uploaded, the endpoint created, v1 deployed alone
+    plan, canary, state = rollout(endpoint_spec(bucket, "1"))
+    endpoint_name = "projects/mlfactory-test/locations/us-central1/endpoints/churn-endpoint"
+    assert plan["serving"] == {} and plan["endpoint"] == endpoint_name
+    model = fake.models["projects/mlfactory-test/locations/us-central1/models/churn-served-v1"]
+    assert model.artifact_uri == f"{bucket}/mlflow-models/v1" and model.container_spec.predict_route == "/predict"
+    assert canary["errors"] == 0 and canary["requests"] == 20
+    first = canary["deployed_model_id"]
+    assert dict(fake.endpoints[endpoint_name].traffic_split) == {first: 100}
+    resources = fake.endpoints[endpoint_name].deployed_models[0].dedicated_resources
+    assert (resources.min_replica_count, resources.max_replica_count) == (1, 3)
+    assert resources.autoscaling_metric_specs[0].metric_name == "aiplatform.googleapis.com/prediction/online/cpu/utilization"
+    assert state["served_version"] == "1" and state["deployed_model_id"] == first
+
+    # second rollout: v2 beside v1 at the canary share, checked through the endpoint, then alone
+    plan, canary, state = rollout(endpoint_spec(bucket, v2))
+    assert plan["serving"] == {first: 100}
+    assert len(fake.calls(r":deployModel")) == 2
+    second = canary["deployed_model_id"]
+    assert set(canary["answered_by"]) == {first, second}, canary  # the 50 % split reached both deployed models
+    assert dict(fake.endpoints[endpoint_name].traffic_split) == {second: 100}
+    assert [d.id for d in fake.endpoints[endpoint_name].deployed_models] == [second]
+    assert read_endpoint_state(cfg)["served_version"] == v2
+    assert client.get_model_version("churn_served", v2).tags["mlfactory.deployment"] == "serving"
+    assert not fake.refused
+
+    # a retry of the whole rollout changes nothing
+    rollout(endpoint_spec(bucket, v2))
+    assert len(fake.calls(r":deployModel")) == 2
+
+
+def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_serving):
+    from mlflow import MlflowClient
+
+    from mlfactory.config import load_config
+    from mlfactory.deployment import DeploymentFailed, read_endpoint_state, restore_after_failure
+    from mlfactory_airflow.backends.gcp import GcpBackend
+    from mlfactory_airflow.backends.gcp.vertex import VertexCanaryOperator, VertexStageOperator
+
+    fake, bucket = gcp_serving.fake, gcp_serving.bucket
+    cfg = load_config()
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    _, canary, _ = rollout(endpoint_spec(bucket, "1"))
+    served = canary["deployed_model_id"]
+    v_bad = another_version(client)
+    spec = endpoint_spec(bucket, v_bad)
+    plan = run_to_end(VertexStageOperator(task_id="stage", spec=spec))
+    # the new version's container dies once deployed (its machine, its model): its share of requests fail
+    real_serve = fake.serve
+
+    def serve_then_die(model):
+        url = real_serve(model)
+        if model["name"].endswith(f"-v{v_bad}"):
+            process, _ = gcp_serving.containers.processes.pop(model["name"])
+            process.kill()
+            process.wait()
+        return url
+
+    fake.serve = serve_then_die
+    with pytest.raises(DeploymentFailed, match=r"canary of v\d+ on .*churn-endpoint: \d+ of 20 requests failed"):
+        run_to_end(VertexCanaryOperator(task_id="canary", spec=spec, plan=plan))
+    endpoint_name = plan["endpoint"]
+    assert len(fake.endpoints[endpoint_name].deployed_models) == 2
+    GcpBackend(cfg).restore_traffic(read_endpoint_state(cfg))  # ml_deploy's `rollback`
+    for _ in range(50):  # the undeploy is an operation: started, not waited for
+        if len(fake.endpoints[endpoint_name].deployed_models) == 1:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert dict(fake.endpoints[endpoint_name].traffic_split) == {served: 100}
+    assert [d.id for d in fake.endpoints[endpoint_name].deployed_models] == [served]
+    restored = restore_after_failure(cfg, v_bad)
+    assert restored["serving"] == "1" and "requests failed" in restored["reason"]
+
+
+def test_batch_prediction_scores_the_unscored_snapshots_with_the_model_server(gcp_serving, monkeypatch):
+    import json
+
+    from mlfactory import sample_data, storage
+    from mlfactory.batch_scoring import plan, unscored
+    from mlfactory.config import load_config
+    from mlfactory.deployment import sane_prediction
+    from mlfactory.specs import ModelRef
+    from mlfactory_airflow.backends.gcp.vertex import VertexBatchPredictionOperator
+
+    fake, bucket = gcp_serving.fake, gcp_serving.bucket
+    cfg = load_config()
+    sample_data.land_and_curate(cfg, 500, seed=5)
+    spec = plan(cfg, "manual__2026-12-01").model_copy(
+        update={"model": ModelRef(name="churn_served", version="1", uri=f"{bucket}/mlflow-models/v1")})
+    result = run_to_end(VertexBatchPredictionOperator(task_id="score", spec=spec.model_dump()))
+    (job,) = fake.batch_jobs.values()
+    assert job.input_config.instances_format == "jsonl" and job.output_config.predictions_format == "jsonl"
+    assert "_source" in job.instance_config.excluded_fields
+    assert result["rows"] == 500 and result["snapshots"] == spec.snapshots
+    (output,) = [o for o in storage.list_objects(result["output"]) if "prediction.results" in o.key]
+    lines = [json.loads(line) for line in storage.read_bytes(output.uri).decode().splitlines()]
+    assert len(lines) == 500 and {line["instance"]["_source"] for line in lines} == set(spec.snapshots)
+    assert all(sane_prediction(line["prediction"]) for line in lines), lines[0]
+    assert unscored(cfg, "next") == {}  # the job's snapshots are scored
