@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from mlfactory.storage import is_hidden
+
 
 class NotANotification(ValueError):
     """A Pub/Sub message that is not a GCS notification."""
@@ -13,7 +15,8 @@ class NotANotification(ValueError):
 def gcs_landing_event(attributes: dict[str, str], data: bytes, bucket: str, prefix: str) -> dict | None:
     """The ingestion event {uri, bucket, key, size, generation, md5, crc32c, etag} of one notification, or
     None when it is about something else: another event type (delete, metadata update, archive), another
-    bucket, a key outside ``prefix`` or a folder placeholder. ``etag`` is the fingerprint the polling
+    bucket, a key outside ``prefix``, a folder placeholder or a hidden object (the polling fallback skips
+    those too: ``storage.is_hidden``). ``etag`` is the fingerprint the polling
     fallback gives the same object generation (size:generation), so the two never announce it twice.
     The object JSON is in the data with payload format JSON_API_V1 (the default); with NONE the size is unknown (-1)."""
     if "eventType" not in attributes or "objectId" not in attributes or "bucketId" not in attributes:
@@ -21,8 +24,8 @@ def gcs_landing_event(attributes: dict[str, str], data: bytes, bucket: str, pref
     if attributes["eventType"] != "OBJECT_FINALIZE":
         return None
     name, key = attributes["bucketId"], attributes["objectId"]
-    if name != bucket or not key.startswith(prefix) or key.endswith("/"):
-        return None
+    if name != bucket or not key.startswith(prefix) or key.endswith("/") or is_hidden(key[len(prefix):]):
+        return None  # (hidden: dot-files and _-folders, e.g. an upload's temporary object)
     obj: dict = {}
     if attributes.get("payloadFormat", "JSON_API_V1") == "JSON_API_V1" and data:
         try:

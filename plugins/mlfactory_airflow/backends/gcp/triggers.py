@@ -57,7 +57,7 @@ class GcsNotificationTrigger(WatermarkedTrigger):
                              "ledger_uri": self.ledger_uri}
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from airflow.providers.google.cloud.hooks.pubsub import PubSubAsyncHook
+        from airflow.providers.google.cloud.hooks.pubsub import PubSubAsyncHook, PubSubException
 
         from mlfactory.backends.gcp.events import NotANotification, gcs_landing_event
 
@@ -68,8 +68,15 @@ class GcsNotificationTrigger(WatermarkedTrigger):
         self.log.info("reading GCS notifications for gs://%s/%s from subscription %s (%d objects already announced)",
                       self.bucket, self.prefix, self.subscription, len(watermark.seen))
         while True:
-            received = await hook.pull(subscription=self.subscription, project_id=self.project_id,
-                                       max_messages=self.max_messages, return_immediately=False, timeout=60)
+            try:
+                received = await hook.pull(subscription=self.subscription, project_id=self.project_id,
+                                           max_messages=self.max_messages, return_immediately=False, timeout=60)
+            except PubSubException as err:
+                if not _transient(err):
+                    raise
+                self.log.info("pull from %s: %s; pulling again", self.subscription, err.args[-1])
+                await asyncio.sleep(1)
+                continue
             done = []
             for item in received:
                 attributes = dict(item.message.attributes)
@@ -90,6 +97,14 @@ class GcsNotificationTrigger(WatermarkedTrigger):
                 done.append(item.ack_id)
             if done:
                 await hook.acknowledge(subscription=self.subscription, project_id=self.project_id, ack_ids=done)
+
+
+def _transient(err: Exception) -> bool:
+    """A pull that timed out with nothing to read, or a Pub/Sub hiccup: pull again (anything else is raised)."""
+    from google.api_core.exceptions import DeadlineExceeded, InternalServerError, ServiceUnavailable
+
+    cause = err.args[-1] if err.args else None
+    return isinstance(cause, (DeadlineExceeded, ServiceUnavailable, InternalServerError))
 
 
 class GcsPrefixPollTrigger(WatermarkedTrigger):
