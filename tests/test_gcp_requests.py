@@ -187,3 +187,40 @@ def test_a_wrong_gcp_section_names_the_field(tmp_path, change, message):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_the_airflow_role_grants_exactly_what_the_backend_calls():
+    """Every Vertex, Pub/Sub and GCS client method called in the gcp backend's Airflow package is listed in
+    deploy/gcp/permissions.yaml, and deploy/gcp/airflow-role.yaml grants those permissions and nothing else."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import yaml
+    from airflow.providers.google.cloud.hooks.pubsub import PubSubAsyncHook
+    from google.cloud import aiplatform_v1, storage
+
+    root = Path(__file__).resolve().parents[1]
+    clients = {"JobService": aiplatform_v1.JobServiceClient, "EndpointService": aiplatform_v1.EndpointServiceClient,
+               "ModelService": aiplatform_v1.ModelServiceClient, "PredictionService": aiplatform_v1.PredictionServiceClient}
+    api = {name: f"{service}.{''.join(w.title() for w in name.split('_'))}" for service, cls in clients.items()
+           for name in dir(cls) if not name.startswith("_") and callable(getattr(cls, name))
+           and name not in ("from_service_account_file", "from_service_account_info", "from_service_account_json")
+           and not name.endswith("_path") and "path" not in name}
+    api.update(get_operation="Operations.GetOperation", pull="Subscriber.Pull", acknowledge="Subscriber.Acknowledge",
+               list_blobs="Storage.ListObjects")
+    assert hasattr(PubSubAsyncHook, "pull") and hasattr(storage.Client, "list_blobs")
+    called = set()
+    for path in (root / "plugins" / "mlfactory_airflow" / "backends" / "gcp").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in api:  # a call, or a method passed on to be called
+                called.add(api[node.attr])
+    assert {"JobService.CreateCustomJob", "EndpointService.DeployModel", "Subscriber.Acknowledge",
+            "Operations.GetOperation", "PredictionService.Predict", "JobService.CancelBatchPredictionJob",
+            "JobService.ListCustomJobs"} <= called
+    listed = yaml.safe_load((root / "deploy" / "gcp" / "permissions.yaml").read_text())
+    methods = {re.sub(r" \(.*\)$", "", method): permission for part in listed.values()
+               for method, permission in part.items()}
+    assert called - set(methods) == set(), "called but not in deploy/gcp/permissions.yaml"
+    role = yaml.safe_load((root / "deploy" / "gcp" / "airflow-role.yaml").read_text())
+    assert set(role["includedPermissions"]) == set(methods.values())
