@@ -258,3 +258,48 @@ def test_50_objects_announced_in_one_sqs_batch_are_each_ingested_and_curated_onc
         print(f"\naws: 50 objects in one SQS message -> last curated in {elapsed:.1f} s; stranded: 0")
     finally:
         airflow.stop()
+
+
+@pytest.mark.gcp
+def test_50_objects_written_to_gcs_at_once_are_each_ingested_and_curated_once(tmp_path, gcp_emulators, monkeypatch,
+                                                                              airflow_db_template):
+    """The gcp backend: 50 objects written to fake-gcs-server at once, each announced by its own OBJECT_FINALIZE
+    notification through the Pub/Sub emulator; every object ingested and curated once, from GCS."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import gcp_config, pubsub_subscription
+
+    subscription = pubsub_subscription(gcp_emulators, "burst-landing")  # skips where there is no emulator
+    path = tmp_path / "pipeline.yaml"
+    raw = gcp_config("mlf-gcs-burst", path, monkeypatch, pubsub_subscription=subscription)
+    raw["ingest"].update(poll_interval_s=0.5, settle_s=0.5, sweep_schedule=None)
+    raw["validation"].update(chunk_rows=1000)
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config()
+    airflow = start_intake(tmp_path, cfg, airflow_db_template)
+    try:
+        bodies = {f"part {i:02d}.csv": sample_data.write(sample_data.generate(300, seed=i, id_offset=i * 10**6),
+                                                         tmp_path / "out" / f"part {i:02d}.csv").read_bytes()
+                  for i in range(50)}
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda item: storage.write_bytes(storage.join(cfg.storage.landing_uri, item[0]), item[1]),
+                          bodies.items()))
+
+        def curated() -> dict[str, int]:
+            found = {}
+            for obj in storage.list_objects(cfg.storage.curated_uri):
+                with storage.open_uri(obj.uri) as f:
+                    found[obj.key] = pq.read_metadata(f).num_rows
+            return found
+
+        airflow.wait_until(lambda: len(curated()) >= 50 and not pending_snapshots(cfg), 300, "50 curated snapshots")
+        elapsed = time.monotonic() - started
+        files = curated()
+        assert len(files) == 50 and set(files.values()) == {300} and {k.rsplit("/", 1)[1] for k in files} == {CURATED_FILE}
+        ledger = [json.loads(storage.read_bytes(o.uri)) for o in storage.list_objects(ledger_uri(cfg))]
+        assert sorted(e["uri"] for e in ledger) == sorted(f"{cfg.storage.landing_uri}/{name}" for name in bodies)
+        assert {e["outcome"] for e in ledger} == {"ingested"} and pending_objects(cfg, now=time.time() + 60) == []
+        print(f"\ngcp: 50 objects written at once -> last curated in {elapsed:.1f} s; stranded: 0")
+    finally:
+        airflow.stop()
