@@ -110,6 +110,15 @@ class Landed:
         assert pending_objects(cfg, now=time.time() + 60) == [] and pending_snapshots(cfg) == []
 
 
+def curated_files(cfg) -> dict[str, int]:
+    """Key -> rows of every curated file in the bucket (any store)."""
+    found = {}
+    for obj in storage.list_objects(cfg.storage.curated_uri):
+        with storage.open_uri(obj.uri) as f:
+            found[obj.key] = pq.read_metadata(f).num_rows
+    return found
+
+
 def running_task(airflow: LocalAirflow, dag_id: str, task_id: str) -> dict | None:
     for run in airflow.dag_runs(dag_id):
         if run["state"] == "running":
@@ -239,16 +248,9 @@ def test_50_objects_announced_in_one_sqs_batch_are_each_ingested_and_curated_onc
         started = time.monotonic()
         sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"Records": records}))
 
-        def curated() -> dict[str, int]:
-            found = {}
-            for obj in storage.list_objects(cfg.storage.curated_uri):
-                with storage.open_uri(obj.uri) as f:
-                    found[obj.key] = pq.read_metadata(f).num_rows
-            return found
-
-        airflow.wait_until(lambda: len(curated()) >= 50 and not pending_snapshots(cfg), 300, "50 curated snapshots")
+        airflow.wait_until(lambda: len(curated_files(cfg)) >= 50 and not pending_snapshots(cfg), 300, "50 curated snapshots")
         elapsed = time.monotonic() - started
-        files = curated()
+        files = curated_files(cfg)
         assert len(files) == 50 and set(files.values()) == {300} and {k.rsplit("/", 1)[1] for k in files} == {CURATED_FILE}
         ledger = [json.loads(storage.read_bytes(o.uri)) for o in storage.list_objects(ledger_uri(cfg))]
         assert sorted(e["uri"] for e in ledger) == sorted(f"s3://{bucket}/landing/part {i:02d}.csv" for i in range(50))
@@ -286,16 +288,9 @@ def test_50_objects_written_to_gcs_at_once_are_each_ingested_and_curated_once(tm
             list(pool.map(lambda item: storage.write_bytes(storage.join(cfg.storage.landing_uri, item[0]), item[1]),
                           bodies.items()))
 
-        def curated() -> dict[str, int]:
-            found = {}
-            for obj in storage.list_objects(cfg.storage.curated_uri):
-                with storage.open_uri(obj.uri) as f:
-                    found[obj.key] = pq.read_metadata(f).num_rows
-            return found
-
-        airflow.wait_until(lambda: len(curated()) >= 50 and not pending_snapshots(cfg), 300, "50 curated snapshots")
+        airflow.wait_until(lambda: len(curated_files(cfg)) >= 50 and not pending_snapshots(cfg), 300, "50 curated snapshots")
         elapsed = time.monotonic() - started
-        files = curated()
+        files = curated_files(cfg)
         assert len(files) == 50 and set(files.values()) == {300} and {k.rsplit("/", 1)[1] for k in files} == {CURATED_FILE}
         ledger = [json.loads(storage.read_bytes(o.uri)) for o in storage.list_objects(ledger_uri(cfg))]
         assert sorted(e["uri"] for e in ledger) == sorted(f"{cfg.storage.landing_uri}/{name}" for name in bodies)

@@ -61,6 +61,25 @@ def plan(cfg: PipelineConfig, run_id: str, version: str | None = None, input_uri
                         **sizing(cfg.batch_scoring, BatchSizing))
 
 
+def input_batches(cfg: PipelineConfig, spec: BatchJobSpec):
+    """(source label, Arrow record batch of at most ``chunk_rows`` rows) over ``spec``'s inputs, with the
+    columns a model of ``cfg.dataset`` needs (every column but the target, and the derived ones). An input
+    that lacks one is refused, naming the columns."""
+    import pyarrow.dataset as ds
+
+    from mlfactory import BadInput
+
+    needed = [c.name for c in cfg.dataset.columns if c.name != cfg.dataset.target] + [f.name for f in cfg.dataset.derived]
+    for source, uri in spec.inputs.items():
+        fs, root = storage.pyarrow_filesystem(uri)
+        dataset = ds.dataset(root, filesystem=fs, format="parquet")
+        missing = sorted(set(needed) - set(dataset.schema.names))
+        if missing:
+            raise BadInput(f"{uri} lacks column(s) {missing} that the model needs (is it curated data?)")
+        for batch in dataset.to_batches(columns=needed, batch_size=spec.chunk_rows):
+            yield source, batch
+
+
 def complete(cfg: PipelineConfig, spec: BatchJobSpec) -> None:
     """The job succeeded: its snapshots are scored (by run ``spec.name``)."""
     if spec.snapshots:

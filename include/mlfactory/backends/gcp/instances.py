@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import io
 
-import pyarrow.dataset as ds
-
 from mlfactory import BadInput, storage
+from mlfactory.batch_scoring import input_batches
 from mlfactory.config import PipelineConfig
 from mlfactory.features import FeatureSet, to_wire
 from mlfactory.specs import BatchJobSpec
@@ -26,27 +25,19 @@ def write_instances(cfg: PipelineConfig, spec: BatchJobSpec, folder: str) -> tup
     Returns (the files, the excluded fields)."""
     inputs = FeatureSet.of(cfg.dataset).raw_inputs
     keys = [c.name for c in cfg.dataset.columns if c.type == "string" and c.name not in inputs]
-    needed = [c.name for c in cfg.dataset.columns if c.name != cfg.dataset.target] + [f.name for f in cfg.dataset.derived]
     if storage.exists(folder):
         storage.remove(folder)
     files = []
-    for source, uri in spec.inputs.items():
-        fs, root = storage.pyarrow_filesystem(uri)
-        dataset = ds.dataset(root, filesystem=fs, format="parquet")
-        missing = sorted(set(needed) - set(dataset.schema.names))
-        if missing:
-            raise BadInput(f"{uri} lacks column(s) {missing} that the model needs (is it curated data?)")
-        for batch in dataset.to_batches(columns=needed, batch_size=spec.chunk_rows):
-            frame = batch.to_pandas()
-            rows = to_wire(frame, cfg.dataset)
-            for key in keys:
-                rows[key] = frame[key].astype(object).where(frame[key].notna(), None)
-            rows[SOURCE_FIELD] = source
-            text = io.StringIO()
-            rows.to_json(text, orient="records", lines=True, date_format="iso", force_ascii=False)
-            uri_out = storage.join(folder, f"instances-{len(files):05d}.jsonl")
-            storage.write_bytes(uri_out, text.getvalue().encode())
-            files.append(uri_out)
+    for source, batch in input_batches(cfg, spec):
+        frame = batch.to_pandas()
+        rows = to_wire(frame, cfg.dataset)
+        for key in keys:
+            rows[key] = frame[key].astype(object).where(frame[key].notna(), None)
+        rows[SOURCE_FIELD] = source
+        text = io.StringIO()
+        rows.to_json(text, orient="records", lines=True, date_format="iso", force_ascii=False)
+        files.append(storage.join(folder, f"instances-{len(files):05d}.jsonl"))
+        storage.write_bytes(files[-1], text.getvalue().encode())
     if not files:
         raise BadInput(f"batch job {spec.name}: its inputs {sorted(spec.inputs.values())} hold no rows")
     return files, [*keys, SOURCE_FIELD]

@@ -45,8 +45,8 @@ from urllib.parse import urlparse
 
 from mlfactory import BadInput
 from mlfactory.backends.gcp import GcpSettings
-from mlfactory.specs import (METRICS_FILE, MODEL_FILE, Accelerator, BatchJobSpec, CostEstimate, EndpointSpec, JobStatus,
-                             ModelRef, TrainingJobSpec, check_budget)
+from mlfactory.specs import (Accelerator, BatchJobSpec, CostEstimate, EndpointSpec, JobStatus, ModelRef, TrainingJobSpec,
+                             check_budget)
 
 DEFAULT_GPU, DEFAULT_TPU = "nvidia-l4", "tpu-v5e"
 CPU_MACHINE = "n1-standard-4"

@@ -14,11 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from mlfactory import BadInput, storage
-from mlfactory.batch_scoring import complete
+from mlfactory import storage
+from mlfactory.batch_scoring import complete, input_batches
 from mlfactory.config import PipelineConfig
 from mlfactory.specs import BatchJobSpec
 
@@ -50,33 +49,26 @@ def score(cfg: PipelineConfig, spec: BatchJobSpec) -> dict:
     if storage.exists(out):
         storage.remove(out)  # a retry of this run: write it again, whole
     keys = [c.name for c in cfg.dataset.columns if c.type == "string"]
-    needed = [c.name for c in cfg.dataset.columns if c.name != cfg.dataset.target] + [f.name for f in cfg.dataset.derived]
     rows = parts = 0
     started = time.perf_counter()
     predict_s = 0.0
     pending = None  # the previous chunk's write, overlapping this chunk's predict (Arrow releases the GIL)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-write") as writer:
-        for sid, uri in sources.items():
-            fs, root = storage.pyarrow_filesystem(uri)
-            dataset = ds.dataset(root, filesystem=fs, format="parquet")
-            missing = sorted(set(needed) - set(dataset.schema.names))
-            if missing:
-                raise BadInput(f"{uri} lacks column(s) {missing} that the model needs (is it curated data?)")
-            for batch in dataset.to_batches(columns=needed, batch_size=spec.chunk_rows):
-                t = time.perf_counter()
-                table = pa.table(model.predict_table(pa.Table.from_batches([batch])))
-                predict_s += time.perf_counter() - t
-                for name in reversed(keys):
-                    table = table.add_column(0, name, batch.column(name))
-                n = batch.num_rows
-                table = table.append_column("model_version", pa.repeat(pa.scalar(version, pa.string()), n))
-                table = table.append_column("snapshot", pa.repeat(pa.scalar(sid, pa.string()), n))
-                now = pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC"))
-                table = table.append_column("scored_at", pa.repeat(now, n))
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(_write_part, table, storage.join(out, f"part-{parts:05d}.parquet"))
-                rows, parts = rows + n, parts + 1
+        for sid, batch in input_batches(cfg, spec):
+            t = time.perf_counter()
+            table = pa.table(model.predict_table(pa.Table.from_batches([batch])))
+            predict_s += time.perf_counter() - t
+            for name in reversed(keys):
+                table = table.add_column(0, name, batch.column(name))
+            n = batch.num_rows
+            table = table.append_column("model_version", pa.repeat(pa.scalar(version, pa.string()), n))
+            table = table.append_column("snapshot", pa.repeat(pa.scalar(sid, pa.string()), n))
+            now = pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC"))
+            table = table.append_column("scored_at", pa.repeat(now, n))
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_write_part, table, storage.join(out, f"part-{parts:05d}.parquet"))
+            rows, parts = rows + n, parts + 1
         if pending is not None:
             pending.result()
     complete(cfg, spec)
