@@ -169,6 +169,7 @@ def gcp_serving(gcp_emulators, champion, mlflow_server, tmp_path, monkeypatch):
     `champion` fixture in MLflow, and a Vertex fake whose deployed models run the project's model server."""
     import yaml
 
+    import mlflow
     import mlflow.artifacts
 
     from mlfactory import storage
@@ -184,8 +185,8 @@ def gcp_serving(gcp_emulators, champion, mlflow_server, tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(raw))
     bucket = raw["storage"]["bucket"]
     copy_tree(Path(storage.local_path(cfg_local.storage.models_uri)), f"{bucket}/models")
-    local_model = Path(mlflow.artifacts.download_artifacts("models:/churn_served/1", dst_path=str(tmp_path / "v1"),
-                                                           tracking_uri=mlflow_server.url))
+    mlflow.set_tracking_uri(mlflow_server.url)  # models:/ resolves through the global registry URI (an earlier test's)
+    local_model = Path(mlflow.artifacts.download_artifacts("models:/churn_served/1", dst_path=str(tmp_path / "v1")))
     copy_tree(local_model, f"{bucket}/mlflow-models/v1")
     yield SimpleNamespace(fake=fake, containers=containers, bucket=bucket)
     containers.stop()
