@@ -31,6 +31,7 @@ from mlfactory.processes import descendants, signal_group, stop_group
 from mlfactory.storage import private_file
 
 PROJECT = Path(__file__).resolve().parents[2]
+SQLITE_CONNECT_ARGS = {"timeout": 30}  # Airflow's metadata database: seconds a writer waits for the lock
 # What the tasks import. The scheduler imports them once, before its LocalExecutor forks the workers that
 # fork each task, so a task starts with them loaded instead of importing them again (about 3-10 s per task,
 # measured: Great Expectations 4.9 s, torch 2.7 s, MLflow 1.6 s, pandas/pyarrow 1.0 s); none starts a thread.
@@ -94,6 +95,9 @@ class LocalAirflow:
             "AIRFLOW__CORE__PARALLELISM": "4",  # each LocalExecutor worker costs ~40 MB; 2 cores here
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+            # SQLite has one writer at a time: a write waits this long for the lock (sqlite3's default, 5 s, was
+            # seen to fail an API request with "database is locked" while the scheduler was busy)
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{__name__}.SQLITE_CONNECT_ARGS",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.api_port),
             "AIRFLOW__API__BASE_URL": self.url,
