@@ -399,9 +399,6 @@ def update_endpoint_request(endpoint, traffic_split: dict[str, int]):
 # Batch prediction
 
 
-INSTANCES_FILE = "instances-{:05d}.jsonl"
-
-
 def batch_prediction_job(name: str, model_name: str, inputs: list[str], spec: BatchJobSpec, gcp: GcpSettings,
                          excluded_fields: list[str] = ()):
     """A BatchPredictionJob of ``model_name`` over JSON Lines instance files (``inputs``, gs://): each line
