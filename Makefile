@@ -13,6 +13,9 @@ CUDA_ONLY := cuda-bindings cuda-pathfinder cuda-toolkit triton nvidia-cublas nvi
   nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink \
   nvidia-nvshmem-cu13 nvidia-nvtx
 
+# Azurite (Azure Blob and Queue over HTTP) for the azure tests: 3.35.0 is the last release that runs on Node 20
+AZURITE := .azurite/node_modules/.bin/azurite
+
 .PHONY: venv run test test-fast bench lock clean
 
 venv: $(STAMP)
@@ -30,11 +33,14 @@ $(STAMP): requirements.txt
 run: $(STAMP)
 	$(PY) -m mlfactory.backends.local.run
 
-test: $(STAMP)
+$(AZURITE):
+	npm install --prefix .azurite --no-audit --no-fund --loglevel=error azurite@3.35.0
+
+test: $(STAMP) $(AZURITE)
 	$(PY) -m pytest
 
 # The inner loop: everything but the end-to-end runs under a real Airflow scheduler (marker `scheduler`).
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(AZURITE)
 	$(PY) -m pytest -m "not scheduler"
 
 bench: $(STAMP)
@@ -53,4 +59,4 @@ lock: $(STAMP)
 	  $(addprefix --no-emit-package ,$(CUDA_ONLY)) -o requirements.txt
 
 clean:
-	rm -rf $(VENV) .airflow .mlfactory .mlflow
+	rm -rf $(VENV) .azurite .airflow .mlfactory .mlflow

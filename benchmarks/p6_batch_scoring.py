@@ -40,7 +40,7 @@ def main() -> int:
         sample_data.land_and_curate(cfg, args.rows, seed=7)
         (measured_uri,) = [uri for sid, uri in curated_snapshots(cfg).items() if sid not in before]
 
-        model = load_tabular_model(cfg, f"models:/{cfg.model_name}/{version}")
+        model = load_tabular_model(f"models:/{cfg.model_name}/{version}", cfg.mlflow.tracking_uri)
         columns = [c.name for c in cfg.dataset.columns] + [f.name for f in cfg.dataset.derived]
         frame = read_curated(cfg, columns).tail(args.rows)
         chunk = cfg.batch_scoring.chunk_rows

@@ -353,3 +353,101 @@ def gcp_config(bucket: str, path: Path, monkeypatch, serving: dict | None = None
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
     return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Azure: Azurite (Blob and Queue over HTTP, installed by `make test` from npm) and a local fake of Azure
+# ML's management API over HTTPS (tests/azureml_fake.py), reached through the SDKs' real clients.
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="  # Azurite's documented well-known key
+AZURE_SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
+AZURE_IMAGE = "mlfactory.azurecr.io/mlfactory:1"
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """Azurite 3.35.0 (Blob and Queue) on 127.0.0.1 for the whole session; the storage layer (adlfs) and the
+    ``wasb_default`` Airflow connection reach it through its connection string. Yields the connection string."""
+    import subprocess
+
+    from mlfactory.processes import free_port, stop_group
+
+    binary = Path(__file__).resolve().parents[1] / ".azurite" / "node_modules" / ".bin" / "azurite"
+    if not binary.exists():
+        raise RuntimeError(f"{binary} is missing: `make test` installs Azurite 3.35.0 from npm (needs Node 20)")
+    home = tmp_path_factory.mktemp("azurite")
+    blob, queue = free_port(), free_port()
+    with open(home / "azurite.log", "wb") as out:
+        process = subprocess.Popen(
+            [str(binary), "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--location", str(home),
+             "--blobHost", "127.0.0.1", "--blobPort", str(blob), "--queueHost", "127.0.0.1", "--queuePort", str(queue),
+             "--tableHost", "127.0.0.1", "--tablePort", str(free_port())],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_http(f"http://127.0.0.1:{blob}/{AZURITE_ACCOUNT}?comp=list", process, home / "azurite.log", "Azurite")
+    connection_string = (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+                         f"BlobEndpoint=http://127.0.0.1:{blob}/{AZURITE_ACCOUNT};"
+                         f"QueueEndpoint=http://127.0.0.1:{queue}/{AZURITE_ACCOUNT};")
+    os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection_string
+    os.environ["AIRFLOW_CONN_WASB_DEFAULT"] = json.dumps({"conn_type": "wasb", "extra": {"connection_string": connection_string}})
+    try:
+        yield connection_string
+    finally:
+        stop_group(process)
+        for name in ("AZURE_STORAGE_CONNECTION_STRING", "AIRFLOW_CONN_WASB_DEFAULT"):
+            os.environ.pop(name, None)
+
+
+def azure_container(name: str) -> str:
+    """A new, empty container on Azurite; its abfs:// URI."""
+    from mlfactory import storage
+
+    fs, _ = storage.filesystem(f"abfs://{name}")
+    if fs.exists(name):
+        fs.rm(name, recursive=True)
+    fs.mkdir(name)
+    return f"abfs://{name}"
+
+
+@pytest.fixture(scope="session")
+def azure_tls(tmp_path_factory):
+    """TLS for the Azure ML fake (the SDK sends bearer tokens over https only) and an ``az`` that hands out a
+    token: (cert, key, CA bundle, az folder). The variables they need are set by ``azure_env``."""
+    from azureml_fake import fake_az_cli, tls_files
+
+    folder = tmp_path_factory.mktemp("azure-tls")
+    return (*tls_files(folder), fake_az_cli(folder / "bin"))
+
+
+@pytest.fixture
+def azureml_fake(azure_tls, monkeypatch):
+    """A started AzureMLFake (set ``run_job``, ``serve``, ``run_batch`` on it), with this process's environment
+    pointing azure-ai-ml and azure-identity at it."""
+    from azureml_fake import AzureMLFake, env_for
+
+    cert, key, bundle, az = azure_tls
+    fake = AzureMLFake((cert, key)).start()
+    for name, value in env_for(fake.url, bundle, az).items():
+        monkeypatch.setenv(name, value)
+    yield fake
+    fake.stop()
+
+
+def azure_config(container: str, path: Path, monkeypatch, fake_url: str, blob_endpoint: str, serving: dict | None = None,
+                 **azure):
+    """The sample config with backend azure on a new ``abfs://container`` (Azurite), written to ``path`` as
+    MLFACTORY_CONFIG; ``azure`` goes to the azure section, ``serving`` to the serving section."""
+    import yaml
+
+    from mlfactory.config import DEFAULT_CONFIG
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw.update(backend="azure", azure={
+        "subscription_id": AZURE_SUBSCRIPTION, "resource_group": "mlfactory-rg", "workspace": "mlfactory-ws",
+        "storage_account": AZURITE_ACCOUNT, "image_uri": AZURE_IMAGE, "management_endpoint": fake_url,
+        "blob_endpoint": blob_endpoint, "poll_interval_s": 1, **azure})
+    raw["serving"].update(serving or {})
+    raw["storage"]["bucket"] = azure_container(container)
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
+    return raw

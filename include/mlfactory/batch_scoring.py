@@ -61,22 +61,36 @@ def plan(cfg: PipelineConfig, run_id: str, version: str | None = None, input_uri
                         **sizing(cfg.batch_scoring, BatchSizing))
 
 
+def model_columns(cfg: PipelineConfig) -> list[str]:
+    """The columns a model of ``cfg.dataset`` reads: every column but the target, and the derived ones."""
+    return [c.name for c in cfg.dataset.columns if c.name != cfg.dataset.target] + [f.name for f in cfg.dataset.derived]
+
+
+def key_columns(cfg: PipelineConfig) -> list[str]:
+    """The columns written beside each prediction to find its row again (the dataset's string columns)."""
+    return [c.name for c in cfg.dataset.columns if c.type == "string"]
+
+
 def input_batches(cfg: PipelineConfig, spec: BatchJobSpec):
     """(source label, Arrow record batch of at most ``chunk_rows`` rows) over ``spec``'s inputs, with the
-    columns a model of ``cfg.dataset`` needs (every column but the target, and the derived ones). An input
-    that lacks one is refused, naming the columns."""
+    columns a model of ``cfg.dataset`` needs."""
+    return read_batches(spec.inputs, model_columns(cfg), spec.chunk_rows)
+
+
+def read_batches(inputs: dict[str, str], needed: list[str], chunk_rows: int):
+    """(source label, record batch of ``needed`` columns) over ``inputs`` (label -> Parquet folder or file). An
+    input that lacks a column is refused, naming the columns."""
     import pyarrow.dataset as ds
 
     from mlfactory import BadInput
 
-    needed = [c.name for c in cfg.dataset.columns if c.name != cfg.dataset.target] + [f.name for f in cfg.dataset.derived]
-    for source, uri in spec.inputs.items():
+    for source, uri in inputs.items():
         fs, root = storage.pyarrow_filesystem(uri)
         dataset = ds.dataset(root, filesystem=fs, format="parquet")
         missing = sorted(set(needed) - set(dataset.schema.names))
         if missing:
             raise BadInput(f"{uri} lacks column(s) {missing} that the model needs (is it curated data?)")
-        for batch in dataset.to_batches(columns=needed, batch_size=spec.chunk_rows):
+        for batch in dataset.to_batches(columns=needed, batch_size=chunk_rows):
             yield source, batch
 
 

@@ -32,6 +32,7 @@ BUILTIN = {
     "local": "mlfactory.backends.local:BACKEND",
     "aws": "mlfactory.backends.aws:BACKEND",
     "gcp": "mlfactory.backends.gcp:BACKEND",
+    "azure": "mlfactory.backends.azure:BACKEND",
 }
 
 

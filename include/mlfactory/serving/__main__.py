@@ -16,10 +16,17 @@ from mlfactory.serving.prediction_log import PredictionLog
 def main(argv: list[str] | None = None) -> int:
     env = os.environ
     p = argparse.ArgumentParser(prog="python -m mlfactory.serving", description="The mlfactory model server.")
-    # Vertex AI hands a deployed model's artifact_uri (copied to its own bucket) over as AIP_STORAGE_URI
-    p.add_argument("--model-uri", default=env.get("MLFACTORY_MODEL_URI") or env.get("AIP_STORAGE_URI"),
+    # Vertex AI hands a deployed model's artifact_uri (copied to its own bucket) over as AIP_STORAGE_URI; an
+    # Azure ML deployment mounts its model's folder under AZUREML_MODEL_DIR
+    default = env.get("MLFACTORY_MODEL_URI") or env.get("AIP_STORAGE_URI")
+    if not default and env.get("AZUREML_MODEL_DIR"):
+        from mlfactory.serving.model import mounted_model
+
+        default = mounted_model(env["AZUREML_MODEL_DIR"])
+    p.add_argument("--model-uri", default=default,
                    help="MLflow model to serve as variant 'primary' with all traffic (models:/name@champion, a path, "
-                        "gs://..., ...; default $MLFACTORY_MODEL_URI, else Vertex AI's $AIP_STORAGE_URI); without it the "
+                        "gs://..., ...; default $MLFACTORY_MODEL_URI, else Vertex AI's $AIP_STORAGE_URI, else the model "
+                        "under Azure ML's $AZUREML_MODEL_DIR); without it the "
                         "server starts empty and takes variants through its admin API")
     p.add_argument("--host", default=env.get("MLFACTORY_SERVING_HOST", "0.0.0.0"),
                    help="interface to listen on (containers: 0.0.0.0; on a workstation use 127.0.0.1)")

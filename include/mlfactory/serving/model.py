@@ -65,3 +65,18 @@ def _resolve_version(model_uri: str) -> str:
         return str(MlflowClient().get_model_version_by_alias(name, ref).version)
     name, _, version = model_uri[len("models:/"):].rpartition("/")
     return version if version.isdigit() else model_uri
+
+
+def mounted_model(root: str) -> str:
+    """The MLflow model folder under a platform's model mount (Azure ML's ``AZUREML_MODEL_DIR`` holds the
+    registered folder by its own name): ``root`` itself when it has an MLmodel file, else the one folder
+    below it that does."""
+    import os
+
+    if os.path.isfile(os.path.join(root, "MLmodel")):
+        return root
+    found = sorted(os.path.dirname(os.path.join(d, "MLmodel")) for d, _, files in os.walk(root) if "MLmodel" in files)
+    if len(found) != 1:
+        raise FileNotFoundError(f"expected one MLflow model (a folder with an MLmodel file) under {root}, found "
+                                f"{len(found)}: {found[:3]}")
+    return found[0]

@@ -17,20 +17,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlfactory import storage
-from mlfactory.batch_scoring import complete, input_batches
+from mlfactory.batch_scoring import complete, input_batches, key_columns
 from mlfactory.config import PipelineConfig
 from mlfactory.specs import BatchJobSpec
 
 log = logging.getLogger(__name__)
 
 
-def load_tabular_model(cfg: PipelineConfig, model_uri: str):
-    """The model at ``model_uri`` (models:/name/version) as our LoadedModel (typed rows in, no pyfunc round trip)."""
+def load_tabular_model(model_uri: str, tracking_uri: str | None = None):
+    """The model at ``model_uri`` (models:/name/version, or a model folder) as our LoadedModel (typed rows in,
+    no pyfunc round trip)."""
     import mlflow.pyfunc
 
     from mlfactory.tabular import TabularPyfunc
 
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
     python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     if not isinstance(python_model, TabularPyfunc):
         raise TypeError(f"{model_uri} is not an mlfactory tabular model")
@@ -44,17 +46,29 @@ def _write_part(table: pa.Table, uri: str) -> None:
 
 def score(cfg: PipelineConfig, spec: BatchJobSpec) -> dict:
     """Score ``spec`` and record its snapshots as scored; returns what it wrote, with its throughput."""
-    model = load_tabular_model(cfg, spec.model.registry_uri)
-    version, out, sources = spec.model.version, spec.output_uri, spec.inputs
+    model = load_tabular_model(spec.model.registry_uri, cfg.mlflow.tracking_uri)
+    started = time.perf_counter()
+    written = write_predictions(model, input_batches(cfg, spec), key_columns(cfg), spec.model.version, spec.output_uri)
+    complete(cfg, spec)
+    seconds = time.perf_counter() - started
+    rows, predict_s = written["rows"], written.pop("predict_s")
+    summary = {"uri": spec.output_uri, "version": spec.model.version, **written, "snapshots": sorted(spec.inputs),
+               "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds) if rows and seconds else 0,
+               "predict_rows_per_s": round(rows / predict_s) if rows and predict_s else 0}
+    log.info("batch scoring with v%s: %s", spec.model.version, summary)
+    return summary
+
+
+def write_predictions(model, batches, keys: list[str], version: str, out: str) -> dict:
+    """Each (source, record batch) of ``batches`` scored and written as a Parquet part under ``out`` (replaced
+    whole if it exists: a retry writes it again); returns {"rows", "files", "predict_s"}."""
     if storage.exists(out):
         storage.remove(out)  # a retry of this run: write it again, whole
-    keys = [c.name for c in cfg.dataset.columns if c.type == "string"]
     rows = parts = 0
-    started = time.perf_counter()
     predict_s = 0.0
     pending = None  # the previous chunk's write, overlapping this chunk's predict (Arrow releases the GIL)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-write") as writer:
-        for sid, batch in input_batches(cfg, spec):
+        for sid, batch in batches:
             t = time.perf_counter()
             table = pa.table(model.predict_table(pa.Table.from_batches([batch])))
             predict_s += time.perf_counter() - t
@@ -71,10 +85,4 @@ def score(cfg: PipelineConfig, spec: BatchJobSpec) -> dict:
             rows, parts = rows + n, parts + 1
         if pending is not None:
             pending.result()
-    complete(cfg, spec)
-    seconds = time.perf_counter() - started
-    summary = {"uri": out, "version": version, "rows": rows, "files": parts, "snapshots": sorted(sources),
-               "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds) if rows and seconds else 0,
-               "predict_rows_per_s": round(rows / predict_s) if rows and predict_s else 0}
-    log.info("batch scoring with v%s: %s", version, summary)
-    return summary
+    return {"rows": rows, "files": parts, "predict_s": predict_s}
