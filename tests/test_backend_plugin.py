@@ -47,7 +47,7 @@ def write(raw: dict, path: Path) -> Path:
 def test_the_plugin_is_registered_by_its_entry_point_and_validates_its_own_section(toy, tmp_path):
     from mlfactory.backends import names
 
-    assert names() == ["aws", "gcp", "local", "toy"]
+    assert names() == ["aws", "azure", "gcp", "local", "toy"]
     cfg = load_config(write(toy, tmp_path / "pipeline.yaml"))
     assert type(cfg.backend).__name__ == "ToySettings" and cfg.backend.region == "eu-toy-1"
     with pytest.raises(ConfigError, match="backend toy needs its section 'toy:' \\(region at least\\)"):
@@ -59,7 +59,7 @@ def test_the_plugin_is_registered_by_its_entry_point_and_validates_its_own_secti
 def test_without_the_plugin_installed_the_backend_is_unknown(tmp_path, bucket):
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw.update(backend="toy", toy={"region": "eu-toy-1"})
-    with pytest.raises(ConfigError, match="backend: 'toy' is not a registered backend; registered: aws, gcp, local"):
+    with pytest.raises(ConfigError, match="backend: 'toy' is not a registered backend; registered: aws, azure, gcp, local"):
         load_config(write(raw, tmp_path / "pipeline.yaml"))
 
 

@@ -59,7 +59,7 @@ def test_config_path_comes_from_the_environment(tmp_path, monkeypatch):
         (lambda raw: raw.update(aws={"role_arn": "my-role", "image_uri": "i"}), "role_arn 'my-role' is not an IAM role ARN"),
         (lambda raw: raw.update(aws={"role_arn": "arn:aws:iam::123456789012:role/r", "image_uri": "i", "subnets": ["s"]}),
          "a VPC config needs both subnets and security_group_ids"),
-        (lambda raw: raw.update(backend="kubernetes"), "backend: 'kubernetes' is not a registered backend; registered: aws, gcp, local"),
+        (lambda raw: raw.update(backend="kubernetes"), "backend: 'kubernetes' is not a registered backend; registered: aws, azure, gcp, local"),
         (lambda raw: raw.update(backend=["local"]), "backend: ['local'] is not a registered backend"),
         (lambda raw: raw.update(local={"port": 0}), "local.port: Input should be greater than or equal to 1"),
         (lambda raw: raw.update(local={"colour": "blue"}), "local.colour: Extra inputs are not permitted"),

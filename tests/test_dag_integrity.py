@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import AWS_IMAGE, AWS_ROLE, GCP_IMAGE, GCP_PROJECT
+from conftest import AWS_IMAGE, AWS_ROLE, AZURE_IMAGE, AZURE_SUBSCRIPTION, GCP_IMAGE, GCP_PROJECT
 
 DAGS = sorted((Path(__file__).resolve().parents[1] / "dags").glob("*.py"))
 HEAVY = ("torch", "mlflow", "great_expectations", "boto3", "botocore", "google.cloud.storage", "google.cloud.aiplatform", "azure.ai.ml", "azure.storage")
@@ -82,6 +82,9 @@ CLOUDS = {
     "gcp": ({"project": GCP_PROJECT, "image_uri": GCP_IMAGE, "pubsub_subscription": "landing"}, "gs://parse-only",
             ("airflow.providers.google.cloud.hooks", "airflow.providers.google.cloud.triggers", "google.cloud.pubsub",
              "google.cloud.aiplatform_v1")),
+    "azure": ({"subscription_id": AZURE_SUBSCRIPTION, "resource_group": "rg", "workspace": "mlfactory-ws",
+               "storage_account": "parseonly", "image_uri": AZURE_IMAGE, "event_queue": "landing-events"},
+              "abfs://parse-only", ("azure.ai.ml", "azure.mgmt.monitor", "azure.storage.queue", "azure.identity")),
 }
 
 
@@ -186,15 +189,15 @@ def test_ml_train_form_defaults_come_from_the_config_and_validate():
 
 
 def test_the_backend_comes_from_the_config_with_the_same_task_ids_on_every_backend(aws_config, gcp_config_file,
-                                                                                   monkeypatch):
+                                                                                   tmp_path_factory, monkeypatch):
     """One `train` task mapped per trial in the configured pool, `deploy.stage` ... `deploy.full_traffic`, `score`:
-    on local, aws and gcp alike, each the configured backend's own operator; no branch of skipped tasks."""
+    on local, aws, gcp and azure alike, each the configured backend's own operator; no branch of skipped tasks."""
     from airflow.dag_processing.dagbag import DagBag
 
     from mlfactory.config import load_config
 
     built = {}
-    for config in (None, aws_config, gcp_config_file):
+    for config in (None, aws_config, gcp_config_file, cloud_config(tmp_path_factory, "azure")):
         if config:
             monkeypatch.setenv("MLFACTORY_CONFIG", str(config))
         cfg = load_config()
@@ -210,7 +213,8 @@ def test_the_backend_comes_from_the_config_with_the_same_task_ids_on_every_backe
                                    "score": batch.get_task("score").task_type}
     assert built == {"local": {"train": "LocalTrainingOperator", "score": "LocalBatchScoreOperator"},
                      "aws": {"train": "SageMakerTrainingOperator", "score": "SageMakerTransformOperator"},
-                     "gcp": {"train": "VertexTrainingOperator", "score": "VertexBatchPredictionOperator"}}
+                     "gcp": {"train": "VertexTrainingOperator", "score": "VertexBatchPredictionOperator"},
+                     "azure": {"train": "AzureMLTrainingOperator", "score": "AzureMLBatchOperator"}}
 
 
 @pytest.mark.parametrize("approval", [False, True])
