@@ -184,6 +184,7 @@ class AzureMLFake:
                 self.operations[op] = {"status": "Succeeded"}
             except Exception as err:  # noqa: BLE001 - the operation's error, as ARM reports it
                 self.operations[op] = {"status": "Failed", "error": {"code": "Failed", "message": str(err)}}
+                print(f"azureml fake: operation {op} failed: {err!r}", file=sys.stderr)
 
         threading.Thread(target=run, daemon=True).start()
         return f"{self.url}/operations/{op}"
@@ -340,7 +341,10 @@ class AzureMLFake:
         name = path.rsplit("/", 1)[1]
         body.update(id=path, name=name if "/versions/" not in path else name)
         body.setdefault("properties", {})
-        body.setdefault("systemData", {"createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+        created = (self._get(path) or {}).get("systemData", {}).get("createdAt", now)
+        body["systemData"] = {"createdAt": created, "createdBy": "mlfactory-test", "createdByType": "Application",
+                              "lastModifiedAt": now, "lastModifiedBy": "mlfactory-test", "lastModifiedByType": "Application"}
         if kind == "JobBase":
             previous = self._get(path)
             if previous:
@@ -360,7 +364,8 @@ class AzureMLFake:
                 raise BadRequest(f"traffic {body['properties']['traffic']}: deployments {unknown} do not exist, or the "
                                  "values do not sum to 100")
             return self._provision(path, body)
-        if kind == "OnlineDeployment":
+        if kind == "OnlineDeployment":  # what the service fills in
+            body["properties"].setdefault("scaleSettings", {"scaleType": "Default"})
             return self._provision(path, body, self._start_container if self.serve else None)
         if kind == "BatchEndpoint":
             body["properties"]["scoringUri"] = f"{self.url}/batch/{path.rsplit('/', 1)[1]}/jobs"

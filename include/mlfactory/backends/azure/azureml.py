@@ -228,7 +228,7 @@ ENDED = {"Completed": "succeeded", "Failed": "failed", "Canceled": "stopped", "N
 
 def job_status(job) -> JobStatus:
     """An Azure ML job (a Command or a batch invocation's pipeline job) -> JobStatus."""
-    status = job.status or "NotStarted"
+    status = str(getattr(job.status, "value", job.status) or "NotStarted")
     state = ENDED.get(status, "running")
     detail = status
     if state == "failed":

@@ -1,0 +1,310 @@
+"""The azure backend's Azure ML operators, through azure-ai-ml's real MLClient (and azure-mgmt-monitor's client)
+over HTTPS to a local fake of the management API (tests/azureml_fake.py: every body checked against the SDK's
+REST models), with Azurite as the workspace's datastore. The containers are played here
+(tests/azure_containers.py): the training entrypoint as a 2-process PyTorch job, preempted once; the model
+server with Azure ML's online environment, sent the documented ``{"input_data": ...}`` body; the batch driver
+with Azure ML's batch environment."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from azure_containers import BatchContainers, ModelContainers, TrainingContainers
+from conftest import azure_config
+
+pytestmark = pytest.mark.azure
+
+
+def copy_tree(local: Path, uri: str) -> None:
+    from mlfactory import storage
+
+    for path in local.rglob("*"):
+        if path.is_file():
+            storage.write_bytes(storage.join(uri, str(path.relative_to(local))), path.read_bytes())
+
+
+def run_trigger(trigger, timeout: float = 300) -> list:
+    async def collect():
+        return [event async for event in trigger.run()]
+
+    return asyncio.run(asyncio.wait_for(collect(), timeout))
+
+
+def resume(operator, deferred, context):
+    """What Airflow does when a trigger fires: run the trigger, then the operator's resume method."""
+    (event,) = run_trigger(deferred.trigger)
+    return getattr(operator, deferred.method_name)(context, event=event.payload, **(deferred.kwargs or {}))
+
+
+def run_to_end(operator, try_number: int = 1, limit: int = 12):
+    """execute, then every deferral resumed in turn (as the triggerer and a worker would), to the result."""
+    from airflow.exceptions import TaskDeferred
+
+    context = {"ti": SimpleNamespace(try_number=try_number)}
+    step = lambda: operator.execute(context)  # noqa: E731
+    for _ in range(limit):
+        try:
+            return step()
+        except TaskDeferred as deferred:
+            step = lambda d=deferred: resume(operator, d, context)  # noqa: E731
+    raise AssertionError(f"{operator.task_id} still deferring after {limit} steps")
+
+
+def blob_endpoint(connection_string: str) -> str:
+    return re.search(r"BlobEndpoint=([^;]+)", connection_string)[1]
+
+
+@pytest.fixture
+def azure_training(azurite, azureml_fake, training_set, tmp_path, monkeypatch):
+    """Backend azure on Azurite and the Azure ML fake, whose command jobs run the real entrypoint."""
+    player = TrainingContainers(azureml_fake, tmp_path / "jobs", preempt_once=True)
+    azureml_fake.run_job = player
+    raw = azure_config("mlf-azure-train", tmp_path / "pipeline.yaml", monkeypatch, azureml_fake.url,
+                       blob_endpoint(azurite), budget_usd=20)
+    copy_tree(Path(training_set.uri.removeprefix("file://")), f"{raw['storage']['bucket']}/models/training_sets/ts1")
+    return SimpleNamespace(fake=azureml_fake, player=player, bucket=raw["storage"]["bucket"])
+
+
+def job_spec(bucket: str, **changes) -> dict:
+    from mlfactory.specs import TrainingJobSpec
+
+    fields = dict(name="run-1-t0", input_uri=f"{bucket}/models/training_sets/ts1",
+                  output_uri=f"{bucket}/models/runs/run-1/trial-0", processes_per_node=2, spot=True,
+                  hyperparameters={"epochs": 4, "learning_rate": 0.003, "batch_size": 512, "hidden_sizes": [32]},
+                  max_runtime_s=1800)
+    return TrainingJobSpec(**{**fields, **changes}).model_dump()
+
+
+def test_a_command_job_trains_on_two_processes_and_resumes_after_preemption(azure_training):
+    from airflow.exceptions import TaskDeferred
+
+    from mlfactory_airflow.backends.azure.azureml import AzureMLTrainingOperator
+    from mlfactory_airflow.backends.azure.triggers import AzureMLJobTrigger
+
+    fake, bucket = azure_training.fake, azure_training.bucket
+    operator = AzureMLTrainingOperator(task_id="train", spec=job_spec(bucket))
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute({"ti": SimpleNamespace(try_number=1)})
+    assert deferred.value.kwargs == {"job": "run-1-t0-t1"} and deferred.value.method_name == "execute_complete"
+    classpath, fields = deferred.value.trigger.serialize()
+    assert classpath == "mlfactory_airflow.backends.azure.triggers.AzureMLJobTrigger"
+    assert AzureMLJobTrigger(**fields).name == "run-1-t0-t1"  # what the triggerer rebuilds
+    (job,) = fake.find(r"/jobs/run-1-t0-t1$").values()
+    props = job["properties"]
+    assert props["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": 2}
+    assert props["queueSettings"] == {"jobTier": "Spot"} and props["resources"]["instanceType"] == "Standard_DS3_v2"
+    assert props["tags"]["mlfactory_job"] == "run-1-t0"
+    assert fake.find(r"/datastores/mlfactory$")  # the bucket's container registered once, identity-based
+
+    result = resume(operator, deferred.value, {"ti": SimpleNamespace(try_number=1)})
+    assert result["metric"] == "val_roc_auc" and 0.5 < result["value"] <= 1
+    assert result["model_bundle_uri"] == f"{bucket}/models/runs/run-1/trial-0/model.pt"
+    assert result["azureml_job"] == "run-1-t0-t1"
+    (run,) = azure_training.player.runs
+    assert run["processes"] == 2 and run["preempted"], "the job was not preempted mid-run"
+    assert "resuming from checkpoint" in run["log"]
+    assert "2 process(es), backend gloo" in run["log"]  # one world of the two processes Azure ML started
+
+    # a retry of a task whose job succeeded takes that job over: no second job
+    with pytest.raises(TaskDeferred) as again:
+        AzureMLTrainingOperator(task_id="train", spec=job_spec(bucket)).execute({"ti": SimpleNamespace(try_number=2)})
+    assert again.value.kwargs == {"job": "run-1-t0-t1"} and not fake.find(r"/jobs/run-1-t0-t2$")
+    assert not fake.refused
+
+
+def test_a_failed_job_fails_the_task_a_retry_starts_another_and_kill_cancels(azure_training):
+    from airflow.exceptions import AirflowFailException, TaskDeferred
+    from airflow.sdk.exceptions import AirflowException
+
+    from mlfactory_airflow.backends.azure.azureml import AzureMLTrainingOperator
+
+    fake, bucket = azure_training.fake, azure_training.bucket
+    azure_training.player.preempt_once = False
+    fake.fail_next_job("Out of memory on node 0")
+    with pytest.raises(AirflowException, match=r"Azure ML job run-1-t0-t1 failed: Failed: Out of memory"):
+        run_to_end(AzureMLTrainingOperator(task_id="train", spec=job_spec(bucket)))
+    # the retry starts run-1-t0-t2 on the same outputs (and checkpoints)
+    fake.run_job = lambda job: asyncio.run(asyncio.sleep(30))  # a long job, to be killed
+    operator = AzureMLTrainingOperator(task_id="train", spec=job_spec(bucket))
+    with pytest.raises(TaskDeferred):
+        operator.execute({"ti": SimpleNamespace(try_number=2)})
+    (second,) = fake.find(r"/jobs/run-1-t0-t2$").values()
+    assert second["properties"]["outputs"]["checkpoints"]["uri"].endswith("/run-1/trial-0/_checkpoints/")
+    operator.on_kill()
+    assert fake.calls(r"POST .*/jobs/run-1-t0-t2/cancel") and second["properties"]["status"] == "Canceled"
+
+    before = len(fake.requests)
+    eight_h100 = {"kind": "gpu", "model": "nvidia-h100", "count": 8}
+    with pytest.raises(AirflowFailException, match=r"Standard_ND96isr_H100_v5.*above azure.budget_usd \$20.00"):
+        AzureMLTrainingOperator(task_id="train", spec=job_spec(bucket, name="big", accelerator=eight_h100)).execute(
+            {"ti": SimpleNamespace(try_number=1)})
+    assert len(fake.requests) == before  # refused before any call to Azure
+
+
+@pytest.fixture
+def azure_serving(azurite, azureml_fake, champion, mlflow_server, tmp_path, monkeypatch):
+    """Backend azure with the champion's model files and frozen holdout on Azurite, the registered model of the
+    `champion` fixture in MLflow, and the fake's deployments running the project's model server."""
+    import mlflow
+    import mlflow.artifacts
+    import yaml
+
+    from mlfactory import storage
+
+    containers = ModelContainers(azureml_fake, tmp_path / "containers")
+    azureml_fake.serve = azureml_fake_serve = containers
+    azureml_fake.run_batch = BatchContainers(azureml_fake, tmp_path / "batch")
+    path = tmp_path / "pipeline.yaml"
+    raw = azure_config("mlf-azure-serve", path, monkeypatch, azureml_fake.url, blob_endpoint(azurite),
+                       serving={"endpoint_name": "churn-endpoint", "canary_wait_s": 0, "canary_requests": 20,
+                                "canary_percent": 50, "min_replicas": 1, "max_replicas": 3})
+    raw["mlflow"].update(tracking_uri=mlflow_server.url, experiment="serving-test", model_name="churn_served")
+    path.write_text(yaml.safe_dump(raw))
+    bucket = raw["storage"]["bucket"]
+    copy_tree(Path(storage.local_path(champion[0].storage.models_uri)), f"{bucket}/models")
+    mlflow.set_tracking_uri(mlflow_server.url)
+    local_model = Path(mlflow.artifacts.download_artifacts("models:/churn_served/1", dst_path=str(tmp_path / "v1")))
+    copy_tree(local_model, f"{bucket}/mlflow-models/v1/model")
+    yield SimpleNamespace(fake=azureml_fake, containers=azureml_fake_serve, bucket=bucket)
+    containers.stop()
+
+
+def endpoint_spec(bucket: str, version: str) -> dict:
+    from mlfactory.config import load_config
+    from mlfactory.specs import EndpointSizing, EndpointSpec, ModelRef, sizing
+
+    cfg = load_config()
+    return EndpointSpec(name=cfg.serving.endpoint_name, model=ModelRef(name="churn_served", version=version,
+                                                                         uri=f"{bucket}/mlflow-models/v1/model"),
+                        **sizing(cfg.serving, EndpointSizing)).model_dump()
+
+
+def another_version(client) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    return str(mlflow.register_model(client.get_model_version("churn_served", "1").source, "churn_served").version)
+
+
+def rollout(spec: dict) -> tuple[dict, dict, dict]:
+    from mlfactory_airflow.backends.azure.azureml import (AzureMLCanaryOperator, AzureMLFullTrafficOperator,
+                                                          AzureMLStageOperator)
+
+    plan = run_to_end(AzureMLStageOperator(task_id="stage", spec=spec))
+    canary = run_to_end(AzureMLCanaryOperator(task_id="canary", spec=spec, plan=plan))
+    state = run_to_end(AzureMLFullTrafficOperator(task_id="full_traffic", spec=spec, plan=plan, canary=canary))
+    return plan, canary, state
+
+
+def test_the_online_rollout_deploys_blue_green_with_canary_traffic_autoscale_and_deletes_the_old(azure_serving):
+    from mlflow import MlflowClient
+
+    from mlfactory.config import load_config
+    from mlfactory.deployment import read_endpoint_state
+
+    fake = azure_serving.fake
+    cfg = load_config()
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    v2 = another_version(client)
+
+    plan, canary, state = rollout(endpoint_spec(azure_serving.bucket, "1"))
+    assert plan["endpoint"] == "churn-endpoint" and plan["serving"] == {} and plan["deployment"] == "version-1"
+    assert canary["errors"] == 0 and canary["requests"] == 20 and canary["traffic"] == {"version-1": 100}
+    assert fake.answered == {"version-1": 20}  # through the endpoint's scoring URI, with its key, /score
+    (endpoint,) = fake.find(r"/onlineEndpoints/churn-endpoint$").values()
+    assert endpoint["properties"]["traffic"] == {"version-1": 100}
+    (autoscale,) = fake.find(r"autoscalesettings/churn-endpoint-version-1-autoscale$").values()
+    capacity = autoscale["properties"]["profiles"][0]["capacity"]
+    assert (capacity["minimum"], capacity["maximum"]) == ("1", "3")
+    assert autoscale["properties"]["targetResourceUri"].endswith("/onlineEndpoints/churn-endpoint/deployments/version-1")
+    assert state["served_version"] == "1" and state["deployment"] == "version-1"
+
+    plan, canary, state = rollout(endpoint_spec(azure_serving.bucket, v2))
+    new = f"version-{v2}"
+    assert plan["serving"] == {"version-1": 100} and canary["traffic"] == {"version-1": 50, new: 50}
+    assert fake.answered[new] == 20  # the canary's requests went to the new deployment (azureml-model-deployment)
+    (endpoint,) = fake.find(r"/onlineEndpoints/churn-endpoint$").values()
+    assert endpoint["properties"]["traffic"] == {new: 100}
+    assert [d["name"] for d in fake.find(r"/onlineEndpoints/churn-endpoint/deployments/[^/]+$").values()] == [new]
+    assert read_endpoint_state(cfg)["served_version"] == v2
+    assert client.get_model_version("churn_served", v2).tags["mlfactory.deployment"] == "serving"
+    assert not fake.refused
+
+    puts = len(fake.calls(r"PUT .*/deployments/"))
+    rollout(endpoint_spec(azure_serving.bucket, v2))  # a retry of the whole rollout changes nothing
+    assert len(fake.calls(r"PUT .*/deployments/")) == puts
+
+
+def test_a_failing_canary_puts_the_traffic_back_and_deletes_the_new_deployment(azure_serving):
+    import time
+
+    from mlflow import MlflowClient
+
+    from mlfactory.config import load_config
+    from mlfactory.deployment import DeploymentFailed, read_endpoint_state, restore_after_failure
+    from mlfactory_airflow.backends.azure import AzureBackend
+    from mlfactory_airflow.backends.azure.azureml import AzureMLCanaryOperator, AzureMLStageOperator
+
+    fake = azure_serving.fake
+    cfg = load_config()
+    rollout(endpoint_spec(azure_serving.bucket, "1"))
+    v_bad = another_version(MlflowClient(cfg.mlflow.tracking_uri))
+    spec = endpoint_spec(azure_serving.bucket, v_bad)
+    plan = run_to_end(AzureMLStageOperator(task_id="stage", spec=spec))
+    real_serve = fake.serve
+
+    def serve_then_die(deployment):  # the new version's container dies once deployed
+        url = real_serve(deployment)
+        if deployment["name"] == f"version-{v_bad}":
+            process, _ = azure_serving.containers.processes.pop(deployment["name"])
+            process.kill()
+            process.wait()
+        return url
+
+    fake.serve = serve_then_die
+    with pytest.raises(DeploymentFailed, match=r"canary of v\d+ on churn-endpoint: 20 of 20 requests failed"):
+        run_to_end(AzureMLCanaryOperator(task_id="canary", spec=spec, plan=plan))
+    (endpoint,) = fake.find(r"/onlineEndpoints/churn-endpoint$").values()
+    assert endpoint["properties"]["traffic"] == {"version-1": 50, f"version-{v_bad}": 50}
+    AzureBackend(cfg).restore_traffic(read_endpoint_state(cfg))  # ml_deploy's `rollback`
+    (endpoint,) = fake.find(r"/onlineEndpoints/churn-endpoint$").values()
+    assert endpoint["properties"]["traffic"] == {"version-1": 100}
+    for _ in range(50):  # the delete is an operation: started, not waited for
+        if len(fake.find(r"/onlineEndpoints/churn-endpoint/deployments/[^/]+$")) == 1:
+            break
+        time.sleep(0.1)
+    assert [d["name"] for d in fake.find(r"/onlineEndpoints/churn-endpoint/deployments/[^/]+$").values()] == ["version-1"]
+    restored = restore_after_failure(cfg, v_bad)
+    assert restored["serving"] == "1" and "requests failed" in restored["reason"]
+
+
+def test_the_batch_endpoint_scores_the_unscored_snapshots_with_the_batch_driver(azure_serving):
+    import pyarrow.parquet as pq
+
+    from mlfactory import sample_data, storage
+    from mlfactory.batch_scoring import plan, unscored
+    from mlfactory.config import load_config
+    from mlfactory.specs import ModelRef
+    from mlfactory_airflow.backends.azure.azureml import AzureMLBatchOperator
+
+    fake, bucket = azure_serving.fake, azure_serving.bucket
+    cfg = load_config()
+    sample_data.land_and_curate(cfg, 500, seed=5)
+    spec = plan(cfg, "manual__2026-12-01").model_copy(
+        update={"model": ModelRef(name="churn_served", version="1", uri=f"{bucket}/mlflow-models/v1/model")})
+    result = run_to_end(AzureMLBatchOperator(task_id="score", spec=spec.model_dump()))
+    (deployment,) = fake.find(r"/batchEndpoints/churn-served-batch/deployments/version-1$").values()
+    assert deployment["properties"]["codeConfiguration"]["scoringScript"] == "batch_driver.py"
+    assert result["snapshots"] == spec.snapshots and result["job"].startswith("batchjob-")
+    parts = [o for o in storage.list_objects(result["uri"]) if o.key.endswith(".parquet")]
+    assert parts
+    rows = sum(pq.read_metadata(storage.open_input(o.uri) if hasattr(storage, "open_input") else
+                                storage.pyarrow_filesystem(o.uri)[0].open_input_file(storage.pyarrow_filesystem(o.uri)[1])
+                                ).num_rows for o in parts)
+    assert rows == 500
+    assert unscored(cfg, "next") == {}  # the job's snapshots are scored
+    assert not fake.refused
