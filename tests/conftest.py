@@ -451,3 +451,36 @@ def azure_config(container: str, path: Path, monkeypatch, fake_url: str, blob_en
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
     return raw
+
+
+def azure_queue(connection_string: str, name: str):
+    """A new, empty Storage Queue on Azurite."""
+    from azure.storage.queue import QueueClient
+
+    client = QueueClient.from_connection_string(connection_string, name)
+    try:
+        client.delete_queue()
+    except Exception:  # noqa: BLE001 - there was none
+        pass
+    client.create_queue()
+    return client
+
+
+def azure_blob_created(connection_string: str, container: str, name: str, data: bytes) -> str:
+    """Write a blob on Azurite and the BlobCreated event Event Grid would deliver for it; the event as the
+    base64 message text Event Grid puts on a Storage Queue."""
+    import base64
+
+    from azure.storage.blob import BlobClient
+
+    blob = BlobClient.from_connection_string(connection_string, container, name)
+    written = blob.upload_blob(data, overwrite=True)
+    event = {"topic": f"/subscriptions/{AZURE_SUBSCRIPTION}/resourceGroups/rg/providers/Microsoft.Storage/"
+                      f"storageAccounts/{AZURITE_ACCOUNT}",
+             "subject": f"/blobServices/default/containers/{container}/blobs/{name}",
+             "eventType": "Microsoft.Storage.BlobCreated", "id": f"ev-{name}", "eventTime": "2026-12-01T10:00:00Z",
+             "data": {"api": "PutBlob", "requestId": "r", "eTag": written["etag"].strip('"'),
+                      "contentType": "application/octet-stream", "contentLength": len(data), "blobType": "BlockBlob",
+                      "url": blob.url, "sequencer": "0000000000000000000000000000000000000001"},
+             "dataVersion": "", "metadataVersion": "1"}
+    return base64.b64encode(json.dumps(event).encode()).decode()

@@ -73,6 +73,9 @@ def test_command_job_on_a_cluster_and_standard_tier(azure):
     assert props["computeId"] == "gpu-cluster" and "instanceType" not in props["resources"]
     assert not props.get("queueSettings")
     props = rest_json(command_job(training_spec(spot=False), azure, "x-t1")._to_job())["properties"]
+    assert props["queueSettings"]["jobTier"] == "Spot"  # azure.job_tier's default
+    standard = azure.model_copy(update={"job_tier": "Standard"})
+    props = rest_json(command_job(training_spec(spot=False), standard, "x-t1")._to_job())["properties"]
     assert props["queueSettings"]["jobTier"] == "Standard"
 
 

@@ -39,8 +39,8 @@ class MlflowTracker:
         run = mlflow.start_run(run_name=run_name)
         mlflow.log_params(params)
         mlflow.set_tags(tags)
-        source = mlflow.data.from_pandas(frame, source=source_uri, name=dataset.name, targets=dataset.target,
-                                         digest=digest[:36])
+        source = mlflow.data.from_pandas(frame, source=_dataset_source(source_uri), name=dataset.name,
+                                         targets=dataset.target, digest=digest[:36])
         try:
             mlflow.log_input(source, context="training")
         except mlflow.exceptions.MlflowException:  # a parallel trial registered the same dataset first: reuse it
@@ -125,3 +125,54 @@ def log_pyfunc(bundle: str, sample_rows, dataset):
             input_example=example,
             pip_requirements=pip_requirements(),
         )
+
+
+def _dataset_source(uri: str):
+    """``uri`` as MLflow's dataset source: MLflow's own where it has a resolver (files, s3://, http...), else a
+    ``BucketDatasetSource`` that records the URI (MLflow resolves no abfs:// URI)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return resolve_dataset_source(uri)
+    except MlflowException:
+        return _bucket_source_class()(uri)
+
+
+def _bucket_source_class():
+    import json
+
+    from mlflow.data.dataset_source import DatasetSource
+
+    class BucketDatasetSource(DatasetSource):
+        """A training set in the pipeline's bucket, by its URI."""
+
+        def __init__(self, uri: str):
+            self.uri = uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "mlfactory_bucket"
+
+        def load(self, **kwargs):
+            return self.uri
+
+        @staticmethod
+        def _can_resolve(raw_source) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source):
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict):
+            return cls(source_dict["uri"])
+
+        def to_json(self) -> str:
+            return json.dumps(self.to_dict())
+
+    return BucketDatasetSource

@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [rank " + os.environ.get("RANK", "0") + "] %(message)s",
                         stream=sys.stdout, force=True)
-    logging.getLogger("azure").setLevel(logging.WARNING)  # the Azure SDKs log every HTTP request at INFO
+    logging.getLogger("azure").setLevel(logging.WARNING)  # the Azure SDKs (adlfs) log every HTTP request at INFO
     args = parse_args(argv)
     if not launched_by_torchrun(os.environ):
         cluster = Cluster.from_environ(os.environ, args.nproc_per_node)

@@ -78,4 +78,13 @@ class AzureSettings(BackendSettings):
             raise ValueError(f"backend azure needs an abfs:// (or az://) bucket, got {cfg.storage.bucket!r}")
 
 
+def quiet_sdk_logs() -> None:
+    """The Azure SDKs log every HTTP request and response at INFO, and azure-ai-ml warns on each experimental
+    class it touches (QueueSettings among them): task logs keep their warnings and errors only."""
+    import logging
+
+    logging.getLogger("azure").setLevel(logging.WARNING)
+    logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
+
+
 BACKEND = Backend("azure", AzureSettings, airflow="mlfactory_airflow.backends.azure:AzureBackend")

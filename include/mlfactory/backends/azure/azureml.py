@@ -42,10 +42,11 @@ import re
 from urllib.parse import urlparse
 
 from mlfactory import BadInput
-from mlfactory.backends.azure import AzureSettings
+from mlfactory.backends.azure import AzureSettings, quiet_sdk_logs
 from mlfactory.specs import (METRICS_FILE, MODEL_FILE, Accelerator, BatchJobSpec, CostEstimate, EndpointSpec, JobStatus,
                              ModelRef, TrainingJobSpec, check_budget)
 
+quiet_sdk_logs()
 DEFAULT_GPU = "nvidia-t4"
 CPU_VM = "Standard_DS3_v2"
 SERVING_PORT = 8080
@@ -216,8 +217,7 @@ def command_job(spec: TrainingJobSpec, azure: AzureSettings, name: str):
     )
     job.resources = resources
     if not azure.compute:
-        job.queue_settings = QueueSettings(job_tier=azure.job_tier if spec.spot or azure.job_tier == "Standard"
-                                           else "Standard")
+        job.queue_settings = QueueSettings(job_tier="Spot" if spec.spot or azure.job_tier == "Spot" else "Standard")
     rest(job._to_job() if hasattr(job, "_to_job") else job)
     return job
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+from mlfactory.backends.azure import quiet_sdk_logs
+
+quiet_sdk_logs()
 MANAGEMENT = "https://management.azure.com"
 
 
