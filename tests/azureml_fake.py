@@ -172,8 +172,9 @@ class AzureMLFake:
         with self.lock:
             return self.resources.get(rid.lower())
 
-    def _operation(self, work) -> str:
-        """A new async operation running ``work()`` in a thread; its URL."""
+    def _operation(self, work, rid: str, kind: str = "mfeOperationsStatus") -> str:
+        """A new async operation running ``work()`` in a thread; its URL (``kind`` mfeOperationsStatus for an
+        Azure-AsyncOperation header, mfeOperationResults for a Location header), as Azure ML names them."""
         op = str(next(self._ids))
         self.operations[op] = {"status": "InProgress"}
 
@@ -187,7 +188,9 @@ class AzureMLFake:
                 print(f"azureml fake: operation {op} failed: {err!r}", file=sys.stderr)
 
         threading.Thread(target=run, daemon=True).start()
-        return f"{self.url}/operations/{op}"
+        subscription = rid.split("/")[2]
+        return (f"{self.url}/subscriptions/{subscription}/providers/Microsoft.MachineLearningServices/locations/"
+                f"eastus/{kind}/{op}")
 
     def _provision(self, rid: str, body: dict, work=None) -> tuple[int, dict, dict]:
         props = body.setdefault("properties", {})
@@ -203,7 +206,7 @@ class AzureMLFake:
                 props["provisioningState"] = "Failed"
                 raise
 
-        return 201, body, {"Azure-AsyncOperation": self._operation(done)}
+        return 201, body, {"Azure-AsyncOperation": self._operation(done, rid)}
 
     # -- jobs -------------------------------------------------------------------------------
     def _start_job(self, rid: str, body: dict, play) -> None:
@@ -284,8 +287,12 @@ class AzureMLFake:
         if not path.startswith(("/score/", "/batch/")) and headers.get("Authorization") != "Bearer fake-arm-token":
             return 401, {"error": {"code": "AuthenticationFailed", "message": "no or wrong bearer token"}}, {}
         body = json.loads(raw) if raw else {}
-        if path.startswith("/operations/"):
-            return 200, self.operations[path.rsplit("/", 1)[1]], {}
+        if m := re.fullmatch(r"/subscriptions/[^/]+/providers/Microsoft\.MachineLearningServices/locations/[^/]+/"
+                             r"(?P<kind>mfeOperationsStatus|mfeOperationResults)/(?P<op>\d+)", path):
+            status = self.operations[m["op"]]
+            if m["kind"] == "mfeOperationsStatus":
+                return 200, status, {}
+            return (202, None, {"Location": self.url + path}) if status["status"] == "InProgress" else (204, None, {})
         if path.startswith("/score/"):
             return self._score(path.split("/")[2], raw, headers)
         if m := re.fullmatch(r"/batch/(?P<endpoint>[^/]+)/jobs", path):
@@ -321,7 +328,7 @@ class AzureMLFake:
                 return _not_found(path)
             if job["properties"].get("status") not in ("Completed", "Failed", "Canceled"):
                 job["properties"]["status"] = "Canceled"
-            return 202, None, {"Location": self._operation(lambda: None)}
+            return 202, None, {"Location": self._operation(lambda: None, path, "mfeOperationResults")}
         if method == "POST" and rest.endswith("/listKeys"):
             return 200, {"primaryKey": self.keys.setdefault(path.split("/")[-2], f"key-{random.random()}"),
                          "secondaryKey": "secondary"}, {}
@@ -392,7 +399,7 @@ class AzureMLFake:
                 self.resources.pop(path.lower(), None)
                 self.containers.pop(path.lower(), None)
 
-        return 202, None, {"Location": self._operation(gone)}
+        return 202, None, {"Location": self._operation(gone, path, "mfeOperationResults")}
 
     def _score(self, endpoint_name: str, raw: bytes, headers) -> tuple[int, object, dict]:
         endpoint = next((v for k, v in self.find(r"/onlineendpoints/" + re.escape(endpoint_name.lower()) + "$").items()), None)

@@ -87,13 +87,18 @@ def test_a_message_is_deleted_only_after_its_event_is_emitted(azurite):
     assert back.dequeue_count == 1
 
 
-def test_a_message_that_is_not_an_event_goes_to_the_poison_queue_after_its_retries(azurite):
+def test_a_message_that_is_not_an_event_goes_to_the_poison_queue_after_its_retries(azurite, monkeypatch):
     container, events_queue = "mlf-azure-poison", queue(azurite, "poison-events")
     azure_container(container)
     poison = queue(azurite, "poison-events-poison")
     events_queue.send_message("this is not an Event Grid event")
     events_queue.send_message(blob_created(azurite, container, "landing/good.csv", b"a\n1\n"))
     trigger = trigger_for(container, "poison-events", visibility_timeout=1, max_dequeue_count=2)
+    from mlfactory_airflow.backends.azure import clients
+
+    seen, make = [], clients.queue_client  # every queue request the trigger makes, for the RBAC check below
+    monkeypatch.setattr(clients, "queue_client", lambda *a, **kw: make(
+        *a, raw_request_hook=lambda r: seen.append((r.http_request.method, r.http_request.url)), **kw))
 
     async def scenario():
         events = trigger.run()
@@ -106,6 +111,10 @@ def test_a_message_that_is_not_an_event_goes_to_the_poison_queue_after_its_retri
     assert events_queue.peek_messages(max_messages=32) == []
     (moved,) = poison.peek_messages()
     assert moved.content == "this is not an Event Grid event"
+    from azure_rbac import assert_role_covers
+
+    assert assert_role_covers(seen) == {f"Microsoft.Storage/storageAccounts/queueServices/queues/{a}" for a in (
+        "messages/process/action", "messages/delete", "messages/add/action", "write")}
 
 
 def test_the_polling_fallback_announces_each_blob_version_once(azurite):

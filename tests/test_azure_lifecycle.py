@@ -16,6 +16,7 @@ import re
 import pytest
 import yaml
 from azure_containers import BatchContainers, ModelContainers, TrainingContainers
+from azure_rbac import assert_role_covers
 from conftest import azure_blob_created, azure_config, azure_queue
 
 from mlfactory import sample_data, storage
@@ -108,6 +109,8 @@ def test_a_blob_written_to_azure_storage_runs_the_lifecycle_on_azure_ml(tmp_path
         assert len(scored["snapshots"]) == 1 and len(batch_runs.runs) == 1
         assert "3000 rows" in batch_runs.runs[0]
         assert not fake.refused, fake.refused
+        used = assert_role_covers(fake.requests)  # every call of every DAG, granted by deploy/azure's role
+        assert "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/score/action" in used
     finally:
         airflow.stop()
         mlflow_server.stop()

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 from azure_containers import BatchContainers, ModelContainers, TrainingContainers
+from azure_rbac import assert_role_covers
 from conftest import azure_config
 
 pytestmark = pytest.mark.azure
@@ -136,6 +137,7 @@ def test_a_failed_job_fails_the_task_a_retry_starts_another_and_kill_cancels(azu
     assert second["properties"]["outputs"]["checkpoints"]["uri"].endswith("/run-1/trial-0/_checkpoints/")
     operator.on_kill()
     assert fake.calls(r"POST .*/jobs/run-1-t0-t2/cancel") and second["properties"]["status"] == "Canceled"
+    assert "Microsoft.MachineLearningServices/workspaces/jobs/cancel/action" in assert_role_covers(fake.requests)
 
     before = len(fake.requests)
     eight_h100 = {"kind": "gpu", "model": "nvidia-h100", "count": 8}
@@ -280,6 +282,8 @@ def test_a_failing_canary_puts_the_traffic_back_and_deletes_the_new_deployment(a
     assert [d["name"] for d in fake.find(r"/onlineEndpoints/churn-endpoint/deployments/[^/]+$").values()] == ["version-1"]
     restored = restore_after_failure(cfg, v_bad)
     assert restored["serving"] == "1" and "requests failed" in restored["reason"]
+    assert "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments/delete" in assert_role_covers(
+        fake.requests)
 
 
 def test_the_batch_endpoint_scores_the_unscored_snapshots_with_the_batch_driver(azure_serving):

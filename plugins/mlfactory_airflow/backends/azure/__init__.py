@@ -60,10 +60,11 @@ class AzureBackend(AirflowBackend):
         log = logging.getLogger(__name__)
         ml = AzureMLConnection.of(self.cfg.backend).ml_client()
         endpoint = ml.online_endpoints.get(plan["endpoint"])
-        if plan["serving"] and {k: int(v) for k, v in (endpoint.traffic or {}).items() if v} != plan["serving"]:
-            endpoint.traffic = plan["serving"]
+        before = plan["serving"]  # {} when nothing was served: the new deployment must lose its traffic to go
+        if {k: int(v) for k, v in (endpoint.traffic or {}).items() if v} != before:
+            endpoint.traffic = before or {plan["deployment"]: 0}
             ml.online_endpoints.begin_create_or_update(endpoint).result()
-            log.info("traffic of %s back to %s", plan["endpoint"], plan["serving"])
+            log.info("traffic of %s back to %s", plan["endpoint"], before or "none")
         if not_found(ml.online_deployments.get, plan["deployment"], plan["endpoint"]) is not None:
             ml.online_deployments.begin_delete(plan["deployment"], plan["endpoint"])
             log.info("deleting the new deployment %s", plan["deployment"])

@@ -84,14 +84,15 @@ class AzureMLConnection:
                                        credential_scopes=[f"{MANAGEMENT}/.default"])
 
 
-def queue_client(conn_id: str, account: str, queue: str):
+def queue_client(conn_id: str, account: str, queue: str, **options):
+    """``options`` go to the client (azure-core's: retry_total, raw_request_hook, ...)."""
     from azure.storage.queue import QueueClient
 
     conn = _connection(conn_id)
     connection_string = (conn.extra_dejson.get("connection_string") if conn else None) or None
     if connection_string:
-        return QueueClient.from_connection_string(connection_string, queue)
-    return QueueClient(f"https://{account}.queue.core.windows.net", queue, credential=credential(conn_id))
+        return QueueClient.from_connection_string(connection_string, queue, **options)
+    return QueueClient(f"https://{account}.queue.core.windows.net", queue, credential=credential(conn_id), **options)
 
 
 def not_found(call, *args, **kwargs):
