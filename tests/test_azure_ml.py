@@ -306,9 +306,10 @@ def test_the_batch_endpoint_scores_the_unscored_snapshots_with_the_batch_driver(
     assert result["snapshots"] == spec.snapshots and result["job"].startswith("batchjob-")
     parts = [o for o in storage.list_objects(result["uri"]) if o.key.endswith(".parquet")]
     assert parts
-    rows = sum(pq.read_metadata(storage.open_input(o.uri) if hasattr(storage, "open_input") else
-                                storage.pyarrow_filesystem(o.uri)[0].open_input_file(storage.pyarrow_filesystem(o.uri)[1])
-                                ).num_rows for o in parts)
-    assert rows == 500
+    rows = 0
+    for part in parts:
+        with storage.open_uri(part.uri) as f:
+            rows += pq.read_metadata(f).num_rows
+    assert rows == 500 and {p.key.split("/")[0] for p in parts} == {f"source={s}" for s in spec.snapshots}
     assert unscored(cfg, "next") == {}  # the job's snapshots are scored
     assert not fake.refused

@@ -32,15 +32,20 @@ INTAKE = ["ml_ingest", "ml_validate"]
 OTHERS = ["ml_train", "ml_promote", "ml_deploy", "ml_batch_score", "ml_monitor"]
 
 
+def tuned_for_intake(raw: dict, path: Path, **ingest) -> object:
+    """``raw`` with quick polling, no sweep schedule and small validation chunks, written to ``path``
+    (MLFACTORY_CONFIG); the loaded config."""
+    raw["ingest"].update(poll_interval_s=0.5, settle_s=0.5, sweep_schedule=None, **ingest)
+    raw["validation"].update(chunk_rows=1000)
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
 def intake_config(tmp_path: Path, monkeypatch, bucket: str, **ingest) -> object:
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw["storage"]["bucket"] = bucket
-    raw["ingest"].update(poll_interval_s=0.5, settle_s=0.5, sweep_schedule=None, **ingest)
-    raw["validation"].update(chunk_rows=1000)
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
-    return load_config()
+    monkeypatch.setenv("MLFACTORY_CONFIG", str(tmp_path / "pipeline.yaml"))
+    return tuned_for_intake(raw, tmp_path / "pipeline.yaml", **ingest)
 
 
 def start_intake(tmp_path: Path, cfg, airflow_db_template, **env) -> LocalAirflow:
@@ -231,10 +236,7 @@ def test_50_objects_announced_in_one_sqs_batch_are_each_ingested_and_curated_onc
     sqs = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1")
     queue = sqs.create_queue(QueueName="mlfactory-burst")["QueueUrl"]
     raw["aws"]["sqs_queue_url"] = queue
-    raw["ingest"].update(poll_interval_s=0.5, settle_s=0.5, sweep_schedule=None)
-    raw["validation"].update(chunk_rows=1000)
-    path.write_text(yaml.safe_dump(raw))
-    cfg = load_config()
+    cfg = tuned_for_intake(raw, path)
     airflow = start_intake(tmp_path, cfg, airflow_db_template)
     try:
         records = []
@@ -274,10 +276,7 @@ def test_50_objects_written_to_gcs_at_once_are_each_ingested_and_curated_once(tm
     subscription = pubsub_subscription(gcp_emulators, "burst-landing")  # skips where there is no emulator
     path = tmp_path / "pipeline.yaml"
     raw = gcp_config("mlf-gcs-burst", path, monkeypatch, pubsub_subscription=subscription)
-    raw["ingest"].update(poll_interval_s=0.5, settle_s=0.5, sweep_schedule=None)
-    raw["validation"].update(chunk_rows=1000)
-    path.write_text(yaml.safe_dump(raw))
-    cfg = load_config()
+    cfg = tuned_for_intake(raw, path)
     airflow = start_intake(tmp_path, cfg, airflow_db_template)
     try:
         bodies = {f"part {i:02d}.csv": sample_data.write(sample_data.generate(300, seed=i, id_offset=i * 10**6),
@@ -296,5 +295,45 @@ def test_50_objects_written_to_gcs_at_once_are_each_ingested_and_curated_once(tm
         assert sorted(e["uri"] for e in ledger) == sorted(f"{cfg.storage.landing_uri}/{name}" for name in bodies)
         assert {e["outcome"] for e in ledger} == {"ingested"} and pending_objects(cfg, now=time.time() + 60) == []
         print(f"\ngcp: 50 objects written at once -> last curated in {elapsed:.1f} s; stranded: 0")
+    finally:
+        airflow.stop()
+
+
+@pytest.mark.azure
+def test_50_blobs_written_at_once_are_each_ingested_and_curated_once(tmp_path, azurite, monkeypatch,
+                                                                      airflow_db_template):
+    """The azure backend: 50 blobs written to Azurite at once, each announced by its own BlobCreated event on
+    the Storage Queue (as Event Grid delivers them, in any order, one twice); every blob ingested and curated
+    once, from Blob Storage, and every message deleted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import azure_blob_created, azure_config, azure_queue
+
+    events = azure_queue(azurite, "burst-landing")
+    path = tmp_path / "pipeline.yaml"
+    raw = azure_config("mlf-azure-burst-intake", path, monkeypatch, "https://127.0.0.1:9", "", event_queue="burst-landing")
+    cfg = tuned_for_intake(raw, path)
+    airflow = start_intake(tmp_path, cfg, airflow_db_template)
+    try:
+        bodies = {f"part {i:02d}.csv": sample_data.write(sample_data.generate(300, seed=i, id_offset=i * 10**6),
+                                                         tmp_path / "out" / f"part {i:02d}.csv").read_bytes()
+                  for i in range(50)}
+        container = raw["storage"]["bucket"].removeprefix("abfs://")
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            messages = list(pool.map(lambda item: azure_blob_created(azurite, container, f"landing/{item[0]}", item[1]),
+                                     bodies.items()))
+        for message in [*messages, messages[0]]:  # Event Grid delivers at least once
+            events.send_message(message)
+
+        airflow.wait_until(lambda: len(curated_files(cfg)) >= 50 and not pending_snapshots(cfg), 300, "50 curated snapshots")
+        elapsed = time.monotonic() - started
+        files = curated_files(cfg)
+        assert len(files) == 50 and set(files.values()) == {300} and {k.rsplit("/", 1)[1] for k in files} == {CURATED_FILE}
+        ledger = [json.loads(storage.read_bytes(o.uri)) for o in storage.list_objects(ledger_uri(cfg))]
+        assert sorted(e["uri"] for e in ledger) == sorted(f"{cfg.storage.landing_uri}/{name}" for name in bodies)
+        assert {e["outcome"] for e in ledger} == {"ingested"} and pending_objects(cfg, now=time.time() + 60) == []
+        airflow.wait_until(lambda: not events.peek_messages(), 30, "every queue message deleted")
+        print(f"\nazure: 50 blobs written at once -> last curated in {elapsed:.1f} s; stranded: 0")
     finally:
         airflow.stop()
