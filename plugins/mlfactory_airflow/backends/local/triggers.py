@@ -1,4 +1,5 @@
-"""Bucket-change trigger for the `local` backend: a folder on this machine is the bucket."""
+"""Bucket-change trigger that lists a prefix through the storage layer: the `local` backend's (a folder on
+this machine is the bucket), and the `azure` backend's fallback when no event queue is configured."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from mlfactory_airflow.triggers.watermark import WatermarkedTrigger
 
 
 class LocalBucketChangeTrigger(WatermarkedTrigger):
-    """Fires once per new or changed object under ``prefix_uri`` (a file:// folder), never twice for the same.
+    """Fires once per new or changed object under ``prefix_uri`` (any storage URI: a file:// folder, abfs://...),
+    never twice for the same.
 
     Used as an AssetWatcher trigger. The set of announced objects (the watermark) lives in Airflow's
     asset state store for the watched Asset, so a restarted triggerer does not announce them again.
