@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -35,6 +36,35 @@ class SpecOperator(BaseOperator):
     def __init__(self, *, spec: dict[str, Any], **kwargs) -> None:
         super().__init__(**kwargs)
         self.spec = spec
+
+
+class CloudSpecOperator(SpecOperator):
+    """A SpecOperator of a cloud backend: the pipeline config (which must name ``backend``), that backend's
+    settings, and how often its deferred work is checked (``poll_interval``, else ``<backend>.poll_interval_s``)."""
+
+    backend: str  # the backend whose operators these are
+    platform: str  # what the error calls them (e.g. "an Azure ML operator")
+
+    def __init__(self, *, poll_interval: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._poll_interval = poll_interval
+
+    @property
+    def poll_interval(self) -> int:
+        return self._poll_interval or self.settings.poll_interval_s
+
+    @cached_property
+    def config(self) -> PipelineConfig:
+        from mlfactory.config import load_config
+
+        cfg = load_config()
+        if cfg.backend.name != self.backend:
+            raise ValueError(f"{self.platform} runs with backend {self.backend}; {cfg.source} says {cfg.backend.name}")
+        return cfg
+
+    @property
+    def settings(self):
+        return self.config.backend
 
 
 class AirflowBackend(ABC):

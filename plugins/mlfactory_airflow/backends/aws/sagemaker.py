@@ -28,36 +28,23 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from mlfactory_airflow.backends import SpecOperator
+from mlfactory_airflow.backends import CloudSpecOperator
 
 
-class SageMakerBaseOperator(SpecOperator):
+class SageMakerBaseOperator(CloudSpecOperator):
     """The pipeline config's `aws` section, the provider's SageMakerHook, and finding earlier work."""
 
     ui_color = "#ffe9c7"
+    backend, platform = "aws", "a SageMaker operator"
 
     def __init__(self, *, waiter_delay: int | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._waiter_delay = waiter_delay
+        super().__init__(poll_interval=waiter_delay, **kwargs)
 
     @property
     def waiter_delay(self) -> int:
-        """Seconds between two checks of a deferred job or endpoint (``aws.poll_interval_s``)."""
-        return self._waiter_delay or self.settings.poll_interval_s
-
-    @cached_property
-    def config(self):
-        from mlfactory.backends.aws import AwsSettings
-        from mlfactory.config import load_config
-
-        cfg = load_config()
-        if not isinstance(cfg.backend, AwsSettings):
-            raise ValueError(f"a SageMaker operator runs with backend aws; {cfg.source} says {cfg.backend.name}")
-        return cfg
-
-    @property
-    def settings(self):
-        return self.config.backend
+        """Seconds between two checks of a deferred job or endpoint (``aws.poll_interval_s``), as the amazon
+        provider's triggers call it."""
+        return self.poll_interval
 
     @cached_property
     def hook(self):

@@ -29,37 +29,16 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from mlfactory_airflow.backends import SpecOperator
+from mlfactory_airflow.backends import CloudSpecOperator
 
 DONE = ("succeeded", "deleted")
 
 
-class AzureMLBaseOperator(SpecOperator):
+class AzureMLBaseOperator(CloudSpecOperator):
     """The `azure` config section, the MLClient, and deferring on Azure ML's jobs and resources."""
 
     ui_color = "#cce4f6"
-
-    def __init__(self, *, poll_interval: int | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._poll_interval = poll_interval
-
-    @property
-    def poll_interval(self) -> int:
-        return self._poll_interval or self.settings.poll_interval_s
-
-    @cached_property
-    def config(self):
-        from mlfactory.backends.azure import AzureSettings
-        from mlfactory.config import load_config
-
-        cfg = load_config()
-        if not isinstance(cfg.backend, AzureSettings):
-            raise ValueError(f"an Azure ML operator runs with backend azure; {cfg.source} says {cfg.backend.name}")
-        return cfg
-
-    @property
-    def settings(self):
-        return self.config.backend
+    backend, platform = "azure", "an Azure ML operator"
 
     @cached_property
     def connection(self):

@@ -19,12 +19,12 @@ Deferred work (plain triggers: the task holds no worker slot while Azure ML work
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
+from mlfactory_airflow.triggers.polling import PollingTrigger
 from mlfactory_airflow.triggers.watermark import WatermarkedTrigger
 
 
@@ -115,44 +115,13 @@ class BlobQueueEventTrigger(WatermarkedTrigger):
                 await asyncio.sleep(self.poll_interval)
 
 
-class _AzureMLPoll(BaseTrigger):
-    """Polls one Azure ML resource every ``poll_interval`` s, the first time one interval after the deferral,
-    for at most ``timeout_s``."""
-
-    def __init__(self, name: str, connection: dict, poll_interval: float = 30.0, timeout_s: float = 86400.0,
-                 **kwargs) -> None:
-        super().__init__()
-        self.name, self.connection, self.poll_interval, self.timeout_s = name, connection, poll_interval, timeout_s
-        self.extra = kwargs
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return _path(self), {"name": self.name, "connection": self.connection, "poll_interval": self.poll_interval,
-                             "timeout_s": self.timeout_s, **self.extra}
+class _AzureMLPoll(PollingTrigger):
+    """Polls one Azure ML resource (``connection``: an ``AzureMLConnection`` as a dict)."""
 
     def _client(self):
         from mlfactory_airflow.backends.azure.clients import AzureMLConnection
 
         return AzureMLConnection(**self.connection).ml_client()
-
-    def check(self) -> dict | None:
-        raise NotImplementedError
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                payload = await asyncio.to_thread(self.check)
-            except Exception as err:  # noqa: BLE001 - a transient API error: look again next time
-                self.log.warning("checking %s failed (%s); trying again in %ss", self.name, err, self.poll_interval)
-                payload = None
-            if payload is not None:
-                yield TriggerEvent({"name": self.name, **payload})
-                return
-            if time.monotonic() > deadline:
-                yield TriggerEvent({"name": self.name, "state": "timeout",
-                                    "detail": f"still not done after {self.timeout_s:.0f}s"})
-                return
 
 
 class AzureMLJobTrigger(_AzureMLPoll):

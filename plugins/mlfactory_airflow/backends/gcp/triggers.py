@@ -20,12 +20,12 @@ Deferred work (plain triggers: the task holds no worker slot while Vertex works)
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
+from mlfactory_airflow.triggers.polling import PollingTrigger
 from mlfactory_airflow.triggers.watermark import WatermarkedTrigger
 
 
@@ -149,44 +149,13 @@ class GcsPrefixPollTrigger(WatermarkedTrigger):
             yield event
 
 
-class _VertexPoll(BaseTrigger):
-    """Polls one Vertex resource every ``poll_interval`` s, the first time one interval after the deferral (a
-    resource already done would otherwise fire while the deferring try is still being reported finished),
-    for at most ``timeout_s``."""
-
-    def __init__(self, name: str, connection: dict, poll_interval: float = 30.0, timeout_s: float = 86400.0) -> None:
-        super().__init__()
-        self.name, self.connection, self.poll_interval, self.timeout_s = name, connection, poll_interval, timeout_s
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return _path(self), {"name": self.name, "connection": self.connection, "poll_interval": self.poll_interval,
-                             "timeout_s": self.timeout_s}
+class _VertexPoll(PollingTrigger):
+    """Polls one Vertex resource (``connection``: a ``VertexConnection`` as a dict)."""
 
     def _client(self, service: str):
         from mlfactory_airflow.backends.gcp.clients import VertexConnection
 
         return VertexConnection(**self.connection).client(service)
-
-    def check(self) -> dict | None:
-        """The event payload once the resource is done, else None."""
-        raise NotImplementedError
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                payload = await asyncio.to_thread(self.check)
-            except Exception as err:  # noqa: BLE001 - a transient API error: look again next time
-                self.log.warning("checking %s failed (%s); trying again in %ss", self.name, err, self.poll_interval)
-                payload = None
-            if payload is not None:
-                yield TriggerEvent({"name": self.name, **payload})
-                return
-            if time.monotonic() > deadline:
-                yield TriggerEvent({"name": self.name, "state": "timeout",
-                                    "detail": f"still not done after {self.timeout_s:.0f}s"})
-                return
 
 
 class VertexJobTrigger(_VertexPoll):
@@ -212,18 +181,14 @@ class VertexJobTrigger(_VertexPoll):
 
 
 class VertexOperationTrigger(_VertexPoll):
-    """A long-running operation (``name`` .../operations/ID) until done: {"name", "state", "detail"}."""
+    """A long-running operation (``name`` .../operations/ID) until done: {"name", "state", "detail"};
+    ``service`` (endpoint, model, ...) is the client that owns it."""
 
     def __init__(self, name: str, connection: dict, service: str = "endpoint", **kwargs) -> None:
-        super().__init__(name, connection, **kwargs)
-        self.service = service
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        path, kwargs = super().serialize()
-        return path, {**kwargs, "service": self.service}
+        super().__init__(name, connection, service=service, **kwargs)
 
     def check(self) -> dict | None:
-        operation = self._client(self.service).get_operation(request={"name": self.name})
+        operation = self._client(self.extra["service"]).get_operation(request={"name": self.name})
         if not operation.done:
             return None
         if operation.HasField("error") and operation.error.code:

@@ -29,35 +29,14 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from mlfactory_airflow.backends import SpecOperator
+from mlfactory_airflow.backends import CloudSpecOperator
 
 
-class VertexBaseOperator(SpecOperator):
+class VertexBaseOperator(CloudSpecOperator):
     """The `gcp` config section, Vertex clients, and deferring on Vertex's jobs and operations."""
 
     ui_color = "#d2e3fc"
-
-    def __init__(self, *, poll_interval: int | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._poll_interval = poll_interval
-
-    @property
-    def poll_interval(self) -> int:
-        return self._poll_interval or self.settings.poll_interval_s
-
-    @cached_property
-    def config(self):
-        from mlfactory.backends.gcp import GcpSettings
-        from mlfactory.config import load_config
-
-        cfg = load_config()
-        if not isinstance(cfg.backend, GcpSettings):
-            raise ValueError(f"a Vertex AI operator runs with backend gcp; {cfg.source} says {cfg.backend.name}")
-        return cfg
-
-    @property
-    def settings(self):
-        return self.config.backend
+    backend, platform = "gcp", "a Vertex AI operator"
 
     @cached_property
     def connection(self):
