@@ -94,10 +94,10 @@ def test_a_message_that_is_not_an_event_goes_to_the_poison_queue_after_its_retri
     events_queue.send_message("this is not an Event Grid event")
     events_queue.send_message(blob_created(azurite, container, "landing/good.csv", b"a\n1\n"))
     trigger = trigger_for(container, "poison-events", visibility_timeout=1, max_dequeue_count=2)
-    from mlfactory_airflow.backends.azure import clients
+    from mlfactory_airflow.backends.azure import hooks
 
-    seen, make = [], clients.queue_client  # every queue request the trigger makes, for the RBAC check below
-    monkeypatch.setattr(clients, "queue_client", lambda *a, **kw: make(
+    seen, make = [], hooks.queue_client  # every queue request the trigger makes, for the RBAC check below
+    monkeypatch.setattr(hooks, "queue_client", lambda *a, **kw: make(
         *a, raw_request_hook=lambda r: seen.append((r.http_request.method, r.http_request.url)), **kw))
 
     async def scenario():

@@ -52,13 +52,13 @@ class AzureBackend(AirflowBackend):
         """The traffic of before the rollout, and the new deployment deleted (not waited for)."""
         import logging
 
-        from mlfactory_airflow.backends.azure.clients import AzureMLConnection, not_found
+        from mlfactory_airflow.backends.azure.hooks import AzureMLHook, not_found
 
         plan = state.get("rollout") or {}
         if not plan.get("endpoint") or plan.get("already_served"):
             return
         log = logging.getLogger(__name__)
-        ml = AzureMLConnection.of(self.cfg.backend).ml_client()
+        ml = AzureMLHook.of(self.cfg.backend).get_conn()
         endpoint = ml.online_endpoints.get(plan["endpoint"])
         before = plan["serving"]  # {} when nothing was served: the new deployment must lose its traffic to go
         if {k: int(v) for k, v in (endpoint.traffic or {}).items() if v} != before:

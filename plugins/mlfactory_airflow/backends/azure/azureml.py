@@ -2,7 +2,7 @@
 endpoints (the microsoft-azure provider has no Azure ML operator).
 
 Every call goes through azure-ai-ml's ``MLClient`` (and Azure Monitor's client for autoscale) on an Airflow
-connection (``clients.AzureMLConnection``). Operators prepare, submit and defer: a job defers on an
+connection (``hooks.AzureMLHook``). Operators prepare, submit and defer: a job defers on an
 ``AzureMLJobTrigger``, an endpoint or deployment being provisioned (or deleted) on an
 ``AzureMLResourceTrigger`` that resumes the operator's ``execute``, which looks at what exists and starts
 the next step, so a retry (or a resumed try) takes over where the last one stopped.
@@ -41,14 +41,14 @@ class AzureMLBaseOperator(CloudSpecOperator):
     backend, platform = "azure", "an Azure ML operator"
 
     @cached_property
-    def connection(self):
-        from mlfactory_airflow.backends.azure.clients import AzureMLConnection
+    def hook(self):
+        from mlfactory_airflow.backends.azure.hooks import AzureMLHook
 
-        return AzureMLConnection.of(self.settings)
+        return AzureMLHook.of(self.settings)
 
-    @cached_property
+    @property
     def ml(self):
-        return self.connection.ml_client()
+        return self.hook.get_conn()
 
     def wait_for(self, kind: str, name: str, what: str, endpoint: str | None = None, timeout_s: int = 3600,
                  **resume) -> None:
@@ -57,14 +57,14 @@ class AzureMLBaseOperator(CloudSpecOperator):
 
         self.log.info("%s: waiting for %s %s", what, kind, name)
         extra = {"kind": kind, **({"endpoint": endpoint} if endpoint else {})}
-        self.defer(trigger=AzureMLResourceTrigger(name, self.connection.to_dict(), poll_interval=self.poll_interval,
+        self.defer(trigger=AzureMLResourceTrigger(name, self.hook.to_dict(), poll_interval=self.poll_interval,
                                                   timeout_s=timeout_s, **extra),
                    method_name="execute", kwargs={**resume, "waited_for": what})
 
     def wait_for_job(self, name: str, timeout_s: int, **resume) -> None:
         from mlfactory_airflow.backends.azure.triggers import AzureMLJobTrigger
 
-        self.defer(trigger=AzureMLJobTrigger(name, self.connection.to_dict(), poll_interval=self.poll_interval,
+        self.defer(trigger=AzureMLJobTrigger(name, self.hook.to_dict(), poll_interval=self.poll_interval,
                                              timeout_s=timeout_s),
                    method_name="execute_complete", kwargs={"job": name, **resume})
 
@@ -80,7 +80,7 @@ class AzureMLBaseOperator(CloudSpecOperator):
     def ensure_datastore(self) -> None:
         """The bucket's container as the workspace datastore ``azure.datastore`` (identity-based), once."""
         from mlfactory.backends.azure.azureml import container_of, datastore
-        from mlfactory_airflow.backends.azure.clients import not_found
+        from mlfactory_airflow.backends.azure.hooks import not_found
 
         if not_found(self.ml.datastores.get, self.settings.datastore) is None:
             container = container_of(self.config.storage.bucket)
@@ -90,7 +90,7 @@ class AzureMLBaseOperator(CloudSpecOperator):
     def model_asset(self, model) -> str:
         """The Azure ML model of a registered version (created once); its ARM id."""
         from mlfactory.backends.azure.azureml import model_asset
-        from mlfactory_airflow.backends.azure.clients import not_found
+        from mlfactory_airflow.backends.azure.hooks import not_found
 
         asset = model_asset(model, self.settings)
         found = not_found(self.ml.models.get, asset.name, asset.version)
@@ -119,7 +119,7 @@ class AzureMLTrainingOperator(AzureMLBaseOperator):
     def execute(self, context, **_) -> None:
         from mlfactory.backends.azure.azureml import check_training_budget, command_job, job_name, job_status
         from mlfactory.specs import TrainingJobSpec
-        from mlfactory_airflow.backends.azure.clients import not_found
+        from mlfactory_airflow.backends.azure.hooks import not_found
         from mlfactory_airflow.outcomes import task_outcome
 
         spec = TrainingJobSpec.model_validate(self.spec)
@@ -179,7 +179,7 @@ class AzureMLStageOperator(AzureMLBaseOperator):
         from mlfactory.backends.azure import azureml
         from mlfactory.deployment import write_endpoint_state
         from mlfactory.specs import EndpointSpec
-        from mlfactory_airflow.backends.azure.clients import not_found
+        from mlfactory_airflow.backends.azure.hooks import not_found
 
         self.raise_for(event, waited_for)
         spec = EndpointSpec.model_validate(self.spec)
@@ -213,7 +213,7 @@ class AzureMLCanaryOperator(AzureMLBaseOperator):
     def execute(self, context, event: dict | None = None, waited_for: str | None = None, check: bool = False) -> dict | None:
         from mlfactory.backends.azure import azureml
         from mlfactory.specs import EndpointSpec
-        from mlfactory_airflow.backends.azure.clients import not_found
+        from mlfactory_airflow.backends.azure.hooks import not_found
 
         self.raise_for(event, waited_for)
         spec, plan = EndpointSpec.model_validate(self.spec), self.plan
@@ -254,7 +254,7 @@ class AzureMLCanaryOperator(AzureMLBaseOperator):
         from mlfactory.backends.azure.azureml import autoscale_name, autoscale_setting
 
         name = autoscale_name(deployment_id)
-        self.connection.monitor().autoscale_settings.create_or_update(
+        self.hook.get_monitor_client().autoscale_settings.create_or_update(
             self.settings.resource_group, name, autoscale_setting(spec, self.settings, deployment_id))
         self.log.info("autoscale %s: %d-%d instances at %d%% CPU", name, spec.min_replicas, spec.max_replicas,
                       self.settings.autoscale_target_cpu)
@@ -343,7 +343,7 @@ class AzureMLBatchOperator(AzureMLBaseOperator):
         from mlfactory.backends.azure.batch_driver import manifest
         from mlfactory.batch_scoring import batch_uri, key_columns, model_columns
         from mlfactory.specs import BatchJobSpec
-        from mlfactory_airflow.backends.azure.clients import not_found
+        from mlfactory_airflow.backends.azure.hooks import not_found
 
         self.raise_for(event, waited_for)
         spec, cfg = BatchJobSpec.model_validate(self.spec), self.config
@@ -383,7 +383,7 @@ class AzureMLBatchOperator(AzureMLBaseOperator):
 
         from mlfactory import storage
         from mlfactory.backends.azure.azureml import BATCH_DRIVER, datastore_uri
-        from mlfactory_airflow.backends.azure.clients import not_found
+        from mlfactory_airflow.backends.azure.hooks import not_found
 
         script = b"from mlfactory.backends.azure.batch_driver import init, run  # noqa: F401\n"
         version = hashlib.sha256(script).hexdigest()[:16]

@@ -66,7 +66,7 @@ class BlobQueueEventTrigger(WatermarkedTrigger):
     def _to_poison(self, client, message) -> None:
         from azure.core.exceptions import ResourceExistsError
 
-        from mlfactory_airflow.backends.azure.clients import queue_client
+        from mlfactory_airflow.backends.azure.hooks import queue_client
 
         poison = queue_client(self.storage_conn_id, self.account, f"{self.queue}-poison")
         try:
@@ -78,7 +78,7 @@ class BlobQueueEventTrigger(WatermarkedTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from mlfactory.backends.azure.events import NotAnEvent, blob_landing_event, decode
-        from mlfactory_airflow.backends.azure.clients import queue_client
+        from mlfactory_airflow.backends.azure.hooks import queue_client
 
         landing = f"{self.scheme}://{self.container}/{self.prefix}"
         async for event in self.waiting_at_start(landing, 0):
@@ -116,12 +116,12 @@ class BlobQueueEventTrigger(WatermarkedTrigger):
 
 
 class _AzureMLPoll(PollingTrigger):
-    """Polls one Azure ML resource (``connection``: an ``AzureMLConnection`` as a dict)."""
+    """Polls one Azure ML resource (``connection``: an ``AzureMLHook``'s ``to_dict()``)."""
 
     def _client(self):
-        from mlfactory_airflow.backends.azure.clients import AzureMLConnection
+        from mlfactory_airflow.backends.azure.hooks import AzureMLHook
 
-        return AzureMLConnection(**self.connection).ml_client()
+        return AzureMLHook(**self.connection).get_conn()
 
 
 class AzureMLJobTrigger(_AzureMLPoll):
@@ -149,7 +149,7 @@ class AzureMLResourceTrigger(_AzureMLPoll):
     ends: {"state": "succeeded" | "failed" | "deleted", "detail"} ("deleted" once a deleted one is gone)."""
 
     def check(self) -> dict | None:
-        from mlfactory_airflow.backends.azure.clients import not_found
+        from mlfactory_airflow.backends.azure.hooks import not_found
 
         kind, endpoint = self.extra["kind"], self.extra.get("endpoint")
         operations = getattr(self._client(), kind)

@@ -1,8 +1,8 @@
 """Azure clients on Airflow connections: one place that makes them, for operators and triggers alike.
 
-- ``AzureMLConnection.ml_client()``: azure-ai-ml's ``MLClient`` for the workspace, and ``monitor()``: Azure
-  Monitor's management client (autoscale settings), both with the credential of the ``azure`` connection
-  ``azure.conn_id``: a service principal (login = client id, password = secret, extra ``tenantId``), else
+- ``AzureMLHook``: azure-ai-ml's ``MLClient`` for the workspace (``get_conn()``), and Azure Monitor's
+  management client for autoscale settings (``get_monitor_client()``), both with the credential of the
+  ``azure`` connection ``azure.conn_id``: a service principal (login = client id, password = secret, extra ``tenantId``), else
   ``DefaultAzureCredential`` (the microsoft-azure provider's helper: managed identity with extra
   ``managed_identity_client_id``, workload identity with ``workload_identity_tenant_id``, environment, Azure
   CLI). A connection that is not defined means DefaultAzureCredential too.
@@ -14,7 +14,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+
+from airflow.sdk import BaseHook
 
 from mlfactory.backends.azure import quiet_sdk_logs
 
@@ -23,7 +24,6 @@ MANAGEMENT = "https://management.azure.com"
 
 
 def _connection(conn_id: str):
-    from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     try:
@@ -49,38 +49,54 @@ def credential(conn_id: str):
                                              workload_identity_tenant_id=extra.get("workload_identity_tenant_id"))
 
 
-@dataclass(frozen=True)
-class AzureMLConnection:
-    """What a client needs, small enough to travel in a trigger's serialized kwargs."""
+class AzureMLHook(BaseHook):
+    """One Azure ML workspace through azure-ai-ml's ``MLClient``, on the Airflow ``azure`` connection
+    ``azure_conn_id``. Its arguments are plain values (``to_dict()``), so a trigger rebuilds the same hook."""
 
-    conn_id: str
-    subscription_id: str
-    resource_group: str
-    workspace: str
-    management_endpoint: str = ""
+    conn_name_attr = "azure_conn_id"
+    default_conn_name = "azure_default"
+    conn_type = "azure"
+    hook_name = "Azure ML"
+
+    def __init__(self, azure_conn_id: str = default_conn_name, *, subscription_id: str, resource_group: str,
+                 workspace: str, management_endpoint: str = "") -> None:
+        super().__init__()
+        self.azure_conn_id, self.subscription_id, self.resource_group = azure_conn_id, subscription_id, resource_group
+        self.workspace, self.management_endpoint = workspace, management_endpoint
+        self._client = None
 
     @classmethod
-    def of(cls, settings) -> AzureMLConnection:
-        return cls(settings.conn_id, settings.subscription_id, settings.resource_group, settings.workspace,
-                   settings.management_endpoint)
+    def of(cls, settings) -> AzureMLHook:
+        """The hook of an ``azure:`` config section."""
+        return cls(settings.conn_id, subscription_id=settings.subscription_id, resource_group=settings.resource_group,
+                   workspace=settings.workspace, management_endpoint=settings.management_endpoint)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"azure_conn_id": self.azure_conn_id, "subscription_id": self.subscription_id,
+                "resource_group": self.resource_group, "workspace": self.workspace,
+                "management_endpoint": self.management_endpoint}
 
-    def ml_client(self):
-        from azure.ai.ml import MLClient
+    def get_credential(self):
+        return credential(self.azure_conn_id)
 
-        if self.management_endpoint:
-            # azure-ai-ml's own switch for a management front end other than Azure's (its local-debugging hook)
-            os.environ["AZUREML_DEV_URL_MFE"] = self.management_endpoint.rstrip("/")
-        return MLClient(credential(self.conn_id), self.subscription_id, self.resource_group, self.workspace,
-                        show_progress=False)
+    def get_conn(self):
+        """The workspace's MLClient (made once per hook)."""
+        if self._client is None:
+            from azure.ai.ml import MLClient
 
-    def monitor(self):
+            if self.management_endpoint:
+                # azure-ai-ml's own switch for a management front end other than Azure's (its local-debugging hook)
+                os.environ["AZUREML_DEV_URL_MFE"] = self.management_endpoint.rstrip("/")
+            self._client = MLClient(self.get_credential(), self.subscription_id, self.resource_group, self.workspace,
+                                    show_progress=False)
+        return self._client
+
+    def get_monitor_client(self):
+        """Azure Monitor's management client (autoscale settings) in the workspace's subscription."""
         from azure.mgmt.monitor import MonitorManagementClient
 
         base = (self.management_endpoint or MANAGEMENT).rstrip("/")
-        return MonitorManagementClient(credential(self.conn_id), self.subscription_id, base_url=base,
+        return MonitorManagementClient(self.get_credential(), self.subscription_id, base_url=base,
                                        credential_scopes=[f"{MANAGEMENT}/.default"])
 
 
