@@ -237,7 +237,9 @@ class LocalAirflow:
             data=None if body is None else json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=30) as response:
+        # longer than the API server's own wait for SQLite's write lock (SQLITE_CONNECT_ARGS, 30 s): a busy
+        # database answers late, or with its error, but never as a client-side timeout
+        with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read() or b"{}")
 
     def dag_runs(self, dag_id: str) -> list[dict]:
