@@ -164,3 +164,43 @@ def test_a_changed_holdout_is_refused(lab, tmp_path):
     _, training_set, _ = lab
     with pytest.raises(ValueError, match="changed since it was frozen"):
         read_holdout(training_set.holdout.uri, "0" * 64)
+
+
+STARTER = """
+import sys, time
+from pathlib import Path
+import mlflow
+from mlfactory.tracking import start_run
+
+go = Path(sys.argv[2])
+while not go.exists():  # every process waits here, then all create the experiment at once
+    time.sleep(0.001)
+mlflow.set_tracking_uri(sys.argv[1])
+with start_run(sys.argv[3], run_name="trial") as run:
+    print(run.info.experiment_id)
+"""
+
+
+def test_parallel_trials_creating_the_experiment_log_into_it_whatever_the_environment_says(mlflow_server, tmp_path):
+    """Trials that start at once all create the experiment; the losers of that race must not fall back to an
+    MLFLOW_EXPERIMENT_ID inherited from the environment (a test runner's or a shell's): seen failing a trial."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.url)
+    other = client.create_experiment("someone-elses-experiment")
+    env = {**__import__("os").environ, "MLFLOW_EXPERIMENT_ID": other, "MLFLOW_TRACKING_URI": mlflow_server.url}
+    for attempt in range(3):
+        name, go = f"parallel-trials-{attempt}", tmp_path / f"go-{attempt}"
+        env["MLFLOW_EXPERIMENT_NAME"] = name
+        procs = [subprocess.Popen([sys.executable, "-c", STARTER, mlflow_server.url, str(go), name], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        import time
+
+        time.sleep(5)  # all four have imported mlflow and are waiting
+        go.touch()
+        outputs = [p.communicate(timeout=120) for p in procs]
+        expected = client.get_experiment_by_name(name).experiment_id
+        for proc, (out, err) in zip(procs, outputs):
+            assert proc.returncode == 0, err[-2000:]
+            assert out.splitlines()[0] == expected
+        assert len(client.search_runs([expected])) == 4

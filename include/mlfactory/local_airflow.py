@@ -85,7 +85,9 @@ class LocalAirflow:
         private_file(self.home / "airflow.cfg", lambda: f"[core]\nfernet_key = {_fernet_key()}\n")
         bin_dir = str(Path(sys.executable).parent)
         env = {
-            **os.environ,
+            # not the MLflow run or experiment of the process that starts Airflow (mlflow.set_experiment exports
+            # MLFLOW_EXPERIMENT_ID for subprocesses): tasks and their training jobs name their own
+            **{k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")},
             "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
@@ -311,4 +313,19 @@ class LocalAirflow:
             done = [r for r in runs if r["state"] in ("success", "failed")]
             return max(runs, key=lambda r: r["start_date"] or "") if len(done) >= count else None
 
-        return self.wait_until(finished, timeout, f"{count} finished {run_type or ''} run(s) of {dag_id}")
+        run = self.wait_until(finished, timeout, f"{count} finished {run_type or ''} run(s) of {dag_id}")
+        if run["state"] == "failed":
+            print(self.failure_report(dag_id, run))  # shown with the test's failure: the reason, not only "failed"
+        return run
+
+    def failure_report(self, dag_id: str, run: dict, lines: int = 60) -> str:
+        """The last lines of the log of each failed task instance of a run."""
+        report = [f"{dag_id} run {run['dag_run_id']} {run['state']}"]
+        for ti in self.task_instances(dag_id, run["dag_run_id"]):
+            if ti["state"] not in ("failed", "upstream_failed"):
+                continue
+            report.append(f"--- {ti['task_id']}[{ti['map_index']}] {ti['state']} (try {ti['try_number']}, {ti.get('hostname')})")
+            if ti["state"] == "failed":
+                log = self.task_log(dag_id, run["dag_run_id"], ti["task_id"], ti["map_index"], max(ti["try_number"], 1))
+                report.extend(log.splitlines()[-lines:])
+        return "\n".join(report)

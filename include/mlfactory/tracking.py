@@ -32,11 +32,10 @@ class MlflowTracker:
         # the training set's integer columns are typed; the hint is about serving, where the signature decides
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment)
         if resume_run_id:
             run = mlflow.start_run(run_id=resume_run_id)
             return cls(mlflow, run.info.run_id)
-        run = mlflow.start_run(run_name=run_name)
+        run = start_run(experiment, run_name)
         mlflow.log_params(params)
         mlflow.set_tags(tags)
         source = mlflow.data.from_pandas(frame, source=_dataset_source(source_uri), name=dataset.name,
@@ -176,3 +175,15 @@ def _bucket_source_class():
             return json.dumps(self.to_dict())
 
     return BucketDatasetSource
+
+
+def start_run(experiment: str, run_name: str | None):
+    """A new MLflow run in ``experiment`` (created if missing), whatever ``MLFLOW_EXPERIMENT_ID`` says.
+
+    The id goes to ``start_run`` explicitly: when parallel trials create the experiment at once, the loser's
+    ``set_experiment`` returns it without making it active (MLflow 3.17), and ``start_run`` would then take
+    ``MLFLOW_EXPERIMENT_ID`` from the environment, which may name another experiment."""
+    import mlflow
+
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    return mlflow.start_run(run_name=run_name, experiment_id=experiment_id)
