@@ -16,7 +16,7 @@ CUDA_ONLY := cuda-bindings cuda-pathfinder cuda-toolkit triton nvidia-cublas nvi
 # Azurite (Azure Blob and Queue over HTTP) for the azure tests: 3.35.0 is the last release that runs on Node 20
 AZURITE := .azurite/node_modules/.bin/azurite
 
-.PHONY: venv run test test-fast bench lock clean
+.PHONY: venv run test test-fast bench lock clean compose-env compose-up
 
 venv: $(STAMP)
 
@@ -51,6 +51,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/p2_drift_vs_evidently.py
 	$(PY) benchmarks/p6_batch_scoring.py
 	$(PY) benchmarks/p5_lifecycle.py
+
+# docker-compose.yaml: .env with generated secrets (once), then the whole stack, images built from this checkout
+compose-env:
+	python3 docker/compose_env.py
+
+compose-up: compose-env
+	docker compose up -d --build
 
 # Recompute requirements.txt from requirements.in (needs network access to PyPI).
 lock: $(STAMP)

@@ -12,7 +12,7 @@ config and can be changed per run in the trigger form; the backend is the config
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
@@ -94,5 +94,8 @@ with DAG(
         return candidate
 
     prepared = prepare()
-    trials = backend.training_operator.partial(task_id="train", pool=defaults.pool).expand(spec=plan(prepared))
+    trials = backend.training_operator.partial(
+        task_id="train", pool=defaults.pool, queue=defaults.queue, executor_config=defaults.executor_config(),
+        retries=defaults.retries, retry_delay=timedelta(seconds=10),
+    ).expand(spec=plan(prepared))
     select_best(prepared, trials.output)

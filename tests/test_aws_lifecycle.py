@@ -85,14 +85,14 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
     mlflow_server = LocalMlflow(tmp_path / "mlflow", f"s3://{BUCKET}/mlflow", port=free_port()).launch()
 
     raw["aws"]["sqs_queue_url"] = queue
-    raw["training"].update(epochs=2, trials=1, processes=1, search_space={})
+    # the first tries of `train` find moto's job completed with no model yet (see the docstring)
+    raw["training"].update(epochs=2, trials=1, processes=1, search_space={}, retries=10)
     raw["promotion"].update(floor=0.6)
     raw["mlflow"].update(tracking_uri=mlflow_server.url, experiment="aws-lifecycle", model_name="churn_aws")
     path.write_text(yaml.safe_dump(raw))
     cfg = load_config()
     airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), env_overrides={  # inherits AIRFLOW_CONN_AWS_DEFAULT
         "MLFACTORY_CONFIG": cfg.source,
-        # the first tries of `train` find moto's job completed with no model yet (see the docstring)
         "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "10", "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "5"},
         db_template=airflow_db_template)
     compute = SageMakerCompute(moto_server, tmp_path / "sagemaker", {"MLFLOW_TRACKING_URI": mlflow_server.url,

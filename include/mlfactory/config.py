@@ -145,6 +145,10 @@ HiddenSizes = list[Annotated[int, Field(ge=1, le=4096)]]
 SEARCHABLE = ("learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "epochs")
 
 
+TRAINING_QUEUE_ENV = "MLFACTORY_TRAINING_QUEUE"
+TRAINING_POD_TEMPLATE_ENV = "MLFACTORY_TRAINING_POD_TEMPLATE"
+
+
 class TrainingSpec(_Strict):
     """Defaults of ml_train; every one of them can be changed per run in the trigger form."""
 
@@ -167,6 +171,16 @@ class TrainingSpec(_Strict):
     pool: str = Field("mlfactory_training", min_length=1, description="the Airflow pool every training job runs in")
     concurrent_jobs: int = Field(1, ge=1, description="size of that pool: training jobs at once (make run creates "
                                                       "it; the local stand-in for a GPU quota)")
+    queue: str = Field(
+        default_factory=lambda: os.environ.get(TRAINING_QUEUE_ENV) or "default", min_length=1,
+        description="the Airflow queue of the training tasks: with the CeleryExecutor, the workers on GPU machines "
+        f"listen on it (`airflow celery worker --queues gpu`); default ${TRAINING_QUEUE_ENV}, else `default`")
+    pod_template_file: str = Field(
+        default_factory=lambda: os.environ.get(TRAINING_POD_TEMPLATE_ENV, ""),
+        description="with the KubernetesExecutor: the pod template of the training tasks (a GPU node pool, its "
+        f"taint, the GPU limit; deploy/helm/gpu-training-pod.yaml); default ${TRAINING_POD_TEMPLATE_ENV}; empty: none")
+    retries: int = Field(2, ge=0, le=20, description="retries of a failed training task (a lost worker, a preempted "
+                         "spot job): each resumes from the job's last checkpoint")
     retrain_on_new_data: bool = Field(
         False, description="retrain on every curated batch even when a champion exists (default: only until the "
         "first champion; then on the schedule, on drift, or by hand)")
@@ -175,6 +189,11 @@ class TrainingSpec(_Strict):
     @classmethod
     def _known_keys(cls, space: dict[str, list]) -> dict[str, list]:
         return check_search_space(space)
+
+    def executor_config(self) -> dict:
+        """The training tasks' ``executor_config``: the KubernetesExecutor's pod template, when one is set (the
+        other executors ignore it)."""
+        return {"pod_template_file": self.pod_template_file} if self.pod_template_file else {}
 
 
 def check_search_space(space: dict[str, list]) -> dict[str, list]:

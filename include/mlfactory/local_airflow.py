@@ -11,7 +11,6 @@ pool that training jobs run in is created from the pipeline config (``training.p
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import secrets
@@ -25,9 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
-from mlfactory.processes import descendants, signal_group, stop_group
+from mlfactory.processes import kill_tree, signal_group, stop_group
 from mlfactory.storage import private_file
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -38,10 +35,11 @@ SQLITE_CONNECT_ARGS = {"timeout": 30}  # Airflow's metadata database: seconds a 
 TASK_LIBRARIES = ("pandas", "pyarrow.parquet", "pyarrow.dataset", "fsspec", "mlflow.pyfunc", "great_expectations",
                   "torch", "sklearn.metrics", "mlfactory.etl", "mlfactory.registry", "mlfactory.training_data",
                   "mlfactory.monitoring", "mlfactory.deployment")
-LOCAL_SETTINGS = f'''"""Written by {__name__} on every start: the scheduler preloads what the tasks import."""
+LOCAL_SETTINGS = f'''"""Written by {__name__} on every start: the process that forks the tasks (the scheduler's
+LocalExecutor, a Celery worker) preloads what they import."""
 import sys
 
-if sys.argv[1:2] == ["scheduler"]:
+if sys.argv[1:2] == ["scheduler"] or sys.argv[1:3] == ["celery", "worker"]:
     import importlib
 
     for name in {TASK_LIBRARIES!r}:
@@ -55,6 +53,15 @@ COMPONENTS = {
     "triggerer": ["triggerer", "--skip-serve-logs"],
     "api-server": ["api-server"],
 }
+HOSTNAME_ENV = "MLFACTORY_HOSTNAME"
+
+
+def hostname() -> str:
+    """``[core] hostname_callable``: the name a task instance records as where it ran. Several Celery workers
+    on one machine each set their own (``MLFACTORY_HOSTNAME``); elsewhere the machine's name, as Airflow's default."""
+    import socket
+
+    return os.environ.get(HOSTNAME_ENV) or socket.getfqdn()
 
 
 def _fernet_key() -> str:
@@ -69,6 +76,17 @@ class LocalAirflow:
     # A migrated metadata database to start from (copied): migrating a new SQLite file costs ~10 s. When the
     # file does not exist yet, this instance migrates its own database and leaves a copy there.
     db_template: Path | None = None
+    # A metadata database other than this home's SQLite file (a SQLAlchemy URL: PostgreSQL for the CeleryExecutor)
+    database_url: str | None = None
+    # CeleryExecutor: {worker name: its queues, comma-separated}, one `airflow celery worker` each, with its
+    # name as the hostname its task instances record; the broker at broker_url. Empty: the LocalExecutor.
+    workers: dict[str, str] = field(default_factory=dict)
+    broker_url: str | None = None
+    # A login for the UI and the REST API (the Simple Auth Manager's `admin`, with a generated password kept
+    # beside the database, mode 600) instead of every client an admin without one.
+    login: bool = False
+    _jwt: str = field(default="", repr=False)
+    _token_at: float = field(default=-1e9, repr=False)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     migrated: bool = False
 
@@ -93,20 +111,18 @@ class LocalAirflow:
             "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor" if self.workers else "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "4",  # each LocalExecutor worker costs ~40 MB; 2 cores here
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
-            # SQLite has one writer at a time: a write waits this long for the lock (sqlite3's default, 5 s, was
-            # seen to fail an API request with "database is locked" while the scheduler was busy)
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{__name__}.SQLITE_CONNECT_ARGS",
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{__name__}.hostname",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url or f"sqlite:///{self.home / 'airflow.db'}",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.api_port),
             "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
             "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret,
-            # The UI and API on loopback need no login on a developer's own machine.
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            # The UI and API on loopback need no login on a developer's own machine, unless asked for.
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": str(not self.login),
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
@@ -128,8 +144,42 @@ class LocalAirflow:
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
             "NO_PROXY": "127.0.0.1,localhost",
         }
+        if self.login:
+            env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = "admin:admin"
+            env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] = str(self._passwords_file())
+        if not self.database_url:
+            # SQLite has one writer at a time: a write waits this long for the lock (sqlite3's default, 5 s, was
+            # seen to fail an API request with "database is locked" while the scheduler was busy)
+            env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = f"{__name__}.SQLITE_CONNECT_ARGS"
+        if self.workers:
+            env.update({
+                "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
+                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.database_url.replace("+psycopg2", ""),
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+                # a task queued to a worker that died before it started is queued again after this, not 10 min
+                "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "90",
+            })
         env.update(self.env_overrides)
         return env
+
+    def _passwords_file(self) -> Path:
+        path = self.home / "passwords.json"
+        private_file(path, lambda: json.dumps({"admin": secrets.token_urlsafe(16)}))
+        return path
+
+    @property
+    def admin_password(self) -> str:
+        """The password of user `admin` (``login``)."""
+        return json.loads(self._passwords_file().read_text())["admin"]
+
+    def components(self) -> dict[str, list[str]]:
+        """Each process to start: the four of every Airflow, and one Celery worker per entry of ``workers``."""
+        workers = {
+            f"worker-{name}": ["celery", "worker", "--queues", queues, "--celery-hostname", f"{name}@%h",
+                               "--skip-serve-logs"]  # the API server reads the task logs from this machine's disk
+            for name, queues in self.workers.items()
+        }
+        return {**COMPONENTS, **workers}
 
     def start(self, timeout: float = 120) -> LocalAirflow:
         env = self.env()
@@ -137,7 +187,7 @@ class LocalAirflow:
         (self.home / "config").mkdir(exist_ok=True)  # on every Airflow process's path: airflow_local_settings
         (self.home / "config" / "airflow_local_settings.py").write_text(LOCAL_SETTINGS)
         self._migrate(env)
-        for name in COMPONENTS:
+        for name in self.components():
             self._launch(name, env)
         try:
             self.wait_until(lambda: self._get("/api/v2/version") is not None, timeout, "the API server to answer")
@@ -148,9 +198,11 @@ class LocalAirflow:
         return self
 
     def _launch(self, name: str, env: dict[str, str]) -> None:
+        if name.startswith("worker-"):
+            env = {**env, HOSTNAME_ENV: name.removeprefix("worker-")}
         with open(self.home / "logs" / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "airflow", *COMPONENTS[name]],
+                [sys.executable, "-m", "airflow", *self.components()[name]],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -168,15 +220,15 @@ class LocalAirflow:
 
     def crash_all(self) -> None:
         """kill -9 of every process of every component, tasks included: a power cut."""
-        tree = [child for proc in self.processes.values() for child in descendants(proc)]  # tasks may leave the group
-        for proc in self.processes.values():
-            signal_group(proc, signal.SIGKILL)
-        for child in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-        for proc in self.processes.values():
-            proc.wait()
-        self.processes.clear()
+        for name in list(self.processes):
+            self.crash_tree(name)
+
+    def crash_tree(self, name: str) -> None:
+        """kill -9 of one component and every process under it, tasks included (they may leave its group): a
+        machine or container that dies."""
+        proc = self.processes.pop(name)
+        kill_tree(proc)
+        proc.wait()
 
     def relaunch(self, name: str) -> None:
         """Start one component again (after ``crash``)."""
@@ -186,7 +238,9 @@ class LocalAirflow:
         database = self.home / "airflow.db"
         if self.migrated:  # a restart of this instance: its database is current
             return
-        if self.db_template is not None and self.db_template.exists() and not database.exists():
+        if self.database_url:
+            subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+        elif self.db_template is not None and self.db_template.exists() and not database.exists():
             shutil.copyfile(self.db_template, database)
         else:
             subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
@@ -232,12 +286,25 @@ class LocalAirflow:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return None
 
+    def _token(self) -> str:
+        """`admin`'s JWT for the REST API (``login``), fetched once an hour."""
+        if time.monotonic() - self._token_at > 3600:
+            body = json.dumps({"username": "admin", "password": self.admin_password}).encode()
+            request = urllib.request.Request(self.url + "/auth/token", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                self._jwt, self._token_at = json.loads(response.read())["access_token"], time.monotonic()
+        return self._jwt
+
     def api(self, path: str, method: str = "GET", body: dict | None = None) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.login:
+            headers["Authorization"] = f"Bearer {self._token()}"
         request = urllib.request.Request(
             self.url + path,
             method=method,
             data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            headers=headers,
         )
         # longer than the API server's own wait for SQLite's write lock (SQLITE_CONNECT_ARGS, 30 s): a busy
         # database answers late, or with its error, but never as a client-side timeout

@@ -27,6 +27,16 @@ class LocalSettings(BackendSettings):
     port: int = Field(8090, ge=1, le=65535, description="the local endpoint's port (on 127.0.0.1)")
     token: str = Field("", description="the endpoint's bearer token; empty: one is generated and kept (mode 600) in "
                                        "the bucket's _mlfactory/endpoint/")
+    endpoint_url: str = Field("", pattern=r"^(https?://[^/\s]+)?$",
+                              description="a model server run by someone else (docker-compose's model-server, a "
+                                          "Kubernetes Service), e.g. http://model-server:8080: ml_deploy drives it "
+                                          "through its admin API and never starts one; empty: a process on "
+                                          "127.0.0.1:port, started on first deploy")
+
+    @field_validator("endpoint_url", mode="before")
+    @classmethod
+    def _empty_url(cls, value):
+        return "" if value is None else str(value).rstrip("/")
 
     @field_validator("token", mode="before")
     @classmethod

@@ -36,7 +36,7 @@ class LocalEndpoint:
         if not storage.is_local(cfg.storage.bucket):
             raise ValueError(f"the local endpoint keeps its state in a local bucket; {cfg.source} has {cfg.storage.bucket}")
         self.cfg, self.settings = cfg, cfg.backend
-        self.url = f"http://127.0.0.1:{self.settings.port}"
+        self.url = self.settings.endpoint_url or f"http://127.0.0.1:{self.settings.port}"
         self.home = Path(storage.local_path(storage.join(cfg.storage.state_uri, "endpoint")))
         self.state_file = Path(storage.local_path(endpoint_state_uri(cfg)))
         self.log_file = self.home / "endpoint.log"
@@ -56,6 +56,14 @@ class LocalEndpoint:
 
     def ensure_running(self, timeout: float = 120) -> None:
         if self.alive():
+            return
+        if self.settings.endpoint_url:  # someone else runs it (docker-compose, Kubernetes): wait for it, never start one
+            deadline = time.monotonic() + timeout
+            while not self.alive():
+                if time.monotonic() > deadline:
+                    raise DeploymentFailed(f"the model server at {self.url} (local.endpoint_url) did not answer "
+                                           f"/live within {timeout:.0f}s")
+                time.sleep(1)
             return
         self.home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MLFACTORY_SERVING_TOKEN": self.token, "MLFLOW_TRACKING_URI": self.cfg.mlflow.tracking_uri}

@@ -1,0 +1,157 @@
+"""The Helm values and Kubernetes manifests (deploy/helm) and the Terraform of each cloud (deploy/<cloud>/terraform),
+checked statically: no cluster, no cloud, no provider download.
+
+- Kubernetes: every object validated against the Kubernetes API's own OpenAPI schemas (kubernetes-validate,
+  strict: an unknown field fails), and the values wired to them (services, secrets, the GPU pod template).
+- Terraform: `terraform fmt -check`, a policy scan by checkov with no failed check (each skip carries its
+  reason in the file), and the roles and policies read from the same files the least-privilege tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from mlfactory.config import TRAINING_POD_TEMPLATE_ENV, TRAINING_QUEUE_ENV
+from mlfactory.local_airflow import PROJECT
+
+HELM = PROJECT / "deploy" / "helm"
+CLOUDS = ("aws", "gcp", "azure")
+KUBERNETES_VERSION = "1.31"
+CHECKOV = PROJECT / ".tools" / "checkov" / "bin" / "checkov"
+
+
+def documents(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((HELM / name).read_text()) if d]
+
+
+def values() -> dict:
+    return yaml.safe_load((HELM / "values.yaml").read_text())
+
+
+def env_of(container_env: list[dict]) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container_env}
+
+
+@pytest.mark.parametrize("name", ["mlflow.yaml", "model-server.yaml", "gpu-training-pod.yaml"])
+def test_every_kubernetes_object_is_valid_against_the_api_schema(name):
+    import kubernetes_validate
+
+    for document in documents(name):
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_an_invalid_object_is_refused_by_that_validation():
+    import kubernetes_validate
+
+    pod = documents("gpu-training-pod.yaml")[0]
+    pod["spec"]["containers"][0]["resourcez"] = pod["spec"]["containers"][0].pop("resources")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+
+def test_values_run_the_kubernetes_executor_with_git_sync_secrets_and_the_services():
+    v = values()
+    assert v["executor"] == "KubernetesExecutor"
+    assert v["dags"]["gitSync"]["enabled"] and v["dags"]["gitSync"]["subPath"] == "dags"
+    assert v["images"]["airflow"]["repository"] == "mlfactory-airflow"
+    assert v["postgresql"]["enabled"] is False and v["data"]["metadataSecretName"]
+    for key in ("fernetKeySecretName", "jwtSecretName", "apiSecretKeySecretName"):
+        assert v[key], key  # chart-generated secrets would change on every render
+    assert v["config"]["core"]["auth_manager"].endswith("SimpleAuthManager")
+    env = env_of(v["env"])
+    # the services the DAGs call are the manifests' Services, on their ports
+    services = {d["metadata"]["name"]: d for f in ("mlflow.yaml", "model-server.yaml") for d in documents(f)
+                if d["kind"] == "Service"}
+    for variable, service in (("MLFLOW_TRACKING_URI", "mlflow"), ("MLFACTORY_ENDPOINT_URL", "model-server")):
+        host, port = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", env[variable]).groups()
+        assert host == service and int(port) in [p["port"] for p in services[service]["spec"]["ports"]]
+    # connections and the endpoint token come from Secrets, never from values
+    secrets = {s["envName"]: s for s in v["secret"]}
+    assert any(name.startswith("AIRFLOW_CONN_") for name in secrets)
+    assert "MLFACTORY_SERVING_TOKEN" in secrets and "MLFACTORY_SERVING_TOKEN" not in env
+    assert not any(re.search(r"(?i)password|token|secret", str(e.get("value", ""))) for e in v["env"])
+
+
+def test_training_tasks_get_the_gpu_pod_template_which_the_image_carries():
+    env = env_of(values()["env"])
+    path = env[TRAINING_POD_TEMPLATE_ENV]
+    dockerfile = (PROJECT / "Dockerfile").read_text()
+    assert f"deploy/helm/gpu-training-pod.yaml {path}" in dockerfile
+    assert TRAINING_QUEUE_ENV not in env  # the KubernetesExecutor has no queues: the pod template places the task
+    pod = documents("gpu-training-pod.yaml")[0]
+    (container,) = pod["spec"]["containers"]
+    assert container["name"] == "base"  # the container Airflow fills in
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
+    assert pod["spec"]["nodeSelector"]
+    # ml_train hands the template to the executor
+    from mlfactory.config import TrainingSpec
+
+    assert TrainingSpec(pod_template_file=path).executor_config() == {"pod_template_file": path}
+    assert TrainingSpec(pod_template_file="").executor_config() == {}
+
+
+def test_terraform_is_formatted():
+    terraform = shutil.which("terraform")
+    assert terraform, "terraform is not on PATH (README, Tests)"
+    proc = subprocess.run([terraform, "fmt", "-check", "-recursive", "-diff", str(PROJECT / "deploy")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_checkov_finds_nothing_in_the_terraform_and_the_dockerfiles():
+    assert CHECKOV.exists(), "checkov is missing: `make test` installs it into .tools/checkov"
+    proc = subprocess.run(
+        [str(CHECKOV), "-d", str(PROJECT), "--framework", "terraform", "dockerfile", "--skip-path", ".venv",
+         "--skip-path", ".tools", "--skip-path", ".azurite", "--skip-path", "tests", "--skip-download", "--compact",
+         "-o", "json"],
+        capture_output=True, text=True, timeout=600,
+    )
+    reports = json.loads(proc.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    summary = {r["check_type"]: r["summary"] for r in reports}
+    assert set(summary) == {"terraform", "dockerfile"}, summary
+    failed = [f"{c['check_id']} {c['resource']} ({c['file_path']})" for r in reports for c in r["results"]["failed_checks"]]
+    assert not failed, failed
+    assert summary["terraform"]["resource_count"] >= 40 and summary["terraform"]["parsing_errors"] == 0
+    skipped = [c for r in reports for c in r["results"]["skipped_checks"]]
+    assert skipped and all(c["check_result"].get("suppress_comment") for c in skipped)  # every skip says why
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_terraform_reads_the_roles_the_least_privilege_tests_read(cloud):
+    main = (PROJECT / "deploy" / cloud / "terraform" / "main.tf").read_text()
+    role_files = {"aws": ["airflow-policy.json", "sagemaker-execution-role-policy.json", "trust-policy.json"],
+                  "gcp": ["airflow-role.yaml", "jobs-role.yaml"],
+                  "azure": ["airflow-role.json", "jobs-role.json"]}[cloud]
+    for name in role_files:
+        assert (PROJECT / "deploy" / cloud / name).exists()
+        stem = name.rsplit(".", 1)[0]
+        assert f'../{name}")' in main or f'"{stem}"' in main, f"{cloud} terraform does not read {name}"
+    assert not re.search(r'"(s3|sagemaker|aiplatform|storage|Microsoft\.MachineLearningServices)[:.][A-Za-z/*]+"\s*[,\]]', main), \
+        "a permission is written in the terraform instead of read from the role files"
+    if cloud == "aws":  # every placeholder of the policy files is filled in
+        placeholders = set()
+        for name in role_files:
+            placeholders |= set(re.findall(r"\b(MLFACTORY_[A-Z_]+|REGION|ACCOUNT_ID)\b", (PROJECT / "deploy" / "aws" / name).read_text()))
+        missing = [p for p in placeholders if f'"{p}"' not in main]
+        assert not missing, missing
+
+
+@pytest.mark.parametrize("cloud, dead_letter", [("aws", "redrive_policy"), ("gcp", "dead_letter_policy"),
+                                                 ("azure", "storage_blob_dead_letter_destination")])
+def test_landing_notifications_have_a_dead_letter_and_a_budget(cloud, dead_letter):
+    main = (PROJECT / "deploy" / cloud / "terraform" / "main.tf").read_text()
+    notification = {"aws": "aws_s3_bucket_notification", "gcp": "google_storage_notification",
+                    "azure": "azurerm_eventgrid_system_topic_event_subscription"}[cloud]
+    budget = {"aws": "aws_budgets_budget", "gcp": "google_billing_budget",
+              "azure": "azurerm_consumption_budget_resource_group"}[cloud]
+    for resource in (notification, budget):
+        assert f'resource "{resource}"' in main
+    assert dead_letter in main and "landing/" in main
