@@ -15,8 +15,13 @@ CUDA_ONLY := cuda-bindings cuda-pathfinder cuda-toolkit triton nvidia-cublas nvi
 
 # Azurite (Azure Blob and Queue over HTTP) for the azure tests: 3.35.0 is the last release that runs on Node 20
 AZURITE := .azurite/node_modules/.bin/azurite
+# checkov (the Terraform and Dockerfile policy scan) in a venv of its own: its pins are not the project's
+CHECKOV := .tools/checkov/bin/checkov
+# Debian packages the tests run for real: Redis (the Celery broker), docker-compose 1.29 (renders
+# docker-compose.yaml), Chromium (the UI test). PostgreSQL 15's server and terraform are on these machines.
+DEBIAN_PACKAGES := redis-server docker-compose chromium
 
-.PHONY: venv run test test-fast bench lock clean compose-env compose-up
+.PHONY: venv run test test-fast bench lock clean compose-env compose-up system-packages
 
 venv: $(STAMP)
 
@@ -36,11 +41,25 @@ run: $(STAMP)
 $(AZURITE):
 	npm install --prefix .azurite --no-audit --no-fund --loglevel=error azurite@3.35.0
 
-test: $(STAMP) $(AZURITE)
+$(CHECKOV):
+	$(PYTHON) -m venv .tools/checkov
+	.tools/checkov/bin/pip install --quiet checkov==3.3.30 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+
+# what is missing of DEBIAN_PACKAGES: installed with apt-get as root, else named with the command to run
+system-packages:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing; run: sudo apt-get install$$missing"; exit 1; fi; \
+	fi
+
+test: $(STAMP) $(AZURITE) $(CHECKOV) system-packages
 	$(PY) -m pytest
 
 # The inner loop: everything but the end-to-end runs under a real Airflow scheduler (marker `scheduler`).
-test-fast: $(STAMP) $(AZURITE)
+test-fast: $(STAMP) $(AZURITE) $(CHECKOV) system-packages
 	$(PY) -m pytest -m "not scheduler"
 
 bench: $(STAMP)
@@ -66,4 +85,4 @@ lock: $(STAMP)
 	  $(addprefix --no-emit-package ,$(CUDA_ONLY)) -o requirements.txt
 
 clean:
-	rm -rf $(VENV) .azurite .airflow .mlfactory .mlflow
+	rm -rf $(VENV) .azurite .tools .airflow .mlfactory .mlflow .test-artifacts

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from mlfactory import backends
 from mlfactory.backends import BackendSettings
 from mlfactory.dataset import DatasetSpec
-from mlfactory.specs import BatchSizing, EndpointSizing
+from mlfactory.specs import Accelerator, BatchSizing, EndpointSizing
 
 CONFIG_ENV = "MLFACTORY_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "pipeline.yaml"
@@ -159,6 +159,10 @@ class TrainingSpec(_Strict):
     dropout: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(1e-5, ge=0, le=1)
     processes: int = Field(2, ge=1, le=64, description="DDP processes per node (local: CPU processes)")
+    accelerator: Accelerator = Field(Accelerator(), description="each training node's hardware: cpu, or e.g. {kind: gpu, "
+                                     "model: nvidia-a100, count: 1} (one DDP process per GPU; local: this machine's "
+                                     "GPUs, clouds: the instance catalog)")
+    nodes: int = Field(1, ge=1, le=64, description="machines per training job (clouds; local runs on one)")
     validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of training rows held out per run")
     seed: int = 42
     trials: int = Field(2, ge=1, le=64, description="hyperparameter-search trials, one mapped task each")

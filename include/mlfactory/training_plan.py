@@ -81,6 +81,8 @@ def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str) -> list
             output_uri=storage.join(cfg.storage.models_uri, "runs", key, f"trial-{i}"),
             checkpoint_uri=storage.join(cfg.storage.models_uri, "checkpoints", key, f"trial-{i}"),
             processes_per_node=params["processes"],
+            nodes=defaults.nodes,
+            accelerator=defaults.accelerator,
             max_runtime_s=defaults.max_runtime_s,
             environment={"MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri, "MLFLOW_EXPERIMENT_NAME": cfg.mlflow.experiment},
             tags={**tags, "mlfactory.trial": str(i)},
