@@ -157,41 +157,29 @@ resource "azurerm_eventgrid_system_topic_event_subscription" "landing" {
 
 # --- identities: the repo's custom roles ----------------------------------------------------------------
 
-resource "azurerm_role_definition" "airflow" {
-  name        = local.roles.airflow.Name
-  description = local.roles.airflow.Description
+resource "azurerm_role_definition" "mlfactory" {
+  for_each    = local.roles
+  name        = each.value.Name
+  description = each.value.Description
   scope       = data.azurerm_resource_group.ml.id
   permissions {
-    actions          = local.roles.airflow.Actions
-    not_actions      = local.roles.airflow.NotActions
-    data_actions     = local.roles.airflow.DataActions
-    not_data_actions = local.roles.airflow.NotDataActions
-  }
-  assignable_scopes = [data.azurerm_resource_group.ml.id]
-}
-
-resource "azurerm_role_definition" "jobs" {
-  name        = local.roles.jobs.Name
-  description = local.roles.jobs.Description
-  scope       = data.azurerm_resource_group.ml.id
-  permissions {
-    actions          = local.roles.jobs.Actions
-    not_actions      = local.roles.jobs.NotActions
-    data_actions     = local.roles.jobs.DataActions
-    not_data_actions = local.roles.jobs.NotDataActions
+    actions          = each.value.Actions
+    not_actions      = each.value.NotActions
+    data_actions     = each.value.DataActions
+    not_data_actions = each.value.NotDataActions
   }
   assignable_scopes = [data.azurerm_resource_group.ml.id]
 }
 
 resource "azurerm_role_assignment" "airflow" {
   scope              = data.azurerm_resource_group.ml.id
-  role_definition_id = azurerm_role_definition.airflow.role_definition_resource_id
+  role_definition_id = azurerm_role_definition.mlfactory["airflow"].role_definition_resource_id
   principal_id       = var.airflow_principal_id
 }
 
 resource "azurerm_role_assignment" "jobs" {
   scope              = azurerm_storage_container.bucket.id
-  role_definition_id = azurerm_role_definition.jobs.role_definition_resource_id
+  role_definition_id = azurerm_role_definition.mlfactory["jobs"].role_definition_resource_id
   principal_id       = var.jobs_principal_id
 }
 

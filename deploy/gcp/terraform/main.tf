@@ -141,31 +141,24 @@ resource "google_service_account" "jobs" {
   display_name = "mlfactory Vertex AI jobs and endpoints (gcp.service_account)"
 }
 
-resource "google_project_iam_custom_role" "airflow" {
-  role_id     = "mlfactoryAirflow"
-  title       = local.roles.airflow.title
-  description = local.roles.airflow.description
-  stage       = local.roles.airflow.stage
-  permissions = local.roles.airflow.includedPermissions
-}
-
-resource "google_project_iam_custom_role" "jobs" {
-  role_id     = "mlfactoryJobs"
-  title       = local.roles.jobs.title
-  description = local.roles.jobs.description
-  stage       = local.roles.jobs.stage
-  permissions = local.roles.jobs.includedPermissions
+resource "google_project_iam_custom_role" "mlfactory" {
+  for_each    = { airflow = "mlfactoryAirflow", jobs = "mlfactoryJobs" }
+  role_id     = each.value
+  title       = local.roles[each.key].title
+  description = local.roles[each.key].description
+  stage       = local.roles[each.key].stage
+  permissions = local.roles[each.key].includedPermissions
 }
 
 resource "google_project_iam_member" "airflow" {
   project = var.project
-  role    = google_project_iam_custom_role.airflow.id
+  role    = google_project_iam_custom_role.mlfactory["airflow"].id
   member  = google_service_account.airflow.member
 }
 
 resource "google_storage_bucket_iam_member" "jobs" {
   bucket = google_storage_bucket.mlfactory.name
-  role   = google_project_iam_custom_role.jobs.id
+  role   = google_project_iam_custom_role.mlfactory["jobs"].id
   member = google_service_account.jobs.member
 }
 
