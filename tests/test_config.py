@@ -72,6 +72,11 @@ def test_config_path_comes_from_the_environment(tmp_path, monkeypatch):
         (lambda raw: raw["serving"].update(port=8090), "serving.port is now local.port"),
         (lambda raw: raw["serving"].update(colour="blue"), "serving.colour: Extra inputs are not permitted"),
         (lambda raw: raw["serving"].update(accelerator={"kind": "gpu"}), "a gpu job needs count >= 1"),
+        (lambda raw: raw["training"].update(accelerator={"kind": "cpu", "count": 2}), "a cpu job has no accelerator count"),
+        (lambda raw: raw["training"].update(retries=-1), "training.retries"),
+        (lambda raw: raw["training"].update(queue=""), "training.queue"),
+        (lambda raw: raw.update(local={"endpoint_url": "model-server:8080"}),
+         "local.endpoint_url: Value error, 'model-server:8080' is not http(s)://host:port"),
     ],
 )
 def test_a_wrong_config_names_the_field_and_the_file(tmp_path, bucket, mutate, needle):

@@ -97,3 +97,15 @@ def test_blue_green_rollout_canary_and_rollback_of_a_broken_model(champion):
         endpoint.stop()
         registry.client.set_registered_model_alias(cfg.model_name, CHAMPION, first)  # as the fixture left it
     assert not endpoint.alive()
+
+
+def test_an_endpoint_run_elsewhere_is_waited_for_and_never_started_here(cfg):
+    """local.endpoint_url (docker-compose's model-server, a Kubernetes Service): ml_deploy drives that server and
+    starts none of its own; one that does not answer fails the deploy, naming the setting."""
+    port = free_port()
+    elsewhere = with_section(cfg, "backend", endpoint_url=f"http://127.0.0.1:{port}")
+    endpoint = LocalEndpoint(elsewhere)
+    assert endpoint.url == f"http://127.0.0.1:{port}"
+    with pytest.raises(DeploymentFailed, match=r"local.endpoint_url.*did not answer /live within 2s"):
+        endpoint.ensure_running(timeout=2)
+    assert "pid" not in endpoint.state() and not endpoint.log_file.exists()  # nothing was started

@@ -47,6 +47,26 @@ def test_one_job_spec_per_trial_stable_across_retries(cfg):
     assert first.max_runtime_s == cfg.training.max_runtime_s
 
 
+def test_the_configured_hardware_and_placement_reach_every_job_and_the_train_task(cfg, monkeypatch):
+    from conftest import with_section
+    from mlfactory.config import TRAINING_POD_TEMPLATE_ENV, TRAINING_QUEUE_ENV, TrainingSpec
+
+    gpu = with_section(cfg, "training", accelerator={"kind": "gpu", "model": "nvidia-a100", "count": 4}, nodes=2)
+    jobs = [TrainingJobSpec.model_validate(s) for s in plan(gpu, PREPARED, FORM, "manual__1")]
+    assert {(j.nodes, j.accelerator.kind, j.accelerator.model, j.accelerator.count) for j in jobs} == {
+        (2, "gpu", "nvidia-a100", 4)}
+    assert all(j.accelerator.kind == "cpu" and j.nodes == 1 for j in map(TrainingJobSpec.model_validate,
+                                                                         plan(cfg, PREPARED, FORM, "manual__1")))
+    # the queue (CeleryExecutor) and pod template (KubernetesExecutor) of the train task: set, or from the environment
+    monkeypatch.delenv(TRAINING_QUEUE_ENV, raising=False)
+    monkeypatch.delenv(TRAINING_POD_TEMPLATE_ENV, raising=False)
+    assert TrainingSpec().queue == "default" and TrainingSpec().executor_config() == {}
+    monkeypatch.setenv(TRAINING_QUEUE_ENV, "gpu")
+    monkeypatch.setenv(TRAINING_POD_TEMPLATE_ENV, "/opt/airflow/pod_templates/gpu.yaml")
+    assert TrainingSpec().queue == "gpu" and TrainingSpec(queue="a100").queue == "a100"
+    assert TrainingSpec().executor_config() == {"pod_template_file": "/opt/airflow/pod_templates/gpu.yaml"}
+
+
 def test_the_best_trial_becomes_the_candidate(capsys):
     trial = lambda v, lr: {"value": v, "metric": "val_roc_auc", "hyperparameters": {"learning_rate": lr},  # noqa: E731
                            "model_bundle_uri": f"file:///m/{lr}", "model_uri": f"models:/m-{lr}", "mlflow_run_id": str(lr)}

@@ -152,6 +152,8 @@ class LocalAirflow:
             # seen to fail an API request with "database is locked" while the scheduler was busy)
             env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = f"{__name__}.SQLITE_CONNECT_ARGS"
         if self.workers:
+            if not (self.database_url and self.broker_url):
+                raise ValueError("the CeleryExecutor (workers) needs a database_url (PostgreSQL) and a broker_url (Redis)")
             env.update({
                 "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
                 "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.database_url.replace("+psycopg2", ""),
@@ -238,14 +240,13 @@ class LocalAirflow:
         database = self.home / "airflow.db"
         if self.migrated:  # a restart of this instance: its database is current
             return
-        if self.database_url:
-            subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
-        elif self.db_template is not None and self.db_template.exists() and not database.exists():
-            shutil.copyfile(self.db_template, database)
+        template = None if self.database_url else self.db_template  # a SQLite file to copy, or to leave a copy of
+        if template is not None and template.exists() and not database.exists():
+            shutil.copyfile(template, database)
         else:
             subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
-            if self.db_template is not None and not self.db_template.exists():
-                shutil.copyfile(database, self.db_template)
+            if template is not None and not template.exists():
+                shutil.copyfile(database, template)
         self.migrated = True
 
     def _training_pool(self, env: dict[str, str]) -> None:

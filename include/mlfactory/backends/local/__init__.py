@@ -13,6 +13,7 @@ Its Airflow side is ``mlfactory_airflow.backends.local``; ``make run`` (``run``)
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -27,7 +28,7 @@ class LocalSettings(BackendSettings):
     port: int = Field(8090, ge=1, le=65535, description="the local endpoint's port (on 127.0.0.1)")
     token: str = Field("", description="the endpoint's bearer token; empty: one is generated and kept (mode 600) in "
                                        "the bucket's _mlfactory/endpoint/")
-    endpoint_url: str = Field("", pattern=r"^(https?://[^/\s]+)?$",
+    endpoint_url: str = Field("",
                               description="a model server run by someone else (docker-compose's model-server, a "
                                           "Kubernetes Service), e.g. http://model-server:8080: ml_deploy drives it "
                                           "through its admin API and never starts one; empty: a process on "
@@ -35,8 +36,11 @@ class LocalSettings(BackendSettings):
 
     @field_validator("endpoint_url", mode="before")
     @classmethod
-    def _empty_url(cls, value):
-        return "" if value is None else str(value).rstrip("/")
+    def _endpoint_url(cls, value):
+        url = "" if value is None else str(value).rstrip("/")
+        if url and not re.fullmatch(r"https?://[^/\s]+", url):
+            raise ValueError(f"{url!r} is not http(s)://host:port (no path), e.g. http://model-server:8080")
+        return url
 
     @field_validator("token", mode="before")
     @classmethod
