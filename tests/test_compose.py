@@ -119,7 +119,7 @@ def test_every_airflow_process_shares_the_executor_secrets_and_execution_api(ren
     assert rendered["services"]["airflow-init"]["environment"]["_AIRFLOW_DB_MIGRATE"] == "true"
 
 
-def test_training_goes_to_the_gpu_worker_which_reserves_the_gpus(rendered):
+def test_training_goes_to_the_gpu_worker_which_reserves_the_gpus(rendered, monkeypatch):
     services = rendered["services"]
     assert re.search(r"--queues default\b", services["airflow-worker"]["command"])
     gpu = services["airflow-worker-gpu"]
@@ -132,13 +132,9 @@ def test_training_goes_to_the_gpu_worker_which_reserves_the_gpus(rendered):
     env = services["airflow-scheduler"]["environment"]
     patched = {k: env[k] for k in ("MLFACTORY_BACKEND", "MLFACTORY_BUCKET", "MLFLOW_TRACKING_URI", "MLFACTORY_ENDPOINT_URL",
                                    "MLFACTORY_SERVING_TOKEN", TRAINING_QUEUE_ENV)}
-    saved = {k: os.environ.get(k) for k in patched}
-    os.environ.update(patched)
-    try:
-        cfg = load_config(PROJECT / "include" / "pipeline.yaml")
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    for name, value in patched.items():
+        monkeypatch.setenv(name, value)
+    cfg = load_config(PROJECT / "include" / "pipeline.yaml")
     assert cfg.training.queue == "gpu" and cfg.backend.endpoint_url == "http://model-server:8080"
     assert cfg.mlflow.tracking_uri == "http://mlflow:5000" and cfg.storage.bucket.endswith("/opt/mlfactory/bucket")
     assert services["model-server"]["environment"]["MLFACTORY_SERVING_TOKEN"] == env["MLFACTORY_SERVING_TOKEN"]
