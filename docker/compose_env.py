@@ -20,6 +20,7 @@ GENERATED = {
     "AIRFLOW_JWT_SECRET": lambda: secrets.token_hex(64),
     "AIRFLOW_ADMIN_PASSWORD": lambda: secrets.token_urlsafe(16),
     "MLFACTORY_SERVING_TOKEN": lambda: secrets.token_urlsafe(32),
+    "MLFACTORY_SERVING_ADMIN_TOKEN": lambda: secrets.token_urlsafe(32),
 }
 
 

@@ -131,13 +131,22 @@ def test_training_goes_to_the_gpu_worker_which_reserves_the_gpus(rendered, monke
     # into the model-server service
     env = services["airflow-scheduler"]["environment"]
     patched = {k: env[k] for k in ("MLFACTORY_BACKEND", "MLFACTORY_BUCKET", "MLFLOW_TRACKING_URI", "MLFACTORY_ENDPOINT_URL",
-                                   "MLFACTORY_SERVING_TOKEN", TRAINING_QUEUE_ENV)}
+                                   "MLFACTORY_ENDPOINT_ADMIN_URL", "MLFACTORY_SERVING_ADMIN_TOKEN", TRAINING_QUEUE_ENV)}
     for name, value in patched.items():
         monkeypatch.setenv(name, value)
     cfg = load_config(PROJECT / "include" / "pipeline.yaml")
     assert cfg.training.queue == "gpu" and cfg.backend.endpoint_url == "http://model-server:8080"
     assert cfg.mlflow.tracking_uri == "http://mlflow:5000" and cfg.storage.bucket.endswith("/opt/mlfactory/bucket")
-    assert services["model-server"]["environment"]["MLFACTORY_SERVING_TOKEN"] == env["MLFACTORY_SERVING_TOKEN"]
+    # Airflow holds the admin credential only; the server's admin API listens on a port that is never published
+    # and loads only the pipeline's registered model
+    server = services["model-server"]
+    assert "MLFACTORY_SERVING_TOKEN" not in env and cfg.backend.admin_url == "http://model-server:8081"
+    assert server["environment"]["MLFACTORY_SERVING_ADMIN_TOKEN"] == env["MLFACTORY_SERVING_ADMIN_TOKEN"] == cfg.backend.admin_token
+    assert server["environment"]["MLFACTORY_SERVING_TOKEN"] != cfg.backend.admin_token
+    command = server["command"]
+    assert command[command.index("--admin-port") + 1] == "8081" and command[command.index("--port") + 1] == "8080"
+    assert all(not port.endswith(":8081") for port in server["ports"])
+    assert server["environment"]["MLFACTORY_SERVING_ALLOWED_MODEL"] == cfg.model_name
 
 
 def test_the_images_install_the_lock_and_run_the_cloud_entrypoints():

@@ -77,6 +77,12 @@ def test_config_path_comes_from_the_environment(tmp_path, monkeypatch):
         (lambda raw: raw["training"].update(queue=""), "training.queue"),
         (lambda raw: raw.update(local={"endpoint_url": "model-server:8080"}),
          "local.endpoint_url: Value error, 'model-server:8080' is not http(s)://host:port"),
+        (lambda raw: raw.update(local={"endpoint_url": "http://model-server:8080"}),
+         "local.endpoint_url and local.admin_url go together"),
+        (lambda raw: raw.update(local={"token": "abc"}), "local.token has 3 characters; use at least 16"),
+        (lambda raw: raw.update(local={"token": "x" * 20, "admin_token": "x" * 20}),
+         "local.token and local.admin_token must differ"),
+        (lambda raw: raw.update(local={"port": 9000, "admin_port": 9000}), "local.admin_port must differ from local.port"),
     ],
 )
 def test_a_wrong_config_names_the_field_and_the_file(tmp_path, bucket, mutate, needle):

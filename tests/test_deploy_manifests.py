@@ -68,13 +68,16 @@ def test_values_run_the_kubernetes_executor_with_git_sync_secrets_and_the_servic
     # the services the DAGs call are the manifests' Services, on their ports
     services = {d["metadata"]["name"]: d for f in ("mlflow.yaml", "model-server.yaml") for d in documents(f)
                 if d["kind"] == "Service"}
-    for variable, service in (("MLFLOW_TRACKING_URI", "mlflow"), ("MLFACTORY_ENDPOINT_URL", "model-server")):
+    for variable, service in (("MLFLOW_TRACKING_URI", "mlflow"), ("MLFACTORY_ENDPOINT_URL", "model-server"),
+                              ("MLFACTORY_ENDPOINT_ADMIN_URL", "model-server-admin")):
         host, port = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", env[variable]).groups()
         assert host == service and int(port) in [p["port"] for p in services[service]["spec"]["ports"]]
     # connections and the endpoint token come from Secrets, never from values
     secrets = {s["envName"]: s for s in v["secret"]}
     assert any(name.startswith("AIRFLOW_CONN_") for name in secrets)
-    assert "MLFACTORY_SERVING_TOKEN" in secrets and "MLFACTORY_SERVING_TOKEN" not in env
+    # Airflow holds the model server's admin credential, never a client's
+    assert "MLFACTORY_SERVING_ADMIN_TOKEN" in secrets and "MLFACTORY_SERVING_ADMIN_TOKEN" not in env
+    assert "MLFACTORY_SERVING_TOKEN" not in secrets
     assert not any(re.search(r"(?i)password|token|secret", str(e.get("value", ""))) for e in v["env"])
 
 

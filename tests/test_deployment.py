@@ -103,9 +103,10 @@ def test_an_endpoint_run_elsewhere_is_waited_for_and_never_started_here(cfg):
     """local.endpoint_url (docker-compose's model-server, a Kubernetes Service): ml_deploy drives that server and
     starts none of its own; one that does not answer fails the deploy, naming the setting."""
     port = free_port()
-    elsewhere = with_section(cfg, "backend", endpoint_url=f"http://127.0.0.1:{port}")
+    elsewhere = with_section(cfg, "backend", endpoint_url=f"http://127.0.0.1:{port}",
+                             admin_url=f"http://127.0.0.1:{port + 1}")
     endpoint = LocalEndpoint(elsewhere)
-    assert endpoint.url == f"http://127.0.0.1:{port}"
-    with pytest.raises(DeploymentFailed, match=r"local.endpoint_url.*did not answer /live within 2s"):
+    assert endpoint.url == f"http://127.0.0.1:{port}" and endpoint.admin_url == f"http://127.0.0.1:{port + 1}"
+    with pytest.raises(DeploymentFailed, match=r"local.admin_url.*did not answer /live within 2s"):
         endpoint.ensure_running(timeout=2)
     assert "pid" not in endpoint.state() and not endpoint.log_file.exists()  # nothing was started

@@ -20,6 +20,7 @@ from mlfactory import storage
 from mlfactory.processes import free_port, stop_group
 
 TOKEN = "test-token-0123456789"
+ADMIN_TOKEN = "admin-token-9876543210"
 VERTEX_PREDICT = "/v1/endpoints/123/deployedModels/456:predict"
 VERTEX_HEALTH = "/v1/endpoints/123/deployedModels/456"
 
@@ -51,14 +52,20 @@ def server(champion, tmp_path_factory):
     cfg, wire, _ = champion
     # the `champion` fixture's first version, whatever other modules did with the alias since
     Registry(cfg).client.set_registered_model_alias(cfg.model_name, CHAMPION, "1")
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     log_uri = storage.join(cfg.storage.bucket, "predictions", "serving")
+    home = tmp_path_factory.mktemp("server")
+    tokens = home / "tokens.json"
+    tokens.write_text("{}")
     env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri, "MLFACTORY_SERVING_TOKEN": TOKEN,
+           "MLFACTORY_SERVING_TOKENS_FILE": str(tokens), "MLFACTORY_SERVING_ADMIN_TOKEN": ADMIN_TOKEN,
            "AIP_PREDICT_ROUTE": VERTEX_PREDICT, "AIP_HEALTH_ROUTE": VERTEX_HEALTH, "AIP_HTTP_PORT": str(port)}
-    logfile = open(tmp_path_factory.mktemp("server") / "server.log", "wb")
+    logfile = open(home / "server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlfactory.serving", "--model-uri", f"models:/{cfg.model_name}@champion",
-         "--host", "127.0.0.1", "--log-uri", log_uri, "--log-flush-seconds", "0.5"],
+         "--host", "127.0.0.1", "--log-uri", log_uri, "--log-flush-seconds", "0.5",
+         "--admin-port", str(admin_port), "--allowed-model", cfg.model_name, "--max-concurrent", "3",
+         "--body-timeout", "3"],
         env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"  # the port came from AIP_HTTP_PORT, as on Vertex AI
@@ -73,7 +80,7 @@ def server(champion, tmp_path_factory):
         time.sleep(0.3)
     else:
         pytest.fail("the model server did not come up: " + open(logfile.name).read()[-3000:])
-    yield url, log_uri
+    yield url, log_uri, f"http://127.0.0.1:{admin_port}", tokens
     stop_group(proc)
     logfile.close()
 
@@ -115,7 +122,7 @@ def curated_parquet(typed: pd.DataFrame) -> bytes:
 
 
 def test_every_platform_format_gives_the_pyfuncs_predictions(server, expected, champion):
-    url, _ = server
+    url = server[0]
     rows, want = expected
     typed = champion[2].head(len(rows))
     assert set(typed.columns) - set(rows.columns) and (typed["age"].to_numpy() == rows["age"].to_numpy()).all()
@@ -140,15 +147,31 @@ def test_every_platform_format_gives_the_pyfuncs_predictions(server, expected, c
         assert status == 200, (name, reply)
         assert headers["X-Model-Version"] == "1" and headers["X-Variant"] == "primary"
         assert_same(reply["predictions"], want)
-    # Health routes of every platform answer without a token.
-    for path in ("/ping", "/health", VERTEX_HEALTH, "/ready", "/", "/version"):
+    # Health routes of every platform answer without a token, and say nothing of what is served.
+    for path in ("/ping", "/health", VERTEX_HEALTH, "/ready", "/"):
         status, reply, _ = call(url, path, token=None)
-        assert status == 200, (path, reply)
-    assert call(url, "/version", token=None)[1]["variants"]["primary"]["version"] == "1"
+        assert status == 200 and "1" not in json.dumps(reply), (path, reply)
+    assert call(url, "/version", token=None)[0] == 401
+    assert call(url, "/version")[1]["variants"]["primary"]["version"] == "1"
+    # SageMaker batch transform's line formats (SplitType Line): bare CSV rows in signature order and JSON
+    # lines, answered line by line as asked (AssembleWith Line)
+    bare_csv = rows.to_csv(index=False, header=False).encode()
+    status, reply, headers = call(url, "/invocations", bare_csv, content_type="text/csv", headers={"Accept": "text/csv"})
+    assert status == 200 and headers["Content-Type"] == "text/csv"
+    lines = reply.splitlines()
+    assert len(lines) == len(want) and [line.split(",")[0] for line in lines] == [str(p) for p in want["prediction"]]
+    assert [float(line.split(",")[1]) for line in lines] == pytest.approx(want["probability"].tolist(), abs=1e-6)
+    jsonl = "\n".join(json.dumps(r) for r in recs).encode()
+    status, reply, _ = call(url, "/invocations", jsonl, content_type="application/jsonlines",
+                            headers={"Accept": "application/jsonlines"})
+    assert status == 200
+    assert_same([json.loads(line) for line in reply.splitlines()], want)
+    as_lists = "\n".join(json.dumps(r) for r in split["data"]).encode()
+    assert_same(call(url, "/invocations", as_lists, content_type="application/jsonlines")[1]["predictions"], want)
 
 
 def test_bad_requests_get_a_4xx_that_names_the_problem(server, expected):
-    url, _ = server
+    url = server[0]
     rows, _ = expected
     good = records(rows.head(2))
     without_age = [{k: v for k, v in r.items() if k != "age"} for r in good]
@@ -182,21 +205,143 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(server, expected):
 
 
 def test_auth_refuses_a_missing_or_wrong_token(server, expected):
-    url, _ = server
+    url = server[0]
     rows, _ = expected
     body = {"dataframe_records": records(rows.head(1))}
     status, reply, headers = call(url, "/invocations", body, token=None)
     assert status == 401 and "missing 'Authorization: Bearer" in reply["message"] and headers["WWW-Authenticate"] == "Bearer"
     assert call(url, "/invocations", body, token="wrong")[0] == 401
     assert call(url, "/metrics", token=None)[0] == 401
-    assert call(url, "/admin/variants", token="wrong")[0] == 401
     assert call(url, "/invocations", body)[0] == 200
+
+
+def test_clients_cannot_reach_the_admin_api_and_it_loads_only_the_configured_model(server, expected, champion):
+    """Client tokens are predict-only and revocable; the admin API answers only on its own port, only to the
+    admin token, and loads only models:/<the configured model>/<version>."""
+    url, _, admin, tokens = server
+    cfg = champion[0]
+    rows, _ = expected
+    body = {"dataframe_records": records(rows.head(1))}
+    # the public port has no admin API, whatever the token
+    for token in (TOKEN, ADMIN_TOKEN):
+        assert call(url, "/admin/variants", token=token)[0] in (401, 404)
+    assert call(url, "/admin/variants", {"model_uri": f"models:/{cfg.model_name}/1"}, method="PUT")[0] == 404
+    assert call(url, "/invocations", body, token=ADMIN_TOKEN)[0] == 401  # the admin's token is not a client's
+    # the admin port takes the admin token only
+    assert call(admin, "/admin/variants", token=TOKEN)[0] == 401
+    status, reply, _ = call(admin, "/admin/variants", token=ADMIN_TOKEN)
+    assert status == 200 and [v["name"] for v in reply["variants"]] == ["primary"]
+    for uri in ("runs:/0123/model", "/tmp/evil", f"models:/{cfg.model_name}@champion", "models:/other_model/1",
+                f"models:/{cfg.model_name}/1/../../x", f"file:///{cfg.model_name}/1"):
+        status, reply, _ = call(admin, "/admin/variants/evil", {"model_uri": uri, "weight": 0}, method="PUT",
+                                token=ADMIN_TOKEN)
+        assert status == 403 and f"models:/{cfg.model_name}/<version>" in reply["message"], (uri, status, reply)
+    status, reply, _ = call(admin, "/admin/variants/green", {"model_uri": f"models:/{cfg.model_name}/1", "weight": 0},
+                            method="PUT", token=ADMIN_TOKEN)
+    assert status == 201 and reply["version"] == "1"
+    assert call(admin, "/admin/variants/green", method="DELETE", token=ADMIN_TOKEN)[0] == 200
+    # several client tokens, revoked without a restart, stored as hashes only
+    cli = [sys.executable, "-m", "mlfactory.serving.auth"]
+    new = subprocess.run([*cli, "add", "--file", str(tokens), "analytics"], capture_output=True, text=True, check=True).stdout.strip()
+    assert len(new) >= 32 and new not in tokens.read_text() and tokens.stat().st_mode & 0o077 == 0
+    assert call(url, "/invocations", body, token=new)[0] == 200 and call(url, "/invocations", body)[0] == 200
+    subprocess.run([*cli, "revoke", "--file", str(tokens), "analytics"], check=True)
+    assert call(url, "/invocations", body, token=new)[0] == 401
+    gone = subprocess.run([*cli, "revoke", "--file", str(tokens), "analytics"], capture_output=True, text=True)
+    assert gone.returncode == 2 and "no client 'analytics'" in gone.stderr
+
+
+def raw_request(url: str, head: bytes, body: bytes = b"", wait: float = 10) -> bytes:
+    """Bytes over a plain socket (what urllib will not send): the answer's first bytes."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(head + body)
+        try:
+            return sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            return b""
+
+
+def test_hostile_requests_get_a_clear_answer_and_hold_nothing(server, expected):
+    import gzip
+    import io
+    import socket
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    url = server[0]
+    rows, want = expected
+    good = {"dataframe_records": records(rows.head(2))}
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    # a gzip bomb: 1 KiB on the wire, far over the limit once inflated; a good gzip body is served
+    bomb = gzip.compress(b"[" * (40 * 1024 * 1024))
+    status, reply, _ = call(url, "/invocations", bomb, headers={"Content-Encoding": "gzip"})
+    assert status == 413 and "inflates to more than" in reply["message"]
+    status, reply, _ = call(url, "/invocations", gzip.compress(json.dumps(good).encode()), headers={"Content-Encoding": "gzip"})
+    assert status == 200 and len(reply["predictions"]) == 2
+    assert call(url, "/invocations", b"x", headers={"Content-Encoding": "br"})[0] == 415
+    # a Parquet bomb: one highly compressible column of 2M rows, refused from its footer
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"age": pa.array([40.0] * 2_000_000)}), buffer, compression="zstd")
+    assert len(buffer.getvalue()) < 1024 * 1024
+    status, reply, _ = call(url, "/invocations", buffer.getvalue(), content_type="application/vnd.apache.parquet")
+    assert status == 413 and "2000000 rows" in reply["message"]
+    # Parquet (batch transform) has a higher body limit than JSON: a 15 MiB file is read, not refused for size
+    noise = [os.urandom(8 * 1024 * 1024).hex()] + [""] * (len(rows) - 1)
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"age": rows["age"].tolist(), "pad": noise}), buffer, compression="none")
+    assert len(buffer.getvalue()) > 10 * 1024 * 1024
+    status, reply, _ = call(url, "/invocations", buffer.getvalue(), content_type="application/vnd.apache.parquet")
+    assert status == 400 and "missing required column(s)" in reply["message"]
+    # JSON nested past the parser's guard
+    status, reply, _ = call(url, "/invocations", b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert status == 400 and "nested too deeply" in reply["message"]
+    # a request id that is too long or carries other characters (it goes into logs and the prediction log)
+    for bad in ("x" * 129, "a b", "id\u00e9"):
+        status, reply, _ = call(url, "/invocations", good, headers={"X-Request-Id": bad.encode("latin-1").decode("latin-1")})
+        assert status == 400 and "X-Request-Id" in reply["message"], bad
+    # headers past 16 KiB: a 431 and the connection closed, not a buffer grown without end
+    answer = raw_request(url, b"POST /invocations HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Junk: " + b"a" * 64 * 1024 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nX-Junk: ")
+        for _ in range(40):  # a header that never ends, 1 KiB at a time
+            time.sleep(0.01)
+            try:
+                sock.sendall(b"a" * 1024)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        assert sock.recv(4096).startswith(b"HTTP/1.1 431")
+    # a slow client: its body must arrive within --body-timeout (3 s); it gets a 408 and holds no worker
+    started = time.monotonic()
+    answer = raw_request(url, b"POST /invocations HTTP/1.1\r\nHost: x\r\n" + auth +
+                         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n", b'{"dataframe', wait=20)
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 15, answer[:200]
+    # past --max-concurrent (3) requests in flight: a 503 with Retry-After; the slow ones hold no worker
+    slow = []
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20)
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n" + auth +
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        slow.append(sock)
+    time.sleep(0.5)
+    status, reply, headers = call(url, "/invocations", good)
+    assert status == 503 and headers["Retry-After"] == "1" and "3 requests in flight" in reply["message"]
+    for sock in slow:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while call(url, "/invocations", good)[0] != 200:
+        assert time.monotonic() < deadline, "the server did not recover after the slow clients left"
+        time.sleep(0.2)
 
 
 def test_metrics_and_the_prediction_log(server, expected):
     import pyarrow.parquet as pq
 
-    url, log_uri = server
+    url, log_uri = server[:2]
     rows, want = expected
     before = sum(o.size > 0 for o in storage.list_objects(log_uri)) if storage.exists(log_uri) else 0
     status, reply, headers = call(url, "/invocations", {"dataframe_records": records(rows)},

@@ -6,7 +6,7 @@ It loads a model from the MLflow registry (or any MLflow model URI) and answers 
 
 | platform | health | predict |
 |---|---|---|
-| MLflow scoring protocol | `GET /ping`, `GET /health`, `GET /version` | `POST /invocations`: `dataframe_split`, `dataframe_records`, `instances`, `inputs` (JSON) or CSV |
+| MLflow scoring protocol | `GET /ping`, `GET /health` | `POST /invocations`: `dataframe_split`, `dataframe_records`, `instances`, `inputs` (JSON) or CSV |
 | SageMaker container contract | `GET /ping` | `POST /invocations` (port 8080); batch transform sends each Parquet file whole (`application/vnd.apache.parquet`) |
 | Vertex AI custom container | `AIP_HEALTH_ROUTE` | `AIP_PREDICT_ROUTE`, port `AIP_HTTP_PORT`: `{"instances": [...]}` → `{"predictions": [...]}` |
 | Azure ML online endpoint | liveness `GET /`, readiness `GET /ready` | `POST /score` (`input_data` as split or records, or any of the above) |
@@ -19,10 +19,13 @@ Every predict route takes every body format and answers ``{"predictions": [{...}
 object per row, as the MLflow pyfunc's output columns.
 
 - **Input is checked against the model signature**: a missing or unknown column, a value of the wrong
-  type, a null in a required column, an empty batch, a body over ``--max-body-bytes`` or malformed
-  JSON/CSV get a 4xx whose message names the problem. A model that raises gets a 500 that says so.
-- **Auth**: with a token (env ``MLFACTORY_SERVING_TOKEN``, never a command-line argument) every route
-  but health needs ``Authorization: Bearer <token>``. The admin API needs a token to exist at all.
+  type, a null in a required column, an empty batch or malformed JSON/CSV get a 4xx whose message
+  names the problem. A model that raises gets a 500 that says so.
+- **Limits** (``limits``): body size per content type, inflated and Parquet-decoded size and rows,
+  header bytes, request ids, requests in flight (503 + Retry-After), body and model time.
+- **Auth** (``auth``): predict-only client tokens (``MLFACTORY_SERVING_TOKEN``, the tokens file) on the
+  public port; the admin token (``MLFACTORY_SERVING_ADMIN_TOKEN``) on the admin port only, which loads
+  only ``models:/<--allowed-model>/<version>``. Health routes need no token and name no version.
 - **Metrics** in Prometheus format on ``GET /metrics``: requests by route and status, latency
   histogram, predicted rows, model errors, and the version each variant serves.
 - **Prediction log**: inputs, outputs, model version, variant and time, appended in batches as
@@ -34,7 +37,8 @@ object per row, as the MLflow pyfunc's output columns.
 - **Speed**: concurrent requests to a variant are micro-batched into one forward pass on a worker
   thread while the event loop keeps parsing; the model is loaded once, never per request.
 
-Modules: ``payloads`` (request bodies of every contract, checked against the signature), ``model``
+Modules: ``payloads`` (request bodies of every contract, checked against the signature), ``auth``,
+``limits``, ``model``
 (a model version loaded once), ``prediction_log``, ``metrics``, ``app`` (the ASGI server: routes,
 auth, variants, micro-batching) and ``__main__`` (the command line).
 """

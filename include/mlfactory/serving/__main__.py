@@ -7,10 +7,11 @@ import logging
 import os
 import sys
 
-from mlfactory.serving.app import DEFAULT_MAX_BODY, TOKEN_ENV, ModelServer, log
+from mlfactory.serving.app import ModelServer, log
+from mlfactory.serving.auth import Credentials
+from mlfactory.serving.limits import BoundedHttpToolsProtocol, Limits
 from mlfactory.serving.model import ServedModel
 from mlfactory.serving.prediction_log import PredictionLog
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-uri", default=env.get("MLFACTORY_PREDICTION_LOG_URI"),
                    help="bucket prefix for the prediction log (file://, s3://, gs://, abfs://); none: no log")
     p.add_argument("--log-flush-seconds", type=float, default=10.0)
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
+    p.add_argument("--admin-host", default=env.get("MLFACTORY_SERVING_ADMIN_HOST", "127.0.0.1"),
+                   help="interface of the admin API (ml_deploy's traffic and variants): keep it where only the "
+                        "deployment step reaches it (loopback, or a network without a published port)")
+    p.add_argument("--admin-port", type=int, default=int(env.get("MLFACTORY_SERVING_ADMIN_PORT") or 0) or None,
+                   help="port of the admin API (needs $MLFACTORY_SERVING_ADMIN_TOKEN); none: no admin API")
+    p.add_argument("--allowed-model", default=env.get("MLFACTORY_SERVING_ALLOWED_MODEL"),
+                   help="the registered model whose versions the admin API may load (models:/<it>/<version> only)")
+    defaults = Limits()
+    p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                   help="JSON, JSON lines and CSV bodies (default 10 MiB)")
+    p.add_argument("--max-batch-body-bytes", type=int, default=defaults.max_batch_body_bytes,
+                   help="Parquet bodies, and every body in a SageMaker batch transform (default 100 MiB, or "
+                        "$SAGEMAKER_MAX_PAYLOAD_IN_MB)")
+    p.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent,
+                   help="predict requests in flight; past it a 503 with Retry-After")
+    p.add_argument("--predict-timeout", type=float, default=defaults.predict_timeout_s,
+                   help="seconds the model has to answer (a hung model: 504)")
+    p.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
+                   help="seconds a client has to send its whole body (a slow one: 408)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per forward pass")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -43,21 +62,51 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import uvicorn
 
+    try:
+        credentials = Credentials.from_env(env)
+        if args.admin_port and not (credentials.admin_digest and args.allowed_model):
+            raise ValueError("--admin-port needs $MLFACTORY_SERVING_ADMIN_TOKEN and --allowed-model "
+                             "($MLFACTORY_SERVING_ALLOWED_MODEL)")
+        if args.admin_port == args.port:
+            raise ValueError(f"--admin-port must differ from --port ({args.port})")
+    except (OSError, ValueError) as err:
+        p.error(str(err))
+    limits = Limits.from_env(env, max_body_bytes=args.max_body_bytes, max_batch_body_bytes=args.max_batch_body_bytes,
+                             max_concurrent=args.max_concurrent, predict_timeout_s=args.predict_timeout,
+                             body_timeout_s=args.body_timeout)
     torch.set_num_threads(args.threads)
     server = ModelServer(
-        token=env.get(TOKEN_ENV),
-        max_body_bytes=args.max_body_bytes,
+        credentials=credentials,
+        limits=limits,
         prediction_log=PredictionLog(args.log_uri, flush_seconds=args.log_flush_seconds),
         health_route=env.get("AIP_HEALTH_ROUTE", "/health"),
         predict_route=env.get("AIP_PREDICT_ROUTE", "/predict"),
+        admin_port=args.admin_port,
+        allowed_model=args.allowed_model,
     )
     if args.model_uri:
         server.add_variant("primary", ServedModel(args.model_uri, env.get("MLFACTORY_MODEL_VERSION")), 100.0)
         log.info("serving %s (version %s) on %s:%d", args.model_uri, server.variants["primary"].model.version,
                  args.host, args.port)
-    uvicorn.run(server, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="on",
-                loop="uvloop", http="httptools", timeout_graceful_shutdown=10)
+    listen = [(args.host, args.port)] + ([(args.admin_host, args.admin_port)] if args.admin_port else [])
+    config = uvicorn.Config(server, log_level="warning", access_log=False, lifespan="on", loop="uvloop",
+                            http=BoundedHttpToolsProtocol, timeout_graceful_shutdown=10, timeout_keep_alive=5,
+                            # connections past this get uvicorn's own 503: slow clients cannot pile up without end
+                            limit_concurrency=4 * limits.max_concurrent + 64)
+    uvicorn.Server(config).run(sockets=[bind(host, port) for host, port in listen])
     return 0
+
+
+def bind(host: str, port: int):
+    """A listening socket on host:port (IPv4 or IPv6), as uvicorn binds its own."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

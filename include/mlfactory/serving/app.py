@@ -4,27 +4,29 @@ micro-batched prediction, the admin API."""
 from __future__ import annotations
 
 import asyncio
-import hmac
+import csv
+import io
 import json
 import logging
 import math
 import random
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from mlfactory.serving.auth import Credentials
+from mlfactory.serving.limits import Limits, inflate
 from mlfactory.serving.metrics import Metrics
 from mlfactory.serving.model import ServedModel
-from mlfactory.serving.payloads import BadRequest, parse_body
+from mlfactory.serving.payloads import JSONLINES_TYPES, BadRequest, parse_body
 from mlfactory.serving.prediction_log import PredictionLog
 
 log = logging.getLogger("mlfactory.serving")
 
-TOKEN_ENV = "MLFACTORY_SERVING_TOKEN"
 TARGET_HEADER = b"x-target-variant"
-DEFAULT_MAX_BODY = 10 * 1024 * 1024
 MAX_BATCH_ROWS = 10_000  # rows of concurrent requests joined into one forward pass
 
 
@@ -47,11 +49,17 @@ class Variant:
 class ModelServer:
     """The ASGI application."""
 
-    def __init__(self, token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+    def __init__(self, credentials: Credentials | None = None, limits: Limits | None = None,
                  prediction_log: PredictionLog | None = None, health_route: str = "/health",
-                 predict_route: str = "/predict"):
-        self.token = token or None
-        self.max_body_bytes = max_body_bytes
+                 predict_route: str = "/predict", admin_port: int | None = None, allowed_model: str | None = None):
+        self.credentials = credentials or Credentials()
+        self.limits = limits or Limits()
+        # the admin API answers only on this port's listener (where ml_deploy reaches it), with the admin token
+        self.admin_port = admin_port if self.credentials.admin_digest else None
+        # PUT /admin/variants loads only models:/<allowed_model>/<version>: never a path, a run or another model
+        self.allowed_model = allowed_model
+        self.allowed = re.compile(rf"models:/{re.escape(allowed_model)}/[0-9]+") if allowed_model else None
+        self.in_flight = 0
         self.variants: dict[str, Variant] = {}
         self.loading: set[str] = set()
         self.log = prediction_log or PredictionLog(None)
@@ -105,7 +113,11 @@ class ModelServer:
         if not variant.busy:
             variant.busy = True
             asyncio.get_running_loop().create_task(self._drain(variant))
-        return await future
+        try:
+            return await asyncio.wait_for(future, self.limits.predict_timeout_s)
+        except TimeoutError:
+            raise BadRequest(f"the model (version {variant.model.version}) did not answer within "
+                             f"{self.limits.predict_timeout_s:.0f}s", 504, "MODEL_TIMEOUT") from None
 
     async def _drain(self, variant: Variant) -> None:
         loop = asyncio.get_running_loop()
@@ -125,8 +137,9 @@ class ModelServer:
                     self.metrics.model_errors.labels(variant.name, variant.model.version).inc(len(batch))
                     log.exception("variant %s (version %s) failed to predict", variant.name, variant.model.version)
                     for _, _, future in batch:
-                        future.set_exception(ModelError(f"the model (version {variant.model.version}) failed: "
-                                                        f"{type(err).__name__}: {err}"))
+                        if not future.cancelled():  # (a caller that timed out has gone)
+                            future.set_exception(ModelError(f"the model (version {variant.model.version}) failed: "
+                                                            f"{type(err).__name__}: {err}"))
                     continue
                 start = 0
                 for _, rows, future in batch:
@@ -146,14 +159,22 @@ class ModelServer:
         started = time.perf_counter()
         method, path = scope["method"], scope["path"]
         headers = dict(scope["headers"])
+        on_admin = self.admin_port is not None and (scope.get("server") or (None, None))[1] == self.admin_port
         route = self._route_label(path)
         extra_headers: list[tuple[bytes, bytes]] = []
         try:
-            status, payload, extra_headers = await self._handle(method, path, headers, receive)
+            head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+                len(k) + len(v) for k, v in scope["headers"])
+            if head > self.limits.max_header_bytes:  # (a head that never ends is cut short by BoundedHttpToolsProtocol)
+                raise BadRequest(f"the request line and headers have {head} bytes; the limit is "
+                                 f"{self.limits.max_header_bytes}", 431, "HEADERS_TOO_LARGE")
+            status, payload, extra_headers = await self._handle(method, path, headers, receive, on_admin)
         except BadRequest as err:
             status, payload = err.status, {"error_code": err.code, "message": err.message}
             if status == 401:
                 extra_headers = [(b"www-authenticate", b"Bearer")]
+            elif status == 503:
+                extra_headers = [(b"retry-after", b"1")]
         except ModelError as err:
             status, payload = 500, {"error_code": "MODEL_ERROR", "message": str(err)}
         except ClientGone:
@@ -161,8 +182,8 @@ class ModelServer:
         except Exception as err:  # noqa: BLE001 - a bug here must not take the endpoint down
             log.exception("unexpected error on %s %s", method, path)
             status, payload = 500, {"error_code": "INTERNAL_ERROR", "message": f"{type(err).__name__}: {err}"}
-        if isinstance(payload, bytes):
-            body, media = payload, b"text/plain; version=0.0.4"
+        if isinstance(payload, tuple):  # (media type, bytes): metrics, CSV and JSON lines answers
+            media, body = payload
         else:
             body, media = json.dumps(payload, allow_nan=False, default=_jsonable).encode(), b"application/json"
         await send({"type": "http.response.start", "status": status,
@@ -181,7 +202,7 @@ class ModelServer:
             return path[1:]
         return "admin" if path.startswith("/admin/") else "other"
 
-    async def _handle(self, method: str, path: str, headers: dict, receive):
+    async def _handle(self, method: str, path: str, headers: dict, receive, on_admin: bool):
         if path in self.health_routes or path in ("/", "/live"):
             if method != "GET":
                 raise BadRequest(f"{path} takes GET", 405, "METHOD_NOT_ALLOWED")
@@ -189,79 +210,102 @@ class ModelServer:
                 return 200, {"status": "alive"}, []
             if not self.ready:
                 raise BadRequest("no model is deployed on this endpoint yet", 503, "UNAVAILABLE")
-            return 200, {"status": "ready", "versions": {v.name: v.model.version for v in self.variants.values()}}, []
+            return 200, {"status": "ready"}, []  # (which versions run is for authenticated callers: /version)
+        self._authorize(headers, on_admin)
         if path == "/version":
             return 200, self._version(), []
-        self._authorize(headers)
         if path in self.predict_routes:
             if method != "POST":
                 raise BadRequest(f"{path} takes POST", 405, "METHOD_NOT_ALLOWED")
             return await self._predict(headers, receive)
         if path == "/metrics":
             self.metrics.log_dropped.set(self.log.dropped)
-            return 200, self.metrics.exposition(), []
-        if path.startswith("/admin/"):
+            return 200, (b"text/plain; version=0.0.4", self.metrics.exposition()), []
+        if path.startswith("/admin/") and on_admin:
             return await self._admin(method, path, headers, receive)
         raise BadRequest(f"no route {method} {path}; predict with POST /invocations", 404, "NOT_FOUND")
 
-    def _authorize(self, headers: dict) -> None:
-        if self.token is None:
+    def _authorize(self, headers: dict, on_admin: bool) -> None:
+        """The admin port takes only the admin token; the public port only client tokens (when any is set)."""
+        if not on_admin and not self.credentials.clients_required:
             return
         given = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, credential = given.partition(" ")
         if not given:
             raise BadRequest("missing 'Authorization: Bearer <token>'", 401, "UNAUTHENTICATED")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), self.token.encode()):
+        credential = credential.strip()
+        valid = scheme.lower() == "bearer" and (self.credentials.admin(credential) if on_admin
+                                                else self.credentials.client(credential) is not None)
+        if not valid:
             raise BadRequest("the bearer token is not valid for this endpoint", 401, "UNAUTHENTICATED")
 
     async def _predict(self, headers: dict, receive):
-        body = await self._body(headers, receive)
-        target = headers.get(TARGET_HEADER, b"").decode() or None
-        variant = self.choose(target)
-        columns = parse_body(body, headers.get(b"content-type", b"application/json").decode("latin-1"), variant.model.signature)
-        rows = len(next(iter(columns.values())))
-        variant.requests += 1
-        outputs = await self.predict(variant, columns, rows)
-        request_id = headers.get(b"x-request-id", b"").decode() or uuid.uuid4().hex
+        if self.in_flight >= self.limits.max_concurrent:
+            raise BadRequest(f"the server is at its limit of {self.limits.max_concurrent} requests in flight; "
+                             "retry after the Retry-After seconds", 503, "OVERLOADED")
+        self.in_flight += 1
+        try:
+            request_id = self.limits.request_id(headers.get(b"x-request-id", b"")) or uuid.uuid4().hex
+            content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
+            media = content_type.split(";", 1)[0].strip().lower()
+            body = await self._body(headers, receive, self.limits.body_limit(media))
+            target = headers.get(TARGET_HEADER, b"").decode("latin-1") or None
+            variant = self.choose(target)
+            columns = parse_body(body, content_type, variant.model.signature, self.limits.max_rows,
+                                 self.limits.max_decoded_bytes)
+            del body
+            rows = len(next(iter(columns.values())))
+            variant.requests += 1
+            outputs = await self.predict(variant, columns, rows)
+        finally:
+            self.in_flight -= 1
         self.metrics.rows.labels(variant.name, variant.model.version).inc(rows)
         self.log.append(columns, outputs, variant.model.version, variant.name, [request_id] * rows)
-        names = list(outputs)
-        predictions = [dict(zip(names, values, strict=True)) for values in zip(*outputs.values(), strict=True)]
-        return 200, {"predictions": predictions}, [(b"x-model-version", variant.model.version.encode()),
-                                                    (b"x-variant", variant.name.encode()),
-                                                    (b"x-request-id", request_id.encode())]
+        reply = [(b"x-model-version", variant.model.version.encode()), (b"x-variant", variant.name.encode()),
+                 (b"x-request-id", request_id.encode())]
+        return 200, _answer(outputs, headers.get(b"accept", b"").decode("latin-1")), reply
 
-    async def _body(self, headers: dict, receive) -> bytes:
+    async def _body(self, headers: dict, receive, limit: int) -> bytes:
+        """The whole body within ``body_timeout_s`` (a slow client gets a 408, not a worker) and ``limit``
+        bytes (a 413), inflated when it has a Content-Encoding."""
         length = headers.get(b"content-length")
         declared = int(length) if length is not None and length.isdigit() else None
+        if (declared or 0) > 4 * limit:  # far over: answer now rather than read it at all
+            raise BadRequest(f"the body has {declared} bytes; the limit is {limit}", 413, "PAYLOAD_TOO_LARGE")
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size <= self.max_body_bytes:
-                chunks.append(chunk)
-            elif size > 4 * self.max_body_bytes:  # far over: answer now rather than read it all
-                break
-            if not message.get("more_body"):
-                break
-        if size > self.max_body_bytes or (declared or 0) > self.max_body_bytes:
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size <= limit:
+                        chunks.append(chunk)
+                    elif size > 4 * limit:
+                        break
+                    if not message.get("more_body"):
+                        break
+        except TimeoutError:
+            raise BadRequest(f"the body did not arrive within {self.limits.body_timeout_s:.0f}s ({size} bytes came)",
+                             408, "REQUEST_TIMEOUT") from None
+        if size > limit or (declared or 0) > limit:
             # (a body a little over the limit is read to its end first, so the client sees the 413
             # instead of a connection reset in the middle of its upload)
-            raise BadRequest(f"the body has {max(size, declared or 0)} bytes; the limit is {self.max_body_bytes}",
+            raise BadRequest(f"the body has {max(size, declared or 0)} bytes; the limit is {limit}",
                              413, "PAYLOAD_TOO_LARGE")
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
+        return inflate(body, encoding, min(limit, self.limits.max_decoded_bytes)) if encoding else body
 
     async def _admin(self, method: str, path: str, headers: dict, receive):
-        if self.token is None:
-            raise BadRequest("the admin API is off: start the server with a token (env MLFACTORY_SERVING_TOKEN)", 403, "FORBIDDEN")
         parts = path.strip("/").split("/")
+        limit = self.limits.max_body_bytes
         if parts == ["admin", "variants"] and method == "GET":
             return 200, {"variants": [v.describe() for v in self.variants.values()], "loading": sorted(self.loading)}, []
         if parts == ["admin", "traffic"] and method == "PUT":
-            weights = _json_object(await self._body(headers, receive))
+            weights = _json_object(await self._body(headers, receive, limit))
             self.set_weights(weights)
             return 200, {"variants": [v.describe() for v in self.variants.values()]}, []
         if len(parts) == 3 and parts[:2] == ["admin", "variants"]:
@@ -278,16 +322,21 @@ class ModelServer:
                 self.metrics.weight.remove(name)
                 return 200, {"removed": variant.describe()}, []
             if method == "PUT":
-                spec = _json_object(await self._body(headers, receive))
-                if not isinstance(spec.get("model_uri"), str):
-                    raise BadRequest("PUT /admin/variants/{name} takes {\"model_uri\": \"models:/...\", \"weight\": 0}")
+                spec = _json_object(await self._body(headers, receive, limit))
+                uri = spec.get("model_uri")
+                if not isinstance(uri, str):
+                    raise BadRequest("PUT /admin/variants/{name} takes {\"model_uri\": \"models:/<model>/<version>\", \"weight\": 0}")
+                if self.allowed is None or not self.allowed.fullmatch(uri):
+                    allowed = f"models:/{self.allowed_model}/<version>" if self.allowed else "nothing"
+                    raise BadRequest(f"{uri!r} is not a model this server may load: it loads only {allowed} "
+                                     "(--allowed-model)", 403, "FORBIDDEN")
                 if name in self.loading:
                     raise BadRequest(f"variant {name!r} is already loading", 409, "CONFLICT")
                 self.loading.add(name)
                 try:
-                    model = await asyncio.get_running_loop().run_in_executor(self.loader, ServedModel, spec["model_uri"])
+                    model = await asyncio.get_running_loop().run_in_executor(self.loader, ServedModel, uri)
                 except Exception as err:  # noqa: BLE001 - a model that cannot load is the caller's to know
-                    raise BadRequest(f"could not load {spec['model_uri']}: {type(err).__name__}: {err}", 422,
+                    raise BadRequest(f"could not load {uri}: {type(err).__name__}: {err}", 422,
                                      "MODEL_LOAD_FAILED") from None
                 finally:
                     self.loading.discard(name)
@@ -320,6 +369,23 @@ class ModelError(Exception):
 
 class ClientGone(Exception):
     """The client disconnected before sending the whole body."""
+
+
+def _answer(outputs: dict[str, list], accept: str):
+    """The predictions as the caller asked (``Accept``): JSON ``{"predictions": [...]}`` by default; JSON lines
+    or CSV (no header, output columns in order) one line per row, as SageMaker batch transform assembles
+    them with ``AssembleWith: Line``."""
+    names = list(outputs)
+    rows = zip(*outputs.values(), strict=True)
+    media = accept.split(",", 1)[0].split(";", 1)[0].strip().lower()
+    if media in JSONLINES_TYPES:
+        lines = (json.dumps(dict(zip(names, r, strict=True)), allow_nan=False, default=_jsonable) for r in rows)
+        return media.encode(), ("\n".join(lines) + "\n").encode()
+    if media in ("text/csv", "application/csv"):
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(rows)
+        return b"text/csv", out.getvalue().encode()
+    return {"predictions": [dict(zip(names, r, strict=True)) for r in rows]}
 
 
 def _json_object(body: bytes) -> dict:

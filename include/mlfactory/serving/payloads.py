@@ -135,23 +135,69 @@ def _csv_value(col: InputColumn, text: str, row: int):
     return text
 
 
-def parse_body(body: bytes, content_type: str, signature: Signature) -> dict[str, list]:
+def parse_body(body: bytes, content_type: str, signature: Signature, max_rows: int = 1_000_000,
+               max_decoded_bytes: int = 512 * 1024 * 1024) -> dict[str, list]:
     """A request body in any supported format -> checked columns (signature order)."""
     if not body.strip():
         raise BadRequest("the request body is empty")
-    media = content_type.split(";", 1)[0].strip().lower()
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
     if media in ("text/csv", "application/csv"):
-        return _parse_csv(body, signature)
+        header = {"present": True, "absent": False}.get(_param(params, "header"))
+        return _parse_csv(body, signature, header)
     if media in PARQUET_TYPES:
-        return _parse_parquet(body, signature)
-    if media and media not in ("application/json", "application/jsonlines", "*/*"):
-        raise BadRequest(f"unsupported content type {media!r}: send application/json, text/csv or "
-                         f"{PARQUET_TYPES[0]}", 415, "UNSUPPORTED_MEDIA_TYPE")
+        return _parse_parquet(body, signature, max_rows, max_decoded_bytes)
+    if media in JSONLINES_TYPES:
+        return _parse_jsonlines(body, signature)
+    if media and media not in ("application/json", "*/*"):
+        raise BadRequest(f"unsupported content type {media!r}: send application/json, application/jsonlines, "
+                         f"text/csv or {PARQUET_TYPES[0]}", 415, "UNSUPPORTED_MEDIA_TYPE")
+    return _parse_json(_json(body), signature)
+
+
+JSONLINES_TYPES = ("application/jsonlines", "application/x-jsonlines", "application/jsonl", "application/x-ndjson")
+
+
+def _param(params: str, name: str) -> str | None:
+    for part in params.split(";"):
+        key, _, value = part.partition("=")
+        if key.strip().lower() == name:
+            return value.strip().strip('"').lower()
+    return None
+
+
+def _json(text: bytes | str):
     try:
-        payload = json.loads(body)
+        return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadRequest(f"the body is not valid JSON: {err}") from None
-    return _parse_json(payload, signature)
+    except RecursionError:  # the C parser's guard against stack exhaustion
+        raise BadRequest("the body's JSON is nested too deeply (rows are objects or lists of plain values)") from None
+
+
+def _parse_jsonlines(body: bytes, signature: Signature) -> dict[str, list]:
+    """JSON lines, as SageMaker batch transform sends them with ``SplitType: Line``: one row per line, an
+    object (column -> value) or a list of values in signature order (or a whole request body per line,
+    e.g. ``{"instances": [...]}``, whose rows are joined)."""
+    try:
+        lines = [line for line in body.decode("utf-8-sig").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise BadRequest(f"the body is not valid UTF-8 JSON lines: {err}") from None
+    rows = []
+    for i, line in enumerate(lines):
+        value = _json(line)
+        if isinstance(value, dict) and len(set(value) & set(FORMATS)) == 1 and not set(value) - set(FORMATS) - {"params", "parameters"}:
+            parsed = _parse_json(value, signature)
+            rows.extend(dict(zip(parsed, r, strict=True)) for r in zip(*parsed.values(), strict=True))
+        elif isinstance(value, dict | list):
+            rows.append(value)
+        else:
+            raise BadRequest(f"line {i + 1} is a {type(value).__name__}; each line must be a JSON object or list (one row)")
+    if all(isinstance(r, list) for r in rows):
+        return _parse_json({"instances": rows}, signature)
+    if any(isinstance(r, list) for r in rows):
+        raise BadRequest("the lines mix objects and lists; send one kind")
+    return _parse_json({"dataframe_records": rows}, signature)
 
 
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs", "input_data", "data")
@@ -208,35 +254,61 @@ def _split(value, signature: Signature) -> dict[str, list]:
     return signature.typed({c: [r[j] for r in data] for j, c in enumerate(columns)}, len(data))
 
 
-def _parse_csv(body: bytes, signature: Signature) -> dict[str, list]:
+def _parse_csv(body: bytes, signature: Signature, header: bool | None = None) -> dict[str, list]:
+    """CSV with a header row, or without one (SageMaker sends ``text/csv`` rows bare: values in signature
+    order). ``header`` says which (the ``header=present|absent`` parameter of text/csv, RFC 7111); without
+    it, a first row that names signature columns is the header."""
     try:
-        rows = list(csv.reader(io.StringIO(body.decode("utf-8-sig"))))
+        rows = [r for r in csv.reader(io.StringIO(body.decode("utf-8-sig"))) if r]
     except (UnicodeDecodeError, csv.Error) as err:
         raise BadRequest(f"the body is not valid CSV: {err}") from None
-    header, data = rows[0], [r for r in rows[1:] if r]
-    signature.check_columns(header)
+    if not rows:
+        raise BadRequest("the batch is empty: send at least one row")
+    if header is None:
+        header = any(cell.strip() in signature.names for cell in rows[0])
+    if header:
+        names, data = [cell.strip() for cell in rows[0]], rows[1:]
+    else:
+        names, data = signature.names, rows
+    signature.check_columns(names)
     by_name = {c.name: c for c in signature.columns}
-    bad = next((i for i, r in enumerate(data) if len(r) != len(header)), None)
+    bad = next((i for i, r in enumerate(data) if len(r) != len(names)), None)
     if bad is not None:
-        raise BadRequest(f"CSV row {bad} has {len(data[bad])} fields; the header has {len(header)}")
-    columns = {c: [_csv_value(by_name[c], r[j], i) for i, r in enumerate(data)] for j, c in enumerate(header)}
+        what = "the header has" if header else "the model takes (no header row: values in signature order)"
+        raise BadRequest(f"CSV row {bad} has {len(data[bad])} fields; {what} {len(names)}: {names}")
+    columns = {c: [_csv_value(by_name[c], r[j], i) for i, r in enumerate(data)] for j, c in enumerate(names)}
     return signature.typed(columns, len(data))
 
 
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet")
 
 
-def _parse_parquet(body: bytes, signature: Signature) -> dict[str, list]:
+def _parse_parquet(body: bytes, signature: Signature, max_rows: int, max_decoded_bytes: int) -> dict[str, list]:
     """A Parquet file (a batch transform sends each curated file whole): the signature's columns are
     taken, any other column (keys, the target) is ignored, and timestamps become ISO 8601 strings as
-    a JSON caller sends them. The answers come back in the file's row order."""
+    a JSON caller sends them. The answers come back in the file's row order. Its rows and uncompressed
+    size are checked from the footer before anything is decompressed (a small file can hold a bomb)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(io.BytesIO(body), columns=None)
+        parquet = pq.ParquetFile(io.BytesIO(body))
+        meta = parquet.metadata
+        names = set(parquet.schema_arrow.names)
+        wanted = [c.name for c in signature.columns if c.name in names]
+        decoded = sum(rg.column(j).total_uncompressed_size for rg in map(meta.row_group, range(meta.num_row_groups))
+                      for j in range(rg.num_columns) if rg.column(j).path_in_schema in wanted)
+        if meta.num_rows > max_rows:
+            raise BadRequest(f"the Parquet file has {meta.num_rows} rows; the limit is {max_rows} per request", 413,
+                             "PAYLOAD_TOO_LARGE")
+        if decoded > max_decoded_bytes:
+            raise BadRequest(f"the Parquet file's columns decompress to {decoded} bytes; the limit is "
+                             f"{max_decoded_bytes}", 413, "PAYLOAD_TOO_LARGE")
+        table = parquet.read(columns=wanted)
     except (pa.ArrowInvalid, OSError) as err:
         raise BadRequest(f"the body is not a valid Parquet file: {err}") from None
+    if table.num_rows != meta.num_rows:  # a footer that lied
+        raise BadRequest(f"the Parquet file's footer says {meta.num_rows} rows; its pages hold {table.num_rows}")
     present = [c.name for c in signature.columns if c.name in table.column_names]
     signature.check_columns(present)
     columns = {}

@@ -1,11 +1,15 @@
 """The `local` backend's real-time endpoint: one model server process that outlives Airflow tasks.
 
-The server (``mlfactory.serving``) listens on ``127.0.0.1:local.port`` and holds the endpoint's
-variants (blue and green, as SageMaker production variants, Vertex AI traffic splits and Azure ML
-deployments are), driven through its admin API by ml_deploy's rollout (``rollout``).
+The server (``mlfactory.serving``) listens on ``127.0.0.1:local.port`` for clients (predict-only
+tokens) and on ``127.0.0.1:local.admin_port`` for its admin API (the admin token), and holds the
+endpoint's variants (blue and green, as SageMaker production variants, Vertex AI traffic splits and
+Azure ML deployments are), driven through that admin API by ml_deploy's rollout (``rollout``), which
+may load only versions of the configured model.
 
 Where to look: ``<bucket>/_mlfactory/endpoint/endpoint.json`` (URL, served version, colours, pid),
-``endpoint.log`` beside it, and the token file beside it (mode 600) unless ``local.token`` is set.
+``endpoint.log`` beside it, and beside it (mode 600) ``token`` (the client token, unless
+``local.token`` is set), ``tokens.json`` (more client tokens: ``python -m mlfactory.serving.auth``)
+and ``admin-token`` (unless ``local.admin_token`` is set).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from mlfactory import storage
 from mlfactory.config import PipelineConfig
 from mlfactory.deployment import DeploymentFailed, endpoint_state_uri, now, read_endpoint_state, write_endpoint_state
+from mlfactory.serving.auth import ADMIN_TOKEN_ENV, CLIENT_TOKEN_ENV, TOKENS_FILE_ENV, write_tokens
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +42,25 @@ class LocalEndpoint:
             raise ValueError(f"the local endpoint keeps its state in a local bucket; {cfg.source} has {cfg.storage.bucket}")
         self.cfg, self.settings = cfg, cfg.backend
         self.url = self.settings.endpoint_url or f"http://127.0.0.1:{self.settings.port}"
+        self.admin_url = self.settings.admin_url or f"http://127.0.0.1:{self.settings.admin_listen_port}"
         self.home = Path(storage.local_path(storage.join(cfg.storage.state_uri, "endpoint")))
         self.state_file = Path(storage.local_path(endpoint_state_uri(cfg)))
         self.log_file = self.home / "endpoint.log"
 
     @property
     def token(self) -> str:
-        """The configured token, else one generated on first use and kept (mode 600) beside the state."""
+        """The client token: the configured one, else one generated on first use and kept (mode 600) beside the state."""
         return self.settings.token or storage.private_file(self.home / "token", lambda: secrets.token_urlsafe(32)).strip()
+
+    @property
+    def admin_token(self) -> str:
+        """The admin API's token: configured, else generated on first use and kept (mode 600) beside the state."""
+        return self.settings.admin_token or storage.private_file(self.home / "admin-token",
+                                                                 lambda: secrets.token_urlsafe(32)).strip()
+
+    @property
+    def tokens_file(self) -> Path:
+        return self.home / "tokens.json"
 
     # --- the process ----------------------------------------------------------------------------
 
@@ -61,15 +77,20 @@ class LocalEndpoint:
             deadline = time.monotonic() + timeout
             while not self.alive():
                 if time.monotonic() > deadline:
-                    raise DeploymentFailed(f"the model server at {self.url} (local.endpoint_url) did not answer "
+                    raise DeploymentFailed(f"the model server at {self.admin_url} (local.admin_url) did not answer "
                                            f"/live within {timeout:.0f}s")
                 time.sleep(1)
             return
         self.home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MLFACTORY_SERVING_TOKEN": self.token, "MLFLOW_TRACKING_URI": self.cfg.mlflow.tracking_uri}
+        if not self.tokens_file.exists():
+            write_tokens(self.tokens_file, {})
+        env = {**os.environ, CLIENT_TOKEN_ENV: self.token, TOKENS_FILE_ENV: str(self.tokens_file),
+               ADMIN_TOKEN_ENV: self.admin_token, "MLFLOW_TRACKING_URI": self.cfg.mlflow.tracking_uri}
         with open(self.log_file, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mlfactory.serving", "--host", "127.0.0.1", "--port", str(self.settings.port),
+                 "--admin-host", "127.0.0.1", "--admin-port", str(self.settings.admin_listen_port),
+                 "--allowed-model", self.cfg.model_name,
                  "--log-uri", self.cfg.storage.prediction_log_uri,
                  "--log-flush-seconds", str(self.cfg.serving.log_flush_s)],
                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -116,11 +137,12 @@ class LocalEndpoint:
 
     def call(self, path: str, body=None, method: str | None = None, auth: bool = True, headers: dict | None = None,
              timeout: float = 60) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, method=method or ("GET" if body is None else "POST"),
+        """A call to the admin listener, as ml_deploy (the admin token)."""
+        request = urllib.request.Request(self.admin_url + path, method=method or ("GET" if body is None else "POST"),
                                          data=None if body is None else json.dumps(body).encode())
         request.add_header("Content-Type", "application/json")
         if auth:
-            request.add_header("Authorization", f"Bearer {self.token}")
+            request.add_header("Authorization", f"Bearer {self.admin_token}")
         for key, value in (headers or {}).items():
             request.add_header(key, value)
         try:
