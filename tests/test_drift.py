@@ -76,3 +76,37 @@ def test_missing_feature_in_current_data_is_named():
     cur = Columns({k: v for k, v in ref.numeric.items() if k != "age"}, ref.categorical)
     with pytest.raises(ValueError, match=r"lacks feature\(s\) \['age'\]"):
         compare(ref, cur)
+
+
+def test_the_report_escapes_every_value_that_comes_from_data():
+    """Category labels come from served traffic: a label that is markup must show as text, never run."""
+    from html.parser import HTMLParser
+
+    hostile = ['<script>alert(1)</script>', '"><img src=x onerror=alert(2)>', "</title><svg onload=alert(3)>",
+               "<a href='javascript:alert(4)'>x</a>", "&lt;b&gt;"]
+    rng = np.random.default_rng(0)
+    ref = Columns({"x": rng.normal(0, 1, 500)}, {"<b>feature</b>": categorical_values(rng.choice(["a", "b"], 500))})
+    cur = Columns({"x": rng.normal(0, 1, 500)}, {"<b>feature</b>": categorical_values(rng.choice(hostile + ["a"], 500))})
+    page = html_report(compare(ref, cur), ref, cur, "<script>alert('title')</script>")
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.attributes, self.text = set(), set(), []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.add(tag)
+            self.attributes |= {name for name, _ in attrs}
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    parsed = Tags()
+    parsed.feed(page)
+    assert parsed.tags <= {"html", "head", "meta", "title", "style", "body", "h1", "p", "b", "span", "table", "tr",
+                           "td", "br", "svg", "rect", "text"}, parsed.tags
+    assert not {a for a in parsed.attributes if a.startswith("on") or a == "href"}, parsed.attributes
+    text = "".join(parsed.text)
+    for label in ("<script>alert(1", '"><img src=x on', "</title><svg onl", "&lt;b&gt;", "<b>feature</b>"):
+        assert label in text, label  # shown as text (cut to 10 characters under the bars, whole in the tooltips)
+    assert "default-src 'none'" in page  # and a CSP, should anything slip through one day
