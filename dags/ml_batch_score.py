@@ -15,6 +15,7 @@ from datetime import datetime
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
 from mlfactory.config import load_config
+from mlfactory.storage import prefix_pattern
 from mlfactory_airflow.assets import pipeline_assets
 from mlfactory_airflow.backends import backend_for
 
@@ -35,7 +36,9 @@ with DAG(
     doc_md=f"{__doc__}\n**This pipeline's backend, `{cfg.backend.name}`:** {backend.batch_doc}",
     params={
         "input_uri": Param(None, type=["null", "string"], title="Data to score",
-                           description="Leave empty for the curated snapshots not scored yet. Example: file:///data/batch/"),
+                           description="Leave empty for the curated snapshots not scored yet. Or Parquet under the "
+                                       f"pipeline's bucket. Example: {cfg.storage.bucket}/batch/2026-12/",
+                           pattern=prefix_pattern(cfg.storage.bucket)),
         "version": Param(None, type=["null", "string"], title="Model version",
                          description="Leave empty for the current champion"),
     },

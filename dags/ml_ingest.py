@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param, task
 
 from mlfactory.config import load_config
+from mlfactory.storage import prefix_pattern
 from mlfactory_airflow.assets import events_or_sweep, pipeline_assets
 
 cfg = load_config()
@@ -36,8 +37,9 @@ with DAG(
             None,
             type=["null", "string"],
             title="Object to ingest",
-            description="Empty: every landed object not ingested yet. Or one object, tried now even if it was "
-                        f"refused before. Example: {cfg.storage.landing_uri}/customers.csv",
+            description="Empty: every landed object not ingested yet. Or one object under the landing prefix, tried "
+                        f"now even if it was refused before. Example: {cfg.storage.landing_uri}/customers.csv",
+            pattern=prefix_pattern(cfg.storage.landing_uri),
         ),
     },
 ):
@@ -48,10 +50,13 @@ with DAG(
         (none: `ingest` is skipped)."""
         import logging
 
+        from mlfactory import storage
         from mlfactory.ingest import pending_objects, spread
+        from mlfactory_airflow.outcomes import task_outcome
 
         if params.get("uri"):
-            return [[params["uri"]]]
+            with task_outcome():
+                return [[storage.under(params["uri"], cfg.storage.landing_uri, "the form's uri")]]
         pending = pending_objects(cfg)
         # A watcher's event carries the trigger's payload under extra["payload"].
         events = triggering_asset_events.get(assets.landing, []) if triggering_asset_events else []

@@ -30,16 +30,20 @@ with DAG(
     doc_md=__doc__,
     params={
         "model_uri": Param(None, type=["null", "string"], title="Model to register",
-                           description="Leave empty for event-started runs. Example: models:/m-<id> or runs:/<run id>/model"),
+                           description=f"Leave empty for event-started runs. Or a model logged in experiment "
+                                       f"{cfg.mlflow.experiment!r}: models:/m-<id> or runs:/<run id>/model",
+                           pattern=r"^(models:/m-[0-9a-f]{32}|runs:/[0-9a-f]{32}/[A-Za-z0-9_][A-Za-z0-9_./-]*)$"),
     },
 ):
 
     @task
     def register(params: dict, triggering_asset_events=None) -> dict:
         """Register the candidate (from the `candidate` event, or the form) with alias `challenger`."""
-        from mlfactory.registry import candidate_from, register_candidate
+        from mlfactory.registry import Registry, candidate_from, register_candidate
 
         events = triggering_asset_events[assets.candidate] if triggering_asset_events else []
+        if params.get("model_uri"):
+            Registry(cfg).check_own_model(params["model_uri"])
         return register_candidate(cfg, candidate_from(params.get("model_uri"), [e.extra for e in events]))
 
     @task

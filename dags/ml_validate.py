@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param, task
 
 from mlfactory.config import load_config
+from mlfactory.storage import prefix_pattern
 from mlfactory_airflow.assets import events_or_sweep, pipeline_assets
 
 cfg = load_config()
@@ -36,6 +37,7 @@ with DAG(
             title="Raw snapshot to validate",
             description="Empty: every raw snapshot not curated yet. Or one snapshot, curated again (its curated "
                         f"partition is replaced). Example: {cfg.storage.raw_uri}/<sha256>/data.csv",
+            pattern=prefix_pattern(cfg.storage.raw_uri),
         ),
     },
 ):
@@ -48,9 +50,12 @@ with DAG(
         from mlfactory.ingest import read_manifest, spread
         from mlfactory_airflow.outcomes import task_outcome
 
+        from mlfactory import storage
+
         with task_outcome():
             if params.get("snapshot_uri"):
-                return [[read_manifest(params["snapshot_uri"]).snapshot_uri]]  # a clear error if there is none
+                given = storage.under(params["snapshot_uri"], cfg.storage.raw_uri, "the form's snapshot_uri")
+                return [[read_manifest(given).snapshot_uri]]  # a clear error if there is none
         pending = pending_snapshots(cfg)
         return spread([(o.uri, o.size) for o in pending], cfg.ingest.parallel_tasks)
 

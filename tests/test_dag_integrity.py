@@ -236,3 +236,37 @@ def test_ml_promote_asks_a_person_before_the_alias_moves_when_the_config_says_so
         assert approve.upstream_task_ids == {"gate"} and promote.upstream_task_ids == {"approve", "evaluate"}
     else:
         assert "approve" not in dag.task_ids and promote.upstream_task_ids == {"gate", "evaluate"}
+
+
+def test_form_fields_that_take_uris_accept_only_the_pipelines_own():
+    """A URI in a trigger form names something under the pipeline's bucket (or a model its experiment logged):
+    the form refuses anything else before a run starts, and the task refuses it again (``storage.under``)."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from mlfactory import storage
+    from mlfactory.config import load_config
+
+    cfg = load_config()
+    dags = DagBag(dag_folder=str(DAGS[0].parent)).dags
+    fields = {("ml_ingest", "uri"): cfg.storage.landing_uri, ("ml_validate", "snapshot_uri"): cfg.storage.raw_uri,
+              ("ml_batch_score", "input_uri"): cfg.storage.bucket}
+    bare = cfg.storage.landing_uri.removeprefix("file://")
+    for (dag_id, name), prefix in fields.items():
+        param = dags[dag_id].params.get_param(name)
+        assert param.resolve(f"{prefix}/some/file.csv") == f"{prefix}/some/file.csv"
+        assert param.resolve(None) is None
+        for bad in (f"{prefix}/../../etc/passwd", f"{prefix}/./x", f"{prefix}x/y", "s3://someone-elses/x", "/etc/passwd",
+                    f"{prefix}/"):
+            with pytest.raises(ParamValidationError):
+                param.resolve(bad)
+            with pytest.raises(ValueError, match=r"must name something under .*no '\.' or '\.\.' segments"):
+                storage.under(bad, prefix, name)
+    assert storage.under(f"{bare}/a.csv", cfg.storage.landing_uri, "uri") == f"{cfg.storage.landing_uri}/a.csv"
+    promote = dags["ml_promote"].params.get_param("model_uri")
+    for good in ("models:/m-" + "a" * 32, "runs:/" + "0" * 32 + "/model"):
+        assert promote.resolve(good) == good
+    for bad in ("models:/customer_churn/1", "file:///tmp/evil", "runs:/abc/model", "s3://bucket/model",
+                "runs:/" + "0" * 32 + "/../x" + "\n", "models:/m-" + "a" * 32 + "/x"):
+        with pytest.raises(ParamValidationError):
+            promote.resolve(bad)

@@ -204,3 +204,24 @@ def test_parallel_trials_creating_the_experiment_log_into_it_whatever_the_enviro
             assert proc.returncode == 0, err[-2000:]
             assert out.splitlines()[0] == expected
         assert len(client.search_runs([expected])) == 4
+
+
+def test_a_model_given_in_the_form_must_come_from_the_pipelines_experiment(champion):
+    """ml_promote's form registers only what this pipeline's experiment logged: a run or logged model of
+    another experiment, or one MLflow does not have, is refused with the reason."""
+    import mlflow
+
+    cfg = champion[0]
+    registry = Registry(cfg)
+    run_id = registry.client.get_model_version(cfg.model_name, "1").run_id
+    registry.check_own_model(f"runs:/{run_id}/model")
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    other = registry.client.create_experiment(f"someone-else-{run_id[:8]}")
+    stranger = registry.client.create_run(other).info.run_id
+    with pytest.raises(ValueError, match=r"logged in another experiment .* only models of experiment 'serving-test'"):
+        registry.check_own_model(f"runs:/{stranger}/model")
+    with pytest.raises(ValueError, match="MLflow has no such model"):
+        registry.check_own_model("runs:/" + "0" * 32 + "/model")
+    for bad in ("file:///tmp/evil", f"models:/{cfg.model_name}/1", f"runs:/{run_id}/model/../../x"):
+        with pytest.raises(ValueError, match="is not models:/m-<id> or runs:/<run id>/<path>"):
+            registry.check_own_model(bad)

@@ -53,6 +53,8 @@ def plan(cfg: PipelineConfig, run_id: str, version: str | None = None, input_uri
     if not version:
         raise NothingToDo(f"{cfg.model_name} has no champion yet: nothing to score with")
     key = run_key(run_id)
+    if input_uri:
+        input_uri = storage.under(input_uri, cfg.storage.bucket, "the form's input_uri")
     inputs = {input_uri: input_uri} if input_uri else unscored(cfg, key)
     if not inputs:
         raise NothingToDo("every curated snapshot is scored already: nothing new to score")

@@ -127,6 +127,26 @@ class Registry:
         log.info("registered %s version %s (run %s) as %s", self.name, version, run_id, CHALLENGER)
         return str(version)
 
+    def check_own_model(self, model_uri: str) -> None:
+        """A model given by hand (the trigger form) must be one this pipeline's experiment logged: a logged
+        model ``models:/m-<id>`` or a run's ``runs:/<id>/<path>``; anything else is refused, naming it."""
+        import re
+
+        from mlflow.exceptions import MlflowException
+
+        found = re.fullmatch(r"models:/(m-[0-9a-f]{32})|runs:/([0-9a-f]{32})/[A-Za-z0-9_][A-Za-z0-9_./-]*", model_uri)
+        if not found or "/../" in model_uri or model_uri.endswith("/.."):
+            raise ValueError(f"model_uri {model_uri!r} is not models:/m-<id> or runs:/<run id>/<path>")
+        experiment = self.client.get_experiment_by_name(self.cfg.mlflow.experiment)
+        try:
+            owner = (self.client.get_logged_model(found[1]).experiment_id if found[1]
+                     else self.client.get_run(found[2]).info.experiment_id)
+        except MlflowException as err:
+            raise ValueError(f"model_uri {model_uri!r}: MLflow has no such model: {err.message}") from None
+        if experiment is None or owner != experiment.experiment_id:
+            raise ValueError(f"model_uri {model_uri!r} was logged in another experiment ({owner}); this pipeline "
+                             f"registers only models of experiment {self.cfg.mlflow.experiment!r}")
+
     def alias_version(self, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
 

@@ -84,6 +84,31 @@ def private_file(path: str | os.PathLike, content: Callable[[], str]) -> str:
         return f.read()
 
 
+def under(uri: str, prefix: str, what: str) -> str:
+    """``uri`` (a bare absolute path is taken as file://) when it names something below ``prefix``, with no
+    ``.`` or ``..`` segment; else a ValueError naming ``what``. Form fields that take URIs go through this, so
+    a run never reads or writes outside the pipeline's bucket."""
+    given = uri.strip()
+    if "://" not in given and given.startswith("/"):
+        given = "file://" + given
+    segments = given.split("://", 1)[-1].split("/")
+    top = prefix.rstrip("/") + "/"
+    if any(s in (".", "..") for s in segments) or not given.startswith(top) or given == top:
+        raise ValueError(f"{what} must name something under {top} (no '.' or '..' segments); got {uri!r}")
+    return given
+
+
+def prefix_pattern(prefix: str) -> str:
+    """A JSON-schema ``pattern`` (the same in Python and in the browser) for what ``under`` accepts, so the
+    trigger form refuses other URIs before a run starts."""
+    def literal(c: str) -> str:
+        return c if c.isalnum() or c in "/:_" else ("\\" + c if c in "\\]^" else f"[{c}]")
+
+    top = prefix.rstrip("/") + "/"
+    head = "(file://)?" + "".join(map(literal, top[len("file://"):])) if top.startswith("file://") else "".join(map(literal, top))
+    return "^(?!.*/[.]{1,2}(/|$))" + head + ".+"
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
