@@ -56,6 +56,17 @@ COMPONENTS = {
 HOSTNAME_ENV = "MLFACTORY_HOSTNAME"
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return False
+
+
 def hostname() -> str:
     """``[core] hostname_callable``: the name a task instance records as where it ran. Several Celery workers
     on one machine each set their own (``MLFACTORY_HOSTNAME``); elsewhere the machine's name, as Airflow's default."""
@@ -72,6 +83,9 @@ def _fernet_key() -> str:
 class LocalAirflow:
     home: Path
     api_port: int = 8080
+    # The API server's (and UI's) interface. Anything but loopback turns ``login`` on: no process reachable
+    # from another machine hands out admin without a password.
+    host: str = "127.0.0.1"
     env_overrides: dict[str, str] = field(default_factory=dict)
     # A migrated metadata database to start from (copied): migrating a new SQLite file costs ~10 s. When the
     # file does not exist yet, this instance migrates its own database and leaves a copy there.
@@ -89,6 +103,11 @@ class LocalAirflow:
     _token_at: float = field(default=-1e9, repr=False)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     migrated: bool = False
+
+    def __post_init__(self):
+        bound = self.env_overrides.get("AIRFLOW__API__HOST", self.host)
+        if not is_loopback(bound):
+            self.login = True
 
     @property
     def url(self) -> str:
@@ -116,7 +135,7 @@ class LocalAirflow:
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{__name__}.hostname",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url or f"sqlite:///{self.home / 'airflow.db'}",
-            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__HOST": self.host,
             "AIRFLOW__API__PORT": str(self.api_port),
             "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",

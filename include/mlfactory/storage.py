@@ -80,6 +80,8 @@ def private_file(path: str | os.PathLike, content: Callable[[], str]) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(content())
+    elif os.stat(path).st_mode & 0o077:  # one made readable by others since (a copy, an editor): closed again
+        os.chmod(path, 0o600)
     with open(path) as f:
         return f.read()
 

@@ -210,7 +210,12 @@ def main() -> int:
         return 2
     from mlfactory.backends.local.endpoint import LocalEndpoint
 
-    airflow = LocalAirflow(STATE_DIR / ".airflow", api_port=int(os.environ.get("MLFACTORY_PORT", "8080")))
+    # MLFACTORY_HOST=0.0.0.0 (or an address) serves the UI to other machines: then with a login (user admin,
+    # its generated password in .airflow/passwords.json, mode 600)
+    airflow = LocalAirflow(STATE_DIR / ".airflow", api_port=int(os.environ.get("MLFACTORY_PORT", "8080")),
+                           host=os.environ.get("MLFACTORY_HOST", "127.0.0.1"))
+    access = (f"user admin, password in {airflow.home / 'passwords.json'}" if airflow.login
+              else "no login: it listens on 127.0.0.1 only")
     endpoint = LocalEndpoint(cfg)
     exit_when_done = os.environ.get("MLFACTORY_EXIT_WHEN_DONE", "") not in ("", "0", "false")
     summary: dict = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.source}
@@ -220,14 +225,14 @@ def main() -> int:
     try:
         airflow.start()
         mlflow.wait_ready()
-        print(f"Airflow UI: {airflow.url} (no login on this machine)   MLflow UI: {mlflow.url}", flush=True)
+        print(f"Airflow UI: {airflow.url} ({access})   MLflow UI: {mlflow.url}", flush=True)
         airflow.wait_for_dags(DAGS)
         ok = tell(cfg, airflow, summary)
         print(f"""
 {'the story is done' if ok else 'a step FAILED (see above)'}. Where to look:
-  Airflow UI        {airflow.url}   (DAGs ml_*; no login on this machine)
+  Airflow UI        {airflow.url}   (DAGs ml_*; {access})
   MLflow UI         {mlflow.url}/#/models/{cfg.model_name}   (champion v{summary.get('champion_after')})
-  endpoint          {endpoint.url}/invocations   (Bearer token in {endpoint.home / 'token'}; state in {endpoint.state_file})
+  endpoint          {endpoint.url}/invocations   (client token in {endpoint.home / 'token'}; state in {endpoint.state_file})
   drift reports     {storage.join(cfg.storage.reports_uri, 'drift')}
   predictions       {cfg.storage.predictions_uri}
   landing folder    {storage.local_path(cfg.storage.landing_uri)}   (drop CSV, TSV, Parquet or JSON Lines files here, also .gz/.bz2/.zst)""", flush=True)
