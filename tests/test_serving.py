@@ -398,3 +398,46 @@ def test_the_fast_column_check_agrees_with_the_value_by_value_one():
                                     ("n", [1, 2.5], "row 1: expected an integer")]:
         with pytest.raises(BadRequest, match=message):
             signature.typed({**good, column: values}, 2)
+
+
+def test_no_code_stored_with_a_model_is_ever_run(server, champion, tmp_path):
+    """Whoever can write to the registry or its artifact store gets no code run by the server, batch scoring
+    or the gate: a pickled pyfunc is refused before it is unpickled, and a bundle that is a pickle bomb is
+    refused by torch.load(weights_only=True). Our own models are MLflow models-from-code: nothing pickled."""
+    import mlflow
+    import torch
+
+    from mlfactory.registry import Registry
+    from mlfactory.tabular import load_logged_model
+
+    cfg = champion[0]
+    admin, marker = server[2], tmp_path / "pwned"
+
+    class Evil(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_experiment("serving-test")
+    with mlflow.start_run(run_name="evil"):
+        evil_uri = mlflow.pyfunc.log_model(name="model", python_model=Evil()).model_uri
+    marker.unlink(missing_ok=True)  # (MLflow's own pip inference just ran it here, in the test: that is the attack)
+    version = Registry(cfg).register(evil_uri, None, {})
+    status, reply, _ = call(admin, "/admin/variants/evil", {"model_uri": f"models:/{cfg.model_name}/{version}"},
+                            method="PUT", token=ADMIN_TOKEN)
+    assert status == 422 and "refusing to load it" in reply["message"] and "python_model.pkl" in reply["message"]
+    assert not marker.exists()
+
+    # our own model: models-from-code, and no pickle anywhere in it
+    ours = mlflow.artifacts.download_artifacts(f"models:/{cfg.model_name}/1", dst_path=str(tmp_path / "ours"))
+    assert not [p for p in os.listdir(ours) if p.endswith(".pkl")] and os.path.exists(os.path.join(ours, "model_code.py"))
+    # the same model with its bundle swapped for a pickle bomb
+    bundle = os.path.join(ours, "artifacts", "model.pt")
+    torch.save({"state_dict": Evil()}, bundle)
+    marker.unlink(missing_ok=True)
+    with pytest.raises(Exception, match="Weights only load failed|weights_only"):
+        load_logged_model(ours)
+    assert not marker.exists()

@@ -95,10 +95,10 @@ def holdout_score(dataset: DatasetSpec, holdout: pd.DataFrame, predictions: pd.D
 
 
 def score_model(model_uri: str, dataset: DatasetSpec, holdout: pd.DataFrame) -> float:
-    """Load ``model_uri`` as a pyfunc and score it on the holdout's RAW feature columns."""
-    import mlflow.pyfunc
+    """Load ``model_uri`` (read, never run: ``load_logged_model``) and score it on the holdout's RAW feature columns."""
+    from mlfactory.tabular import load_logged_model
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    model, _ = load_logged_model(model_uri)
     return holdout_score(dataset, holdout, model.predict(to_wire(holdout, dataset)))
 
 

@@ -272,6 +272,32 @@ class LoadedModel:
         return out
 
 
+def load_logged_model(model_uri: str) -> tuple[LoadedModel, object]:
+    """A model this project logged (``tracking.log_pyfunc``), as (LoadedModel, its MLflow ``Model`` metadata),
+    read without running any code stored with it: the MLmodel file is YAML, the bundle is loaded with
+    ``torch.load(weights_only=True)``. Whoever can write to the registry or its artifact store can give us
+    wrong weights, never code. Any other model (a pickled pyfunc, another flavour) is refused.
+
+    ``model_uri``: models:/name/version (or @alias), runs:/..., an artifact URI, or a model folder."""
+    import os
+
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    local = model_uri if os.path.isdir(model_uri) else mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+    meta = Model.load(os.path.join(local, "MLmodel"))
+    pyfunc = meta.flavors.get("python_function") or {}
+    bundle = ((pyfunc.get("artifacts") or {}).get("bundle") or {}).get("path")
+    if pyfunc.get("loader_module") != "mlflow.pyfunc.loaders.code_model" or "python_model" in pyfunc or not bundle:
+        raise ValueError(f"{model_uri} is not an mlfactory tabular model (a models-from-code pyfunc with a "
+                         f"'bundle' artifact; this one has loader {pyfunc.get('loader_module')!r}, python_model "
+                         f"{pyfunc.get('python_model')!r}): refusing to load it, as that would run code stored with it")
+    path = os.path.realpath(os.path.join(local, bundle))
+    if not path.startswith(os.path.realpath(local) + os.sep):
+        raise ValueError(f"{model_uri}: the bundle path {bundle!r} leaves the model folder")
+    return LoadedModel(path), meta
+
+
 try:  # the pyfunc flavour needs mlflow; the training containers of a cloud may run without it
     import mlflow.pyfunc
 

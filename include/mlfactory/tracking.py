@@ -101,7 +101,7 @@ def log_pyfunc(bundle: str, sample_rows, dataset):
     from mlflow.types import ColSpec, Schema
 
     from mlfactory.features import FeatureSet, to_wire
-    from mlfactory.tabular import LoadedModel, TabularPyfunc
+    from mlfactory.tabular import LoadedModel
 
     wire = {"integer": "double", "float": "double", "datetime": "string", "boolean": "boolean"}
     columns = [dataset.column(name) for name in FeatureSet.of(dataset).raw_inputs]
@@ -117,7 +117,7 @@ def log_pyfunc(bundle: str, sample_rows, dataset):
             shutil.copy(here / name, package / name)
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=TabularPyfunc(),
+            python_model=str(here / "model_code.py"),  # models-from-code: nothing pickled
             artifacts={"bundle": bundle},
             code_paths=[str(package)],
             signature=signature,

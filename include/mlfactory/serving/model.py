@@ -12,41 +12,27 @@ class ServedModel:
     """An MLflow model loaded once: its signature, and predict over checked columns."""
 
     def __init__(self, model_uri: str, version: str | None = None):
-        import mlflow.pyfunc
-
-        from mlfactory.tabular import TabularPyfunc
+        from mlfactory.tabular import load_logged_model
 
         # a cloud endpoint loads the files (s3://...) and is told the registered version beside them
         self.model_uri, self.version = model_uri, version or _resolve_version(model_uri)
-        self.pyfunc = mlflow.pyfunc.load_model(model_uri)
-        python_model = getattr(self.pyfunc, "unwrap_python_model", lambda: None)()
-        # Our tabular models take the checked columns straight into Arrow and numpy: no pyfunc schema
-        # enforcement and no DataFrame on the hot path (the request was already checked against the
-        # signature, with messages that say why). Any other pyfunc gets a DataFrame.
-        self.tabular = python_model.model if isinstance(python_model, TabularPyfunc) else None
-        dataset = self.tabular.dataset if self.tabular else None
-        self.signature = _signature(self.pyfunc.metadata.get_input_schema(), dataset)
+        # Read, never run: no code stored with the model is executed (see load_logged_model). The checked
+        # columns go straight into Arrow and numpy: no pyfunc schema enforcement and no DataFrame on the hot
+        # path (the request was already checked against the signature, with messages that say why).
+        self.tabular, meta = load_logged_model(model_uri)
+        self.signature = _signature(meta.get_input_schema(), self.tabular.dataset)
 
     def predict(self, columns: dict[str, list]) -> dict[str, list]:
-        """Checked input columns -> output columns (lists of plain Python values)."""
-        if self.tabular is not None:
-            outputs = self.tabular.predict_wire(columns)
-            return {name: [None if isinstance(v, float) and math.isnan(v) else v for v in values]
-                    for name, values in outputs.items()}
-        import pandas as pd
-
-        output = self.pyfunc.predict(pd.DataFrame(columns))
-        if not isinstance(output, pd.DataFrame):
-            output = pd.DataFrame({"prediction": list(output)})
-        # JSON has no NaN: a missing output value is null
-        return {name: (values.astype(object).where(values.notna(), None) if values.hasnans else values).tolist()
-                for name, values in output.items()}
+        """Checked input columns -> output columns (lists of plain Python values; JSON has no NaN: null)."""
+        outputs = self.tabular.predict_wire(columns)
+        return {name: [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+                for name, values in outputs.items()}
 
 
 def _signature(schema, dataset) -> Signature:
     if schema is None:
         raise ValueError("the model has no input signature; log it with one so requests can be checked")
-    datetimes = {c.name for c in dataset.columns if c.type == "datetime"} if dataset else set()
+    datetimes = {c.name for c in dataset.columns if c.type == "datetime"}
     return Signature([
         InputColumn(spec.name, spec.type.name if hasattr(spec.type, "name") else str(spec.type),
                     getattr(spec, "required", True), spec.name in datetimes)

@@ -26,17 +26,14 @@ log = logging.getLogger(__name__)
 
 def load_tabular_model(model_uri: str, tracking_uri: str | None = None):
     """The model at ``model_uri`` (models:/name/version, or a model folder) as our LoadedModel (typed rows in,
-    no pyfunc round trip)."""
-    import mlflow.pyfunc
+    no pyfunc round trip, no code stored with the model run)."""
+    import mlflow
 
-    from mlfactory.tabular import TabularPyfunc
+    from mlfactory.tabular import load_logged_model
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    if not isinstance(python_model, TabularPyfunc):
-        raise TypeError(f"{model_uri} is not an mlfactory tabular model")
-    return python_model.model
+    return load_logged_model(model_uri)[0]
 
 
 def _write_part(table: pa.Table, uri: str) -> None:
