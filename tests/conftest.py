@@ -53,6 +53,18 @@ def airflow_db_template(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("airflow-db") / "airflow.db"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_secrets_in_logs(tmp_path_factory):
+    """After the whole session: no log any test wrote (Airflow's task logs, the servers' logs) holds a
+    secret-looking string or a secret the suite generated (secrets_scan); the last test errors otherwise."""
+    yield
+    from secrets_scan import known_secrets, log_files, scan
+
+    root = tmp_path_factory.getbasetemp()
+    findings = scan(log_files(root), known_secrets(root))
+    assert not findings, f"{len(findings)} secret(s) in the suite's logs:\n" + "\n".join(findings[:50])
+
+
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory):
     """moto's server (S3, SQS, SageMaker, Application Auto Scaling) over real HTTP on 127.0.0.1,
@@ -67,9 +79,13 @@ def moto_server(tmp_path_factory):
     port = free_port()
     # moto logs every request: to a file, never to a pipe nobody reads (a full pipe blocks the server)
     log = tmp_path_factory.mktemp("moto") / "moto.log"
+    # and its recorder, once a test starts it, writes every request whole to a file: what the least-privilege
+    # test reads (aws_iam.Recording)
+    recording = log.parent / "recording.jsonl"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "MOTO_RECORDER_FILEPATH": str(recording)})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -91,10 +107,11 @@ AWS_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1"
 
 
 def aws_config_on_moto(moto_server: str, bucket: str, path: Path, monkeypatch, conn_id: str = "moto",
-                       serving: dict | None = None, **aws):
+                       serving: dict | None = None, access_key: str = "testing", **aws):
     """A clean moto, an Airflow connection ``conn_id`` to it, and the sample config with backend aws on
     ``s3://bucket`` (created) written to ``path`` as MLFACTORY_CONFIG; ``aws`` goes to the aws section and
-    ``serving`` to the serving section. Returns the raw config to edit further (write it again with
+    ``serving`` to the serving section; the connection signs with ``access_key`` (moto takes any: a key of
+    its own tells one caller's requests from the others' in the recording). Returns the raw config to edit further (write it again with
     ``path.write_text(yaml.safe_dump(raw))``)."""
     import urllib.request
 
@@ -105,7 +122,7 @@ def aws_config_on_moto(moto_server: str, bucket: str, path: Path, monkeypatch, c
 
     urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).close()
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
+        "conn_type": "aws", "login": access_key, "password": "testing",
         "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw.update(backend="aws", aws={"role_arn": AWS_ROLE, "image_uri": AWS_IMAGE, "conn_id": conn_id, **aws})

@@ -22,6 +22,7 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from aws_iam import Recording, policy, refused
 from conftest import aws_config_on_moto, play_sagemaker_training_job
 
 from mlfactory import sample_data, storage
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.scheduler
 
 BUCKET = "mlfactory-lifecycle"
 STAGES = ["ml_ingest", "ml_validate", "ml_train", "ml_promote", "ml_deploy", "ml_batch_score"]
+AIRFLOW_KEY = "AKIDAIRFLOWTASKS0001"  # what Airflow's processes sign with: their requests in moto's recording
 
 
 class SageMakerCompute(threading.Thread):
@@ -69,7 +71,7 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
 
     path = tmp_path / "pipeline.yaml"
     raw = aws_config_on_moto(moto_server, BUCKET, path, monkeypatch, conn_id="aws_default",
-                             serving={"endpoint_name": "churn-lifecycle"},
+                             serving={"endpoint_name": "churn-lifecycle"}, access_key=AIRFLOW_KEY,
                              budget_usd=50, poll_interval_s=2)
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     sqs = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1")
@@ -92,12 +94,13 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
     path.write_text(yaml.safe_dump(raw))
     cfg = load_config()
     airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), env_overrides={  # inherits AIRFLOW_CONN_AWS_DEFAULT
-        "MLFACTORY_CONFIG": cfg.source,
+        "MLFACTORY_CONFIG": cfg.source, "AWS_ACCESS_KEY_ID": AIRFLOW_KEY,  # the bucket's client (s3fs) too
         "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "10", "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "5"},
         db_template=airflow_db_template)
     compute = SageMakerCompute(moto_server, tmp_path / "sagemaker", {"MLFLOW_TRACKING_URI": mlflow_server.url,
                                                                      "MLFLOW_EXPERIMENT_NAME": "aws-lifecycle"})
     compute.start()
+    recording = Recording(moto_server)
     try:
         airflow.start()
         mlflow_server.wait_ready()
@@ -164,6 +167,18 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         assert transform["TransformInput"]["DataSource"]["S3DataSource"]["S3DataType"] == "ManifestFile"
         assert len(scored["snapshots"]) == 1 and parts[0].uri.split("/snapshot=")[1].startswith(scored["snapshots"][0])
         print(f"train tries: {sorted(tries)}; jobs played: {compute.played}")
+
+        # Least privilege, from what Airflow actually sent: every request its processes signed is granted by
+        # deploy/aws/airflow-policy.json, resource by resource
+        calls = Recording.calls(recording.stop(), AIRFLOW_KEY)
+        granted = policy("airflow-policy.json", MLFACTORY_BUCKET=BUCKET, MLFACTORY_LANDING_QUEUE="mlfactory-landing",
+                         MLFACTORY_SAGEMAKER_ROLE="mlfactory-sagemaker", MLFACTORY_MODEL="churn-aws",
+                         MLFACTORY_ENDPOINT="churn-lifecycle")
+        actions = {c.action for c in calls}
+        assert {"sagemaker:CreateTrainingJob", "sagemaker:CreateEndpoint", "sagemaker:CreateTransformJob", "s3:PutObject",
+                "sqs:DeleteMessage", "application-autoscaling:RegisterScalableTarget"} <= actions, sorted(actions)
+        print(f"{len(calls)} calls by Airflow, {len(actions)} actions: {sorted(actions)}")
+        assert refused(granted, calls) == []
     finally:
         compute.stopping.set()
         airflow.stop()

@@ -220,27 +220,36 @@ def test_names_are_made_valid_for_sagemaker():
     assert not aws.job_name("-a-" + "b" * 60 + "--c").endswith("-")
 
 
-def test_the_airflow_policy_allows_every_call_the_backend_makes():
-    """Each request built in the aws backend's translation and each SQS call of the event trigger has its IAM
-    action in deploy/aws/airflow-policy.json."""
-    import json
-    import re
-    from pathlib import Path
+def test_the_policies_grant_what_the_pipeline_needs_and_nothing_near_it():
+    """The policy evaluator of the least-privilege check (test_aws_lifecycle reads every request Airflow sent
+    from moto's recording): it grants the pipeline's own resources and refuses their neighbours."""
+    from aws_iam import Call, allowed, policy
 
-    root = Path(__file__).resolve().parents[1]
-    source = (root / "include" / "mlfactory" / "backends" / "aws" / "sagemaker.py").read_text()
-    used = {f"{service}:{operation}" for service, operation in re.findall(r'validated\(\s*"([a-z-]+)",\s*"(\w+)"', source)}
-    plugin = root / "plugins" / "mlfactory_airflow" / "backends" / "aws"
-    trigger = (plugin / "triggers.py").read_text()
-    used |= {"sqs:" + "".join(w.title() for w in call.split("_")) for call in re.findall(r"client\.(\w+)\(", trigger)}
-    camel = lambda call: "".join(w.title() for w in call.split("_"))  # noqa: E731
-    for operators in (plugin / "sagemaker.py", plugin / "training.py", plugin / "sagemaker_trigger.py"):
-        text = operators.read_text()
-        for call in set(re.findall(r"conn\.(\w+)\(", text)) | set(re.findall(r'"((?:describe|create|stop)_\w+)"', text)):
-            service = "application-autoscaling" if call in ("register_scalable_target", "put_scaling_policy") else "sagemaker"
-            used.add(f"{service}:{camel(call)}")
-    assert {"sagemaker:CreateTrainingJob", "sagemaker:UpdateEndpoint", "sagemaker:DescribeModel",
-            "sagemaker:DescribeTransformJob", "sqs:ReceiveMessage", "sqs:DeleteMessage"} <= used
-    policy = json.loads((root / "deploy" / "aws" / "airflow-policy.json").read_text())
-    granted = {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
-    assert used - granted == set()
+    names = dict(MLFACTORY_BUCKET="b", MLFACTORY_LANDING_QUEUE="q", MLFACTORY_SAGEMAKER_ROLE="r",
+                 MLFACTORY_MODEL="churn", MLFACTORY_ENDPOINT="churn-live")
+    airflow = policy("airflow-policy.json", **names)
+    sm = "arn:aws:sagemaker:us-east-1:123456789012"
+    grants = [("s3:PutObject", "arn:aws:s3:::b/raw/abc/data.csv"), ("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/.data.csv.1.tmp"),
+              ("s3:DeleteObject", "arn:aws:s3:::b/curated/x.parquet"), ("sagemaker:CreateModel", f"{sm}:model/churn-v3"),
+              ("sagemaker:UpdateEndpoint", f"{sm}:endpoint/churn-live"), ("sqs:DeleteMessage", "arn:aws:sqs:us-east-1:123456789012:q"),
+              ("sagemaker:UpdateEndpointWeightsAndCapacities", f"{sm}:endpoint/churn-live")]
+    refusals = [("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/data.csv"), ("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/manifest.json"),
+                ("s3:DeleteObject", "arn:aws:s3:::b/models/holdout/holdout.parquet"), ("s3:DeleteObject", "arn:aws:s3:::b/models/holdout/holdout.json"), ("s3:GetObject", "arn:aws:s3:::other/x"),
+                ("sagemaker:CreateModel", f"{sm}:model/payroll-v1"), ("sagemaker:UpdateEndpoint", f"{sm}:endpoint/payroll"),
+                ("sagemaker:DeleteEndpoint", f"{sm}:endpoint/churn-live"), ("sagemaker:DeleteModel", f"{sm}:model/churn-v3"),
+                ("sqs:DeleteMessage", "arn:aws:sqs:us-east-1:123456789012:other"), ("s3:DeleteBucket", "arn:aws:s3:::b")]
+    for action, resource in grants:
+        assert allowed(airflow, Call(action, (resource,), "")), (action, resource)
+    for action, resource in refusals:
+        assert not allowed(airflow, Call(action, (resource,), "")), (action, resource)
+    # the jobs' role reads the registry's prefix and never writes it; the trust policy names the account
+    jobs = policy("sagemaker-execution-role-policy.json", **names, MLFACTORY_IMAGE_REPOSITORY="i", MLFACTORY_KMS_KEY_ID="k")
+    assert allowed(jobs, Call("s3:GetObject", ("arn:aws:s3:::b/mlflow/1/models/m-1/artifacts/MLmodel",), ""))
+    for action in ("s3:PutObject", "s3:DeleteObject"):
+        assert not allowed(jobs, Call(action, ("arn:aws:s3:::b/mlflow/1/models/m-1/artifacts/MLmodel",), "")), action
+    grant = next(s for s in jobs["Statement"] if "kms:CreateGrant" in s["Action"])
+    assert grant["Condition"] == {"Bool": {"kms:GrantIsForAWSResource": "true"}}
+    trust = policy("trust-policy.json")["Statement"][0]["Condition"]
+    assert trust["StringEquals"]["aws:SourceAccount"] == "123456789012"
+    assert trust["ArnLike"]["aws:SourceArn"] == "arn:aws:sagemaker:us-east-1:123456789012:*"
+

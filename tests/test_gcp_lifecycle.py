@@ -112,6 +112,10 @@ def test_an_object_written_to_gcs_runs_the_lifecycle_on_vertex_ai(tmp_path, gcp_
         (batch_job,) = vertex.batch_jobs.values()
         assert batch_job.model == model.name
         assert not vertex.refused, vertex.refused
+        # least privilege, from the calls Airflow actually made: each one's permission is in its role
+        assert vertex.ungranted() == {}
+        assert {"aiplatform.customJobs.create", "aiplatform.endpoints.deploy", "aiplatform.endpoints.predict",
+                "aiplatform.batchPredictionJobs.create"} <= set(vertex.permissions())
     finally:
         airflow.stop()
         mlflow_server.stop()

@@ -262,7 +262,7 @@ def test_the_endpoint_rollout_uploads_deploys_with_a_canary_split_and_undeploys_
     # a retry of the whole rollout changes nothing
     rollout(endpoint_spec(bucket, v2))
     assert len(fake.calls(r":deployModel")) == 2
-
+    assert fake.ungranted() == {}  # least privilege: every call made is granted by Airflow's role
 
 def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_serving):
     from mlflow import MlflowClient
@@ -305,7 +305,7 @@ def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_
     assert [d.id for d in fake.endpoints[endpoint_name].deployed_models] == [served]
     restored = restore_after_failure(cfg, v_bad)
     assert restored["serving"] == "1" and "requests failed" in restored["reason"]
-
+    assert fake.ungranted() == {}  # least privilege: every call made is granted by Airflow's role
 
 def test_batch_prediction_scores_the_unscored_snapshots_with_the_model_server(gcp_serving, monkeypatch):
     import json

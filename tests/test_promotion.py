@@ -225,3 +225,27 @@ def test_a_model_given_in_the_form_must_come_from_the_pipelines_experiment(champ
     for bad in ("file:///tmp/evil", f"models:/{cfg.model_name}/1", f"runs:/{run_id}/model/../../x"):
         with pytest.raises(ValueError, match="is not models:/m-<id> or runs:/<run id>/<path>"):
             registry.check_own_model(bad)
+
+
+def test_the_gate_trusts_the_pipelines_holdout_record_not_editable_tags(lab, tmp_path):
+    """Someone with registry write access points the registered model's holdout tags at a holdout of their own
+    (with its correct hash): the gate refuses to compare rather than judge on it."""
+    import hashlib
+
+    from mlfactory.registry import HOLDOUT_SHA_TAG, HOLDOUT_URI_TAG, evaluate_challenger
+
+    cfg, training_set, models = lab
+    registry = Registry(cfg)
+    version = registry.register(models["medium"]["model_uri"], models["medium"]["mlflow_run_id"], {})
+    forged = tmp_path / "easy-holdout.parquet"
+    forged.write_bytes(storage.read_bytes(training_set.holdout.uri)[:-8] + b"forged!!")
+    for key, value in ((HOLDOUT_URI_TAG, f"file://{forged}"), (HOLDOUT_SHA_TAG, hashlib.sha256(forged.read_bytes()).hexdigest())):
+        registry.client.set_registered_model_tag(cfg.model_name, key, value)
+    try:
+        with pytest.raises(ValueError, match="holdout tags .* differ from the holdout this pipeline froze"):
+            evaluate_challenger(cfg, version)
+    finally:
+        registry.client.set_registered_model_tag(cfg.model_name, HOLDOUT_URI_TAG, training_set.holdout.uri)
+        registry.client.set_registered_model_tag(cfg.model_name, HOLDOUT_SHA_TAG, training_set.holdout.sha256)
+    decision = evaluate_challenger(cfg, version)  # the pipeline's own record: judged as before
+    assert decision["holdout_sha256"] == training_set.holdout.sha256

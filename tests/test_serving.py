@@ -20,7 +20,7 @@ from mlfactory import storage
 from mlfactory.processes import free_port, stop_group
 
 TOKEN = "test-token-0123456789"
-ADMIN_TOKEN = "admin-token-9876543210"
+ADMIN_TOKEN = "test-admin-token-9876543210"
 VERTEX_PREDICT = "/v1/endpoints/123/deployedModels/456:predict"
 VERTEX_HEALTH = "/v1/endpoints/123/deployedModels/456"
 

@@ -21,6 +21,7 @@ import re
 import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 from google.cloud import aiplatform_v1 as v1
@@ -87,6 +88,39 @@ class VertexFake:
 
     def fail_next_job(self, message: str) -> None:
         self._failures.append(message)
+
+    def permissions(self) -> dict[str, list[str]]:
+        """The IAM permission each request sent so far needs (Vertex AI's REST methods and their permissions,
+        as the API reference lists them): permission -> the requests that needed it. Least privilege is
+        checked against these, the calls actually made, not against the code's text."""
+        kinds = {"customJobs": "customJobs", "batchPredictionJobs": "batchPredictionJobs", "models": "models",
+                 "endpoints": "endpoints"}
+        verbs = {":cancel": "cancel", ":deployModel": "deploy", ":undeployModel": "undeploy", ":predict": "predict",
+                 ":rawPredict": "predict", ":mutateDeployedModel": "update"}
+        out: dict[str, list[str]] = {}
+        for method, path in self.requests:
+            m = re.fullmatch(rf"/(?:v1|ui)/{PARENT}/(\w+)(?:/([^/:]+))?(:\w+)?", path)
+            if not m:
+                permission = f"unknown: {method} {path}"
+            elif m[1] == "operations":
+                permission = "aiplatform.operations.list"  # (GetOperation on a location's operations)
+            elif m[3] == ":upload" and m[1] == "models":
+                permission = "aiplatform.models.upload"
+            elif m[3]:
+                permission = f"aiplatform.{kinds.get(m[1], m[1])}.{verbs.get(m[3], m[3][1:])}"
+            else:
+                verb = {"POST": "create", "PATCH": "update", "DELETE": "delete"}.get(method, "get" if m[2] else "list")
+                permission = f"aiplatform.{kinds.get(m[1], m[1])}.{verb}"
+            out.setdefault(permission, []).append(f"{method} {path}")
+        return out
+
+    def ungranted(self) -> dict[str, list[str]]:
+        """The requests sent so far whose permission deploy/gcp/airflow-role.yaml does not grant (Airflow's role)."""
+        import yaml
+
+        role = Path(__file__).resolve().parents[1] / "deploy" / "gcp" / "airflow-role.yaml"
+        granted = set(yaml.safe_load(role.read_text())["includedPermissions"])
+        return {permission: calls[:3] for permission, calls in self.permissions().items() if permission not in granted}
 
     def calls(self, pattern: str) -> list[str]:
         return [f"{m} {p}" for m, p in self.requests if re.search(pattern, f"{m} {p}")]

@@ -172,10 +172,17 @@ class Registry:
         log.warning("%s: champion back on v%s (v%s failed to deploy)", self.name, served, failed)
         return True
 
-    def holdout(self, default_uri: str, default_sha256: str) -> tuple[str, str]:
-        """The holdout kept with the first champion (registered-model tags), else the frozen one given."""
+    def check_holdout_tags(self, frozen_uri: str, frozen_sha256: str) -> None:
+        """The gate trusts the pipeline's own record of the holdout (the manifest ml_train froze in the bucket),
+        never the registered model's tags, which anyone with registry write access can edit: tags that name
+        another holdout or hash are refused, naming both."""
         tags = self.client.get_registered_model(self.name).tags
-        return tags.get(HOLDOUT_URI_TAG, default_uri), tags.get(HOLDOUT_SHA_TAG, default_sha256)
+        recorded = (tags.get(HOLDOUT_URI_TAG, frozen_uri), tags.get(HOLDOUT_SHA_TAG, frozen_sha256))
+        if recorded != (frozen_uri, frozen_sha256):
+            raise ValueError(f"registered model {self.name}'s holdout tags ({HOLDOUT_URI_TAG}={recorded[0]}, "
+                             f"{HOLDOUT_SHA_TAG}={recorded[1][:12]}…) differ from the holdout this pipeline froze "
+                             f"({frozen_uri}, sha256 {frozen_sha256[:12]}…): refusing to compare on either; the tags "
+                             "were edited, or the model belongs to another pipeline")
 
     def evaluate(self, version: str, holdout: pd.DataFrame) -> Decision:
         """Score challenger ``version`` and the champion on the holdout, decide, tag the version."""
@@ -242,6 +249,6 @@ def evaluate_challenger(cfg: PipelineConfig, version: str) -> dict:
     frozen = frozen_holdout(cfg)
     if frozen is None:
         raise ValueError(f"no frozen holdout under {cfg.storage.models_uri}: ml_train freezes one on its first run")
-    uri, sha256 = registry.holdout(frozen.uri, frozen.sha256)
-    decision = registry.evaluate(version, read_holdout(uri, sha256))
-    return {**decision.to_dict(), "version": version, "holdout_uri": uri, "holdout_sha256": sha256}
+    registry.check_holdout_tags(frozen.uri, frozen.sha256)
+    decision = registry.evaluate(version, read_holdout(frozen.uri, frozen.sha256))
+    return {**decision.to_dict(), "version": version, "holdout_uri": frozen.uri, "holdout_sha256": frozen.sha256}

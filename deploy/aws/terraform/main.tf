@@ -32,12 +32,14 @@ locals {
   # deploy/aws/*.json name their resources with these placeholders
   policies = {
     for name in ["airflow-policy", "sagemaker-execution-role-policy", "trust-policy"] : name => replace(replace(replace(
-      replace(replace(replace(replace(file("${path.module}/../${name}.json"),
+      replace(replace(replace(replace(replace(replace(file("${path.module}/../${name}.json"),
         "MLFACTORY_BUCKET", var.bucket_name),
         "MLFACTORY_LANDING_QUEUE", var.landing_queue_name),
         "MLFACTORY_SAGEMAKER_ROLE", var.sagemaker_role_name),
-      "MLFACTORY_IMAGE_REPOSITORY", var.image_repository),
-      "MLFACTORY_KMS_KEY_ID", aws_kms_key.mlfactory.key_id),
+        "MLFACTORY_IMAGE_REPOSITORY", var.image_repository),
+        "MLFACTORY_KMS_KEY_ID", aws_kms_key.mlfactory.key_id),
+      "MLFACTORY_MODEL", replace(var.model_name, "_", "-")),
+      "MLFACTORY_ENDPOINT", var.endpoint_name),
       "REGION", var.region),
     "ACCOUNT_ID", local.account_id)
   }

@@ -21,6 +21,18 @@ variable "sagemaker_role_name" {
   default     = "mlfactory-sagemaker"
 }
 
+variable "model_name" {
+  description = "the registered model (mlflow.model_name): Airflow may create and change only its SageMaker models, endpoint configs and transform jobs"
+  type        = string
+  default     = "customer_churn"
+}
+
+variable "endpoint_name" {
+  description = "the SageMaker endpoint (serving.endpoint_name, else the model name with - for _): the only one Airflow may create or update"
+  type        = string
+  default     = "customer-churn"
+}
+
 variable "image_repository" {
   description = "the ECR repository of the training / serving image (docker/runtime.Dockerfile)"
   type        = string

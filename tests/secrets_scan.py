@@ -1,0 +1,89 @@
+"""Secret-looking strings in text: the repository's files (test_no_secrets) and every log the test suite
+writes (conftest's ``pytest_sessionfinish``, over the session's temporary folders).
+
+Two kinds of finding:
+- **shapes**: cloud keys, private keys, bearer tokens and JWTs, passwords in connection strings and URLs
+  (a placeholder such as ``${POSTGRES_PASSWORD}``, ``PASSWORD``, ``***`` is none);
+- **known values**: the secrets the suite itself generated (Airflow's JWT secret and admin password, the
+  model server's tokens, .env files): any of them appearing in a log is a leak, whatever its shape.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+# public, documented test credentials: Azurite's well-known account key
+PUBLIC = {"Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="}
+
+SHAPES = {
+    "AWS access key id": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "AWS secret access key": re.compile(r"(?i)aws_secret_access_key[\"']?\s*[=:]\s*[\"']?([A-Za-z0-9/+=]{40})\b"),
+    "private key": re.compile(r"-----BEGIN (?:RSA |EC |DSA |OPENSSH |ENCRYPTED )?PRIVATE KEY-----"),
+    "GitHub token": re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36}\b"),
+    "Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
+    "Google API key": re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"),
+    "Azure storage key": re.compile(r"AccountKey=([A-Za-z0-9+/]{86}==)"),
+    "Azure SAS signature": re.compile(r"[?&]sig=([A-Za-z0-9%+/=]{30,})"),
+    "JWT": re.compile(r"\beyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}"),
+    "bearer token": re.compile(r"(?i)\bbearer\s+([A-Za-z0-9._~+/-]{20,}=*)"),
+    "password in a URL": re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:([^@\s/'\"]{6,})@"),
+    "password assignment": re.compile(r"(?i)\b(?:password|passwd|secret|api_key|token)[\"']?\s*[=:]\s*[\"']([^\"'\s]{12,})[\"']"),
+}
+
+
+def _placeholder(value: str) -> bool:
+    """Not a secret: a variable, a placeholder, a public test key, or a test fixture's value (``test-...``)."""
+    return (value.startswith(("$", "{", "<", "%(", "test-", "fake-")) or set(value) <= set("*x.-")
+            or value.isupper()
+            or "..." in value or value.lower() in {"password", "testing", "secret"})
+
+
+def find_shapes(text: str) -> list[tuple[str, str]]:
+    found = []
+    for name, pattern in SHAPES.items():
+        for match in pattern.finditer(text):
+            value = match.group(1) if pattern.groups else match.group(0)
+            free_text = name in ("password in a URL", "password assignment", "bearer token")  # where placeholders go
+            if value not in PUBLIC and not (free_text and _placeholder(value)):
+                found.append((name, value))
+    return found
+
+
+def known_secrets(root: Path) -> set[str]:
+    """The secrets generated under ``root`` by the suite: values of Airflow's jwt_secret and passwords.json, the
+    model server's token files and admin tokens, and .env files."""
+    values: set[str] = set()
+    for path in root.rglob("*"):
+        if not path.is_file():
+            continue
+        try:
+            if path.name in ("jwt_secret", "token", "admin-token"):
+                values.add(path.read_text().strip())
+            elif path.name == "passwords.json":
+                values |= {str(v) for v in json.loads(path.read_text()).values()}
+            elif path.name == ".env":
+                values |= {line.split("=", 1)[1].strip() for line in path.read_text().splitlines()
+                           if "=" in line and not line.startswith("#")}
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+    return {v for v in values if len(v) >= 12}
+
+
+def log_files(root: Path) -> list[Path]:
+    """Every log under ``root``: *.log files and everything in a ``logs`` folder (Airflow's task logs)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and (p.suffix == ".log" or "logs" in p.parts))
+
+
+def scan(paths: list[Path], known: set[str] = frozenset()) -> list[str]:
+    findings = []
+    for path in paths:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for name, value in find_shapes(text):
+            findings.append(f"{path}: {name} {value[:6]}…")
+        findings += [f"{path}: a generated secret ({value[:4]}…)" for value in known if value in text]
+    return findings
