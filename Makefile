@@ -19,7 +19,7 @@ AZURITE := .azurite/node_modules/.bin/azurite
 CHECKOV := .tools/checkov/bin/checkov
 # Debian packages the tests run for real: Redis (the Celery broker), docker-compose 1.29 (renders
 # docker-compose.yaml), Chromium (the UI test). PostgreSQL 15's server and terraform are on these machines.
-DEBIAN_PACKAGES := redis-server docker-compose chromium
+DEBIAN_PACKAGES := redis-server docker-compose chromium wrk
 
 .PHONY: venv run test test-fast bench lock clean compose-env compose-up system-packages
 

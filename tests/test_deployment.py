@@ -15,20 +15,34 @@ from mlfactory.processes import free_port
 from mlfactory.registry import CHAMPION, Registry
 
 
-def broken_model_uri(cfg, holdout) -> str:
-    """The champion's own bundle with NaN weights (a diverged training run): it loads, and answers NaN."""
-    import mlflow
+def broken_model_uri(cfg, holdout, how: str = "nan") -> str:
+    """The champion's own bundle, broken: ``nan`` weights (a diverged training run: it loads, and answers NaN),
+    or ``raises`` (a preprocessor that no longer fits its network: it loads, and every prediction raises)."""
+    from pathlib import Path
 
+    import mlflow
+    from mlflow.models import get_model_info
+
+    import mlfactory
     from mlfactory.tracking import log_pyfunc
 
     bundle_path = storage.local_path(storage.join(cfg.storage.models_uri, "runs", "served", "model.pt"))
     bundle = torch.load(bundle_path, weights_only=True)
-    bundle["state_dict"] = {k: torch.full_like(v, float("nan")) for k, v in bundle["state_dict"].items()}
-    broken = bundle_path.replace("model.pt", "broken.pt")
+    if how == "nan":
+        bundle["state_dict"] = {k: torch.full_like(v, float("nan")) for k, v in bundle["state_dict"].items()}
+    else:
+        bundle["preprocessor"]["mean"] = bundle["preprocessor"]["mean"][:-1]
+    broken = bundle_path.replace("model.pt", f"broken-{how}.pt")
     torch.save(bundle, broken)
     mlflow.set_experiment("serving-test")
-    with mlflow.start_run(run_name="broken"):
-        return log_pyfunc(broken, holdout.head(50), cfg.dataset).model_uri
+    with mlflow.start_run(run_name=f"broken-{how}"):
+        if how == "nan":
+            return log_pyfunc(broken, holdout.head(50), cfg.dataset).model_uri
+        # (log_pyfunc predicts on an example to write the signature: give it the champion's instead)
+        signature = get_model_info(f"models:/{cfg.model_name}/1").signature
+        code = Path(mlfactory.__file__).parent / "model_code.py"
+        return mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={"bundle": broken},
+                                       signature=signature).model_uri
 
 
 def test_blue_green_rollout_canary_and_rollback_of_a_broken_model(champion):
@@ -110,3 +124,73 @@ def test_an_endpoint_run_elsewhere_is_waited_for_and_never_started_here(cfg):
     with pytest.raises(DeploymentFailed, match=r"local.admin_url.*did not answer /live within 2s"):
         endpoint.ensure_running(timeout=2)
     assert "pid" not in endpoint.state() and not endpoint.log_file.exists()  # nothing was started
+
+
+def test_a_model_that_raises_and_a_server_killed_mid_canary_are_rolled_back(champion):
+    """A model that loads but raises on every prediction fails its smoke test and is rolled back; the server
+    killed with -9 in the middle of a canary fails the canary, and the rollback starts it again with the old
+    version alone on all traffic: never a split left on a dead variant. `champion` is restored each time."""
+    import os
+    import signal
+    import threading
+    import time
+
+    cfg, _, holdout = champion
+    cfg = with_section(with_section(cfg, "serving", canary_requests=3000, canary_percent=50), "backend", port=free_port())
+    endpoint, registry = LocalEndpoint(cfg), Registry(cfg)
+    first = registry.alias_version(CHAMPION)
+    rows = holdout_requests(cfg, 3)
+
+    def rollout(version: str) -> Rollout:
+        return Rollout(cfg, endpoint_spec(cfg, version), endpoint)
+
+    def roll_back(version: str) -> dict:  # ml_deploy's `rollback` task
+        endpoint.restore(read_endpoint_state(cfg)["rollout"])
+        return restore_after_failure(cfg, version)
+
+    try:
+        plan = rollout(first).stage()
+        for step in (rollout(first).health_check, rollout(first).smoke_test, rollout(first).canary, rollout(first).complete):
+            step(plan)
+
+        raises = registry.register(broken_model_uri(cfg, holdout, "raises"), None, {})
+        registry.client.set_registered_model_alias(cfg.model_name, CHAMPION, raises)
+        plan = rollout(raises).stage()
+        rollout(raises).health_check(plan)  # it loads: only predicting shows it
+        with pytest.raises(DeploymentFailed, match=f"smoke test of v{raises}.*answered 500.*failed"):
+            rollout(raises).smoke_test(plan)
+        assert roll_back(raises)["serving"] == first and registry.alias_version(CHAMPION) == first
+        assert {v["name"]: v["weight"] for v in endpoint.variants().values()} == {"blue": 100}
+
+        second = registry.register(registry.client.get_model_version(cfg.model_name, first).source, None, {})
+        registry.client.set_registered_model_alias(cfg.model_name, CHAMPION, second)
+        plan = rollout(second).stage()
+        rollout(second).health_check(plan)
+        rollout(second).smoke_test(plan)
+        pid = endpoint.state()["pid"]
+        failed = []
+
+        def canary():
+            try:
+                rollout(second).canary(plan)
+            except DeploymentFailed as err:
+                failed.append(str(err))
+
+        worker = threading.Thread(target=canary)
+        worker.start()
+        while worker.is_alive() and endpoint.variants().get("green", {}).get("requests", 0) < 20:
+            time.sleep(0.05)  # the canary is under way on the split
+        os.killpg(pid, signal.SIGKILL)
+        worker.join(timeout=120)
+        assert failed and "the endpoint stopped answering" in failed[0], failed
+        assert not endpoint.alive()
+        result = roll_back(second)
+        assert result["serving"] == first and registry.alias_version(CHAMPION) == first
+        assert endpoint.state()["pid"] != pid  # started again by the rollback ...
+        assert {v["name"]: (v["weight"], v["version"]) for v in endpoint.variants().values()} == {"blue": (100, first)}
+        status, reply = endpoint.predict(rows)  # ... serving the old version alone
+        assert status == 200 and len(reply["predictions"]) == 3
+        assert registry.client.get_model_version(cfg.model_name, second).tags["mlfactory.deployment"] == "rolled_back"
+    finally:
+        endpoint.stop()
+        registry.client.set_registered_model_alias(cfg.model_name, CHAMPION, "1")  # as the fixture left it

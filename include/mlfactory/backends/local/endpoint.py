@@ -172,10 +172,20 @@ class LocalEndpoint:
 
     def restore(self, plan: dict | None) -> None:
         """After a failed rollout (``plan``: what ``Rollout.stage`` set up): all traffic back on the old colour,
-        the new one unloaded."""
-        if not plan or not self.alive():
+        the new one unloaded. A server that died on the way (kill -9, out of memory) is started again (or, run
+        elsewhere, waited for) and given the old version back: traffic never stays split, nor on a dead variant."""
+        if not plan:
             return
+        self.ensure_running()
+        variants = self.variants()
         if plan.get("old"):
+            if plan["old"] not in variants:  # a restarted server holds nothing yet
+                uri = f"models:/{self.cfg.model_name}/{plan['old_version']}"
+                status, reply = self.call(f"/admin/variants/{plan['old']}", {"model_uri": uri, "weight": 100},
+                                          method="PUT", timeout=600)
+                if status != 201:
+                    raise DeploymentFailed(f"reloading v{plan['old_version']} after a failed rollout answered {status}: "
+                                           f"{reply.get('message', reply)}")
             self.set_traffic({plan["old"]: 100})
-        if not plan.get("already_served") and plan.get("new") in self.variants():
+        if not plan.get("already_served") and plan.get("new") in variants:
             self.call(f"/admin/variants/{plan['new']}", method="DELETE")

@@ -71,9 +71,12 @@ class Rollout:
         before = self.endpoint.variants()[plan["new"]]
         self.endpoint.set_traffic({plan["old"]: 100 - spec.canary_percent, plan["new"]: spec.canary_percent})
         rows = holdout_requests(self.cfg, spec.smoke_rows)
-        for i in range(spec.canary_requests):
-            self.endpoint.predict([rows[i % len(rows)]])
-        after = self.endpoint.variants()[plan["new"]]
+        try:
+            for i in range(spec.canary_requests):
+                self.endpoint.predict([rows[i % len(rows)]])
+            after = self.endpoint.variants()[plan["new"]]
+        except (OSError, DeploymentFailed) as err:  # the server died or stopped answering mid-canary
+            self._fail_if(False, f"canary of v{plan['version']}: the endpoint stopped answering: {err}", step="canary")
         requests, errors = after["requests"] - before["requests"], after["errors"] - before["errors"]
         rate = errors / requests if requests else 0.0
         result = {"requests": requests, "errors": errors, "error_rate": rate, "percent": spec.canary_percent}

@@ -1,0 +1,195 @@
+"""The model server under a hostile crowd: `wrk` sends well-formed predictions as fast as the server takes
+them (first alone, to measure that rate and its latency; then for 60 s) while other clients send oversize,
+malformed, deeply nested, header-bomb, slow and compressed-bomb requests. The well-behaved client must see
+no error and its p99 latency at most twice the baseline's; the bad ones get their 4xx; memory stays bounded.
+The figures are printed (pytest -s) for the record."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from mlfactory.processes import free_port, stop_group
+
+TOKEN = "test-soak-token-0123456789"
+SOAK_S, BASELINE_S = 60, 10
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read())[1]) / 1024
+
+
+def wrk(url: str, script, seconds: int) -> dict:
+    out = subprocess.run(["wrk", "-t1", "-c4", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", str(script),
+                          f"{url}/invocations"], capture_output=True, text=True, timeout=seconds + 60)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    ms = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    latency = {p: float(v) * ms[u] for p, v, u in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)}
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text)[1]),
+            "requests": int(re.search(r"(\d+) requests in", text)[1]),
+            "p50_ms": latency["50"], "p90_ms": latency["90"], "p99_ms": latency["99"],
+            "non_2xx": int((re.search(r"Non-2xx or 3xx responses: (\d+)", text) or [0, 0])[1]),
+            "socket_errors": sum(map(int, errors.groups())) if errors else 0, "text": text}
+
+
+class Hostile:
+    """Bad requests in a loop, each kind with the answer it must get; ``slow`` connections held open sending
+    a byte a second, reconnecting when the server cuts them off."""
+
+    def __init__(self, url: str, good_row: dict):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.host, self.port = "127.0.0.1", int(url.rsplit(":", 1)[1])
+        bomb = io.BytesIO()
+        pq.write_table(pa.table({"age": pa.array([40.0] * 2_000_000)}), bomb, compression="zstd")
+        self.kinds = {  # name: (body, headers, expected status)
+            "oversize": (b'{"instances": [' + b"1," * (6 * 1024 * 1024) + b"1]}", {}, 413),
+            "malformed": (b'{"dataframe_records": [{"age": ', {}, 400),
+            "wrong type": (json.dumps({"dataframe_records": [{**good_row, "age": "forty"}]}).encode(), {}, 400),
+            "deep nesting": (b'{"instances": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", {}, 400),
+            "gzip bomb": (gzip.compress(b" " * (64 * 1024 * 1024)), {"Content-Encoding": "gzip"}, 413),
+            "parquet bomb": (bomb.getvalue(), {"Content-Type": "application/vnd.apache.parquet"}, 413),
+            "header bomb": (b"{}", {"X-Junk": "a" * 32 * 1024}, 431),
+            "bad request id": (json.dumps({"dataframe_records": [good_row]}).encode(), {"X-Request-Id": "x" * 500}, 400),
+        }
+        self.answers: dict[str, dict[int, int]] = {k: {} for k in [*self.kinds, "slow"]}
+        self.stopping = threading.Event()
+
+    def _send(self, kind: str) -> None:
+        body, headers, _ = self.kinds[kind]
+        request = urllib.request.Request(f"http://{self.host}:{self.port}/invocations", data=body, method="POST")
+        request.add_header("Authorization", f"Bearer {TOKEN}")
+        request.add_header("Content-Type", headers.get("Content-Type", "application/json"))
+        for key, value in headers.items():
+            request.add_header(key, value)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status = response.status
+        except urllib.error.HTTPError as err:
+            status = err.code
+        except OSError:
+            status = -1  # a reset: the server cut an upload it would not read
+        answers = self.answers[kind]
+        answers[status] = answers.get(status, 0) + 1
+
+    def _bad_loop(self) -> None:
+        while not self.stopping.is_set():
+            for kind in self.kinds:
+                if self.stopping.is_set():
+                    return
+                self._send(kind)
+                time.sleep(0.05)
+
+    def _slow_loop(self) -> None:
+        while not self.stopping.is_set():
+            with socket.create_connection((self.host, self.port), timeout=30) as sock:
+                sock.sendall(f"POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                             "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n".encode())
+                try:
+                    while not self.stopping.wait(1):
+                        sock.sendall(b" ")
+                except OSError:
+                    pass
+                try:
+                    answer = sock.recv(64)
+                except OSError:
+                    answer = b""
+            status = int(answer.split()[1]) if answer.startswith(b"HTTP/1.1 ") else -1
+            self.answers["slow"][status] = self.answers["slow"].get(status, 0) + 1
+
+    def start(self) -> list[threading.Thread]:
+        threads = [threading.Thread(target=self._bad_loop, daemon=True)] + [
+            threading.Thread(target=self._slow_loop, daemon=True) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        return threads
+
+
+def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
+    assert shutil.which("wrk"), "wrk is missing: `make test` installs it (Debian package wrk)"
+    cfg, wire, _ = champion
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri, "MLFACTORY_SERVING_TOKEN": TOKEN}
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "mlfactory.serving", "--model-uri", f"models:/{cfg.model_name}/1",
+                               "--host", "127.0.0.1", "--port", str(port), "--body-timeout", "5"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.3)
+        rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+                for r in wire.head(8).to_dict("records")]
+        body = json.dumps({"dataframe_records": rows}, default=str)
+        script = tmp_path / "predict.lua"
+        script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                          f'wrk.headers["Content-Type"] = "application/json"\n'
+                          f'wrk.headers["Authorization"] = "Bearer {TOKEN}"\n')
+        wrk(url, script, 3)  # warm up
+        baseline = wrk(url, script, BASELINE_S)
+        assert baseline["non_2xx"] == 0 and baseline["socket_errors"] == 0, baseline["text"]
+        rss_before = rss_mb(server.pid)
+
+        hostile = Hostile(url, rows[0])
+        peak = [rss_before]
+        sampling = threading.Event()
+
+        def sample():
+            while not sampling.wait(0.2):
+                peak[0] = max(peak[0], rss_mb(server.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        threads = hostile.start()
+        soak = wrk(url, script, SOAK_S)
+        hostile.stopping.set()
+        for thread in threads:
+            thread.join(timeout=40)
+        sampling.set()
+        sampler.join()
+        hwm = rss_mb(server.pid, "VmHWM")
+        report = {"baseline": {k: v for k, v in baseline.items() if k != "text"},
+                  "soak": {k: v for k, v in soak.items() if k != "text"},
+                  "p99_ratio": round(soak["p99_ms"] / baseline["p99_ms"], 2),
+                  "rss_mb": {"before": round(rss_before), "peak_sampled": round(peak[0]), "peak_hwm": round(hwm)},
+                  "hostile_answers": hostile.answers}
+        print("\nSOAK", json.dumps(report))
+        (tmp_path / "soak.json").write_text(json.dumps(report, indent=2))
+
+        # the well-behaved client: no error, p99 within 2x of the baseline
+        assert soak["non_2xx"] == 0 and soak["socket_errors"] == 0, soak["text"]
+        assert soak["requests"] > 0.5 * baseline["rps"] * SOAK_S, report
+        assert soak["p99_ms"] <= 2 * baseline["p99_ms"], report
+        # every bad request got its answer (an oversize upload may also be cut off: -1), never a 5xx
+        for kind, (_, _, expected) in hostile.kinds.items():
+            got = hostile.answers[kind]
+            assert got and set(got) <= {expected, -1} and got.get(expected), (kind, got)
+        assert hostile.answers["slow"] and set(hostile.answers["slow"]) <= {408, -1}, hostile.answers["slow"]
+        # memory bounded: what the bombs would have cost never arrives
+        assert hwm < rss_before + 768, report
+        assert server.poll() is None
+    finally:
+        stop_group(server)
+        log.close()
