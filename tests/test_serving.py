@@ -441,3 +441,41 @@ def test_no_code_stored_with_a_model_is_ever_run(server, champion, tmp_path):
     with pytest.raises(Exception, match="Weights only load failed|weights_only"):
         load_logged_model(ours)
     assert not marker.exists()
+
+
+def test_a_model_that_hangs_gets_a_504_and_holds_no_one_else():
+    """The forward pass runs on the server's worker thread: a model that never answers costs its callers a 504
+    after --predict-timeout, and the event loop goes on answering everything else meanwhile."""
+    import asyncio
+    import threading
+
+    from mlfactory.serving.app import ModelServer, Variant
+    from mlfactory.serving.limits import Limits
+    from mlfactory.serving.payloads import BadRequest
+
+    release = threading.Event()
+
+    class Hung:
+        version, model_uri = "9", "models:/m/9"
+
+        def predict(self, columns):
+            release.wait(30)
+            return {"prediction": [0] * len(next(iter(columns.values())))}
+
+    server = ModelServer(limits=Limits(predict_timeout_s=0.5))
+    variant = Variant("blue", Hung(), 100.0)
+
+    async def scenario():
+        started = time.monotonic()
+        hung = asyncio.create_task(server.predict(variant, {"x": [1.0]}, 1))
+        await asyncio.sleep(0.1)
+        assert server.ready is False and not hung.done()  # (no variant registered: the loop still answers)
+        with pytest.raises(BadRequest) as err:
+            await hung
+        assert err.value.status == 504 and "did not answer within 0.5s" in err.value.message
+        assert "version 9" in err.value.message and 0.4 < time.monotonic() - started < 5
+        release.set()
+        await asyncio.sleep(0.2)  # the late answer finds its caller gone: nothing breaks
+
+    asyncio.run(scenario())
+    server.worker.shutdown(wait=True)

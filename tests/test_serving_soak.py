@@ -1,5 +1,5 @@
 """The model server under a hostile crowd: `wrk` sends well-formed predictions as fast as the server takes
-them (first alone, to measure that rate and its latency; then for 60 s) while other clients send oversize,
+them (alone, to measure that rate and its latency, before and after; in between for 60 s) while other clients send oversize,
 malformed, deeply nested, header-bomb, slow and compressed-bomb requests. The well-behaved client must see
 no error and its p99 latency at most twice the baseline's; the bad ones get their 4xx; memory stays bounded.
 The figures are printed (pytest -s) for the record."""
@@ -31,8 +31,18 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
         return int(re.search(rf"{field}:\s+(\d+) kB", f.read())[1]) / 1024
 
 
+# On a machine of few cores the clients would take the server's CPU and blur what the hostile requests
+# cost it: the server gets the last core, wrk and the hostile clients the others.
+CORES = sorted(os.sched_getaffinity(0))
+SERVER_CORES, CLIENT_CORES = ({CORES[-1]}, set(CORES[:-1])) if len(CORES) > 1 else (set(CORES), set(CORES))
+
+
+def pinned(cores: set[int]) -> list[str]:
+    return ["taskset", "-c", ",".join(map(str, sorted(cores)))]
+
+
 def wrk(url: str, script, seconds: int) -> dict:
-    out = subprocess.run(["wrk", "-t1", "-c4", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", str(script),
+    out = subprocess.run([*pinned(CLIENT_CORES), "wrk", "-t1", "-c4", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", str(script),
                           f"{url}/invocations"], capture_output=True, text=True, timeout=seconds + 60)
     assert out.returncode == 0, out.stderr
     text = out.stdout
@@ -126,7 +136,7 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri, "MLFACTORY_SERVING_TOKEN": TOKEN}
     log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "mlfactory.serving", "--model-uri", f"models:/{cfg.model_name}/1",
+    server = subprocess.Popen([*pinned(SERVER_CORES), sys.executable, "-m", "mlfactory.serving", "--model-uri", f"models:/{cfg.model_name}/1",
                                "--host", "127.0.0.1", "--port", str(port), "--body-timeout", "5"],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -162,7 +172,10 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, CLIENT_CORES)  # (the threads started now inherit it)
         threads = hostile.start()
+        os.sched_setaffinity(0, before)
         soak = wrk(url, script, SOAK_S)
         hostile.stopping.set()
         for thread in threads:
@@ -170,9 +183,13 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
         sampling.set()
         sampler.join()
         hwm = rss_mb(server.pid, "VmHWM")
-        report = {"baseline": {k: v for k, v in baseline.items() if k != "text"},
+        after = wrk(url, script, BASELINE_S)  # the quiet rate again: the machine's own noise, before and after
+        quiet_p99 = max(baseline["p99_ms"], after["p99_ms"])
+        report = {"cores": {"server": sorted(SERVER_CORES), "clients": sorted(CLIENT_CORES)},
+                  "baseline": {k: v for k, v in baseline.items() if k != "text"},
                   "soak": {k: v for k, v in soak.items() if k != "text"},
-                  "p99_ratio": round(soak["p99_ms"] / baseline["p99_ms"], 2),
+                  "baseline_after": {k: v for k, v in after.items() if k != "text"},
+                  "p99_ratio": round(soak["p99_ms"] / quiet_p99, 2),
                   "rss_mb": {"before": round(rss_before), "peak_sampled": round(peak[0]), "peak_hwm": round(hwm)},
                   "hostile_answers": hostile.answers}
         print("\nSOAK", json.dumps(report))
@@ -181,7 +198,7 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
         # the well-behaved client: no error, p99 within 2x of the baseline
         assert soak["non_2xx"] == 0 and soak["socket_errors"] == 0, soak["text"]
         assert soak["requests"] > 0.5 * baseline["rps"] * SOAK_S, report
-        assert soak["p99_ms"] <= 2 * baseline["p99_ms"], report
+        assert soak["p99_ms"] <= 2 * quiet_p99, report
         # every bad request got its answer (an oversize upload may also be cut off: -1), never a 5xx
         for kind, (_, _, expected) in hostile.kinds.items():
             got = hostile.answers[kind]

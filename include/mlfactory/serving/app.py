@@ -28,6 +28,7 @@ log = logging.getLogger("mlfactory.serving")
 
 TARGET_HEADER = b"x-target-variant"
 MAX_BATCH_ROWS = 10_000  # rows of concurrent requests joined into one forward pass
+INLINE_PARSE_BYTES = 64 * 1024  # bodies up to this are parsed on the event loop (cheaper than a hand-off)
 
 
 
@@ -66,6 +67,9 @@ class ModelServer:
         self.metrics = Metrics()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")  # one forward pass at a time
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
+        # big or compressed bodies are inflated and parsed here, off the event loop, so one of them (a 100 MB
+        # batch-transform file, a gzip bomb) never stalls the small requests around it
+        self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         self.health_routes = {"/ping", "/health", health_route, "/ready"}
         self.predict_routes = {"/invocations": "invocations", "/score": "score", "/predict": "predict",
                                predict_route: "predict"}
@@ -117,7 +121,7 @@ class ModelServer:
             return await asyncio.wait_for(future, self.limits.predict_timeout_s)
         except TimeoutError:
             raise BadRequest(f"the model (version {variant.model.version}) did not answer within "
-                             f"{self.limits.predict_timeout_s:.0f}s", 504, "MODEL_TIMEOUT") from None
+                             f"{self.limits.predict_timeout_s:g}s", 504, "MODEL_TIMEOUT") from None
 
     async def _drain(self, variant: Variant) -> None:
         loop = asyncio.get_running_loop()
@@ -175,6 +179,8 @@ class ModelServer:
                 extra_headers = [(b"www-authenticate", b"Bearer")]
             elif status == 503:
                 extra_headers = [(b"retry-after", b"1")]
+            elif status in (408, 413, 431):  # a body left unread, or a client that will not stop: hang up
+                extra_headers = [(b"connection", b"close")]
         except ModelError as err:
             status, payload = 500, {"error_code": "MODEL_ERROR", "message": str(err)}
         except ClientGone:
@@ -251,9 +257,13 @@ class ModelServer:
             body = await self._body(headers, receive, self.limits.body_limit(media))
             target = headers.get(TARGET_HEADER, b"").decode("latin-1") or None
             variant = self.choose(target)
-            columns = parse_body(body, content_type, variant.model.signature, self.limits.max_rows,
-                                 self.limits.max_decoded_bytes)
-            del body
+            parse = (parse_body, body, content_type, variant.model.signature, self.limits.max_rows,
+                     self.limits.max_decoded_bytes)
+            if len(body) > INLINE_PARSE_BYTES:
+                columns = await asyncio.get_running_loop().run_in_executor(self.decoder, *parse)
+            else:
+                columns = parse[0](*parse[1:])
+            del body, parse
             rows = len(next(iter(columns.values())))
             variant.requests += 1
             outputs = await self.predict(variant, columns, rows)
@@ -288,7 +298,7 @@ class ModelServer:
                     if not message.get("more_body"):
                         break
         except TimeoutError:
-            raise BadRequest(f"the body did not arrive within {self.limits.body_timeout_s:.0f}s ({size} bytes came)",
+            raise BadRequest(f"the body did not arrive within {self.limits.body_timeout_s:g}s ({size} bytes came)",
                              408, "REQUEST_TIMEOUT") from None
         if size > limit or (declared or 0) > limit:
             # (a body a little over the limit is read to its end first, so the client sees the 413
@@ -297,7 +307,10 @@ class ModelServer:
                              413, "PAYLOAD_TOO_LARGE")
         body = b"".join(chunks)
         encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
-        return inflate(body, encoding, min(limit, self.limits.max_decoded_bytes)) if encoding else body
+        if not encoding or encoding == "identity":
+            return body
+        return await asyncio.get_running_loop().run_in_executor(
+            self.decoder, inflate, body, encoding, min(limit, self.limits.max_decoded_bytes))
 
     async def _admin(self, method: str, path: str, headers: dict, receive):
         parts = path.strip("/").split("/")
