@@ -158,3 +158,21 @@ def test_landing_notifications_have_a_dead_letter_and_a_budget(cloud, dead_lette
     for resource in (notification, budget):
         assert f'resource "{resource}"' in main
     assert dead_letter in main and "landing/" in main
+
+
+def test_the_jobs_identities_only_read_the_registrys_prefix():
+    """Whoever runs the jobs and endpoints (the SageMaker execution role, Vertex AI's and Azure ML's identities)
+    reads the MLflow artifacts under mlflow/ but never writes them: the registry's files change only through
+    the MLflow server. AWS: by the policy (evaluated in test_aws_requests); GCP: the writing role's binding
+    has a condition excluding mlflow/, reading comes from objectViewer; Azure: an ABAC condition on the
+    jobs' role assignment."""
+    gcp = (PROJECT / "deploy" / "gcp" / "terraform" / "main.tf").read_text()
+    binding = re.search(r'resource "google_storage_bucket_iam_member" "jobs" \{(.*?)\n\}', gcp, re.S)[1]
+    assert 'mlfactory["jobs"]' in binding
+    assert '!resource.name.startsWith(\\"projects/_/buckets/${var.bucket_name}/objects/mlflow/\\")' in binding
+    assert re.search(r'"jobs_read" \{[^}]*roles/storage.objectViewer', gcp)
+    azure = (PROJECT / "deploy" / "azure" / "terraform" / "main.tf").read_text()
+    assignment = re.search(r'resource "azurerm_role_assignment" "jobs" \{(.*?)\n\}', azure, re.S)[1]
+    assert 'condition_version  = "2.0"' in assignment
+    assert "!(ActionMatches{'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write'})" in assignment
+    assert "blobs:path] StringNotStartsWith 'mlflow/'" in assignment

@@ -177,10 +177,24 @@ resource "azurerm_role_assignment" "airflow" {
   principal_id       = var.airflow_principal_id
 }
 
+# The jobs read the whole container and write anywhere but the registry's prefix: the MLflow server writes
+# mlflow/ (an ABAC condition: a job never replaces a registered model's files)
 resource "azurerm_role_assignment" "jobs" {
   scope              = azurerm_storage_container.bucket.id
   role_definition_id = azurerm_role_definition.mlfactory["jobs"].role_definition_resource_id
   principal_id       = var.jobs_principal_id
+  condition_version  = "2.0"
+  condition          = <<-EOT
+    (
+     (
+      !(ActionMatches{'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write'})
+     )
+     OR
+     (
+      @Resource[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:path] StringNotStartsWith 'mlflow/'
+     )
+    )
+  EOT
 }
 
 # --- spend ---------------------------------------------------------------------------------------------

@@ -156,10 +156,23 @@ resource "google_project_iam_member" "airflow" {
   member  = google_service_account.airflow.member
 }
 
+# The jobs read the whole bucket, and write and delete anywhere but the registry's prefix: the MLflow
+# server writes mlflow/ (a job never replaces a registered model's files)
+resource "google_storage_bucket_iam_member" "jobs_read" {
+  bucket = google_storage_bucket.mlfactory.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.jobs.member
+}
+
 resource "google_storage_bucket_iam_member" "jobs" {
   bucket = google_storage_bucket.mlfactory.name
   role   = google_project_iam_custom_role.mlfactory["jobs"].id
   member = google_service_account.jobs.member
+  condition {
+    title       = "not-the-registry"
+    description = "no write or delete under mlflow/ (the MLflow server's artifacts)"
+    expression  = "!resource.name.startsWith(\"projects/_/buckets/${var.bucket_name}/objects/mlflow/\")"
+  }
 }
 
 # --- spend ---------------------------------------------------------------------------------------------
