@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -117,8 +118,15 @@ class ModelContainers:
     def __init__(self, fake, workdir: Path):
         self.fake, self.workdir = fake, workdir
         self.processes: dict[str, tuple[subprocess.Popen, str]] = {}
+        self.lock = threading.Lock()  # the fake serves requests on several threads: one container per deployment
 
     def __call__(self, deployment: dict) -> str:
+        with self.lock:
+            if deployment["name"] in self.processes:  # provisioned again (an update): a fresh container
+                stop_group(self.processes.pop(deployment["name"])[0])
+            return self._start(deployment)
+
+    def _start(self, deployment: dict) -> str:
         props = deployment["properties"]
         environment = self.fake._get(props["environmentId"])
         routes = environment["properties"]["inferenceConfig"]

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -77,8 +78,13 @@ class ModelContainers:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.processes: dict[str, tuple[subprocess.Popen, str]] = {}
+        self.lock = threading.Lock()  # the fake serves requests on several threads: one container per model
 
     def __call__(self, model: dict) -> str:
+        with self.lock:
+            return self._start(model)
+
+    def _start(self, model: dict) -> str:
         if model["name"] in self.processes:
             return self.processes[model["name"]][1]
         spec = model["containerSpec"]
