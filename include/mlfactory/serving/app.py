@@ -257,13 +257,10 @@ class ModelServer:
             body = await self._body(headers, receive, self.limits.body_limit(media))
             target = headers.get(TARGET_HEADER, b"").decode("latin-1") or None
             variant = self.choose(target)
-            parse = (parse_body, body, content_type, variant.model.signature, self.limits.max_rows,
-                     self.limits.max_decoded_bytes)
-            if len(body) > INLINE_PARSE_BYTES:
-                columns = await asyncio.get_running_loop().run_in_executor(self.decoder, *parse)
-            else:
-                columns = parse[0](*parse[1:])
-            del body, parse
+            args = (body, content_type, variant.model.signature, self.limits.max_rows, self.limits.max_decoded_bytes)
+            columns = (await asyncio.get_running_loop().run_in_executor(self.decoder, parse_body, *args)
+                       if len(body) > INLINE_PARSE_BYTES else parse_body(*args))
+            del body, args
             rows = len(next(iter(columns.values())))
             variant.requests += 1
             outputs = await self.predict(variant, columns, rows)

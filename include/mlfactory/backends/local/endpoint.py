@@ -174,7 +174,7 @@ class LocalEndpoint:
         """After a failed rollout (``plan``: what ``Rollout.stage`` set up): all traffic back on the old colour,
         the new one unloaded. A server that died on the way (kill -9, out of memory) is started again (or, run
         elsewhere, waited for) and given the old version back: traffic never stays split, nor on a dead variant."""
-        if not plan:
+        if not plan or (not plan.get("old") and not self.alive()):  # nothing served before, nothing running
             return
         self.ensure_running()
         variants = self.variants()
