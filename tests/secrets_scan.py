@@ -63,9 +63,9 @@ def known_secrets(root: Path) -> set[str]:
                 values.add(path.read_text().strip())
             elif path.name == "passwords.json":
                 values |= {str(v) for v in json.loads(path.read_text()).values()}
-            elif path.name == ".env":
-                values |= {line.split("=", 1)[1].strip() for line in path.read_text().splitlines()
-                           if "=" in line and not line.startswith("#")}
+            elif path.name == ".env":  # its secrets, not its settings (MLFACTORY_MODEL_NAME=customer_churn is none)
+                pairs = [line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#")]
+                values |= {value.strip() for key, value in pairs if re.search(r"PASSWORD|SECRET|TOKEN|FERNET|_KEY", key)}
         except (OSError, ValueError, UnicodeDecodeError):
             continue
     return {v for v in values if len(v) >= 12}

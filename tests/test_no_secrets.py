@@ -42,6 +42,8 @@ def test_the_scanner_sees_each_kind_of_secret(tmp_path):
     (home / "passwords.json").write_text('{"admin": "plain-words-1234"}')
     (home / "logs" / "dag_id=x" / "attempt=1.log").write_text("user admin logged in with plain-words-1234\n")
     (home / "other.txt").write_text("plain-words-1234")  # not a log
+    (home / ".env").write_text("AIRFLOW_ADMIN_PASSWORD=generated-pass-5678\nMLFACTORY_MODEL_NAME=customer_churn\n")
+    assert known_secrets(tmp_path) == {"plain-words-1234", "generated-pass-5678"}  # a setting is no secret
     assert log_files(tmp_path) == [home / "logs" / "dag_id=x" / "attempt=1.log"]
     findings = scan(log_files(tmp_path), known_secrets(tmp_path))
     assert len(findings) == 1 and "a generated secret" in findings[0]
