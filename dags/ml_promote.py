@@ -14,6 +14,7 @@ from datetime import datetime
 from airflow.sdk import DAG, Param, chain, task
 
 from mlfactory.config import load_config
+from mlfactory.specs import HAND_MODEL_URI
 from mlfactory_airflow.assets import pipeline_assets
 
 cfg = load_config()
@@ -32,7 +33,7 @@ with DAG(
         "model_uri": Param(None, type=["null", "string"], title="Model to register",
                            description=f"Leave empty for event-started runs. Or a model logged in experiment "
                                        f"{cfg.mlflow.experiment!r}: models:/m-<id> or runs:/<run id>/model",
-                           pattern=r"^(models:/m-[0-9a-f]{32}|runs:/[0-9a-f]{32}/[A-Za-z0-9_][A-Za-z0-9_./-]*)$"),
+                           pattern=f"^({HAND_MODEL_URI})$"),
     },
 ):
 

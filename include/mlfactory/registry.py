@@ -134,7 +134,9 @@ class Registry:
 
         from mlflow.exceptions import MlflowException
 
-        found = re.fullmatch(r"models:/(m-[0-9a-f]{32})|runs:/([0-9a-f]{32})/[A-Za-z0-9_][A-Za-z0-9_./-]*", model_uri)
+        from mlfactory.specs import HAND_MODEL_URI
+
+        found = re.fullmatch(HAND_MODEL_URI, model_uri)
         if not found or "/../" in model_uri or model_uri.endswith("/.."):
             raise ValueError(f"model_uri {model_uri!r} is not models:/m-<id> or runs:/<run id>/<path>")
         experiment = self.client.get_experiment_by_name(self.cfg.mlflow.experiment)

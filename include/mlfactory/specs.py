@@ -86,6 +86,10 @@ class TrainingJobSpec(_Spec):
         return args
 
 
+# A model given by hand (ml_promote's form): a logged model or a run's artifact path, no "." segment first
+HAND_MODEL_URI = r"models:/(m-[0-9a-f]{32})|runs:/([0-9a-f]{32})/[A-Za-z0-9_][A-Za-z0-9_./-]*"
+
+
 class ModelRef(_Spec):
     """One registered model version, and where its files are in the bucket (what a cloud container loads)."""
 
