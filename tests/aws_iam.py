@@ -31,17 +31,17 @@ class Recording:
 
     def __init__(self, moto_url: str):
         self.url = moto_url
-        self._post("reset-recording")
-        self._post("start-recording")
+        self._call("reset-recording")
+        self._call("start-recording")
 
-    def _post(self, what: str) -> bytes:
-        request = urllib.request.Request(f"{self.url}/moto-api/recorder/{what}", method="POST" if "download" not in what else "GET")
+    def _call(self, what: str) -> bytes:
+        request = urllib.request.Request(f"{self.url}/moto-api/recorder/{what}", method="GET" if what.startswith("download") else "POST")
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.read()
 
     def stop(self) -> list[dict]:
-        self._post("stop-recording")
-        return [json.loads(line) for line in self._post("download-recording").decode().splitlines() if line.strip()]
+        self._call("stop-recording")
+        return [json.loads(line) for line in self._call("download-recording").decode().splitlines() if line.strip()]
 
     @staticmethod
     def calls(entries: list[dict], access_key: str) -> list[Call]:

@@ -51,7 +51,7 @@ class LocalSettings(BackendSettings):
 
     @field_validator("token", "admin_token", mode="before")
     @classmethod
-    def _empty_token(cls, value, info):
+    def _token(cls, value, info):
         from mlfactory.serving.auth import check_token
 
         token = "" if value is None else str(value)  # `token: ${UNSET:-}` reads as YAML null
