@@ -26,6 +26,9 @@ class Call:
     what: str  # the request, for messages
 
 
+SIGNING_TO_IAM = {"monitoring": "cloudwatch"}  # services whose SigV4 signing name is not their IAM prefix
+
+
 class Recording:
     """moto's recorder, started for one test: ``calls(access_key)`` are the IAM calls signed with that key."""
 
@@ -51,7 +54,7 @@ class Recording:
             signed = re.search(r"Credential=([^/]+)/\d+/([^/]+)/([^/]+)/aws4_request", headers.get("authorization", ""))
             if not signed or signed[1] != access_key:
                 continue
-            out.extend(to_calls(signed[3], entry, headers))
+            out.extend(to_calls(SIGNING_TO_IAM.get(signed[3], signed[3]), entry, headers))
         return out
 
 
@@ -86,9 +89,14 @@ def _resources(service: str, operation: str, params: dict) -> tuple[str, ...]:
         return found or ((params["ResourceArn"],) if "ResourceArn" in params else ("*",))
     if service == "sqs" and "QueueUrl" in params:
         return (f"arn:aws:sqs:{REGION}:{ACCOUNT}:{params['QueueUrl'].rstrip('/').rsplit('/', 1)[1]}",)
+    if service == "cloudwatch":  # DescribeAlarms by name: JSON (AlarmNames) or query (AlarmNames.member.N)
+        names = params.get("AlarmNames") or [v for k, v in params.items() if k.startswith("AlarmNames.member.")]
+        if isinstance(names, list) and names:
+            return tuple(f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{n}" for n in names)
     if service == "logs" and "logGroupName" in params:
         return (f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{params['logGroupName']}",)
-    if service == "application-autoscaling" and operation in ("RegisterScalableTarget", "PutScalingPolicy"):
+    if service == "application-autoscaling" and operation in ("RegisterScalableTarget", "PutScalingPolicy",
+                                                              "DeregisterScalableTarget"):
         return (f"arn:aws:application-autoscaling:{REGION}:{ACCOUNT}:scalable-target/{params.get('ResourceId')}",)
     return ("*",)
 

@@ -107,11 +107,12 @@ AWS_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1"
 
 
 def aws_config_on_moto(moto_server: str, bucket: str, path: Path, monkeypatch, conn_id: str = "moto",
-                       serving: dict | None = None, access_key: str = "testing", **aws):
+                       serving: dict | None = None, access_key: str = "testing", runtime_url: str | None = None, **aws):
     """A clean moto, an Airflow connection ``conn_id`` to it, and the sample config with backend aws on
     ``s3://bucket`` (created) written to ``path`` as MLFACTORY_CONFIG; ``aws`` goes to the aws section and
     ``serving`` to the serving section; the connection signs with ``access_key`` (moto takes any: a key of
-    its own tells one caller's requests from the others' in the recording). Returns the raw config to edit further (write it again with
+    its own tells one caller's requests from the others' in the recording); ``runtime_url`` is where sagemaker-runtime
+is served (tests/sagemaker_runtime.py; moto's own answers with canned results). Returns the raw config to edit further (write it again with
     ``path.write_text(yaml.safe_dump(raw))``)."""
     import urllib.request
 
@@ -123,7 +124,8 @@ def aws_config_on_moto(moto_server: str, bucket: str, path: Path, monkeypatch, c
     urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).close()
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({
         "conn_type": "aws", "login": access_key, "password": "testing",
-        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
+        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1",
+                  **({"service_config": {"sagemaker-runtime": {"endpoint_url": runtime_url}}} if runtime_url else {})}}))
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw.update(backend="aws", aws={"role_arn": AWS_ROLE, "image_uri": AWS_IMAGE, "conn_id": conn_id, **aws})
     raw["serving"].update(serving or {})

@@ -22,8 +22,9 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from aws_iam import Recording, policy, refused
+from aws_iam import ACCOUNT, REGION, Call, Recording, policy, refused
 from conftest import aws_config_on_moto, play_sagemaker_training_job
+from sagemaker_runtime import SageMakerRuntime
 
 from mlfactory import sample_data, storage
 from mlfactory.config import load_config
@@ -70,9 +71,13 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
     from mlfactory.registry import CHAMPION, Registry
 
     path = tmp_path / "pipeline.yaml"
+    # the endpoint's containers (ml_deploy's smoke test invokes it): the model server on the version's files in S3
+    runtime = SageMakerRuntime(moto_server, tmp_path / "endpoint", environment={
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": moto_server, "MLFLOW_S3_ENDPOINT_URL": moto_server})
     raw = aws_config_on_moto(moto_server, BUCKET, path, monkeypatch, conn_id="aws_default",
                              serving={"endpoint_name": "churn-lifecycle"}, access_key=AIRFLOW_KEY,
-                             budget_usd=50, poll_interval_s=2)
+                             runtime_url=runtime.url, budget_usd=50, poll_interval_s=2)
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     sqs = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1")
     queue = sqs.create_queue(QueueName="mlfactory-landing")["QueueUrl"]
@@ -144,7 +149,7 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         model_uri = registry.model_storage_uri(champion)
         assert model_uri.startswith(f"s3://{BUCKET}/mlflow/") and storage.exists(storage.join(model_uri, "MLmodel"))
 
-        # `champion` -> ml_deploy: Model, EndpointConfig, Endpoint, autoscaling.
+        # `champion` -> ml_deploy: Model, EndpointConfig, Endpoint, a smoke test on it, autoscaling.
         deploy = airflow.wait_for_run("ml_deploy", 1, timeout=300)
         assert deploy["state"] == "success"
         endpoint = compute.sagemaker.describe_endpoint(EndpointName="churn-lifecycle")
@@ -155,7 +160,9 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         assert state["served_version"] == champion and state["endpoint_config"] == endpoint["EndpointConfigName"]
         scaling = boto3.client("application-autoscaling", endpoint_url=moto_server, region_name="us-east-1")
         (target,) = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
-        assert target["ResourceId"] == "endpoint/churn-lifecycle/variant/primary"
+        assert target["ResourceId"] == f"endpoint/churn-lifecycle/variant/v{champion}"
+        smoke = [i for i in runtime.invocations if i["endpoint"] == "churn-lifecycle"]
+        assert smoke and all(i["target"] == f"v{champion}" and i["status"] == 200 for i in smoke), runtime.invocations
         assert MlflowClient(mlflow_server.url).get_model_version("churn_aws", champion).tags["mlfactory.deployment"] == "serving"
 
         # `champion` -> ml_batch_score: a transform job over the unscored curated snapshot.
@@ -170,7 +177,9 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
 
         # Least privilege, from what Airflow actually sent: every request its processes signed is granted by
         # deploy/aws/airflow-policy.json, resource by resource
-        calls = Recording.calls(recording.stop(), AIRFLOW_KEY)
+        calls = Recording.calls(recording.stop(), AIRFLOW_KEY) + [  # and the played runtime's InvokeEndpoint
+            Call("sagemaker:InvokeEndpoint", (f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{i['endpoint']}",),
+                 "InvokeEndpoint") for i in runtime.invocations]
         granted = policy("airflow-policy.json", MLFACTORY_BUCKET=BUCKET, MLFACTORY_LANDING_QUEUE="mlfactory-landing",
                          MLFACTORY_SAGEMAKER_ROLE="mlfactory-sagemaker", MLFACTORY_MODEL="churn-aws",
                          MLFACTORY_ENDPOINT="churn-lifecycle")
@@ -181,5 +190,6 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         assert refused(granted, calls) == []
     finally:
         compute.stopping.set()
+        runtime.stop()
         airflow.stop()
         mlflow_server.stop()

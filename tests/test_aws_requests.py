@@ -5,6 +5,7 @@ parameters against the same service model before answering."""
 
 from __future__ import annotations
 
+import json
 import urllib.request
 
 import pytest
@@ -167,8 +168,9 @@ def test_endpoint_requests_and_moto_serves_them(settings, sagemaker, moto_server
     assert {v["VariantName"] for v in described["ProductionVariants"]} == {"blue", "green"}
 
     assert aws.endpoint_name(endpoint()) == "customer-churn" and aws.model_name_for(MODEL) == "customer-churn-v3"
-    assert aws.endpoint_variant(endpoint(min_replicas=2), "customer-churn-v3", plain) == \
-        aws.Variant("primary", "customer-churn-v3", 1.0, "ml.m5.large", 2)
+    assert aws.endpoint_variant(endpoint(min_replicas=2), "customer-churn-v3", plain, weight=0.0) == \
+        aws.Variant("v3", "customer-churn-v3", 0.0, "ml.m5.large", 2)
+    assert aws.config_variants(sagemaker.describe_endpoint_config(EndpointConfigName="customer-churn-v3")) == [blue, green]
     target, policy = aws.autoscaling_requests(endpoint(max_replicas=2, target_requests_per_replica=1000), "blue")
     scaling = boto3.client("application-autoscaling", endpoint_url=moto_server, region_name="us-east-1")
     scaling.register_scalable_target(**target)
@@ -182,21 +184,32 @@ def test_endpoint_requests_and_moto_serves_them(settings, sagemaker, moto_server
     assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
 
 
-def test_the_blue_green_update_request_passes_botocores_stubber(settings):
+def test_the_blue_green_update_and_the_weights_requests_pass_botocores_stubber(settings):
     import boto3
     from botocore.stub import Stubber
 
-    canary = endpoint(rollback_alarms=["customer-churn-5xx"], canary_wait_s=300, canary_percent=10)
-    request = aws.update_endpoint_request("customer-churn", "customer-churn-v4", canary)
+    request = aws.update_endpoint_request("customer-churn", "customer-churn-v4", ["customer-churn-5xx"])
     policy = request["DeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]
-    assert policy == {"Type": "CANARY", "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 10}, "WaitIntervalInSeconds": 300}
+    assert policy == {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0}  # the traffic moves by weights, not here
     assert request["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "customer-churn-5xx"}]}
+    assert "AutoRollbackConfiguration" not in aws.update_endpoint_request("customer-churn", "customer-churn-v4", [])[
+        "DeploymentConfig"]
+    weights = aws.weights_request("customer-churn", {"v3": 90, "v4": 10})
+    assert weights["DesiredWeightsAndCapacities"] == [{"VariantName": "v3", "DesiredWeight": 90.0},
+                                                      {"VariantName": "v4", "DesiredWeight": 10.0}]
     client = boto3.client("sagemaker", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
     with Stubber(client) as stub:
         stub.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/customer-churn"},
                           expected_params=request)
+        stub.add_response("update_endpoint_weights_and_capacities",
+                          {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/customer-churn"},
+                          expected_params=weights)
         client.update_endpoint(**request)  # the Stubber validates the parameters against the service model
+        client.update_endpoint_weights_and_capacities(**weights)
         stub.assert_no_pending_responses()
+    invoke = aws.invoke_request("customer-churn", [{"tenure": 3}], variant="v4")
+    assert invoke["TargetVariant"] == "v4" and json.loads(invoke["Body"]) == {"dataframe_records": [{"tenure": 3}]}
+    assert "TargetVariant" not in aws.invoke_request("customer-churn", [{"tenure": 3}])
 
 
 def test_the_transform_request_and_moto_runs_it(settings, sagemaker):
@@ -232,11 +245,13 @@ def test_the_policies_grant_what_the_pipeline_needs_and_nothing_near_it():
     grants = [("s3:PutObject", "arn:aws:s3:::b/raw/abc/data.csv"), ("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/.data.csv.1.tmp"),
               ("s3:DeleteObject", "arn:aws:s3:::b/curated/x.parquet"), ("sagemaker:CreateModel", f"{sm}:model/churn-v3"),
               ("sagemaker:UpdateEndpoint", f"{sm}:endpoint/churn-live"), ("sqs:DeleteMessage", "arn:aws:sqs:us-east-1:123456789012:q"),
-              ("sagemaker:UpdateEndpointWeightsAndCapacities", f"{sm}:endpoint/churn-live")]
+              ("sagemaker:UpdateEndpointWeightsAndCapacities", f"{sm}:endpoint/churn-live"),
+              ("sagemaker:InvokeEndpoint", f"{sm}:endpoint/churn-live")]
     refusals = [("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/data.csv"), ("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/manifest.json"),
                 ("s3:DeleteObject", "arn:aws:s3:::b/models/holdout/holdout.parquet"), ("s3:DeleteObject", "arn:aws:s3:::b/models/holdout/holdout.json"), ("s3:GetObject", "arn:aws:s3:::other/x"),
                 ("sagemaker:CreateModel", f"{sm}:model/payroll-v1"), ("sagemaker:UpdateEndpoint", f"{sm}:endpoint/payroll"),
                 ("sagemaker:DeleteEndpoint", f"{sm}:endpoint/churn-live"), ("sagemaker:DeleteModel", f"{sm}:model/churn-v3"),
+                ("sagemaker:InvokeEndpoint", f"{sm}:endpoint/payroll"),
                 ("sqs:DeleteMessage", "arn:aws:sqs:us-east-1:123456789012:other"), ("s3:DeleteBucket", "arn:aws:s3:::b")]
     for action, resource in grants:
         assert allowed(airflow, Call(action, (resource,), "")), (action, resource)

@@ -285,9 +285,21 @@ def endpoint_config_request(name: str, variants: list[Variant], aws: AwsSettings
     })
 
 
-def endpoint_variant(spec: EndpointSpec, model_name: str, aws: AwsSettings, name: str = "primary") -> Variant:
-    """The production variant serving ``spec``'s model with all traffic, on ``min_replicas`` instances."""
-    return Variant(name, model_name, 1.0, endpoint_instance(spec.accelerator, aws), spec.min_replicas)
+def variant_name(version: str) -> str:
+    """The production variant serving registered version ``version`` (a rollout has the old and the new side by side)."""
+    return f"v{version}"
+
+
+def endpoint_variant(spec: EndpointSpec, model_name: str, aws: AwsSettings, weight: float = 1.0) -> Variant:
+    """The production variant of ``spec``'s version, on ``min_replicas`` instances, at ``weight``."""
+    return Variant(variant_name(spec.model.version), model_name, weight, endpoint_instance(spec.accelerator, aws),
+                   spec.min_replicas)
+
+
+def config_variants(described: dict) -> list[Variant]:
+    """DescribeEndpointConfig's answer -> its production variants."""
+    return [Variant(v["VariantName"], v["ModelName"], float(v.get("InitialVariantWeight", 1.0)), v["InstanceType"],
+                    v.get("InitialInstanceCount", 1)) for v in described["ProductionVariants"]]
 
 
 def create_endpoint_request(name: str, config_name: str, aws: AwsSettings) -> dict:
@@ -295,38 +307,52 @@ def create_endpoint_request(name: str, config_name: str, aws: AwsSettings) -> di
                                                      "Tags": _tags(aws.tags)})
 
 
-def update_endpoint_request(name: str, config_name: str, spec: EndpointSpec) -> dict:
-    """Blue/green to a new endpoint config: ``canary_percent`` of the capacity first, the rest after
-    ``canary_wait_s``; the CloudWatch alarms named in ``rollback_alarms`` roll it back."""
+def update_endpoint_request(name: str, config_name: str, rollback_alarms: list[str]) -> dict:
+    """Blue/green to endpoint config ``config_name``, all at once once the new fleet is healthy; the CloudWatch
+    alarms in ``rollback_alarms`` roll it back. mlfactory's configs change which variants exist (the new version
+    beside the old at weight 0, then the new one alone): the traffic itself moves with ``weights_request``."""
     deployment = {
         "BlueGreenUpdatePolicy": {
-            "TrafficRoutingConfiguration": {
-                "Type": "CANARY",
-                "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": max(1, round(spec.canary_percent))},
-                "WaitIntervalInSeconds": spec.canary_wait_s,
-            },
+            "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0},
             "TerminationWaitInSeconds": 300,
-            "MaximumExecutionTimeoutInSeconds": max(600, spec.canary_wait_s + 1800),
+            "MaximumExecutionTimeoutInSeconds": 3600,
         },
     }
-    if spec.rollback_alarms:
-        deployment["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": a} for a in spec.rollback_alarms]}
+    if rollback_alarms:
+        deployment["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": a} for a in rollback_alarms]}
     return validated("sagemaker", "UpdateEndpoint", {"EndpointName": job_name(name), "EndpointConfigName": job_name(config_name),
                                                      "DeploymentConfig": deployment})
+
+
+def weights_request(name: str, weights: dict[str, float]) -> dict:
+    """UpdateEndpointWeightsAndCapacities: the share of the traffic of each named variant (no fleet change)."""
+    return validated("sagemaker", "UpdateEndpointWeightsAndCapacities", {
+        "EndpointName": job_name(name),
+        "DesiredWeightsAndCapacities": [{"VariantName": v, "DesiredWeight": float(w)} for v, w in weights.items()]})
+
+
+def invoke_request(name: str, rows: list[dict], variant: str | None = None) -> dict:
+    """InvokeEndpoint with ``rows`` as the model server's JSON; ``variant`` sends it to that variant alone."""
+    return validated("sagemaker-runtime", "InvokeEndpoint", {
+        "EndpointName": job_name(name), "Body": json.dumps({"dataframe_records": rows}).encode(),
+        "ContentType": "application/json", "Accept": "application/json", **({"TargetVariant": variant} if variant else {})})
+
+
+def scalable_target(endpoint: str, variant: str) -> dict:
+    """Application Auto Scaling's name for the instance count of one production variant."""
+    return {"ServiceNamespace": "sagemaker", "ResourceId": f"endpoint/{endpoint}/variant/{variant}",
+            "ScalableDimension": "sagemaker:variant:DesiredInstanceCount"}
 
 
 def autoscaling_requests(spec: EndpointSpec, variant: str) -> tuple[dict, dict]:
     """RegisterScalableTarget and PutScalingPolicy (target tracking on invocations per instance per minute)."""
     endpoint = endpoint_name(spec)
-    resource = f"endpoint/{endpoint}/variant/{variant}"
-    dimension = "sagemaker:variant:DesiredInstanceCount"
+    where = scalable_target(endpoint, variant)
     target = validated("application-autoscaling", "RegisterScalableTarget", {
-        "ServiceNamespace": "sagemaker", "ResourceId": resource, "ScalableDimension": dimension,
-        "MinCapacity": spec.min_replicas, "MaxCapacity": spec.max_replicas,
+        **where, "MinCapacity": spec.min_replicas, "MaxCapacity": spec.max_replicas,
     })
     policy = validated("application-autoscaling", "PutScalingPolicy", {
-        "PolicyName": f"{endpoint}-{variant}-invocations"[:256],
-        "ServiceNamespace": "sagemaker", "ResourceId": resource, "ScalableDimension": dimension,
+        "PolicyName": f"{endpoint}-{variant}-invocations"[:256], **where,
         "PolicyType": "TargetTrackingScaling",
         "TargetTrackingScalingPolicyConfiguration": {
             "TargetValue": float(spec.target_requests_per_replica),

@@ -1,17 +1,23 @@
 """The `aws` backend's serving operators, and what every SageMaker operator shares.
 
-ml_deploy's steps (an ``EndpointSpec``):
+ml_deploy's steps (an ``EndpointSpec``), each variant named ``v<version>``:
 
-- ``SageMakerEndpointStageOperator`` (``deploy.stage``): the version's SageMaker Model and a new
-  EndpointConfig with one variant on ``min_replicas`` instances; nothing serves it yet. A retry, or
-  a version the endpoint serves already, reuses the config that serves it.
-- ``SageMakerEndpointOperator`` (``deploy.full_traffic``): creates the endpoint, or updates it
-  blue/green: SageMaker runs the canary (``canary_percent`` of the capacity for ``canary_wait_s``,
-  then the rest) and the CloudWatch alarms in ``rollback_alarms`` roll it back. The task defers
-  while SageMaker works; an endpoint back in service on its old config means SageMaker rolled the
-  update back, and the task fails saying so (ml_deploy's `rollback` then moves alias `champion`
-  back; the traffic is already back). In service, the variant gets its Application Auto Scaling
+- ``SageMakerEndpointStageOperator`` (``deploy.stage``): the version's SageMaker Model; the endpoint
+  created on it, or updated (blue/green, rolled back by the alarms in ``rollback_alarms``) to a new
+  EndpointConfig where the served variant keeps all the traffic and the new one stands beside it
+  at weight 0. The plan is kept in the endpoint state for ``rollback``.
+- ``SageMakerSmokeTestOperator`` (``deploy.smoke_test``): holdout rows sent to the new variant alone
+  (InvokeEndpoint's ``TargetVariant``) must get sane answers: a model that answers NaN, raises or
+  hangs past SageMaker's 60 s fails here, before any client reaches it.
+- ``SageMakerCanaryOperator`` (``deploy.canary``): ``canary_percent`` of the traffic to the new variant
+  (UpdateEndpointWeightsAndCapacities) for ``canary_wait_s``, then ``canary_requests`` holdout rows
+  through the endpoint (error rate under ``max_error_rate``) and no alarm of ``rollback_alarms`` in ALARM.
+- ``SageMakerEndpointOperator`` (``deploy.full_traffic``): all the traffic to the new variant, then a
+  config with it alone (the old instances go); in service, it gets its Application Auto Scaling
   target (``min_replicas``..``max_replicas``) and a target-tracking policy on invocations per instance.
+
+A failed step records why; ml_deploy's ``rollback`` (``AwsBackend.restore_traffic``) puts the weights
+back on the old variant and the endpoint back on the config it served before.
 
 ml_batch_score's step (a ``BatchJobSpec``):
 
@@ -20,7 +26,8 @@ ml_batch_score's step (a ``BatchJobSpec``):
   Parquet; the answers land under the spec's output prefix.
 
 All are built on the amazon provider: SageMakerHook for SageMaker, the base AWS hook for
-Application Auto Scaling, and the provider's SageMakerTrigger while a job or endpoint is busy.
+Application Auto Scaling and CloudWatch alarms, sagemaker-runtime for the smoke test and the canary, and the
+provider's SageMakerTrigger while a job or endpoint is busy.
 """
 
 from __future__ import annotations
@@ -108,92 +115,282 @@ class SageMakerBaseOperator(CloudSpecOperator):
             aws_conn_id=self.settings.conn_id, region_name=self.settings.region)
 
 
-class SageMakerEndpointStageOperator(SageMakerBaseOperator):
-    """``spec`` (an EndpointSpec) -> its SageMaker Model and an EndpointConfig that serves it alone."""
+class SageMakerRolloutOperator(SageMakerBaseOperator):
+    """A step of ml_deploy's rollout of ``spec`` (an EndpointSpec) along ``plan`` (what ``stage`` returned)."""
+
+    template_fields = ("spec", "plan")
+
+    def __init__(self, *, plan: dict[str, Any] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.plan = plan
+
+    def client(self, service: str):
+        """A boto3 client of ``service`` on the pipeline's AWS connection. sagemaker-runtime waits up to 90 s for an
+        answer (SageMaker itself gives a model 60 s) and never retries: a failed request counts."""
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+        from botocore.config import Config
+
+        config = Config(read_timeout=90, retries={"total_max_attempts": 1}) if service == "sagemaker-runtime" else None
+        return AwsBaseHook(aws_conn_id=self.settings.conn_id, region_name=self.settings.region, client_type=service,
+                           config=config).conn
+
+    def variants(self, config: str | None) -> list:
+        """The production variants of endpoint config ``config`` (none for None)."""
+        from mlfactory.backends.aws.sagemaker import config_variants
+
+        return config_variants(self.hook.conn.describe_endpoint_config(EndpointConfigName=config)) if config else []
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        from mlfactory.backends.aws.sagemaker import weights_request
+
+        self.hook.conn.update_endpoint_weights_and_capacities(**weights_request(self.plan["endpoint"], weights))
+        self.log.info("traffic of %s: %s", self.plan["endpoint"], weights)
+
+    def invoke(self, rows: list[dict], variant: str | None = None) -> tuple[str, list]:
+        """``rows`` through the endpoint (to ``variant`` alone, if given): (the variant that answered, its predictions)."""
+        import json
+
+        from mlfactory.backends.aws.sagemaker import invoke_request
+
+        reply = self.runtime.invoke_endpoint(**invoke_request(self.plan["endpoint"], rows, variant))
+        return reply.get("InvokedProductionVariant", ""), json.loads(reply["Body"].read()).get("predictions") or []
+
+    @cached_property
+    def runtime(self):
+        return self.client("sagemaker-runtime")
+
+    def holdout_rows(self, step: str, n: int) -> list[dict]:
+        """``n`` rows of the frozen holdout, or ``step`` failed saying why there are none."""
+        from mlfactory.deployment import DeploymentFailed, holdout_requests
+
+        try:
+            return holdout_requests(self.config, n)
+        except DeploymentFailed as err:
+            self.fail(step, str(err))
+
+    def fail(self, step: str, reason: str):
+        from mlfactory.deployment import DeploymentFailed, record_failure
+
+        record_failure(self.config, step, self.plan["version"], reason)
+        raise DeploymentFailed(reason)
+
+    def wait_for_endpoint(self, config: str, method: str = "execute", **kwargs):
+        """Defer until the endpoint is out of its update (then ``method`` runs with ``waited_for=config``)."""
+        from mlfactory.specs import EndpointSpec
+
+        spec = EndpointSpec.model_validate(self.spec)
+        self.defer(trigger=self.trigger(self.plan["endpoint"], "endpoint", 2 * 3600 + spec.canary_wait_s),
+                   method_name=method, kwargs={"waited_for": config, "plan": self.plan, **kwargs})
+
+    def check_on(self, config: str, step: str) -> None:
+        """Fail ``step`` unless the endpoint is in service on ``config`` (SageMaker rolls a failed update back)."""
+        from mlfactory.backends.aws.sagemaker import endpoint_state
+
+        status = endpoint_state(self.hook.conn.describe_endpoint(EndpointName=self.plan["endpoint"]), config)
+        if status.state != "succeeded":
+            self.fail(step, f"endpoint {self.plan['endpoint']} did not take {config} for v{self.plan['version']}: "
+                            f"{status.detail}")
+
+
+class SageMakerEndpointStageOperator(SageMakerRolloutOperator):
+    """The version's SageMaker Model as variant ``v<version>``: the endpoint created on it, or updated (blue/green)
+    to a config with the served variant unchanged and the new one beside it at weight 0, so that nothing reaches
+    the new model before the smoke test. Returns the plan; the endpoint state keeps it for ``rollback``."""
+
+    def execute(self, context, event: dict | None = None, waited_for: str | None = None, plan: dict | None = None) -> dict:
+        from dataclasses import replace
+        from datetime import datetime, timezone
+
+        from mlfactory.backends.aws import sagemaker
+        from mlfactory.deployment import read_endpoint_state, write_endpoint_state
+        from mlfactory.specs import EndpointSpec
+
+        if waited_for:  # the endpoint's creation or update is over
+            self.plan = plan
+            self.check_on(waited_for, "stage")
+            return self.plan
+        spec = EndpointSpec.model_validate(self.spec)
+        endpoint, model = sagemaker.endpoint_name(spec), self.ensure_model(spec.model)
+        new = sagemaker.endpoint_variant(spec, model, self.settings, weight=0.0)
+        existing = self.describe("describe_endpoint", EndpointName=endpoint)
+        current, pending = sagemaker.endpoint_configs(existing)
+        plan = {"endpoint": endpoint, "model": model, "version": spec.model.version, "new": new.name, "old": None,
+                "previous_config": current, "already_served": False}
+        self.plan = plan
+        for config in (pending, current):  # a retry, or the version is served already: no new config
+            variants = self.variants(config)
+            mine = [v for v in variants if v.model_name == model]
+            if not mine:
+                continue
+            others = [v for v in variants if v.model_name != model]
+            earlier = read_endpoint_state(self.config).get("rollout") or {}
+            plan.update(config=config, new=mine[0].name, old=others[0].name if others else None,
+                        already_served=not others and config == current,
+                        previous_config=earlier.get("previous_config") if others else current)
+            self.log.info("endpoint %s already has %s for v%s: taking it over", endpoint, config, spec.model.version)
+            if plan["already_served"]:
+                return plan
+            write_endpoint_state(self.config, rollout=plan)
+            return self.wait_for_endpoint(config)
+        if pending:
+            raise RuntimeError(f"endpoint {endpoint} is updating to {pending} (not v{spec.model.version}): "
+                               "deploy again once that update is over")
+        stamp = f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
+        config = sagemaker.job_name(f"{model[:48]}-{stamp}")
+        if existing is None:
+            variants = [replace(new, weight=1.0)]
+        else:
+            old = max(self.variants(current), key=lambda v: v.weight)  # the served one
+            variants = [replace(old, weight=1.0), new]
+            plan["old"] = old.name
+        plan["config"] = config
+        self.hook.conn.create_endpoint_config(**sagemaker.endpoint_config_request(config, variants, self.settings))
+        write_endpoint_state(self.config, rollout=plan)
+        if existing is None:
+            self.hook.conn.create_endpoint(**sagemaker.create_endpoint_request(endpoint, config, self.settings))
+            self.log.info("creating endpoint %s on %s: v%s on %d x %s", endpoint, config, spec.model.version,
+                          new.instances, new.instance_type)
+        else:
+            self.hook.conn.update_endpoint(**sagemaker.update_endpoint_request(endpoint, config, spec.rollback_alarms))
+            self.log.info("updating endpoint %s from %s to %s: %s keeps the traffic, v%s (%s) beside it at weight 0",
+                          endpoint, current, config, plan["old"], spec.model.version, new.name)
+        return self.wait_for_endpoint(config)
+
+
+class SageMakerSmokeTestOperator(SageMakerRolloutOperator):
+    """Holdout rows sent to the new variant alone (InvokeEndpoint's TargetVariant) must get sane predictions."""
 
     def execute(self, context) -> dict:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from mlfactory.deployment import sane_prediction
+        from mlfactory.specs import EndpointSpec
+
+        spec, plan = EndpointSpec.model_validate(self.spec), self.plan
+        if plan["already_served"]:
+            return {"skipped": f"v{plan['version']} serves all traffic already"}
+        rows = self.holdout_rows("smoke_test", spec.smoke_rows)
+        try:
+            _, predictions = self.invoke(rows, variant=plan["new"])
+        except (ClientError, BotoCoreError) as err:  # ModelError: the model raised, hung past 60 s or died
+            self.fail("smoke_test", f"smoke test of v{plan['version']} ({plan['new']}) failed: {err}")
+        if not (len(predictions) == len(rows) and all(sane_prediction(p) for p in predictions)):
+            self.fail("smoke_test", f"smoke test of v{plan['version']} ({plan['new']}): {len(predictions)} answers to "
+                                    f"{len(rows)} rows, e.g. {predictions[:3]}")
+        self.log.info("smoke test of v%s (%s): %d sane predictions", plan["version"], plan["new"], len(rows))
+        return {"rows": len(rows)}
+
+
+class SageMakerCanaryOperator(SageMakerRolloutOperator):
+    """``canary_percent`` of the traffic on the new variant for ``canary_wait_s``; then ``canary_requests`` holdout
+    rows through the endpoint (error rate under ``max_error_rate``) and no alarm of ``rollback_alarms`` firing."""
+
+    def execute(self, context, event: dict | None = None, check: bool = False) -> dict:
+        from mlfactory.specs import EndpointSpec
+
+        spec, plan = EndpointSpec.model_validate(self.spec), self.plan
+        if not plan["old"]:
+            return {"skipped": "nothing served before: no traffic to share" if not plan["already_served"]
+                    else f"v{plan['version']} serves all traffic already"}
+        if not check:
+            self.set_weights({plan["old"]: 100 - spec.canary_percent, plan["new"]: spec.canary_percent})
+            if spec.canary_wait_s:
+                from datetime import timedelta
+
+                from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+
+                self.log.info("v%s has %s%% of the traffic; checking it in %ss", plan["version"], spec.canary_percent,
+                              spec.canary_wait_s)
+                return self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=spec.canary_wait_s)),
+                                  method_name="execute", kwargs={"check": True})
+        return self._check(spec, plan)
+
+    def _check(self, spec, plan: dict) -> dict:
+        from mlfactory.deployment import sane_prediction
+
+        rows = self.holdout_rows("canary", spec.smoke_rows)
+        answered: dict[str, int] = {}
+        errors, samples, requests = 0, [], max(spec.canary_requests, len(rows))
+        for i in range(requests):
+            try:
+                variant, predictions = self.invoke([rows[i % len(rows)]])
+                answered[variant] = answered.get(variant, 0) + 1
+                if not (len(predictions) == 1 and sane_prediction(predictions[0])):
+                    raise ValueError(f"not a usable prediction: {predictions[:1]}")
+            except Exception as err:  # noqa: BLE001 - every failed request counts against the canary
+                errors += 1
+                samples.append(str(err)[:300])
+        rate = errors / requests
+        firing = self.firing_alarms(spec.rollback_alarms)
+        result = {"requests": requests, "errors": errors, "error_rate": rate, "answered_by": answered,
+                  "percent": spec.canary_percent, "alarms": firing}
+        self.log.info("canary of v%s: %s", plan["version"], result)
+        if firing:
+            self.fail("canary", f"canary of v{plan['version']} on {plan['endpoint']}: alarm {', '.join(firing)} fired")
+        if rate > spec.max_error_rate:
+            self.fail("canary", f"canary of v{plan['version']} on {plan['endpoint']}: {errors} of {requests} requests "
+                                f"failed ({rate:.1%} > {spec.max_error_rate:.1%}), e.g. {samples[:2]}")
+        return result
+
+    def firing_alarms(self, names: list[str]) -> list[str]:
+        if not names:
+            return []
+        alarms = self.client("cloudwatch").describe_alarms(AlarmNames=names)["MetricAlarms"]
+        return sorted(a["AlarmName"] for a in alarms if a["StateValue"] == "ALARM")
+
+
+class SageMakerEndpointOperator(SageMakerRolloutOperator):
+    """All traffic to the new variant, then (blue/green) a config with it alone, so the old instances go; then
+    autoscaling on it and the endpoint state written."""
+
+    def execute(self, context, event: dict | None = None, waited_for: str | None = None, plan: dict | None = None) -> dict:
+        from dataclasses import replace
         from datetime import datetime, timezone
 
         from mlfactory.backends.aws import sagemaker
         from mlfactory.specs import EndpointSpec
 
-        spec = EndpointSpec.model_validate(self.spec)
-        endpoint = sagemaker.endpoint_name(spec)
-        model = self.ensure_model(spec.model)
-        existing = self.describe("describe_endpoint", EndpointName=endpoint)
-        current, pending = sagemaker.endpoint_configs(existing)
-        config = next((c for c in (pending, current) if c and self._serves(c, model)), None)  # the newest first
-        if config:  # a retry, or the version is served already: no new config
-            self.log.info("endpoint %s already has %s for v%s: reusing it", endpoint, config, spec.model.version)
-        else:
-            config = sagemaker.job_name(f"{model[:48]}-{datetime.now(timezone.utc):%Y%m%d%H%M%S}")
-            variant = sagemaker.endpoint_variant(spec, model, self.settings)
-            self.hook.conn.create_endpoint_config(**sagemaker.endpoint_config_request(config, [variant], self.settings))
-            self.log.info("endpoint config %s: v%s on %d x %s", config, spec.model.version, variant.instances,
-                          variant.instance_type)
-        return {"endpoint": endpoint, "model": model, "config": config, "version": spec.model.version}
+        spec, plan = EndpointSpec.model_validate(self.spec), self.plan
+        if waited_for or not plan["old"]:
+            return self._complete(spec, waited_for or plan["config"])
+        current, pending = sagemaker.endpoint_configs(self.hook.conn.describe_endpoint(EndpointName=plan["endpoint"]))
+        final = next((c for c in (pending, current) if c and c != plan["config"]
+                      and [v.model_name for v in self.variants(c)] == [plan["model"]]), None)
+        if final is None:  # not a retry
+            self.set_weights({plan["new"]: 100, plan["old"]: 0})
+            final = sagemaker.job_name(f"{plan['model'][:48]}-{datetime.now(timezone.utc):%Y%m%d%H%M%S}")
+            variant = sagemaker.endpoint_variant(spec, plan["model"], self.settings)
+            self.hook.conn.create_endpoint_config(**sagemaker.endpoint_config_request(
+                final, [replace(variant, name=plan["new"])], self.settings))
+            self.hook.conn.update_endpoint(**sagemaker.update_endpoint_request(plan["endpoint"], final,
+                                                                               spec.rollback_alarms))
+            self.log.info("v%s has all the traffic of %s; %s drops %s's instances", plan["version"], plan["endpoint"],
+                          final, plan["old"])
+        return self.wait_for_endpoint(final)
 
-    def _serves(self, config: str, model: str) -> bool:
-        """Whether endpoint config ``config`` serves ``model`` alone."""
-        variants = self.hook.conn.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
-        return [v["ModelName"] for v in variants] == [model]
-
-
-class SageMakerEndpointOperator(SageMakerBaseOperator):
-    """All traffic on the ``staged`` config (SageMaker's blue/green canary on the way), then autoscaling."""
-
-    template_fields = ("spec", "staged")
-
-    def __init__(self, *, staged: dict[str, Any], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.staged = staged
-
-    def execute(self, context) -> None:
-        from mlfactory.backends.aws import sagemaker
-        from mlfactory.specs import EndpointSpec
-
-        spec = EndpointSpec.model_validate(self.spec)
-        endpoint, config = self.staged["endpoint"], self.staged["config"]
-        existing = self.describe("describe_endpoint", EndpointName=endpoint)
-        current, pending = sagemaker.endpoint_configs(existing)
-        if config in (current, pending):  # a retry, or served already: wait for that deployment, start none
-            self.log.info("endpoint %s is already on %s (%s): taking it over", endpoint, config, existing["EndpointStatus"])
-        elif existing is None:
-            self.hook.conn.create_endpoint(**sagemaker.create_endpoint_request(endpoint, config, self.settings))
-            self.log.info("creating endpoint %s on %s (v%s)", endpoint, config, spec.model.version)
-        else:
-            self.hook.conn.update_endpoint(**sagemaker.update_endpoint_request(endpoint, config, spec))
-            self.log.info("blue/green update of %s from %s to %s (v%s): %s%% canary for %ss", endpoint, current, config,
-                          spec.model.version, spec.canary_percent, spec.canary_wait_s)
-        self.defer(trigger=self.trigger(endpoint, "endpoint", 2 * 3600 + spec.canary_wait_s),
-                   method_name="execute_complete",
-                   kwargs={"previous_config": current if current != config else None})
-
-    def execute_complete(self, context, event: dict | None = None, previous_config: str | None = None) -> dict:
+    def _complete(self, spec, config: str) -> dict:
         from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-        from airflow.sdk.exceptions import AirflowException
 
         from mlfactory.backends.aws import sagemaker
-        from mlfactory.deployment import record_failure, served
-        from mlfactory.specs import EndpointSpec
+        from mlfactory.deployment import served
 
-        spec = EndpointSpec.model_validate(self.spec)
-        endpoint, config, version = self.staged["endpoint"], self.staged["config"], spec.model.version
-        status = sagemaker.endpoint_state(self.hook.conn.describe_endpoint(EndpointName=endpoint), config)
-        if status.state != "succeeded":
-            reason = f"endpoint {endpoint} did not take v{version} ({config}): {status.detail}"
-            record_failure(self.config, "full_traffic", version, reason)
-            raise AirflowException(reason)
-        target, policy = sagemaker.autoscaling_requests(spec, "primary")
+        plan = self.plan
+        self.check_on(config, "full_traffic")
+        target, policy = sagemaker.autoscaling_requests(spec, plan["new"])
         scaling = AwsBaseHook(aws_conn_id=self.settings.conn_id, region_name=self.settings.region,
                               client_type="application-autoscaling").conn
         scaling.register_scalable_target(**target)
         scaling.put_scaling_policy(**policy)
-        state = served(self.config, version, endpoint=endpoint, tags={"mlfactory.endpoint_config": config},
-                       backend="aws", endpoint_config=config, model=self.staged["model"], model_uri=spec.model.uri,
-                       previous_config=previous_config, autoscaling=target["ResourceId"])
+        if plan["old"]:  # the old variant is gone: so is its scalable target
+            old = sagemaker.scalable_target(plan["endpoint"], plan["old"])
+            if scaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[old["ResourceId"]])[
+                    "ScalableTargets"]:
+                scaling.deregister_scalable_target(**old)
+        state = served(self.config, plan["version"], endpoint=plan["endpoint"], tags={"mlfactory.endpoint_config": config},
+                       backend="aws", endpoint_config=config, variant=plan["new"], model=plan["model"],
+                       model_uri=spec.model.uri, previous_config=plan["previous_config"], autoscaling=target["ResourceId"])
         self.log.info("v%s serves all traffic on SageMaker endpoint %s (%s); autoscaling %d-%d instances at %d "
-                      "invocations/instance/minute", version, endpoint, config, target["MinCapacity"],
+                      "invocations/instance/minute", plan["version"], plan["endpoint"], config, target["MinCapacity"],
                       target["MaxCapacity"], spec.target_requests_per_replica)
         return state
 
