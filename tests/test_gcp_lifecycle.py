@@ -13,10 +13,12 @@ job), by themselves.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import gcp_config, pubsub_subscription
+from gcp_recorder import GcsRecorder, PubSubRecorder
 from vertex_containers import ModelContainers, TrainingContainers
 from vertex_fake import VertexFake
 
@@ -29,6 +31,7 @@ from mlfactory.processes import free_port
 pytestmark = [pytest.mark.scheduler, pytest.mark.gcp]
 
 BUCKET = "mlf-gcp-lifecycle"
+ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["ml_ingest", "ml_validate", "ml_train", "ml_promote", "ml_deploy", "ml_batch_score"]
 
 
@@ -53,8 +56,11 @@ def test_an_object_written_to_gcs_runs_the_lifecycle_on_vertex_ai(tmp_path, gcp_
     raw["mlflow"].update(tracking_uri=mlflow_server.url, experiment="gcp-lifecycle", model_name="churn_gcp")
     path.write_text(yaml.safe_dump(raw))
     cfg = load_config()
-    airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), env_overrides={"MLFACTORY_CONFIG": cfg.source},
-                           db_template=airflow_db_template)  # inherits the emulators' variables and connection
+    # Airflow's own calls to Cloud Storage and Pub/Sub go through recording proxies (least privilege, below)
+    gcs, pubsub = GcsRecorder(gcp_emulators.gcs), PubSubRecorder(gcp_emulators.pubsub)
+    airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), env_overrides={
+        "MLFACTORY_CONFIG": cfg.source, "STORAGE_EMULATOR_HOST": gcs.url, "PUBSUB_EMULATOR_HOST": pubsub.host},
+        db_template=airflow_db_template)  # inherits the emulators' connection
     try:
         airflow.start()
         mlflow_server.wait_ready()
@@ -116,8 +122,20 @@ def test_an_object_written_to_gcs_runs_the_lifecycle_on_vertex_ai(tmp_path, gcp_
         assert vertex.ungranted() == {}
         assert {"aiplatform.customJobs.create", "aiplatform.endpoints.deploy", "aiplatform.endpoints.predict",
                 "aiplatform.batchPredictionJobs.create"} <= set(vertex.permissions())
+        # ... and each Cloud Storage and Pub/Sub request Airflow sent, on this pipeline's bucket and subscription
+        role = set(yaml.safe_load((ROOT / "deploy" / "gcp" / "airflow-role.yaml").read_text())["includedPermissions"])
+        sent = {**gcs.permissions(), **pubsub.permissions()}
+        print(f"Airflow's Cloud Storage and Pub/Sub permissions: { {k: sorted(v) for k, v in sent.items()} }")
+        assert {p: sorted(r) for p, r in sent.items() if p not in role} == {}
+        assert {"storage.objects.create", "storage.objects.get", "storage.objects.list",
+                "pubsub.subscriptions.consume"} <= set(sent), sent
+        assert set().union(*gcs.permissions().values()) <= {BUCKET, "(resumable session)"}
+        assert pubsub.permissions()["pubsub.subscriptions.consume"] == {
+            f"projects/{gcp_emulators.project}/subscriptions/{subscription}"}
     finally:
         airflow.stop()
+        gcs.stop()
+        pubsub.stop()
         mlflow_server.stop()
         serving.stop()
         vertex.stop()

@@ -162,8 +162,13 @@ class LocalEndpoint:
         return {v["name"]: v for v in reply["variants"]}
 
     def predict(self, rows: list[dict], variant: str | None = None) -> tuple[int, dict]:
+        """``rows`` through the client port. Waits longer than the server's own predict timeout, so that a model that
+        hangs is answered by the server (504), not cut by this client."""
+        from mlfactory.serving.limits import Limits
+
         headers = {"X-Target-Variant": variant} if variant else None
-        return self.call("/invocations", {"dataframe_records": rows}, headers=headers)
+        return self.call("/invocations", {"dataframe_records": rows}, headers=headers,
+                         timeout=Limits.predict_timeout_s + 30)
 
     def set_traffic(self, weights: dict) -> None:
         status, reply = self.call("/admin/traffic", weights, method="PUT")
