@@ -7,7 +7,8 @@ InvokeEndpoint and plays UpdateEndpoint, which moto lacks).
 A good version goes through the smoke test and a canary to all the traffic. A model with NaN
 weights, one that raises on every prediction, and a container that hangs are each deployed: the
 new variant stands beside the served one at weight 0, fails its smoke test, no client request
-reaches it, and ml_deploy's rollback leaves the old variant serving with `champion` restored.
+reaches it, and ml_deploy's rollback leaves the old variant serving with `champion` restored. A
+good model whose canary trips a rollback alarm is rolled back the same way.
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ def test_bad_models_stand_beside_the_served_one_at_weight_0_and_are_rolled_back(
         run = rollout(cfg, version)
         assert run["failed"] == "smoke_test", (how, run)
         reason = run["result"]["reason"]
+        print(f"ROLLBACK {how} v{version}: {reason[:400]}")
         assert f"smoke test of v{version}" in reason, reason
         if how == "raises":
             assert "ModelError" in reason and "(500)" in reason, reason
@@ -207,6 +209,21 @@ def test_bad_models_stand_beside_the_served_one_at_weight_0_and_are_rolled_back(
         assert tags["mlfactory.deployment"] == "rolled_back" and "smoke test" in tags["mlfactory.deployment_reason"]
         state = read_endpoint_state(cfg)
         assert state["served_version"] == second and state["rollout"] is None
+
+    # A good model whose canary trips a rollback alarm: the canary fails, the weights and the config go back.
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=sagemaker.meta.endpoint_url, region_name="us-east-1")
+    cloudwatch.set_alarm_state(AlarmName="churn-5xx", StateValue="ALARM", StateReason="5xx over the threshold")
+    fourth = register(cfg, registry, good)
+    registry.client.set_registered_model_alias(cfg.model_name, CHAMPION, fourth)
+    runtime.invocations.clear()
+    run = rollout(cfg, fourth)
+    assert run["failed"] == "canary" and "alarm churn-5xx fired" in run["result"]["reason"], run
+    assert {i["variant"] for i in runtime.invocations if not i["target"]} == {f"v{second}", f"v{fourth}"}
+    endpoint = sagemaker.describe_endpoint(EndpointName="churn")
+    assert endpoint["EndpointConfigName"] == run["plan"]["previous_config"]
+    assert [v["VariantName"] for v in endpoint["ProductionVariants"]] == [f"v{second}"]
+    assert registry.alias_version(CHAMPION) == second
+    cloudwatch.set_alarm_state(AlarmName="churn-5xx", StateValue="OK", StateReason="quiet again")
 
     # Clients get v<second>'s answers throughout.
     from mlfactory.deployment import holdout_requests
