@@ -157,6 +157,16 @@ def test_bad_models_stand_beside_the_served_one_at_weight_0_and_are_rolled_back(
         [f"v{first}"]
     smoke = [i for i in runtime.invocations if i["target"]]
     assert smoke and all(i["target"] == f"v{first}" and i["status"] == 200 for i in smoke)
+    model = sagemaker.describe_model(ModelName=model_name_for(model_ref(cfg, first)))
+    assert model["PrimaryContainer"]["Environment"] == {
+        "MLFACTORY_MODEL_URI": model_ref(cfg, first).uri, "MLFACTORY_MODEL_VERSION": first,
+        "MLFACTORY_PREDICTION_LOG_URI": f"s3://{BUCKET}/predictions/serving"}  # what ml_monitor reads
+
+    # Deploying the served version again (a retry, a second run) takes the endpoint over: no new config, no update.
+    configs = len(sagemaker.list_endpoint_configs()["EndpointConfigs"])
+    run = rollout(cfg, first)
+    assert run["failed"] is None and run["plan"]["already_served"] and run["result"]["served_version"] == first
+    assert len(sagemaker.list_endpoint_configs()["EndpointConfigs"]) == configs and not runtime.updates
 
     # A good upgrade: beside the served variant at weight 0, smoke-tested alone, a 30 % canary, then alone.
     second = register(cfg, registry, good)

@@ -217,21 +217,20 @@ class SageMakerEndpointStageOperator(SageMakerRolloutOperator):
         plan = {"endpoint": endpoint, "model": model, "version": spec.model.version, "new": new.name, "old": None,
                 "previous_config": current, "already_served": False}
         self.plan = plan
-        for config in (pending, current):  # a retry, or the version is served already: no new config
-            variants = self.variants(config)
-            mine = [v for v in variants if v.model_name == model]
-            if not mine:
-                continue
+        taken = pending or current  # the config an update is moving to, else the one in service
+        variants = self.variants(taken)
+        mine = [v for v in variants if v.model_name == model]
+        if mine:  # a retry, or the version is served already: no new config
             others = [v for v in variants if v.model_name != model]
             earlier = read_endpoint_state(self.config).get("rollout") or {}
-            plan.update(config=config, new=mine[0].name, old=others[0].name if others else None,
-                        already_served=not others and config == current,
+            plan.update(config=taken, new=mine[0].name, old=others[0].name if others else None,
+                        already_served=not others and taken == current,
                         previous_config=earlier.get("previous_config") if others else current)
-            self.log.info("endpoint %s already has %s for v%s: taking it over", endpoint, config, spec.model.version)
+            self.log.info("endpoint %s already has %s for v%s: taking it over", endpoint, taken, spec.model.version)
             if plan["already_served"]:
                 return plan
             write_endpoint_state(self.config, rollout=plan)
-            return self.wait_for_endpoint(config)
+            return self.wait_for_endpoint(taken)
         if pending:
             raise RuntimeError(f"endpoint {endpoint} is updating to {pending} (not v{spec.model.version}): "
                                "deploy again once that update is over")
