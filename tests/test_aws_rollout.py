@@ -21,7 +21,6 @@ from pathlib import Path
 import boto3
 import pytest
 import yaml
-
 from aws_iam import ACCOUNT, REGION, Call, Recording, policy, refused
 from conftest import aws_config_on_moto
 from sagemaker_runtime import SageMakerRuntime
@@ -29,7 +28,6 @@ from test_deployment import broken_model_uri
 
 BUCKET = "mlfactory-rollout"
 AIRFLOW_KEY = "AKIDAIRFLOWROLLOUT01"  # what the operators sign with: their requests in moto's recording
-pytestmark = pytest.mark.timeout(900)
 
 
 def finish(operator, deferred):

@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import aws_config_on_moto
 
 BUCKET = "mlfactory-serving"
