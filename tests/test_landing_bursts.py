@@ -219,6 +219,8 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         landed.assert_exactly_once()
     finally:
         airflow.stop()
+    # every process Airflow ran here is gone, the crashed schedulers' orphaned executor workers too
+    assert running_in(airflow.home) == []
 
 
 def test_50_objects_announced_in_one_sqs_batch_are_each_ingested_and_curated_once(tmp_path, moto_server, monkeypatch,
@@ -337,3 +339,16 @@ def test_50_blobs_written_at_once_are_each_ingested_and_curated_once(tmp_path, a
         print(f"\nazure: 50 blobs written at once -> last curated in {elapsed:.1f} s; stranded: 0")
     finally:
         airflow.stop()
+
+
+def running_in(folder: Path) -> list[str]:
+    """The live processes whose working directory is under ``folder``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd").startswith(str(folder)):
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found.append(f"{pid} {command[:100]}")
+        except OSError:  # gone meanwhile
+            pass
+    return found

@@ -102,6 +102,7 @@ class LocalAirflow:
     _jwt: str = field(default="", repr=False)
     _token_at: float = field(default=-1e9, repr=False)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    crashed: list[subprocess.Popen] = field(default_factory=list)  # their orphans live on in their process groups
     migrated: bool = False
 
     def __post_init__(self):
@@ -238,6 +239,7 @@ class LocalAirflow:
         proc = self.processes.pop(name)
         proc.kill()
         proc.wait()
+        self.crashed.append(proc)
 
     def crash_all(self) -> None:
         """kill -9 of every process of every component, tasks included: a power cut."""
@@ -290,6 +292,9 @@ class LocalAirflow:
         for proc in self.processes.values():
             stop_group(proc, max(deadline - time.monotonic(), 0.1))  # the group: scheduler workers outlive their parent
         self.processes.clear()
+        for proc in self.crashed:  # what a crashed component left running (a scheduler's executor workers)
+            signal_group(proc, signal.SIGKILL)
+        self.crashed.clear()
 
     def __enter__(self) -> LocalAirflow:
         return self.start()
