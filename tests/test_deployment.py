@@ -125,6 +125,24 @@ def test_an_endpoint_run_elsewhere_is_waited_for_and_never_started_here(cfg):
         endpoint.ensure_running(timeout=2)
     assert "pid" not in endpoint.state() and not endpoint.log_file.exists()  # nothing was started
 
+    # an admin_url that reaches something else (here a listener answering in another protocol, as a gRPC port
+    # does) is not taken for the model server either
+    import socket
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port + 1))
+        listener.listen()
+
+        def answer_garbage():
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(1024)
+                connection.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00 not HTTP/1.1\r\n\r\n")
+
+        threading.Thread(target=answer_garbage, daemon=True).start()
+        assert not endpoint.alive()
+
 
 def test_a_model_that_raises_and_a_server_killed_mid_canary_are_rolled_back(champion):
     """A model that loads but raises on every prediction fails its smoke test and is rolled back; the server

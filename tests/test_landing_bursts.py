@@ -219,7 +219,11 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         landed.assert_exactly_once()
     finally:
         airflow.stop()
-    # every process Airflow ran here is gone, the crashed schedulers' orphaned executor workers too
+    # every process Airflow ran here is gone, the crashed schedulers' orphaned executor workers too (SIGKILLed:
+    # give the kernel a moment to take them down)
+    deadline = time.monotonic() + 15
+    while running_in(airflow.home) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert running_in(airflow.home) == []
 
 

@@ -65,9 +65,13 @@ class LocalEndpoint:
     # --- the process ----------------------------------------------------------------------------
 
     def alive(self) -> bool:
+        """Whether the model server answers /live on its admin listener. Anything else there (nothing, or a service
+        that does not speak HTTP/1.1, such as a gRPC port) is not it."""
+        import http.client
+
         try:
             return self.call("/live", auth=False)[0] == 200
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return False
 
     def ensure_running(self, timeout: float = 120) -> None:
