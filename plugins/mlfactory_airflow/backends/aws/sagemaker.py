@@ -368,16 +368,13 @@ class SageMakerEndpointOperator(SageMakerRolloutOperator):
         return self.wait_for_endpoint(final)
 
     def _complete(self, spec, config: str) -> dict:
-        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-
         from mlfactory.backends.aws import sagemaker
         from mlfactory.deployment import served
 
         plan = self.plan
         self.check_on(config, "full_traffic")
         target, policy = sagemaker.autoscaling_requests(spec, plan["new"])
-        scaling = AwsBaseHook(aws_conn_id=self.settings.conn_id, region_name=self.settings.region,
-                              client_type="application-autoscaling").conn
+        scaling = self.client("application-autoscaling")
         scaling.register_scalable_target(**target)
         scaling.put_scaling_policy(**policy)
         if plan["old"]:  # the old variant is gone: so is its scalable target
