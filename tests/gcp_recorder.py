@@ -168,6 +168,7 @@ class PubSubRecorder(Recorder):
 
         super().__init__()
         self.channel = grpc.insecure_channel(upstream)
+        self.failures: dict[str, list] = {}  # "Subscriber/Acknowledge" -> status codes to answer its next calls with
         recorder = self
 
         class Handler(grpc.GenericRpcHandler):
@@ -203,8 +204,14 @@ class PubSubRecorder(Recorder):
 
         def unary(request, context):
             self.note(method, request)
-            try:
-                return self.channel.unary_unary(method)(request, metadata=metadata, timeout=context.time_remaining())
+            with self.lock:
+                failures = self.failures.get(method.rsplit(".", 1)[-1])
+                code = failures.pop(0) if failures else None
+            if code is not None:
+                context.abort(code, f"{code.name}, played by the test")
+            try:  # (time_remaining() is 0 when the caller set no deadline: then none upstream either)
+                return self.channel.unary_unary(method)(request, metadata=metadata,
+                                                        timeout=context.time_remaining() or None)
             except grpc.RpcError as err:
                 context.abort(err.code(), err.details())
 
@@ -221,6 +228,12 @@ class PubSubRecorder(Recorder):
         if method.endswith("/StreamingPull"):
             return grpc.stream_stream_rpc_method_handler(stream)
         return grpc.unary_unary_rpc_method_handler(unary)
+
+    def fail(self, method: str, code, times: int = 1) -> None:
+        """Answer the next ``times`` calls of ``method`` (e.g. "Subscriber/Acknowledge") with ``code``
+        instead of forwarding them: a Pub/Sub hiccup."""
+        with self.lock:
+            self.failures.setdefault(method, []).extend([code] * times)
 
     def stop(self) -> None:
         self.server.stop(grace=1).wait()

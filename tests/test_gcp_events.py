@@ -113,6 +113,42 @@ def test_a_notification_is_acknowledged_only_once_its_event_is_out(gcp_emulators
     assert first["key"] in {e["key"] for e in again} and len({e["key"] for e in again}) == 3
 
 
+def test_a_refused_acknowledgement_loses_nothing_and_announces_nothing_twice(gcp_emulators, monkeypatch):
+    """Pub/Sub refusing an Acknowledge (a deadline, an unavailable backend) must not stop the watcher: a
+    stopped watcher restarts and fires for what waits, an extra ml_ingest run (seen in CI). The messages
+    come again after the ack deadline and are acknowledged then, each object announced once."""
+    import grpc
+    from gcp_recorder import PubSubRecorder
+
+    from mlfactory_airflow.backends.gcp.triggers import GcsNotificationTrigger
+
+    bucket = "mlf-events-ack-refused"
+    gcs_bucket(bucket)
+    subscription = pubsub_subscription(gcp_emulators, "ack-refused-sub")
+    proxy = PubSubRecorder(gcp_emulators.pubsub)
+    proxy.fail("Subscriber/Acknowledge", grpc.StatusCode.DEADLINE_EXCEEDED, times=2)
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", proxy.host)  # only the trigger's client goes through the proxy
+    try:
+        for i in range(3):
+            put(bucket, f"landing/{i}.csv", b"a\n1\n")
+
+        async def scenario():
+            events = GcsNotificationTrigger(subscription, GCP_PROJECT, bucket, PREFIX).run()
+            got = await take(events, 3)
+            with pytest.raises(TimeoutError):  # the refused ones come again (10 s deadline): dropped, acknowledged
+                await asyncio.wait_for(anext(events), 25)
+            await events.aclose()
+            return got
+
+        got = asyncio.run(scenario())
+    finally:
+        proxy.stop()
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", gcp_emulators.pubsub)
+    assert sorted(e["key"] for e in got) == [f"landing/{i}.csv" for i in range(3)]
+    assert not proxy.failures["Subscriber/Acknowledge"]  # both refusals were played
+    assert pending_messages(subscription) == 0
+
+
 def test_a_message_that_is_not_a_notification_stays_unacknowledged(gcp_emulators):
     from google.cloud import pubsub_v1
 

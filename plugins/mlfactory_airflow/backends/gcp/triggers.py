@@ -40,7 +40,8 @@ class GcsNotificationTrigger(WatermarkedTrigger):
     A message is acknowledged only after its event has been emitted (and the watermark saved), so a
     triggerer that dies in between gets it again (Pub/Sub delivers at least once); a redelivered or
     duplicated notification of a generation already announced is acknowledged and dropped, while a new
-    generation of the same name (an overwrite) is announced. Deletions, metadata updates, other buckets
+    generation of the same name (an overwrite) is announced; an acknowledgement refused by a Pub/Sub hiccup
+    does not stop the watcher (the messages come again and are dropped then). Deletions, metadata updates, other buckets
     and other prefixes are acknowledged and dropped. A message that is not a GCS notification is logged
     and left unacknowledged: the subscription's dead-letter policy takes it after its retries."""
 
@@ -96,11 +97,18 @@ class GcsNotificationTrigger(WatermarkedTrigger):
                     await self.save_watermark(watermark)
                 done.append(item.ack_id)
             if done:
-                await hook.acknowledge(subscription=self.subscription, project_id=self.project_id, ack_ids=done)
+                try:
+                    await hook.acknowledge(subscription=self.subscription, project_id=self.project_id, ack_ids=done)
+                except PubSubException as err:
+                    if not _transient(err):
+                        raise
+                    # not lost: Pub/Sub delivers them again after the ack deadline, and they are dropped as announced
+                    self.log.warning("acknowledging %d message(s) on %s: %s; they come again and are acknowledged then",
+                                     len(done), self.subscription, err.args[-1])
 
 
 def _transient(err: Exception) -> bool:
-    """A pull that timed out with nothing to read, or a Pub/Sub hiccup: pull again (anything else is raised)."""
+    """A pull that timed out with nothing to read, or a Pub/Sub hiccup: go on (anything else is raised)."""
     from google.api_core.exceptions import DeadlineExceeded, InternalServerError, ServiceUnavailable
 
     cause = err.args[-1] if err.args else None
