@@ -7,6 +7,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+ENTRY := $(VENV)/bin/mlfactory
 # Packages torch's PyPI metadata lists for its CUDA build; the CPU build needs none of them.
 CUDA_ONLY := cuda-bindings cuda-pathfinder cuda-toolkit triton nvidia-cublas nvidia-cuda-cupti \
   nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand \
@@ -21,9 +22,9 @@ CHECKOV := .tools/checkov/bin/checkov
 # docker-compose.yaml), Chromium (the UI test). PostgreSQL 15's server and terraform are on these machines.
 DEBIAN_PACKAGES := redis-server docker-compose chromium wrk
 
-.PHONY: venv run test test-fast bench lock clean compose-env compose-up system-packages
+.PHONY: venv run init test test-fast bench lock clean compose-env compose-up system-packages
 
-venv: $(STAMP)
+venv: $(STAMP) $(ENTRY)
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +36,19 @@ $(STAMP): requirements.txt
 	printf '%s\n' "$(CURDIR)/include" "$(CURDIR)/plugins" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mlfactory.pth
 	touch $(STAMP)
 
-run: $(STAMP)
-	$(PY) -m mlfactory.backends.local.run
+# make run DATA="files or folders" CONFIG=my.yaml: your data instead of the sample (make init writes CONFIG)
+run: $(STAMP) $(ENTRY)
+	$(if $(CONFIG),MLFACTORY_CONFIG="$(CONFIG)") MLFACTORY_DATA="$(DATA)" $(PY) -m mlfactory.backends.local.run
+
+# make init DATA="files or folders" TARGET=column [CONFIG=pipeline.yaml]: a config inferred from your data
+init: $(STAMP) $(ENTRY)
+	@test -n "$(DATA)" -a -n "$(TARGET)" || { echo 'usage: make init DATA="<files or folders>" TARGET=<column> [CONFIG=<config to write>]'; exit 2; }
+	$(ENTRY) init $(DATA) --target "$(TARGET)" --output "$(or $(CONFIG),pipeline.yaml)"
+
+# the console entry point: .venv/bin/mlfactory init ...
+$(ENTRY): $(STAMP)
+	printf '#!/bin/sh\nexec "%s" -m mlfactory "$$@"\n' "$(CURDIR)/$(PY)" > $@
+	chmod +x $@
 
 $(AZURITE):
 	npm install --prefix .azurite --no-audit --no-fund --loglevel=error azurite@3.35.0
@@ -55,7 +67,7 @@ system-packages:
 	  else echo "missing Debian packages:$$missing; run: sudo apt-get install$$missing"; exit 1; fi; \
 	fi
 
-test: $(STAMP) $(AZURITE) $(CHECKOV) system-packages
+test: $(STAMP) $(ENTRY) $(AZURITE) $(CHECKOV) system-packages
 	$(PY) -m pytest
 
 # The inner loop: everything but the end-to-end runs under a real Airflow scheduler (marker `scheduler`).

@@ -43,7 +43,7 @@ def test_config_path_comes_from_the_environment(tmp_path, monkeypatch):
         (lambda raw: raw["dataset"]["columns"][2].update(min="eighteen"), "dataset.columns[2] (age).min"),
         (lambda raw: raw["dataset"].update(target="nope"), "target 'nope' is not one of the columns"),
         (lambda raw: raw["dataset"].update(task="clustering"), "dataset.task"),
-        (lambda raw: raw["dataset"]["columns"][8].pop("categories"), "column 'plan' has type category but no 'categories'"),
+        (lambda raw: raw["dataset"]["columns"][8].update(categories=[]), "column 'plan': 'categories' is empty"),
         (lambda raw: raw["validation"].update(max_quarantine_fraction=1.5), "validation.max_quarantine_fraction"),
         (lambda raw: raw.update(colour="blue"), "colour: Extra inputs are not permitted"),
         (lambda raw: raw["storage"].update(bucket="ftp://host/x"), "unsupported bucket scheme 'ftp'"),

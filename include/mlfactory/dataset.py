@@ -29,13 +29,18 @@ class ColumnSpec(_Strict):
     unique: bool = Field(False, description="every non-null value appears once per batch")
     min: float | datetime | None = Field(None, description="inclusive lower bound (numeric or datetime)")
     max: float | datetime | None = Field(None, description="inclusive upper bound (numeric or datetime)")
-    categories: list[str] | None = Field(None, description="allowed values of a category column")
+    categories: list[str] | None = Field(
+        None, description="allowed values of a category column (a value outside them is quarantined); "
+        "omitted: an open vocabulary, learned from the training data")
+    max_categories: int = Field(
+        1000, ge=1, description="open vocabulary: the model keeps the most frequent values seen at least twice "
+        "in its training data, up to this many; any other value is encoded as 'other'")
     description: str = ""
 
     @model_validator(mode="after")
     def _bounds_fit_type(self) -> ColumnSpec:
-        if self.type == "category" and not self.categories:
-            raise ValueError(f"column {self.name!r} has type category but no 'categories' list")
+        if self.categories is not None and not self.categories:
+            raise ValueError(f"column {self.name!r}: 'categories' is empty (omit it for an open vocabulary)")
         if self.categories is not None and self.type != "category":
             raise ValueError(f"column {self.name!r}: 'categories' is only allowed on type category")
         for bound in ("min", "max"):
@@ -90,6 +95,8 @@ class DatasetSpec(_Strict):
         if not by_name[self.target].required:
             raise ValueError(f"target {self.target!r} must be required (a row without a label is useless)")
         target_types = ("boolean", "category") if self.task == "classification" else NUMERIC_TYPES
+        if by_name[self.target].type == "category" and not by_name[self.target].categories:
+            raise ValueError(f"target {self.target!r}: a category target lists its classes in 'categories'")
         if by_name[self.target].type not in target_types:
             raise ValueError(
                 f"target {self.target!r} is {by_name[self.target].type}; a {self.task} target must be "

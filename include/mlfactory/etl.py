@@ -138,11 +138,27 @@ def _csv_header(manifest: Manifest, delimiter: str, max_line_bytes: int) -> list
     return names[:named] + [f"{TRAILING}{i}" for i in range(named, len(names))] if named else names
 
 
-def _read_csv(manifest: Manifest, cfg: PipelineConfig) -> tuple[list[str], Iterator[_Chunk]]:
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a snapshot is read: ``ReadOptions.of(cfg)`` for ETL (``mlfactory.schema_inference`` reads the
+    user's files with the same readers, before there is a config)."""
+
+    chunk_rows: int
+    delimiter: str = ","  # a CSV's, unless its manifest names one (a .tsv)
+    max_line_bytes: int = 1 << 20
+    columns: tuple[str, ...] = ()  # JSON Lines: the configured columns, first in the header
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig) -> ReadOptions:
+        return cls(cfg.validation.chunk_rows, cfg.dataset.csv_delimiter, cfg.ingest.max_line_bytes,
+                   tuple(c.name for c in cfg.dataset.columns))
+
+
+def _read_csv(manifest: Manifest, options: ReadOptions) -> tuple[list[str], Iterator[_Chunk]]:
     import pyarrow.csv as pacsv
 
-    delimiter = manifest.delimiter or cfg.dataset.csv_delimiter
-    names = _csv_header(manifest, delimiter, cfg.ingest.max_line_bytes)
+    delimiter = manifest.delimiter or options.delimiter
+    names = _csv_header(manifest, delimiter, options.max_line_bytes)
     header = [n for n in names if not n.startswith(TRAILING)]
     malformed: list[str] = []
 
@@ -155,7 +171,7 @@ def _read_csv(manifest: Manifest, cfg: PipelineConfig) -> tuple[list[str], Itera
             _open_text(manifest),
             # a block holds whole rows: more than the longest line ingestion lets in
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=1,
-                                           block_size=max(CSV_BLOCK_BYTES, cfg.ingest.max_line_bytes + 2)),
+                                           block_size=max(CSV_BLOCK_BYTES, options.max_line_bytes + 2)),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid,
                                               newlines_in_values=True),  # a quoted value may hold line breaks
             convert_options=pacsv.ConvertOptions(
@@ -166,7 +182,7 @@ def _read_csv(manifest: Manifest, cfg: PipelineConfig) -> tuple[list[str], Itera
                 quoted_strings_can_be_null=True,
             ),
         )
-        yield from _rechunk(reader, cfg.validation.chunk_rows, malformed)
+        yield from _rechunk(reader, options.chunk_rows, malformed)
 
     return header, chunks()
 
@@ -195,11 +211,11 @@ def _rechunk(batches, chunk_rows: int, malformed: list[str]) -> Iterator[_Chunk]
         yield _Chunk(pa.Table.from_batches(pending) if rows else None, first_row, drain())
 
 
-def _read_parquet(manifest: Manifest, cfg: PipelineConfig) -> tuple[list[str], Iterator[_Chunk]]:
+def _read_parquet(manifest: Manifest, options: ReadOptions) -> tuple[list[str], Iterator[_Chunk]]:
     fs, path = storage.pyarrow_filesystem(manifest.snapshot_uri)
     parquet = pq.ParquetFile(fs.open_input_file(path))
     header = parquet.schema_arrow.names
-    chunk_rows = cfg.validation.chunk_rows
+    chunk_rows = options.chunk_rows
 
     def chunks() -> Iterator[_Chunk]:
         yield from _rechunk(parquet.iter_batches(batch_size=chunk_rows), chunk_rows, [])
@@ -217,9 +233,9 @@ def _to_text(value) -> bytes | None:
     return str(value).encode()
 
 
-def _read_jsonl(manifest: Manifest, cfg: PipelineConfig) -> tuple[list[str], Iterator[_Chunk]]:
-    expected = [c.name for c in cfg.dataset.columns]
-    chunk_rows = cfg.validation.chunk_rows
+def _read_jsonl(manifest: Manifest, options: ReadOptions) -> tuple[list[str], Iterator[_Chunk]]:
+    expected = list(options.columns)
+    chunk_rows = options.chunk_rows
 
     def records() -> Iterator[tuple[dict | None, str]]:
         with _open_text(manifest) as stream:
@@ -519,7 +535,7 @@ def curate_snapshot(cfg: PipelineConfig, snapshot_uri: str) -> CurationResult:
     final = storage.join(cfg.storage.curated_uri, f"ingest_date={manifest.ingested_at[:10]}", f"snapshot={sid}")
     quarantine = storage.join(cfg.storage.quarantine_uri, f"snapshot={sid}")
     report_dir = validation_dir(cfg, sid)
-    header, chunks = READERS[manifest.format](manifest, cfg)
+    header, chunks = READERS[manifest.format](manifest, ReadOptions.of(cfg))
     result = CurationResult(sid, snapshot_uri, None, quarantine, storage.join(report_dir, "index.html"), 0, 0, 0, {}, False)
     problem = _schema_error(header, cfg.dataset, manifest)
     if problem:

@@ -50,7 +50,7 @@ class FeatureSet:
     raw_inputs: list[str]  # configured columns the model needs, in config order (the model's signature)
     numeric: list[str]  # integer, float, datetime (as days since 1970) and every derived feature
     boolean: list[str]
-    categorical: dict[str, list[str]]  # column -> its configured categories
+    categorical: dict[str, list[str] | None]  # column -> its configured categories; None: open vocabulary
 
     @classmethod
     def of(cls, dataset: DatasetSpec) -> FeatureSet:
@@ -61,7 +61,7 @@ class FeatureSet:
             raw_inputs=[c.name for c in columns],
             numeric=numeric + [f.name for f in dataset.derived],
             boolean=[c.name for c in columns if c.type == "boolean"],
-            categorical={c.name: list(c.categories or []) for c in columns if c.type == "category"},
+            categorical={c.name: c.categories and list(c.categories) for c in columns if c.type == "category"},
         )
 
 

@@ -2,7 +2,8 @@
 
 Numeric features are standardised (with a missing-value indicator each), booleans become 0/1 (plus
 an indicator), and each categorical column gets an embedding; the configured categories fix the
-vocabulary, index 0 is "unknown or missing". The pyfunc wraps all of it, so a caller sends the RAW
+vocabulary, or, for an open-vocabulary column, its most frequent training values (``vocabulary``);
+index 0 is "other or missing". The pyfunc wraps all of it, so a caller sends the RAW
 feature columns and gets predictions: no preprocessing to repeat on the serving side.
 """
 
@@ -61,7 +62,8 @@ class Preprocessor:
             mean=mean.tolist(),
             std=std.tolist(),
             boolean=features.boolean,
-            categorical=features.categorical,
+            categorical={name: cats or vocabulary(frame[name], dataset.column(name).max_categories)
+                         for name, cats in features.categorical.items()},
             task=dataset.task,
             classes=classes,
             target_mean=target_mean,
@@ -144,6 +146,16 @@ class Preprocessor:
         if (index < 0).any():
             raise ValueError(f"target has labels outside {self.classes}")
         return torch.from_numpy(index.astype(np.float32 if len(self.classes) == 2 else np.int64))
+
+
+def vocabulary(values: pd.Series, limit: int) -> list[str]:
+    """An open-vocabulary column's categories: its values seen at least twice, the ``limit`` most
+    frequent (ties by value, so the same rows give the same list). A value seen once would get an
+    embedding trained on one row; it shares index 0 ("other") with every value unseen in training."""
+    counts = values.dropna().astype("string").value_counts()
+    counts = counts[counts >= 2]
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [value for value, _ in ordered[:limit]]
 
 
 class TabularNet(nn.Module):

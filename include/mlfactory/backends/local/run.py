@@ -3,18 +3,20 @@
 Starts the MLflow server (SQLite, artifacts in the bucket) and Airflow (scheduler, DAG processor,
 triggerer, API server) on 127.0.0.1, then tells the story while the DAGs run by themselves:
 
-1. lands a sample batch → ml_ingest → ml_validate → ml_train → ml_promote → ml_deploy: a served champion
-   (and ml_batch_score writes its predictions table);
+1. lands a sample batch (or, with ``MLFACTORY_DATA``, the user's files) → ml_ingest → ml_validate →
+   ml_train → ml_promote → ml_deploy: a served champion (and ml_batch_score writes its predictions table);
 2. sends traffic to the endpoint;
-3. lands a drifted batch → ml_monitor sees the drift → `drift_detected` → ml_train → ml_promote's
-   decision → ml_deploy when the new model wins.
+3. (the sample only) lands a drifted batch → ml_monitor sees the drift → `drift_detected` → ml_train →
+   ml_promote's decision → ml_deploy when the new model wins.
 
 It prints where to look and keeps everything up until Ctrl-C. With ``MLFACTORY_EXIT_WHEN_DONE=1`` it
 stops the services when the story is done and writes ``.mlfactory/run-summary.json`` (every DAG run
 and its state, champion versions before and after, the endpoint's answer to a sample request, drift
 verdicts, timings); the exit code is 0 only if every step succeeded.
 
-    MLFACTORY_CONFIG         pipeline config (default include/pipeline.yaml)
+    MLFACTORY_CONFIG         pipeline config (default include/pipeline.yaml, the sample's)
+    MLFACTORY_DATA           your data files or folders (space-separated) to land instead of the sample;
+                             the config must describe them (`mlfactory init` writes one)
     MLFACTORY_ROWS           rows of the first sample batch (default 100000; the drifted one has half)
     MLFACTORY_PORT           Airflow API/UI port (default 8080)
     MLFLOW_PORT              MLflow port (default 5000; the config's mlflow.tracking_uri must point at it)
@@ -32,7 +34,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlfactory import sample_data, storage
+from mlfactory import BadInput, sample_data, storage
 from mlfactory.backends.local import LocalSettings
 from mlfactory.config import load_config
 from mlfactory.local_airflow import PROJECT, LocalAirflow
@@ -100,6 +102,48 @@ def _seconds(run: dict) -> float:
     return round((end - start).total_seconds(), 1)
 
 
+def check_data(cfg, data: str) -> list[str]:
+    """The files ``MLFACTORY_DATA`` names, checked against the config before anything starts: a file of a
+    format ingestion refuses, or whose columns are not the config's, is named now, not after an ml_validate
+    failure. Without data, the config must be the sample's: the sample is never landed into another dataset."""
+    import shlex
+
+    from mlfactory.config import DEFAULT_CONFIG
+    from mlfactory.schema_inference import data_files, read_sample
+
+    if not data:
+        if cfg.dataset != load_config(DEFAULT_CONFIG).dataset:
+            raise BadInput(f"{cfg.source} describes dataset {cfg.dataset.name!r}, not the sample's: name your files, "
+                           f"`make run DATA=<files or folder> CONFIG={cfg.source}`")
+        return []
+    files = data_files(shlex.split(data))
+    expected = [c.name for c in cfg.dataset.columns]
+    for path in files:
+        found = list(read_sample([path], 1, cfg.dataset.csv_delimiter))
+        missing, extra = [c for c in expected if c not in found], [c for c in found if c not in expected]
+        if missing or extra:
+            raise BadInput(f"{path} does not match dataset {cfg.dataset.name!r} of {cfg.source}: "
+                           + "; ".join(part for part in (missing and f"missing column(s) {missing}",
+                                                         extra and f"column(s) {extra} not in the config") if part)
+                           + f". `mlfactory init {path} --target <column>` writes a config for it.")
+    return files
+
+
+def land_files(cfg, files: list[str]) -> None:
+    """Copies the user's files into the landing folder, each published whole (a hidden name, then a rename)."""
+    import shutil
+
+    landing = Path(storage.local_path(cfg.storage.landing_uri))
+    landing.mkdir(parents=True, exist_ok=True)
+    names = [Path(path).name for path in files]
+    for i, path in enumerate(files):  # two files of one name (from two folders) must not replace each other
+        target = landing / (names[i] if names.count(names[i]) == 1 else f"{i:03d}-{names[i]}")
+        tmp = landing / f".{target.name}.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+        print(f"\nlanded {path} ({target.stat().st_size:,} bytes) at {target}", flush=True)
+
+
 def land(cfg, rows: int, seed: int, drift: float, name: str) -> Path:
     landing = Path(storage.local_path(cfg.storage.landing_uri))
     target = landing / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
@@ -108,7 +152,7 @@ def land(cfg, rows: int, seed: int, drift: float, name: str) -> Path:
     return target
 
 
-def tell(cfg, airflow: LocalAirflow, summary: dict) -> bool:
+def tell(cfg, airflow: LocalAirflow, summary: dict, files: list[str]) -> bool:
     from mlfactory.backends.local.endpoint import LocalEndpoint
     from mlfactory.deployment import holdout_requests
     from mlfactory.registry import CHAMPION, Registry
@@ -121,9 +165,12 @@ def tell(cfg, airflow: LocalAirflow, summary: dict) -> bool:
     rows = int(os.environ.get("MLFACTORY_ROWS", "100000"))
     seed = int(time.time()) % 1000
 
-    # 1. A first batch, to a served champion.
+    # 1. A first batch (the user's files, or the sample's), to a served champion.
     t0 = time.monotonic()
-    land(cfg, rows, seed, 0.0, "customers")
+    if files:
+        land_files(cfg, files)
+    else:
+        land(cfg, rows, seed, 0.0, "customers")
     chain = ["ml_ingest", "ml_validate", "ml_train", "ml_promote"]
     if not all(story.step(dag, seen[dag]) for dag in chain):
         return _done(story, summary, registry)
@@ -148,6 +195,10 @@ def tell(cfg, airflow: LocalAirflow, summary: dict) -> bool:
         status, _ = endpoint.predict(sample)
         rows_sent += len(sample) if status == 200 else 0
     print(f"sent {rows_sent} rows in 100 requests to {endpoint.url}/invocations", flush=True)
+    if files:  # the drift act needs a drifted batch of the same data: the sample's generator makes one
+        print(f"\nml_monitor judges each new batch you drop into {storage.local_path(cfg.storage.landing_uri)}",
+              flush=True)
+        return _done(story, summary, registry)
 
     # 3. A drifted batch: drift detected -> retrain -> promotion decision -> redeploy.
     seen = {dag: story.known(dag) for dag in DAGS}  # runs of the first batch (some may still run) are not this story's
@@ -218,7 +269,14 @@ def main() -> int:
               else "no login: it listens on 127.0.0.1 only")
     endpoint = LocalEndpoint(cfg)
     exit_when_done = os.environ.get("MLFACTORY_EXIT_WHEN_DONE", "") not in ("", "0", "false")
-    summary: dict = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.source}
+    summary: dict = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.source,
+                     "dataset": cfg.dataset.name}
+    try:
+        files = check_data(cfg, os.environ.get("MLFACTORY_DATA", ""))
+    except BadInput as err:
+        print(f"make run: {err}", flush=True)
+        return 2
+    summary["data"] = files or "the sample"
     ok = False
     print(f"starting MLflow in {mlflow.home} and Airflow in {airflow.home} (logs in {airflow.home}/logs) ...", flush=True)
     mlflow.launch()  # both take ~20 s to come up: side by side
@@ -227,7 +285,7 @@ def main() -> int:
         mlflow.wait_ready()
         print(f"Airflow UI: {airflow.url} ({access})   MLflow UI: {mlflow.url}", flush=True)
         airflow.wait_for_dags(DAGS)
-        ok = tell(cfg, airflow, summary)
+        ok = tell(cfg, airflow, summary, files)
         print(f"""
 {'the story is done' if ok else 'a step FAILED (see above)'}. Where to look:
   Airflow UI        {airflow.url}   (DAGs ml_*; {access})
