@@ -2,7 +2,8 @@
 # section), and the compose and Helm model server. No Airflow process runs in it.
 #   docker build -f docker/runtime.Dockerfile -t mlfactory:1.0 .                         # CPU
 #   docker build -f docker/runtime.Dockerfile -t mlfactory:1.0-cuda \
-#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .                  # CUDA (bundles its CUDA libraries;
+#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
+#     --build-arg XGBOOST=xgboost==3.2.0 .                                              # CUDA (bundles its CUDA libraries;
 #                                                                                       #   the host needs the NVIDIA driver)
 # Entrypoints, the same everywhere:
 #   python -m mlfactory.train ...    training (SageMaker ContainerEntrypoint, Vertex command, Azure ML command, torchrun)
@@ -16,6 +17,9 @@ RUN useradd --create-home --uid 1000 mlfactory
 COPY requirements.txt /opt/mlfactory/requirements.txt
 RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" -r /opt/mlfactory/requirements.txt \
  && pip check
+# gbdt on GPUs: XGBoost's CUDA wheel (`xgboost`, with NCCL) in place of the lock's CPU-only `xgboost-cpu`, the same module
+ARG XGBOOST=""
+RUN if [ -n "${XGBOOST}" ]; then pip uninstall --yes xgboost-cpu && pip install --no-cache-dir "${XGBOOST}"; fi
 COPY include /opt/mlfactory/include
 COPY docker/entrypoint.sh /usr/local/bin/mlfactory-entrypoint
 ENV PYTHONPATH=/opt/mlfactory/include \

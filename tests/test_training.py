@@ -85,6 +85,57 @@ def test_sigkill_after_epoch_one_resumes_at_epoch_two_and_matches_an_uninterrupt
     assert resumed["history"][-1]["train_loss"] == pytest.approx(straight["history"][-1]["train_loss"], abs=1e-9)
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_gradient_boosted_trees_reach_the_bar_alone_and_across_processes_and_serve_like_the_network(
+        training_set, tmp_path, processes):
+    """--model gbdt: XGBoost early-stopped on the validation rows; on 2 processes XGBoost's collective joins
+    the shards into one model. The bundle holds no pickle, and the serving path (Arrow, wire values) answers
+    what the pandas path answers."""
+    import torch
+
+    from mlfactory.config import load_config
+    from mlfactory.features import to_wire
+    from mlfactory.registry import holdout_score
+    from mlfactory.tabular import LoadedModel
+    from mlfactory.training_data import read_holdout
+
+    out = tmp_path / "out"
+    log = finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out), "--model", "gbdt"], processes))
+    result = metrics_of(str(out))
+    assert result["world_size"] == processes and result["hyperparameters"]["model"] == "gbdt"
+    assert result["value"] >= AUC_BAR, result["history"]
+    assert f"(best)  val_roc_auc {result['value']:.4f}" in log  # the kept trees are those of the best round
+    rounds = result["epochs"]
+    assert 1 <= rounds < 1000 and f"after {rounds} rounds" in log  # early-stopped
+    bundle = torch.load(out / "model.pt", weights_only=True)  # tensors and plain values: no pickled object
+    assert bundle["booster"].dtype == torch.uint8 and "state_dict" not in bundle
+
+    model = LoadedModel(str(out / "model.pt"))
+    assert model.family == "gbdt" and model.booster.num_boosted_rounds() == rounds
+    holdout = read_holdout(training_set.holdout.uri, training_set.holdout.sha256)
+    dataset = load_config().dataset
+    assert holdout_score(dataset, holdout, model.predict(holdout)) >= AUC_BAR - 0.02
+    wire = to_wire(holdout.head(200), dataset)
+    served = model.predict_wire({c: wire[c].tolist() for c in wire.columns})
+    assert served["probability"] == pytest.approx(model.predict(wire)["probability"].tolist(), abs=1e-6)
+
+
+def test_gbdt_killed_after_a_checkpoint_resumes_from_its_trees(training_set, tmp_path):
+    common = ["--train-uri", training_set.uri, "--model", "gbdt", "--tree-learning-rate", "0.02",
+              "--checkpoint-uri", str(tmp_path / "ck")]
+    victim = run_entrypoint([*common, "--output-uri", str(tmp_path / "a")], 1)
+    for line in victim.stdout:  # a lost spot machine, after the checkpoint of round 50
+        if "checkpoint: round 50 saved" in line:
+            kill_tree(victim, signal.SIGKILL)
+            break
+    victim.wait(30)
+    assert victim.returncode == -signal.SIGKILL
+    log = finish(run_entrypoint([*common, "--output-uri", str(tmp_path / "a")], 1))
+    assert "resuming from checkpoint" in log and ": 50 rounds done" in log, log
+    assert "round 10/" not in log  # the first 50 rounds were not boosted again
+    assert metrics_of(str(tmp_path / "a"))["value"] >= AUC_BAR
+
+
 def test_checkpoint_of_other_hyperparameters_is_refused(training_set, tmp_path):
     ck = tmp_path / "ck"
     finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(tmp_path / "a"), "--epochs", "1",

@@ -37,6 +37,8 @@ def test_one_job_spec_per_trial_stable_across_retries(cfg):
     assert [(j.hyperparameters["dropout"], j.hyperparameters["learning_rate"]) for j in jobs] == [
         (0.0, 0.01), (0.0, 0.001), (0.2, 0.01)]  # the grid's first three, over the form's values
     assert all(j.hyperparameters["epochs"] == 4 and j.hyperparameters["hidden_sizes"] == [64, 32] for j in jobs)
+    assert all(j.hyperparameters["model"] == "mlp" and j.hyperparameters["trees"] == 1000 for j in jobs)
+    assert "--model mlp" in " ".join(jobs[0].hyperparameter_arguments())  # what the entrypoint is given
     first = jobs[0]
     assert first.input_uri == PREPARED["training_set"]["uri"] and first.processes_per_node == 2
     assert first.output_uri.startswith(cfg.storage.models_uri + "/runs/") and first.output_uri.endswith("/trial-0")

@@ -142,7 +142,9 @@ class IngestSpec(_Strict):
 
 
 HiddenSizes = list[Annotated[int, Field(ge=1, le=4096)]]
-SEARCHABLE = ("learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "epochs")
+SEARCHABLE = ("model", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "epochs", "trees",
+              "tree_depth", "tree_learning_rate")
+MODELS = ("mlp", "gbdt")
 
 
 TRAINING_QUEUE_ENV = "MLFACTORY_TRAINING_QUEUE"
@@ -152,12 +154,20 @@ TRAINING_POD_TEMPLATE_ENV = "MLFACTORY_TRAINING_POD_TEMPLATE"
 class TrainingSpec(_Strict):
     """Defaults of ml_train; every one of them can be changed per run in the trigger form."""
 
+    model: Literal["mlp", "gbdt"] = Field(
+        "mlp", description="the model family: mlp (the PyTorch network: epochs, learning_rate, batch_size, hidden_sizes, "
+        "dropout, weight_decay) or gbdt (gradient-boosted trees, XGBoost: trees, tree_depth, tree_learning_rate); "
+        "search_space may list both")
     epochs: int = Field(12, ge=1, le=1000)
     learning_rate: float = Field(0.003, gt=0, le=1)
     batch_size: int = Field(512, ge=8, le=65536)
     hidden_sizes: HiddenSizes = Field([128, 64], min_length=1, max_length=8)
     dropout: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(1e-5, ge=0, le=1)
+    trees: int = Field(1000, ge=1, le=100_000, description="gbdt: at most this many boosting rounds; training stops "
+                       "earlier once the validation metric has not improved for 50 rounds")
+    tree_depth: int = Field(6, ge=1, le=16, description="gbdt: the depth of each tree")
+    tree_learning_rate: float = Field(0.1, gt=0, le=1, description="gbdt: the shrinkage of each tree (XGBoost's eta)")
     processes: int = Field(2, ge=1, le=64, description="DDP processes per node (local: CPU processes)")
     accelerator: Accelerator = Field(Accelerator(), description="each training node's hardware: cpu, or e.g. {kind: gpu, "
                                      "model: nvidia-a100, count: 1} (one DDP process per GPU; local: this machine's "
@@ -208,6 +218,9 @@ def check_search_space(space: dict[str, list]) -> dict[str, list]:
     empty = sorted(k for k, v in space.items() if not v)
     if empty:
         raise ValueError(f"search_space lists no candidate values for {empty}")
+    families = [m for m in space.get("model", []) if m not in MODELS]
+    if families:
+        raise ValueError(f"search_space.model lists {families}; the model families are {list(MODELS)}")
     return space
 
 

@@ -161,6 +161,7 @@ def vocabulary(values: pd.Series, limit: int) -> list[str]:
 class TabularNet(nn.Module):
     def __init__(self, numeric_width: int, cardinalities: list[int], hidden_sizes: list[int], dropout: float, outputs: int):
         super().__init__()
+        self.hidden_sizes, self.dropout = list(hidden_sizes), dropout
         self.embeddings = nn.ModuleList(nn.Embedding(card, min(16, (card + 1) // 2 + 1)) for card in cardinalities)
         width = numeric_width + sum(e.embedding_dim for e in self.embeddings)
         layers: list[nn.Module] = []
@@ -226,16 +227,34 @@ def metrics(pre: Preprocessor, y_true: torch.Tensor, predicted: np.ndarray) -> d
 # The bundle written to the job's output and wrapped by the pyfunc
 
 
-def save_bundle(path: str, dataset: DatasetSpec, pre: Preprocessor, net: TabularNet, hidden_sizes, dropout) -> None:
-    torch.save(
-        {
-            "dataset": dataset.model_dump(mode="json"),
-            "preprocessor": asdict(pre),
-            "net": {"hidden_sizes": list(hidden_sizes), "dropout": dropout},
-            "state_dict": net.state_dict(),
-        },
-        path,
-    )
+def tree_inputs(dense: torch.Tensor, cats: torch.Tensor) -> np.ndarray:
+    """The trees' feature matrix: the network's dense inputs, then the category indices (0: other or
+    missing) as categorical features (``tree_feature_types``). One encoding for both model families."""
+    return np.hstack([dense.numpy(), cats.numpy().astype(np.float32)])
+
+
+def tree_feature_types(pre: Preprocessor) -> list[str]:
+    return ["q"] * pre.numeric_width + ["c"] * len(pre.categorical)
+
+
+def tree_objective(pre: Preprocessor) -> dict:
+    """XGBoost's objective on ``encode_target``'s labels; its margins are what ``scores`` takes."""
+    if pre.classes is None:
+        return {"objective": "reg:squarederror", "eval_metric": "rmse"}
+    if len(pre.classes) == 2:
+        return {"objective": "binary:logistic", "eval_metric": "auc"}
+    return {"objective": "multi:softprob", "num_class": len(pre.classes), "eval_metric": "mlogloss"}
+
+
+def save_bundle(path: str, dataset: DatasetSpec, pre: Preprocessor, model) -> None:
+    """The model file: tensors and plain values only (``torch.load(weights_only=True)`` reads it). ``model``:
+    a TabularNet (its weights), or an XGBoost Booster (its UBJSON bytes, as a uint8 tensor)."""
+    bundle = {"dataset": dataset.model_dump(mode="json"), "preprocessor": asdict(pre)}
+    if isinstance(model, TabularNet):
+        bundle.update(net={"hidden_sizes": model.hidden_sizes, "dropout": model.dropout}, state_dict=model.state_dict())
+    else:
+        bundle["booster"] = torch.frombuffer(bytearray(model.save_raw("ubj")), dtype=torch.uint8)
+    torch.save(bundle, path)
 
 
 class LoadedModel:
@@ -245,9 +264,19 @@ class LoadedModel:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
         self.dataset = DatasetSpec.model_validate(bundle["dataset"])
         self.pre = Preprocessor(**bundle["preprocessor"])
-        self.net = build_net(self.pre, **bundle["net"])
-        self.net.load_state_dict(bundle["state_dict"])
-        self.net.eval()
+        self.net = self.booster = None
+        if "booster" in bundle:
+            import xgboost as xgb
+
+            self.booster = xgb.Booster(model_file=bytearray(bundle["booster"].numpy().tobytes()))
+        else:
+            self.net = build_net(self.pre, **bundle["net"])
+            self.net.load_state_dict(bundle["state_dict"])
+            self.net.eval()
+
+    @property
+    def family(self) -> str:
+        return "mlp" if self.net is not None else "gbdt"
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """RAW feature columns (as a caller sends them) -> predictions."""
@@ -268,8 +297,12 @@ class LoadedModel:
         return {name: values.tolist() for name, values in outputs.items()}
 
     def _outputs(self, dense: torch.Tensor, cats: torch.Tensor) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            predicted = scores(self.pre, self.net(dense, cats))
+        if self.booster is not None:
+            margins = self.booster.inplace_predict(tree_inputs(dense, cats), predict_type="margin")
+            predicted = scores(self.pre, torch.from_numpy(np.asarray(margins, dtype=np.float32)))
+        else:
+            with torch.no_grad():
+                predicted = scores(self.pre, self.net(dense, cats))
         if self.pre.classes is None:
             return {"prediction": predicted}
         if len(self.pre.classes) == 2:

@@ -84,7 +84,7 @@ def pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in
-            ("mlflow", "torch", "pandas", "numpy", "pyarrow", "pydantic", "pyyaml", "scikit-learn")]
+            ("mlflow", "torch", "pandas", "numpy", "pyarrow", "pydantic", "pyyaml", "scikit-learn", "xgboost-cpu")]
 
 
 def log_pyfunc(bundle: str, sample_rows, dataset):

@@ -39,8 +39,8 @@ from mlfactory.specs import CHECKPOINT_FILE, DATASET_FILE, METRICS_FILE, MODEL_F
 
 log = logging.getLogger("mlfactory.train")
 
-HYPERPARAMETERS = ("epochs", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "seed",
-                   "validation_fraction")
+HYPERPARAMETERS = ("model", "epochs", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "seed",
+                   "validation_fraction", "trees", "tree_depth", "tree_learning_rate")
 
 
 def _sizes(text: str) -> list[int]:
@@ -59,12 +59,16 @@ def parse_args(argv: list[str], env=os.environ) -> argparse.Namespace:
     p.add_argument("--train-uri", default=defaults.train_uri, help="training set folder (dataset.json + Parquet)")
     p.add_argument("--output-uri", default=defaults.output_uri, help="where model.pt and metrics.json go")
     p.add_argument("--checkpoint-uri", default=defaults.checkpoint_uri, help="per-epoch checkpoints; resume from here")
+    p.add_argument("--model", choices=["mlp", "gbdt"], default="mlp", help="the PyTorch network or gradient-boosted trees")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--learning-rate", type=float, default=0.003)
     p.add_argument("--batch-size", type=int, default=512, help="per process")
     p.add_argument("--hidden-sizes", type=_sizes, default=[128, 64])
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--trees", type=int, default=1000, help="gbdt: most boosting rounds (early stopping after 50 without gain)")
+    p.add_argument("--tree-depth", type=int, default=6, help="gbdt: depth of each tree")
+    p.add_argument("--tree-learning-rate", type=float, default=0.1, help="gbdt: shrinkage (eta)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--validation-fraction", type=float, default=0.15)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "xla"], default="auto")
@@ -78,11 +82,11 @@ def parse_args(argv: list[str], env=os.environ) -> argparse.Namespace:
     missing = [name for name in ("train_uri", "output_uri") if not getattr(args, name)]
     if missing:
         p.error(f"--{missing[0].replace('_', '-')} is required (no platform variable such as SM_MODEL_DIR provides it)")
-    for name, low, high in (("epochs", 1, 100_000), ("batch_size", 1, 1 << 20)):
+    for name, low, high in (("epochs", 1, 100_000), ("batch_size", 1, 1 << 20), ("trees", 1, 1_000_000), ("tree_depth", 1, 16)):
         if not low <= getattr(args, name) <= high:
             p.error(f"--{name.replace('_', '-')} must be between {low} and {high}")
-    if not 0 < args.learning_rate <= 10:
-        p.error("--learning-rate must be in (0, 10]")
+    if not 0 < args.learning_rate <= 10 or not 0 < args.tree_learning_rate <= 1:
+        p.error("--learning-rate must be in (0, 10] and --tree-learning-rate in (0, 1]")
     if not 0 <= args.dropout < 1 or not 0 < args.validation_fraction < 1:
         p.error("--dropout must be in [0, 1) and --validation-fraction in (0, 1)")
     bad_tags = [t for t in args.tag if "=" not in t]
@@ -107,6 +111,11 @@ class Runtime:
     @property
     def is_primary(self) -> bool:
         return self.rank == 0
+
+    @property
+    def hardware(self) -> str:
+        """cpu, cuda or xla: what the process group's communication backend runs on."""
+        return {"gloo": "cpu", "nccl": "cuda", "xla": "xla"}[self.backend]
 
 
 def start_runtime(kind: str, env=os.environ) -> Runtime:
@@ -218,15 +227,16 @@ def save_checkpoint(uri: str, state: dict) -> None:
 
 def train(args: argparse.Namespace, env=os.environ) -> dict | None:
     import torch
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data import DistributedSampler
 
-    from mlfactory.tabular import Preprocessor, build_net, loss_function, metrics, primary_metric, scores
+    from mlfactory.tabular import Preprocessor, primary_metric
     from mlfactory.tracking import MlflowTracker
 
     runtime = start_runtime(args.device, env)
+    if args.model == "gbdt" and runtime.hardware == "xla":
+        raise SystemExit("--model gbdt trains on CPUs or GPUs, not on a TPU: train the mlp there, or use a GPU")
     local_world = int(env.get("LOCAL_WORLD_SIZE", runtime.world_size))
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // local_world)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     say = log.info if runtime.is_primary else log.debug
 
@@ -234,46 +244,89 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
     train_idx, val_idx = split(len(frame), args.validation_fraction, args.seed)
     train_rows, val_rows = frame.iloc[train_idx], frame.iloc[val_idx]
     pre = Preprocessor.fit(train_rows, dataset)
-    x_dense, x_cats = pre.encode(train_rows)
-    y = pre.encode_target(train_rows[dataset.target])
-    v_dense, v_cats = pre.encode(val_rows)
-    v_y = pre.encode_target(val_rows[dataset.target])
+    data = Encoded(*pre.encode(train_rows), pre.encode_target(train_rows[dataset.target]),
+                   *pre.encode(val_rows), pre.encode_target(val_rows[dataset.target]))
     metric = f"val_{primary_metric(dataset.task)}"
 
-    net = build_net(pre, args.hidden_sizes, args.dropout).to(runtime.device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     checkpoint = load_checkpoint(args.checkpoint_uri)
-    history: list[dict] = []
-    start_epoch, mlflow_run_id = 1, None
-    if checkpoint is not None:
-        if checkpoint["hyperparameters"] != _hyperparameters(args):
-            raise SystemExit(
-                f"checkpoint at {args.checkpoint_uri} was written with other hyperparameters "
-                f"{checkpoint['hyperparameters']}; use a new --checkpoint-uri for a new job"
-            )
-        net.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        history = json.loads(checkpoint["history"])
-        start_epoch, mlflow_run_id = int(checkpoint["epoch"]) + 1, checkpoint["mlflow_run_id"] or None
-        say("resuming from checkpoint %s: epoch %d of %d done, starting epoch %d",
-            args.checkpoint_uri, start_epoch - 1, args.epochs, start_epoch)
-    model = DistributedDataParallel(net) if runtime.world_size > 1 else net
-    loss_fn = loss_function(pre)
-    sampler = DistributedSampler(range(len(y)), num_replicas=runtime.world_size, rank=runtime.rank,
-                                 shuffle=True, seed=args.seed, drop_last=True)
+    if checkpoint is not None and checkpoint["hyperparameters"] != _hyperparameters(args):
+        raise SystemExit(
+            f"checkpoint at {args.checkpoint_uri} was written with other hyperparameters "
+            f"{checkpoint['hyperparameters']}; use a new --checkpoint-uri for a new job"
+        )
     tracker = None
     if runtime.is_primary:
         cluster = Cluster.from_environ(env)
         tracker = MlflowTracker.start(
-            args.mlflow_tracking_uri, args.experiment, args.run_name, mlflow_run_id,
+            args.mlflow_tracking_uri, args.experiment, args.run_name,
+            checkpoint["mlflow_run_id"] or None if checkpoint else None,
             params={**_hyperparameters(args), "world_size": runtime.world_size, "backend": runtime.backend,
                     "rows": len(frame), "train_uri": args.train_uri},
             tags={"mlfactory.platform": cluster.platform, "mlfactory.job_id": cluster.job_id,
                   "mlfactory.dataset_sha256": digest, **dict(t.split("=", 1) for t in args.tag)},
             dataset=dataset, frame=frame, digest=digest, source_uri=args.train_uri)
-    say("training %s on %d rows (%d validation), %d process(es), backend %s, epochs %d..%d",
-        dataset.name, len(y), len(v_y), runtime.world_size, runtime.backend, start_epoch, args.epochs)
+    say("training %s on %d rows (%d validation): %s, %d process(es), backend %s", dataset.name, len(data.y),
+        len(data.v_y), args.model, runtime.world_size, runtime.backend)
+    fit = _boost if args.model == "gbdt" else _epochs
+    model, history = fit(args, runtime, pre, data, checkpoint, tracker, metric)
 
+    result = None
+    if runtime.is_primary:
+        result = _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_rows)
+    _barrier(runtime)
+    if runtime.world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return result
+
+
+@dataclass
+class Encoded:
+    """The training and validation rows as the model takes them (``Preprocessor.encode``)."""
+
+    x_dense: object
+    x_cats: object
+    y: object
+    v_dense: object
+    v_cats: object
+    v_y: object
+
+
+def _epoch_row(runtime: Runtime, pre, data: Encoded, predicted, row: dict, metric: str, total: str) -> dict:
+    """One history row (rank 0): ``row`` and the validation metrics of ``predicted``, logged."""
+    from mlfactory.tabular import metrics
+
+    row = {**row, **{f"val_{k}": v for k, v in metrics(pre, data.v_y, predicted).items()}}
+    log.info("%s %d/%s  %s %.4f  %.0f samples/s", "round" if "train_loss" not in row else "epoch", row["epoch"], total,
+             metric, row[metric], row["samples_per_s"])
+    return row
+
+
+def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metric):
+    """The network, trained with DistributedDataParallel over the processes torchrun started."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DistributedSampler
+
+    from mlfactory.tabular import build_net, loss_function, scores
+
+    net = build_net(pre, args.hidden_sizes, args.dropout).to(runtime.device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    history: list[dict] = []
+    start_epoch = 1
+    if checkpoint is not None:
+        net.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        history = json.loads(checkpoint["history"])
+        start_epoch = int(checkpoint["epoch"]) + 1
+        log.info("resuming from checkpoint %s: epoch %d of %d done, starting epoch %d",
+                 args.checkpoint_uri, start_epoch - 1, args.epochs, start_epoch)
+    model = DistributedDataParallel(net) if runtime.world_size > 1 else net
+    loss_fn = loss_function(pre)
+    x_dense, x_cats, y = data.x_dense, data.x_cats, data.y
+    sampler = DistributedSampler(range(len(y)), num_replicas=runtime.world_size, rank=runtime.rank,
+                                 shuffle=True, seed=args.seed, drop_last=True)
     for epoch in range(start_epoch, args.epochs + 1):
         torch.manual_seed(args.seed * 100_003 + epoch * 1009 + runtime.rank)  # dropout: reproducible on resume
         sampler.set_epoch(epoch)
@@ -299,12 +352,10 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
         if runtime.is_primary:
             net.eval()
             with torch.no_grad():
-                predicted = scores(pre, net(v_dense.to(runtime.device), v_cats.to(runtime.device)).cpu())
-            row = {"epoch": epoch, "train_loss": loss_sum / max(samples, 1), "samples_per_s": rate,
-                   **{f"val_{k}": v for k, v in metrics(pre, v_y, predicted).items()}}
+                predicted = scores(pre, net(data.v_dense.to(runtime.device), data.v_cats.to(runtime.device)).cpu())
+            row = _epoch_row(runtime, pre, data, predicted, {"epoch": epoch, "train_loss": loss_sum / max(samples, 1),
+                                                             "samples_per_s": rate}, metric, str(args.epochs))
             history.append(row)
-            log.info("epoch %d/%d  loss %.4f  %s %.4f  %.0f samples/s", epoch, args.epochs, row["train_loss"],
-                     metric, row[metric], rate)
             if tracker:
                 tracker.log_epoch(row)
             if args.checkpoint_uri:
@@ -315,29 +366,115 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
                 })
                 log.info("checkpoint: epoch %d saved to %s", epoch, args.checkpoint_uri)
         _barrier(runtime)
+    return net.cpu(), history
 
-    result = None
+
+GBDT_PATIENCE = 50  # rounds without a better validation metric before boosting stops
+GBDT_CHECKPOINT_ROUNDS = 50
+
+
+def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metric):
+    """Gradient-boosted trees (XGBoost, hist), early-stopped on the validation rows. Under torchrun each
+    process boosts on its shard of the rows and XGBoost's collective joins them (its tracker started by
+    rank 0, its address passed over the torch process group): one model, as if trained on all the rows;
+    on the GPU (``device=cuda``) when the job has one. A checkpoint every 50 rounds; a resumed job adds
+    the rounds still to do to the checkpointed trees."""
+    import numpy as np
+    import torch
+    import xgboost as xgb
+
+    from mlfactory.tabular import scores, tree_feature_types, tree_inputs, tree_objective
+
+    shard = slice(runtime.rank, None, runtime.world_size)
+    types = tree_feature_types(pre)
+
+    def matrix(dense, cats, y):
+        return xgb.DMatrix(tree_inputs(dense[shard], cats[shard]), label=y[shard].numpy(), feature_types=types,
+                           enable_categorical=True, nthread=args.threads)
+
+    train, valid = matrix(data.x_dense, data.x_cats, data.y), matrix(data.v_dense, data.v_cats, data.v_y)
+    params = {"tree_method": "hist", "max_depth": args.tree_depth, "eta": args.tree_learning_rate, "seed": args.seed,
+              "nthread": args.threads, "device": runtime.hardware, **tree_objective(pre)}
+    history: list[dict] = []
+    previous = None
+    if checkpoint is not None:
+        previous = xgb.Booster(model_file=bytearray(checkpoint["booster"].numpy().tobytes()))
+        history = json.loads(checkpoint["history"])
+        log.info("resuming from checkpoint %s: %d rounds done", args.checkpoint_uri, previous.num_boosted_rounds())
+    done = previous.num_boosted_rounds() if previous is not None else 0
+    started = time.perf_counter()
+
+    class Progress(xgb.callback.TrainingCallback):
+        def after_iteration(self, booster, epoch, evals_log) -> bool:
+            rounds = done + epoch + 1
+            if runtime.is_primary and (rounds % 10 == 0 or rounds == args.trees):
+                rate = len(data.y) * (epoch + 1) / max(time.perf_counter() - started, 1e-9)
+                margins = booster.inplace_predict(tree_inputs(data.v_dense, data.v_cats), predict_type="margin")
+                row = _epoch_row(runtime, pre, data, scores(pre, torch.from_numpy(np.asarray(margins))),
+                                 {"epoch": rounds, "samples_per_s": rate}, metric, str(args.trees))
+                history.append(row)
+                if tracker:
+                    tracker.log_epoch(row)
+            if runtime.is_primary and args.checkpoint_uri and rounds % GBDT_CHECKPOINT_ROUNDS == 0:
+                save_checkpoint(args.checkpoint_uri, {
+                    "booster": torch.frombuffer(bytearray(booster.save_raw("ubj")), dtype=torch.uint8),
+                    "history": json.dumps(history), "mlflow_run_id": tracker.run_id if tracker else "",
+                    "hyperparameters": _hyperparameters(args), "epoch": rounds})
+                log.info("checkpoint: round %d saved to %s", rounds, args.checkpoint_uri)
+            return False
+
+    def boost():
+        return xgb.train(params, train, num_boost_round=max(args.trees - done, 0), evals=[(valid, "val")],
+                         early_stopping_rounds=GBDT_PATIENCE, xgb_model=previous, verbose_eval=False,
+                         callbacks=[Progress()])
+
+    if runtime.world_size == 1:
+        booster = boost()
+    else:
+        booster = _with_collective(runtime, boost)
+    best = getattr(booster, "best_iteration", booster.num_boosted_rounds() - 1)
+    booster = booster[: best + 1]  # the model is the trees up to the best validation round
     if runtime.is_primary:
-        result = _finish(args, dataset, pre, net, history, metric, runtime, tracker, val_rows)
-    _barrier(runtime)
-    if runtime.world_size > 1:
-        import torch.distributed as dist
+        margins = booster.inplace_predict(tree_inputs(data.v_dense, data.v_cats), predict_type="margin")
+        final = _epoch_row(runtime, pre, data, scores(pre, torch.from_numpy(np.asarray(margins))),
+                           {"epoch": best + 1, "samples_per_s": history[-1]["samples_per_s"] if history else 0.0},
+                           metric, f"{args.trees} (best)")
+        history.append(final)
+    return booster, history
 
-        dist.destroy_process_group()
-    return result
+
+def _with_collective(runtime: Runtime, boost):
+    """``boost()`` on every process inside XGBoost's collective: rank 0 starts the tracker on this node's
+    address torchrun's rendezvous uses, and hands its arguments to the others over the torch process group."""
+    import torch.distributed as dist
+    from xgboost import collective
+    from xgboost.tracker import RabitTracker
+
+    tracker, args = None, [None]
+    if runtime.is_primary:
+        tracker = RabitTracker(n_workers=runtime.world_size, host_ip=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                               sortby="task")
+        tracker.start()
+        args = [tracker.worker_args()]
+    dist.broadcast_object_list(args, src=0)
+    try:
+        with collective.CommunicatorContext(**args[0], dmlc_task_id=str(runtime.rank)):
+            return boost()
+    finally:
+        if tracker is not None:
+            tracker.wait_for()
 
 
 def _hyperparameters(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in HYPERPARAMETERS}
 
 
-def _finish(args, dataset, pre, net, history, metric, runtime, tracker, val_rows) -> dict:
+def _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_rows) -> dict:
     from mlfactory.tabular import save_bundle
 
-    net = net.cpu()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = str(Path(tmp) / MODEL_FILE)
-        save_bundle(bundle, dataset, pre, net, args.hidden_sizes, args.dropout)
+        save_bundle(bundle, dataset, pre, model)
         storage.write_bytes(storage.join(args.output_uri, MODEL_FILE), Path(bundle).read_bytes())
         final = history[-1] if history else {}
         result = {
@@ -345,7 +482,7 @@ def _finish(args, dataset, pre, net, history, metric, runtime, tracker, val_rows
             "value": final.get(metric),
             "metrics": final,
             "history": history,
-            "epochs": len(history),
+            "epochs": history[-1]["epoch"] if history else 0,  # rounds of the kept trees, for gbdt
             "world_size": runtime.world_size,
             "backend": runtime.backend,
             "hyperparameters": _hyperparameters(args),
@@ -356,8 +493,8 @@ def _finish(args, dataset, pre, net, history, metric, runtime, tracker, val_rows
         if tracker:
             result.update(tracker.finish(bundle, history, val_rows, dataset))
     storage.write_bytes(storage.join(args.output_uri, METRICS_FILE), json.dumps(result, indent=2).encode())
-    log.info("done: %s %.4f after %d epochs; model and metrics in %s", metric, result["value"] or float("nan"),
-             len(history), args.output_uri)
+    log.info("done: %s %.4f after %d %s; model and metrics in %s", metric, result["value"] or float("nan"),
+             result["epochs"], "rounds" if args.model == "gbdt" else "epochs", args.output_uri)
     return result
 
 

@@ -68,7 +68,8 @@ def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str) -> list
     defaults = cfg.training
     base = {k: params[k] for k in FORM_HYPERPARAMETERS}
     base.update(dropout=defaults.dropout, weight_decay=defaults.weight_decay, seed=defaults.seed,
-                validation_fraction=defaults.validation_fraction)
+                validation_fraction=defaults.validation_fraction, model=defaults.model, trees=defaults.trees,
+                tree_depth=defaults.tree_depth, tree_learning_rate=defaults.tree_learning_rate)
     trials = search_trials(base, params["search_space"], params["trials"], params["search"], defaults.seed)
     key = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")[:40]
     tags = {"mlfactory.started_by": prepared["started_by"], "mlfactory.airflow_run_id": run_id,
