@@ -56,6 +56,7 @@ def lab(tmp_path_factory, mlflow_server):
         "bad": ["--epochs", "1", "--learning-rate", "0.000001", "--hidden-sizes", "[2]"],
         "medium": ["--epochs", "1", "--learning-rate", "0.001", "--hidden-sizes", "[4]", "--batch-size", "256"],
         "good": ["--epochs", "5"],
+        "trees": ["--model", "gbdt"],
     }
     models = {}
     for name, args in recipes.items():
@@ -90,13 +91,16 @@ def test_training_run_logs_params_curves_dataset_model_and_drift_tags(lab, mlflo
     assert "training_curves.png" in artifacts
 
 
-def test_pyfunc_takes_raw_feature_columns_as_a_json_caller_sends_them(lab):
+@pytest.mark.parametrize("recipe", ["good", "trees"])  # the network and the gradient-boosted trees
+def test_pyfunc_takes_raw_feature_columns_as_a_json_caller_sends_them(lab, recipe):
     import mlflow.pyfunc
 
     from mlfactory.features import FeatureSet
+    from mlfactory.tabular import load_logged_model
 
     cfg, _, models = lab
-    model = mlflow.pyfunc.load_model(models["good"]["model_uri"])
+    assert load_logged_model(models[recipe]["model_uri"])[0].family == ("gbdt" if recipe == "trees" else "mlp")
+    model = mlflow.pyfunc.load_model(models[recipe]["model_uri"])
     schema = model.metadata.get_input_schema()
     assert schema.input_names() == FeatureSet.of(cfg.dataset).raw_inputs  # raw columns, not encoded tensors
     assert "customer_id" not in schema.input_names() and cfg.dataset.target not in schema.input_names()

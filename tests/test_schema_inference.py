@@ -80,6 +80,22 @@ def test_init_infers_each_kind_of_column_and_etl_takes_every_row_of_the_file(tmp
     assert read_quarantine(result.quarantine_uri) is None
 
 
+def test_a_row_name_column_without_a_header_name_is_a_key_and_etl_takes_the_file(tmp_path, monkeypatch):
+    """R's write.csv and pandas' to_csv write the row names as a first column named "": ETL names it
+    unnamed_1, and init makes it a key (not a feature), so the file runs as it is."""
+    data = tmp_path / "landing" / "r.csv"
+    data.parent.mkdir()
+    flights(500).to_csv(data, index=True)  # header starts with ","
+    assert data.read_text().startswith(",flight_id,")
+    out = tmp_path / "p.yaml"
+    assert main([str(data), "--target", "late", "-o", str(out)]) == 0
+    monkeypatch.setenv("MLFACTORY_BUCKET", str(tmp_path))
+    cfg = load_config(out)
+    assert cfg.dataset.columns[0].model_dump(include={"name", "type"}) == {"name": "unnamed_1", "type": "string"}
+    manifest, _ = ingest_object(cfg, data.as_uri())
+    assert curate_snapshot(cfg, manifest.snapshot_uri).curated_rows == 500
+
+
 def test_init_reads_parquet_and_json_lines_and_folders(tmp_path):
     frame = flights(400)
     folder = tmp_path / "drop"
@@ -125,7 +141,6 @@ def test_target_classes_come_from_the_whole_file_not_only_the_sample(tmp_path):
 
 @pytest.mark.parametrize(("content", "args", "message"), [
     ("a,b\n1,2\n", ["--target", "c"], "target 'c' is not a column of"),
-    (",a,b\n0,1,2\n1,1,2\n", ["--target", "b"], "column(s) [1] have no name"),
     ("id,b\n" + "".join(f"k{i},{'xy'[i % 2]}\n" for i in range(30)), ["--target", "b"],
      "no column but 'b' can feed a model: every other column is a key or free text (['id'])"),
     ("id,y\n" + "".join(f"k{i},t{i}\n" for i in range(300)), ["--target", "y"], "holds string values"),

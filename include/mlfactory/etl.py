@@ -127,7 +127,8 @@ def _open_text(manifest: Manifest):
 
 def _csv_header(manifest: Manifest, delimiter: str, max_line_bytes: int) -> list[str]:
     """The header's field names: without a byte-order mark (spreadsheet exports write one), spaces around
-    them stripped; empty fields after the last named one (a trailing delimiter) named ``TRAILING<i>``."""
+    them stripped; empty fields after the last named one (a trailing delimiter) named ``TRAILING<i>``,
+    other empty ones ``unnamed_<column number>`` (R's and pandas' row-name column: ``"",a,b``)."""
     with _open_text(manifest) as f:
         first = f.read(max_line_bytes + 2).split(b"\n", 1)[0].rstrip(b"\r")
     first = first.removeprefix(BOM)
@@ -135,7 +136,8 @@ def _csv_header(manifest: Manifest, delimiter: str, max_line_bytes: int) -> list
     named = len(names)
     while named and not names[named - 1]:
         named -= 1
-    return names[:named] + [f"{TRAILING}{i}" for i in range(named, len(names))] if named else names
+    named_part = [name or f"unnamed_{i + 1}" for i, name in enumerate(names[:named])]
+    return named_part + [f"{TRAILING}{i}" for i in range(named, len(names))] if named else names
 
 
 @dataclass(frozen=True)
@@ -320,7 +322,8 @@ def _parse_numbers(text: pa.Array, spec: ColumnSpec) -> tuple[pa.Array, np.ndarr
     parsed = values.notna().to_numpy().copy()
     if spec.type == "integer":
         integral = parsed & np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
-        integral &= np.equal(np.mod(values.to_numpy(dtype=float, na_value=0.0), 1), 0)
+        with np.errstate(invalid="ignore"):  # inf: not integral either way
+            integral &= np.equal(np.mod(values.to_numpy(dtype=float, na_value=0.0), 1), 0)
         parsed &= integral
     bad = text.is_valid().to_numpy(zero_copy_only=False) & ~parsed
     numbers = values.to_numpy(dtype=float, na_value=np.nan)

@@ -40,7 +40,7 @@ SAMPLE_ROWS = 200_000
 MAX_CLASSES = 50  # a target with more distinct values than this is not taken for a classification label
 UNLABELLED_SHARE = 0.03  # rows without a label above this share: the config raises validation.max_quarantine_fraction
 INTEGER_CLASSES = 10  # an integer target with at most this many values is taken for class labels
-KEY_NAMES = re.compile(r"(^|[_\s-])(id|key|uuid)$|^unnamed: ?\d+$|^index$", re.IGNORECASE)
+KEY_NAMES = re.compile(r"(^|[_\s-])(id|key|uuid)$|^unnamed_\d+$|^index$", re.IGNORECASE)
 DELIMITERS = (",", ";", "\t", "|")
 BOOLEAN_WORDS = {"true", "false", "t", "f", "yes", "no", "y", "n"}  # and 0/1 beside them; 0/1 alone is a number
 
@@ -109,10 +109,6 @@ def read_sample(files: list[str], rows: int, delimiter: str) -> dict[str, pa.Chu
     for path in files:
         manifest = _manifest(path, delimiter)
         header, chunks = READERS[manifest.format](manifest, ReadOptions(chunk_rows=rows, delimiter=delimiter))
-        unnamed = [i + 1 for i, name in enumerate(header) if not name]
-        if unnamed:
-            raise BadInput(f"{path}: column(s) {unnamed} have no name in the header; name them (the config and "
-                           "the model's inputs refer to columns by name)")
         chunk = next(chunks)
         for name in header:
             if chunk.table is not None and name in chunk.table.column_names:

@@ -67,7 +67,7 @@ def _curves(history: list[dict]):
     epochs = [h["epoch"] for h in history]
     val_keys = [k for k in (history[0] if history else {}) if k.startswith("val_")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(epochs, [h["train_loss"] for h in history], marker="o")
+    axes[0].plot(epochs, [h.get("train_loss", float("nan")) for h in history], marker="o")  # gbdt: none
     axes[0].set(title="training loss", xlabel="epoch")
     for key in val_keys:
         axes[1].plot(epochs, [h[key] for h in history], marker="o", label=key)

@@ -174,6 +174,7 @@ def tell(cfg, airflow: LocalAirflow, summary: dict, files: list[str]) -> bool:
     chain = ["ml_ingest", "ml_validate", "ml_train", "ml_promote"]
     if not all(story.step(dag, seen[dag]) for dag in chain):
         return _done(story, summary, registry)
+    summary["first_decision"] = decision_of(airflow, story.runs[-1]["run_id"])
     champion = registry.alias_version(CHAMPION)
     if summary["champion_before"] != champion:
         story.step("ml_deploy", seen["ml_deploy"])
@@ -223,8 +224,7 @@ def tell(cfg, airflow: LocalAirflow, summary: dict, files: list[str]) -> bool:
         story.ok = False
         return _done(story, summary, registry)
     promote = story.next_run("ml_promote", seen["ml_promote"], after=retrain["start_date"])
-    decision = airflow.xcom("ml_promote", promote["dag_run_id"], "evaluate") or {}
-    summary["retrain_decision"] = {k: decision.get(k) for k in ("version", "promote", "reason", "metric", "challenger", "champion")}
+    decision = summary["retrain_decision"] = decision_of(airflow, promote["dag_run_id"])
     print(f"    decision on v{decision.get('version')}: {'PROMOTE' if decision.get('promote') else 'keep the champion'}"
           f" — {decision.get('reason')}", flush=True)
     if promote["state"] != "success":
@@ -234,6 +234,13 @@ def tell(cfg, airflow: LocalAirflow, summary: dict, files: list[str]) -> bool:
     summary["timings"]["drift_to_decision_s"] = round(time.monotonic() - t1, 1)
     summary["endpoint"]["served_version_after"] = endpoint.state().get("served_version")
     return _done(story, summary, registry)
+
+
+def decision_of(airflow: LocalAirflow, promote_run_id: str) -> dict:
+    """ml_promote's decision: the version, promoted or not and why, the metric, challenger and champion on
+    the frozen holdout."""
+    decision = airflow.xcom("ml_promote", promote_run_id, "evaluate") or {}
+    return {k: decision.get(k) for k in ("version", "promote", "reason", "metric", "challenger", "champion")}
 
 
 def _done(story: Story, summary: dict, registry) -> bool:
