@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
-from mlfactory.config import SEARCHABLE, load_config
+from mlfactory.config import MODELS, SEARCHABLE, load_config
 from mlfactory_airflow.assets import pipeline_assets
 from mlfactory_airflow.backends import backend_for
 
@@ -51,12 +51,15 @@ with DAG(
                            description="DDP processes per training job (torchrun --nproc-per-node)"),
         "trials": Param(defaults.trials, type="integer", minimum=1, maximum=64, title="Search trials",
                         description="Training jobs in the hyperparameter search (one mapped task each)"),
-        "search": Param(defaults.search, type="string", enum=["grid", "random"], title="Search strategy",
-                        description="grid: the first combinations of the space; random: a seeded sample of them"),
+        "search": Param(defaults.search, type="string", enum=["grid", "random", "bayes"], title="Search strategy",
+                        description="grid: the first combinations of the space; random: a seeded sample of them; "
+                        f"bayes: Optuna's TPE, {defaults.search_batches} batch(es) of the trials, each learning "
+                        "from the ones before"),
         "search_space": Param(
             defaults.search_space,
             type="object",
             propertyNames={"enum": list(SEARCHABLE)},
+            properties={"model": {"type": "array", "minItems": 1, "items": {"enum": list(MODELS)}}},
             additionalProperties={"type": "array", "minItems": 1},
             title="Search space",
             description=f"Hyperparameter -> candidate values, over {', '.join(SEARCHABLE)}; "
@@ -78,24 +81,28 @@ with DAG(
             return prepare(cfg, *started_by(drift, curated, str(dag_run.run_type)))
 
     @task
-    def plan(prepared: dict, params: dict, run_id=None) -> list[dict]:
-        """One TrainingJobSpec per trial of the search."""
+    def plan(prepared: dict, batch: int, earlier: list, params: dict, run_id=None) -> list[dict]:
+        """One TrainingJobSpec per trial of this batch of the search (``earlier``: the batches before)."""
         from mlfactory.training_plan import plan
 
-        return plan(cfg, prepared, params, run_id)
+        return plan(cfg, prepared, params, run_id, batch, [r for results in earlier for r in results])
 
     @task(outlets=[assets.candidate])
-    def select_best(prepared: dict, results: list, outlet_events=None) -> dict:
-        """The trial with the best validation metric becomes the candidate."""
+    def select_best(prepared: dict, batches: list, outlet_events=None) -> dict:
+        """The trial with the best validation metric, of every batch, becomes the candidate."""
         from mlfactory.training_plan import select_best
 
-        candidate = select_best(prepared, list(results))
+        candidate = select_best(prepared, [result for results in batches for result in results])
         outlet_events[assets.candidate].extra = candidate
         return candidate
 
     prepared = prepare()
-    trials = backend.training_operator.partial(
-        task_id="train", pool=defaults.pool, queue=defaults.queue, executor_config=defaults.executor_config(),
-        retries=defaults.retries, retry_delay=timedelta(seconds=10),
-    ).expand(spec=plan(prepared))
-    select_best(prepared, trials.output)
+    batches: list = []  # each batch's results; batch 2 on are planned from those before (search: bayes)
+    for batch in range(defaults.search_batches):
+        suffix = f"_{batch + 1}" if batch else ""
+        trials = backend.training_operator.partial(
+            task_id=f"train{suffix}", pool=defaults.pool, queue=defaults.queue,
+            executor_config=defaults.executor_config(), retries=defaults.retries, retry_delay=timedelta(seconds=10),
+        ).expand(spec=plan.override(task_id=f"plan{suffix}")(prepared, batch, list(batches)))
+        batches.append(trials.output)
+    select_best(prepared, batches)

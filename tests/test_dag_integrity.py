@@ -160,7 +160,7 @@ def test_every_dag_has_typed_params_for_the_trigger_form():
 BAD_TRAIN_PARAMS = [
     ("epochs", 0), ("epochs", "ten"), ("learning_rate", 0), ("learning_rate", 2.0), ("batch_size", 4),
     ("hidden_sizes", []), ("hidden_sizes", [0, 64]), ("hidden_sizes", "128,64"), ("processes", 0),
-    ("trials", 0), ("search", "bayes"), ("search_space", {"momentum": [0.9]}),
+    ("trials", 0), ("search", "hyperband"), ("search_space", {"momentum": [0.9]}), ("search_space", {"model": ["forest"]}),
     ("search_space", {"learning_rate": []}), ("search_space", {"learning_rate": 0.1}),
 ]
 

@@ -3,6 +3,9 @@ best trial, and which candidate ml_promote registers."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from mlfactory import NothingToDo
@@ -12,6 +15,7 @@ from mlfactory.training_plan import plan, prepare, select_best, started_by
 
 FORM = {"epochs": 4, "learning_rate": 0.003, "batch_size": 256, "hidden_sizes": [64, 32], "processes": 2, "trials": 3,
         "search": "grid", "search_space": {"learning_rate": [0.01, 0.001], "dropout": [0.0, 0.2]}}
+ROOT = Path(__file__).resolve().parents[1]
 PREPARED = {"training_set": {"uri": "file:///b/models/training_sets/abc", "rows": 10}, "started_by": "drift",
             "drifted_features": ["age", "income"]}
 
@@ -88,3 +92,59 @@ def test_the_candidate_comes_from_the_form_or_the_latest_event():
         candidate_from(None, [])
     with pytest.raises(ValueError, match="has no MLflow model URI"):
         candidate_from(None, [{"model_uri": None}])
+
+
+SPACE = {"learning_rate": [0.1, 0.01, 0.001, 0.0001], "dropout": [0.0, 0.1, 0.2, 0.3]}
+
+
+def test_bayes_draws_its_next_batch_where_the_earlier_trials_scored_best():
+    """search: bayes (Optuna TPE): the first batch is a seeded random draw; a later batch, rebuilt from the
+    earlier results alone, concentrates on the candidate value that scored best."""
+    from mlfactory.training_plan import bayes_trials
+
+    first = bayes_trials({"epochs": 3}, SPACE, 8, seed=42, history=[])
+    assert first == bayes_trials({"epochs": 3}, SPACE, 8, seed=42, history=[])  # a retried plan asks the same
+    assert all(t["epochs"] == 3 and t["learning_rate"] in SPACE["learning_rate"] for t in first)
+    assert len({t["learning_rate"] for t in first}) > 1  # a spread, not one point
+    history = [{"hyperparameters": t, "value": 0.9 if t["learning_rate"] == 0.01 else 0.6 - t["dropout"]}
+               for t in first] + [{"hyperparameters": {**first[0], "learning_rate": 0.01}, "value": 0.9}, None]
+    history = [h for h in history if h]
+    second = bayes_trials({"epochs": 3}, SPACE, 8, seed=42, history=history)
+    picked = [t["learning_rate"] for t in second]
+    assert picked.count(0.01) >= 5, picked  # random would give about 2 of 8
+
+
+def test_a_later_batch_takes_the_next_trials_with_their_own_names(cfg):
+    specs = [TrainingJobSpec.model_validate(s) for s in plan(cfg, PREPARED, {**FORM, "trials": 2}, "manual__1", batch=1)]
+    assert [(j.hyperparameters["dropout"], j.hyperparameters["learning_rate"]) for j in specs] == [
+        (0.2, 0.01), (0.2, 0.001)]  # the grid's third and fourth
+    assert [j.tags["mlfactory.trial"] for j in specs] == ["2", "3"] and specs[0].output_uri.endswith("/trial-2")
+    bayes = plan(cfg, PREPARED, {**FORM, "search": "bayes", "trials": 3}, "manual__1", batch=1, history=[
+        {"hyperparameters": {"learning_rate": 0.01, "dropout": 0.2}, "value": 0.8}, None])
+    assert len(bayes) == 3 and {s["tags"]["mlfactory.trial"] for s in bayes} == {"3", "4", "5"}
+
+
+def test_bayes_batches_chain_plan_and_train_tasks_in_the_dag(tmp_path):
+    """search_batches: 3 -> plan >> train >> plan_2 >> train_2 >> plan_3 >> train_3 >> select_best."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from mlfactory.config import DEFAULT_CONFIG
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["training"].update(search="bayes", search_batches=3)
+    raw["storage"]["bucket"] = str(tmp_path / "bucket")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    probe = ("import json; from airflow.dag_processing.dagbag import DagBag; "
+             "dag = DagBag(dag_folder='dags/ml_train.py').dags['ml_train']; "
+             "print(json.dumps({t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MLFACTORY_CONFIG": str(tmp_path / "p.yaml")}, cwd=ROOT)
+    upstream = json.loads(out.stdout.strip().splitlines()[-1])
+    assert upstream["plan"] == ["prepare"] and upstream["train"] == ["plan"]
+    assert upstream["plan_2"] == ["prepare", "train"] and upstream["train_2"] == ["plan_2"]
+    assert upstream["plan_3"] == ["prepare", "train", "train_2"] and upstream["train_3"] == ["plan_3"]
+    assert upstream["select_best"] == ["prepare", "train", "train_2", "train_3"]

@@ -143,7 +143,7 @@ class IngestSpec(_Strict):
 
 HiddenSizes = list[Annotated[int, Field(ge=1, le=4096)]]
 SEARCHABLE = ("model", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "epochs", "trees",
-              "tree_depth", "tree_learning_rate")
+              "tree_leaves", "tree_learning_rate")
 MODELS = ("mlp", "gbdt")
 
 
@@ -156,7 +156,7 @@ class TrainingSpec(_Strict):
 
     model: Literal["mlp", "gbdt"] = Field(
         "mlp", description="the model family: mlp (the PyTorch network: epochs, learning_rate, batch_size, hidden_sizes, "
-        "dropout, weight_decay) or gbdt (gradient-boosted trees, XGBoost: trees, tree_depth, tree_learning_rate); "
+        "dropout, weight_decay) or gbdt (gradient-boosted trees, XGBoost: trees, tree_leaves, tree_learning_rate); "
         "search_space may list both")
     epochs: int = Field(12, ge=1, le=1000)
     learning_rate: float = Field(0.003, gt=0, le=1)
@@ -166,7 +166,8 @@ class TrainingSpec(_Strict):
     weight_decay: float = Field(1e-5, ge=0, le=1)
     trees: int = Field(1000, ge=1, le=100_000, description="gbdt: at most this many boosting rounds; training stops "
                        "earlier once the validation metric has not improved for 50 rounds")
-    tree_depth: int = Field(6, ge=1, le=16, description="gbdt: the depth of each tree")
+    tree_leaves: int = Field(31, ge=2, le=4096, description="gbdt: the leaves of each tree (grown best-first, as "
+                             "LightGBM's num_leaves and scikit-learn's max_leaf_nodes)")
     tree_learning_rate: float = Field(0.1, gt=0, le=1, description="gbdt: the shrinkage of each tree (XGBoost's eta)")
     processes: int = Field(2, ge=1, le=64, description="DDP processes per node (local: CPU processes)")
     accelerator: Accelerator = Field(Accelerator(), description="each training node's hardware: cpu, or e.g. {kind: gpu, "
@@ -176,7 +177,11 @@ class TrainingSpec(_Strict):
     validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of training rows held out per run")
     seed: int = 42
     trials: int = Field(2, ge=1, le=64, description="hyperparameter-search trials, one mapped task each")
-    search: Literal["grid", "random"] = "grid"
+    search: Literal["grid", "random", "bayes"] = Field(
+        "grid", description="grid: the first combinations of search_space; random: a seeded sample of them; bayes: "
+        "Optuna's TPE, in search_batches batches of `trials` jobs, each drawn from the results of those before")
+    search_batches: int = Field(1, ge=1, le=20, description="batches of `trials` training jobs, one after the other "
+                                "(the DAG's plan/train, plan_2/train_2, ...): what bayes learns between")
     search_space: dict[str, list] = Field(
         default_factory=dict, description="hyperparameter -> candidate values; the search picks from these"
     )

