@@ -82,6 +82,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/p2_drift_vs_evidently.py
 	$(PY) benchmarks/p6_batch_scoring.py
 	$(PY) benchmarks/p5_lifecycle.py
+	$(PY) benchmarks/p7_model_quality.py
 
 # docker-compose.yaml: .env with generated secrets (once), then the whole stack, images built from this checkout
 compose-env:

@@ -50,7 +50,6 @@ class Column:
     """What the sample says about one column."""
 
     name: str
-    values: pa.ChunkedArray  # as read: text (CSV, JSON Lines) or typed (Parquet)
     rows: int = 0
     nulls: int = 0
     distinct: list = field(default_factory=list)  # (value, count), most frequent first
@@ -139,7 +138,7 @@ def _typed_kind(arrow_type: pa.DataType) -> str | None:
 
 def profile(name: str, values: pa.ChunkedArray) -> Column:
     """The column's type, nullability and distinct values, from its sample."""
-    column = Column(name, values, rows=len(values), nulls=values.null_count)
+    column = Column(name, rows=len(values), nulls=values.null_count)
     present = values.drop_null() if values.null_count else values
     if pa.types.is_binary(present.type) or pa.types.is_large_binary(present.type):
         present = pc.cast(present, pa.string(), safe=False) if _valid_utf8(present) else present

@@ -294,13 +294,13 @@ class Encoded:
     v_y: object
 
 
-def _epoch_row(runtime: Runtime, pre, data: Encoded, predicted, row: dict, metric: str, total: str) -> dict:
-    """One history row (rank 0): ``row`` and the validation metrics of ``predicted``, logged."""
+def _epoch_row(pre, data: Encoded, predicted, row: dict, metric: str, unit: str, total: str) -> dict:
+    """One history row (rank 0): ``row`` and the validation metrics of ``predicted``, logged as
+    ``<unit> <n>/<total>`` (an epoch of the network, a boosting round of the trees)."""
     from mlfactory.tabular import metrics
 
     row = {**row, **{f"val_{k}": v for k, v in metrics(pre, data.v_y, predicted).items()}}
-    log.info("%s %d/%s  %s %.4f  %.0f samples/s", "round" if "train_loss" not in row else "epoch", row["epoch"], total,
-             metric, row[metric], row["samples_per_s"])
+    log.info("%s %d/%s  %s %.4f  %.0f samples/s", unit, row["epoch"], total, metric, row[metric], row["samples_per_s"])
     return row
 
 
@@ -354,8 +354,8 @@ def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, met
             net.eval()
             with torch.no_grad():
                 predicted = scores(pre, net(data.v_dense.to(runtime.device), data.v_cats.to(runtime.device)).cpu())
-            row = _epoch_row(runtime, pre, data, predicted, {"epoch": epoch, "train_loss": loss_sum / max(samples, 1),
-                                                             "samples_per_s": rate}, metric, str(args.epochs))
+            row = _epoch_row(pre, data, predicted, {"epoch": epoch, "train_loss": loss_sum / max(samples, 1),
+                                                    "samples_per_s": rate}, metric, "epoch", str(args.epochs))
             history.append(row)
             if tracker:
                 tracker.log_epoch(row)
@@ -415,8 +415,8 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
             if runtime.is_primary and (rounds % 10 == 0 or rounds == args.trees):
                 rate = len(data.y) * (epoch + 1) / max(time.perf_counter() - started, 1e-9)
                 margins = booster.inplace_predict(tree_inputs(data.v_dense, data.v_cats), predict_type="margin")
-                row = _epoch_row(runtime, pre, data, scores(pre, torch.from_numpy(np.asarray(margins))),
-                                 {"epoch": rounds, "samples_per_s": rate}, metric, str(args.trees))
+                row = _epoch_row(pre, data, scores(pre, torch.from_numpy(np.asarray(margins))),
+                                 {"epoch": rounds, "samples_per_s": rate}, metric, "round", str(args.trees))
                 history.append(row)
                 if tracker:
                     tracker.log_epoch(row)
@@ -444,10 +444,10 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
     stopped, booster = boost() if runtime.world_size == 1 else _with_collective(runtime, boost)
     if runtime.is_primary:
         margins = stopped.inplace_predict(tree_inputs(data.v_dense, data.v_cats), predict_type="margin")
-        final = _epoch_row(runtime, pre, data, scores(pre, torch.from_numpy(np.asarray(margins))),
+        final = _epoch_row(pre, data, scores(pre, torch.from_numpy(np.asarray(margins))),
                            {"epoch": stopped.num_boosted_rounds(),
                             "samples_per_s": history[-1]["samples_per_s"] if history else 0.0},
-                           metric, f"{args.trees} (best)")
+                           metric, "round", f"{args.trees} (best)")
         history.append(final)
         log.info("refit on all %d rows: %d rounds (the best round's count, scaled to the rows added)",
                  len(data.y) + len(data.v_y), booster.num_boosted_rounds())
