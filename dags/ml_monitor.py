@@ -3,9 +3,13 @@
 Hourly (``monitoring.schedule``) and whenever new data is curated. Compares the new rows with the
 champion's training data, feature by feature (normalised Wasserstein distance for numeric features,
 Jensen–Shannon distance for categorical ones, a BH-corrected test against noise, PSI alongside), and
-writes an HTML report per source under ``<bucket>/reports/drift/``. When the drifted share of
-features reaches ``monitoring.drift_share``, `announce` emits Asset `drift_detected` with the drifted
-features and their scores, which schedules ml_train: drift → retrain → gate → deploy, with no person.
+writes an HTML report per source under ``<bucket>/reports/drift/``. New curated rows carry their
+labels: on them the champion's metric is measured against its holdout metric, with the drift of the
+labels and of its predictions (``reports/drift/performance.html``, the metric over time). When the
+drifted share of features reaches ``monitoring.drift_share``, or the metric drops by more than
+``monitoring.max_metric_drop``, `announce` emits Asset `drift_detected` with the reasons (features,
+performance), the drifted features and their scores, which schedules ml_train: drift → retrain → gate
+→ deploy, with no person.
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ with DAG(
                       f"({verdict['share_drifted']:.0%} of features: {verdict['drifted_features']}); report: {verdict['report']}")
             else:
                 print(f"{source}: not checked ({verdict['why']})")
+        judged = result.get("performance") or {}
+        if judged.get("checked"):
+            print(f"performance: {judged['metric']} {judged['value']:.4f} on {judged['rows']} new labelled rows "
+                  f"(holdout {judged['baseline']}, drop {judged['drop']}): {'DEGRADED' if judged['degraded'] else 'ok'}; "
+                  f"report: {judged['report']}")
         return result
 
     @task.short_circuit
@@ -59,8 +68,12 @@ with DAG(
     @task(outlets=[assets.drift_detected])
     def announce(result: dict, outlet_events=None) -> dict:
         """Emit `drift_detected` (ml_train reads the drifted features from its extra)."""
-        extra = {key: result[key] for key in ("drifted_features", "scores", "drifted_sources", "champion_version")}
+        extra = {key: result[key] for key in ("reasons", "drifted_features", "scores", "drifted_sources",
+                                              "champion_version")}
         extra["reports"] = [result["sources"][s]["report"] for s in result["drifted_sources"]]
+        if "performance" in result["reasons"]:
+            extra["performance"] = {k: result["performance"][k] for k in ("metric", "value", "baseline", "drop")}
+            extra["reports"].append(result["performance"]["report"])
         outlet_events[assets.drift_detected].extra = extra
         return extra
 

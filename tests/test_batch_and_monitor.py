@@ -3,6 +3,8 @@ endpoint's prediction log, against the champion's training data in a real MLflow
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -113,3 +115,53 @@ def test_monitor_flags_drifted_curated_data_and_drifted_traffic_only(served_cfg,
     curated = check(cfg, "m5")
     assert curated["drifted_sources"] == ["curated"] and "age" in curated["drifted_features"]
     assert curated["scores"]["age"] >= 0.1 and curated["champion_version"] == FIRST_VERSION
+
+
+def test_a_label_shift_with_stable_features_is_seen_as_the_champion_performing_worse(served_cfg, champion, tmp_path):
+    """A season of its own: the features keep their distribution, but the label rate and its relationship
+    to the features change. Feature drift sees nothing; ml_monitor's judgement of the champion on the new
+    labelled rows sees its ROC AUC fall, the labels drift, and emits drift for the reason `performance`."""
+    import numpy as np
+    import pyarrow as pa
+
+    from mlfactory.config import StorageSpec
+    from mlfactory.monitoring import check
+    from mlfactory.training_data import read_holdout
+
+    cfg, _, holdout = champion
+    cfg = served_cfg.model_copy(update={  # a bucket of its own; the champion and its training set are shared
+        "storage": StorageSpec.model_validate({**served_cfg.storage.model_dump(), "bucket": (tmp_path / "bucket").as_uri()}),
+        "monitoring": served_cfg.monitoring.model_copy(update={"min_rows": 500})})
+    registry = Registry(cfg)
+    tags = registry.client.get_model_version(cfg.model_name, FIRST_VERSION).tags
+    if "mlfactory.holdout_roc_auc" not in tags:  # ml_promote measures it before `champion` moves
+        registry.evaluate(FIRST_VERSION, holdout)
+    baseline = float(registry.client.get_model_version(cfg.model_name, FIRST_VERSION).tags["mlfactory.holdout_roc_auc"])
+
+    sample_data.land_and_curate(cfg, 3000, seed=61)  # the usual season
+    usual = check(cfg, "p1")
+    assert usual["drift"] is False and usual["reasons"] == [], usual
+    judged = usual["performance"]
+    assert judged["checked"] and not judged["degraded"] and abs(judged["drop"]) < 0.05
+    assert judged["value"] == pytest.approx(baseline, abs=0.05)
+
+    season = sample_data.generate(3000, seed=62).to_pandas()  # the same features...
+    rng = np.random.default_rng(62)
+    late = (season["contract"] == "annual") | (rng.random(len(season)) < 0.35)  # ...another label rule and rate
+    season["churned"] = np.where(late, ~season["churned"], season["churned"])
+    path = storage.local_path(storage.join(cfg.storage.landing_uri, "season.csv"))
+    sample_data.write(pa.Table.from_pandas(season, preserve_index=False), path)
+    from mlfactory.etl import curate_snapshot
+    from mlfactory.ingest import ingest_object
+
+    curate_snapshot(cfg, ingest_object(cfg, storage.join(cfg.storage.landing_uri, "season.csv"))[0].snapshot_uri)
+    shifted = check(cfg, "p2")
+    assert shifted["sources"]["curated"]["checked"] and not shifted["sources"]["curated"]["dataset_drift"]
+    assert shifted["drift"] is True and shifted["reasons"] == ["performance"], shifted
+    judged = shifted["performance"]
+    assert judged["degraded"] and judged["drop"] > cfg.monitoring.max_metric_drop
+    assert judged["target_drift"] and judged["label_mean"] != pytest.approx(judged["reference_label_mean"], abs=0.05)
+    history = json.loads(storage.read_bytes(storage.join(cfg.storage.reports_uri, "drift", "_performance.json")))
+    assert [h["run"] for h in history] == ["p1", "p2"] and [h["degraded"] for h in history] == [False, True]
+    page = storage.read_bytes(judged["report"]).decode()
+    assert page.count("<polyline") == 2 and "degraded" in page

@@ -271,6 +271,10 @@ class MonitoringSpec(_Strict):
     drift_share: float = Field(0.3, gt=0, le=1, description="share of drifted features that means the data drifted")
     min_rows: int = Field(1000, ge=50, description="fewer new rows wait for the next check")
     reference_max_rows: int = Field(200_000, ge=1000, description="sample of the training data used as reference")
+    max_metric_drop: float = Field(
+        0.05, gt=0, description="the champion's primary metric (ROC AUC; R² for regression) on newly curated, labelled "
+        "rows may fall this far below its metric on the frozen holdout; further emits `drift_detected` (reason "
+        "performance) even when the features are stable")
 
 
 class MlflowSpec(_Strict):
