@@ -49,10 +49,10 @@ with DAG(
 
     @task
     def evaluate(candidate: dict) -> dict:
-        """Challenger vs champion on the frozen holdout; the decision is tagged on the version."""
+        """Challenger vs champion on the frozen holdout and the recent window; the decision is tagged on the version."""
         from mlfactory.registry import evaluate_challenger
 
-        return evaluate_challenger(cfg, candidate["version"])
+        return evaluate_challenger(cfg, candidate["version"], (candidate.get("training_set") or {}).get("recent"))
 
     @task.short_circuit
     def gate(decision: dict) -> bool:

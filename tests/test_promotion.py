@@ -37,6 +37,45 @@ def test_gate_floor_margin_and_first_model():
     assert tags["mlfactory.champion_roc_auc"] == "0.800000" and tags["mlfactory.champion_version"] == "3"
 
 
+def test_with_a_recent_window_the_gate_holds_the_past_and_must_win_the_present():
+    """Rows new since the champion trained (neither model trained on them) decide; the frozen holdout, the
+    first season, only keeps a challenger from forgetting it beyond the tolerance."""
+    gate = {"margin": 0.01, "floor": 0.6, "tolerance": 0.02}
+    season = decide("roc_auc", 0.79, 0.80, "3", recent=(0.78, 0.70), **gate)  # a little worse on the past
+    assert season.promote and "wins on the recent window 0.7800 vs 0.7000" in season.reason, season.reason
+    assert season.tags()["mlfactory.recent_roc_auc"] == "0.780000"
+    assert season.tags()["mlfactory.recent_champion_roc_auc"] == "0.700000"
+    forgot = decide("roc_auc", 0.75, 0.80, "3", recent=(0.78, 0.70), **gate)
+    assert not forgot.promote and "trails on the frozen holdout 0.7500 vs champion v3 0.8000" in forgot.reason
+    stale = decide("roc_auc", 0.85, 0.80, "3", recent=(0.705, 0.70), **gate)  # better on the past only
+    assert not stale.promote and "does not win on the recent window" in stale.reason
+    assert decide("roc_auc", 0.85, 0.80, "3", margin=0.01, floor=0.6).promote  # no window: the holdout alone
+    assert decide("roc_auc", 0.85, 0.80, "3", margin=0.01, floor=0.6).tags()["mlfactory.recent_roc_auc"] == ""
+
+
+def test_the_recent_window_is_new_rows_only_chosen_by_content_and_kept_out_of_training(tmp_path, monkeypatch):
+    from mlfactory.config import load_config
+    from mlfactory.training_data import ROW_HASH, prepare_training_set, read_holdout, row_hashes
+
+    monkeypatch.setenv("MLFACTORY_BUCKET", str(tmp_path / "bucket"))
+    cfg = load_config()
+    sample_data.land_and_curate(cfg, 4000, seed=71)
+    first = prepare_training_set(cfg)
+    assert first.recent is None  # no champion yet: nothing to compare on the newest rows
+    sample_data.land_and_curate(cfg, 3000, seed=72)  # a new batch
+    second = prepare_training_set(cfg, first.uri)
+    window = read_holdout(second.recent.uri, second.recent.sha256)
+    assert 0.25 * 3000 < len(window) < 0.35 * 3000  # recent_fraction 0.3 of the new rows
+    columns = [c for c in window.columns if c != ROW_HASH]
+    old = pd.read_parquet(storage.local_path(storage.join(first.uri, "part-0.parquet")))
+    new = pd.read_parquet(storage.local_path(storage.join(second.uri, "part-0.parquet")))
+    hashes = set(row_hashes(window, columns))
+    assert not hashes & set(row_hashes(old, columns))  # only rows the champion never saw...
+    assert not hashes & set(row_hashes(new, columns))  # ...and the challenger does not train on
+    assert second.rows == first.rows + 3000 - len(window)
+    assert prepare_training_set(cfg, first.uri).recent == second.recent  # the same rows each time
+
+
 # ---------------------------------------------------------------------------------------------
 # Real MLflow server
 

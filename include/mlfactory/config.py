@@ -237,6 +237,12 @@ class PromotionSpec(_Strict):
     require_approval: bool = Field(False, description="a person approves in the Airflow UI before the alias moves")
     holdout_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of the first curated data frozen as holdout")
     holdout_max_rows: int = Field(50_000, ge=100)
+    recent_fraction: float = Field(
+        0.3, ge=0, lt=1, description="once a champion exists: this share of the curated rows it never saw (chosen by "
+        "row content) is kept out of the challenger's training set as the recent window; 0: no recent window")
+    holdout_tolerance: float = Field(
+        0.02, ge=0, description="with a recent window, the challenger may trail the champion on the frozen holdout by "
+        "this much, and must beat it on the recent window by `margin`")
 
 
 class ServingSpec(EndpointSizing):

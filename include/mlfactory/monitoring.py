@@ -27,7 +27,7 @@ from mlfactory import storage
 from mlfactory.config import PipelineConfig
 from mlfactory.drift import Columns, compare, html_report
 from mlfactory.features import FeatureSet, typed_features
-from mlfactory.training_data import curated_snapshots
+from mlfactory.training_data import curated_snapshots, row_hashes
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,9 @@ def _read(uris: list[str], columns: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
-def reference_rows(cfg: PipelineConfig, version: str) -> tuple[pd.DataFrame, str]:
-    """The champion's training rows (raw features and the target), sampled to ``reference_max_rows``."""
+def reference_rows(cfg: PipelineConfig, version: str) -> tuple[pd.DataFrame, str, np.ndarray]:
+    """The champion's training rows (raw features and the target), sampled to ``reference_max_rows``, and
+    the content hashes of all of them (rows it trained on do not judge it)."""
     from mlflow import MlflowClient
 
     from mlfactory.registry import TRAINING_SET_TAG
@@ -57,11 +58,13 @@ def reference_rows(cfg: PipelineConfig, version: str) -> tuple[pd.DataFrame, str
     uri = tags.get(TRAINING_SET_TAG)
     if not uri:
         raise ValueError(f"{cfg.model_name} v{version} has no tag {TRAINING_SET_TAG}: its training data is unknown")
-    frame = _read([uri], [*FeatureSet.of(cfg.dataset).raw_inputs, cfg.dataset.target])
+    columns = [*FeatureSet.of(cfg.dataset).raw_inputs, cfg.dataset.target]
+    frame = _read([uri], columns)
+    trained = row_hashes(frame, columns)
     if len(frame) > cfg.monitoring.reference_max_rows:
         chosen = np.random.default_rng(0).choice(len(frame), cfg.monitoring.reference_max_rows, replace=False)
         frame = frame.iloc[np.sort(chosen)].reset_index(drop=True)
-    return frame, uri
+    return frame, uri, trained
 
 
 PERFORMANCE_FILE = "_performance.json"
@@ -192,7 +195,7 @@ def check(cfg: PipelineConfig, run_key: str, min_rows: int | None = None) -> dic
     state_uri = storage.join(drift_uri(cfg), "_state.json")
     state = json.loads(storage.read_bytes(state_uri)) if storage.exists(state_uri) else {"curated": [], "serving_after": ""}
     raw = FeatureSet.of(cfg.dataset).raw_inputs
-    reference_frame, reference_uri = reference_rows(cfg, version)
+    reference_frame, reference_uri, trained = reference_rows(cfg, version)
     reference = Columns.of(reference_frame, cfg.dataset)
 
     snapshots = {sid: uri for sid, uri in curated_snapshots(cfg).items() if sid not in state["curated"]}
@@ -219,8 +222,12 @@ def check(cfg: PipelineConfig, run_key: str, min_rows: int | None = None) -> dic
         storage.write_bytes(storage.join(out, f"{source}.json"), json.dumps(report.to_dict(), indent=2).encode())
         results[source] = {"checked": True, **report.summary(), "report": storage.join(out, f"{source}.html")}
         log.info("%s: %s — report %s", source, "DRIFT" if report.dataset_drift else "no drift", results[source]["report"])
-        if source == "curated":  # labelled rows: the champion is judged as a model too
-            performance = judge_performance(cfg, version, reference_frame, current, run_key)
+        if source == "curated":  # labelled rows: the champion is judged as a model too, on those it never saw
+            unseen = current[~np.isin(row_hashes(current, list(current.columns)), trained)]
+            performance = (judge_performance(cfg, version, reference_frame, unseen.reset_index(drop=True), run_key)
+                           if len(unseen) >= min_rows else
+                           {"checked": False, "why": f"{len(unseen)} new labelled rows it did not train on; "
+                                                     f"waiting for {min_rows}"})
             state["curated"] = sorted({*state["curated"], *items})
         else:
             state["serving_after"] = max(items)

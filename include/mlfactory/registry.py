@@ -1,10 +1,12 @@
 """The MLflow model registry and the promotion gate.
 
 A candidate is registered as a new version with alias ``challenger``. It is compared with the
-version that holds ``champion`` on the frozen holdout (the same rows every time, never trained on),
-and ``champion`` moves only when the challenger reaches the absolute floor AND beats the champion by
-the margin; the replaced champion keeps alias ``previous`` for rollback. The decision, both metrics
-and the reason are written as tags on the challenger's version.
+version that holds ``champion`` on the frozen holdout (the same rows every time, never trained on)
+and, when its training set kept one out, on the recent window (rows new since the champion trained,
+neither model trained on them); ``champion`` moves only when the challenger reaches the absolute floor
+AND wins by the margin (on the recent window, holding the frozen holdout within a tolerance, when there
+is one; ``decide``); the replaced champion keeps alias ``previous`` for rollback. The decision, the
+metrics and the reason are written as tags on the challenger's version.
 """
 
 from __future__ import annotations
@@ -38,15 +40,23 @@ class Decision:
     champion_version: str | None
     margin: float
     floor: float
+    recent_challenger: float | None = None  # the two models on the recent window, when there is one
+    recent_champion: float | None = None
+    tolerance: float = 0.0
 
     def tags(self) -> dict[str, str]:
+        def number(value: float | None) -> str:
+            return "" if value is None else f"{value:.6f}"
+
         return {
             "mlfactory.decision": "promoted" if self.promote else "rejected",
             "mlfactory.reason": self.reason,
             "mlfactory.metric": self.metric,
-            f"mlfactory.holdout_{self.metric}": f"{self.challenger:.6f}",
-            f"mlfactory.champion_{self.metric}": "" if self.champion is None else f"{self.champion:.6f}",
+            f"mlfactory.holdout_{self.metric}": number(self.challenger),
+            f"mlfactory.champion_{self.metric}": number(self.champion),
             "mlfactory.champion_version": self.champion_version or "",
+            f"mlfactory.recent_{self.metric}": number(self.recent_challenger),
+            f"mlfactory.recent_champion_{self.metric}": number(self.recent_champion),
         }
 
     def to_dict(self) -> dict:
@@ -54,11 +64,17 @@ class Decision:
 
 
 def decide(metric: str, challenger: float, champion: float | None, champion_version: str | None,
-           margin: float, floor: float) -> Decision:
-    """The gate, as a pure function of the two holdout scores (higher is better)."""
+           margin: float, floor: float, recent: tuple[float, float] | None = None, tolerance: float = 0.0) -> Decision:
+    """The gate, as a pure function of the scores (higher is better). ``recent``: (challenger, champion) on
+    the recent window, rows neither trained on. Without one, the challenger must beat the champion on the
+    frozen holdout by ``margin``. With one, it must not trail the champion on the frozen holdout by more
+    than ``tolerance`` (the old season must not be forgotten) and must beat it on the recent window by
+    ``margin`` (the new one must be learnt): the frozen holdout alone favours the champion whenever the
+    data changed since it was frozen."""
 
     def verdict(promote: bool, reason: str) -> Decision:
-        return Decision(promote, reason, metric, challenger, champion, champion_version, margin, floor)
+        return Decision(promote, reason, metric, challenger, champion, champion_version, margin, floor,
+                        *(recent or (None, None)), tolerance if recent else 0.0)
 
     if not math.isfinite(challenger):
         return verdict(False, f"challenger {metric} on the holdout is not a number")
@@ -66,6 +82,16 @@ def decide(metric: str, challenger: float, champion: float | None, champion_vers
         return verdict(False, f"challenger {metric} {challenger:.4f} is below the floor {floor:.4f}")
     if champion is None:
         return verdict(True, f"no champion yet; challenger {metric} {challenger:.4f} passes the floor {floor:.4f}")
+    if recent is not None:
+        new, old = recent
+        holdout = (f"on the frozen holdout {challenger:.4f} vs champion v{champion_version} {champion:.4f} "
+                   f"({challenger - champion:+.4f}, tolerance {tolerance:.4f})")
+        window = f"on the recent window {new:.4f} vs {old:.4f} ({new - old:+.4f}, margin {margin:.4f})"
+        if challenger < champion - tolerance:
+            return verdict(False, f"challenger {metric} trails {holdout}; {window}")
+        if not (math.isfinite(new) and new >= old + margin):
+            return verdict(False, f"challenger {metric} does not win {window}; {holdout}")
+        return verdict(True, f"challenger {metric} wins {window} and holds {holdout}")
     if challenger >= champion + margin:
         return verdict(True, f"challenger {metric} {challenger:.4f} beats champion v{champion_version} "
                              f"{champion:.4f} by {challenger - champion:+.4f} (margin {margin:.4f})")
@@ -186,16 +212,21 @@ class Registry:
                              f"({frozen_uri}, sha256 {frozen_sha256[:12]}…): refusing to compare on either; the tags "
                              "were edited, or the model belongs to another pipeline")
 
-    def evaluate(self, version: str, holdout: pd.DataFrame) -> Decision:
-        """Score challenger ``version`` and the champion on the holdout, decide, tag the version."""
+    def evaluate(self, version: str, holdout: pd.DataFrame, recent: pd.DataFrame | None = None) -> Decision:
+        """Score challenger ``version`` and the champion on the holdout (and on the ``recent`` window, rows
+        neither trained on), decide, tag the version."""
         metric = primary_metric(self.cfg.dataset.task)
         challenger = score_model(f"models:/{self.name}/{version}", self.cfg.dataset, holdout)
         champion_version = self.alias_version(CHAMPION)
-        champion = None
+        champion = window = None
         if champion_version is not None:
             champion = score_model(f"models:/{self.name}/{champion_version}", self.cfg.dataset, holdout)
+            if recent is not None:
+                window = tuple(score_model(f"models:/{self.name}/{v}", self.cfg.dataset, recent)
+                               for v in (version, champion_version))
         gate = self.cfg.promotion
-        decision = decide(metric, challenger, champion, champion_version, gate.margin, gate.floor)
+        decision = decide(metric, challenger, champion, champion_version, gate.margin, gate.floor, window,
+                          gate.holdout_tolerance)
         for key, value in decision.tags().items():
             self.client.set_model_version_tag(self.name, version, key, value)
         log.info("%s v%s: %s — %s", self.name, version, "PROMOTE" if decision.promote else "REJECT", decision.reason)
@@ -243,8 +274,10 @@ def register_candidate(cfg: PipelineConfig, candidate: dict) -> dict:
     return {"version": version, **candidate}
 
 
-def evaluate_challenger(cfg: PipelineConfig, version: str) -> dict:
-    """Challenger ``version`` vs the champion on the frozen holdout; the decision is tagged on the version."""
+def evaluate_challenger(cfg: PipelineConfig, version: str, recent: dict | None = None) -> dict:
+    """Challenger ``version`` vs the champion on the frozen holdout, and on the recent window its training
+    set kept out (``recent``: {uri, sha256}, from ml_train's candidate event: Airflow's record, not an
+    editable tag); the decision is tagged on the version."""
     from mlfactory.training_data import frozen_holdout, read_holdout
 
     registry = Registry(cfg)
@@ -252,5 +285,7 @@ def evaluate_challenger(cfg: PipelineConfig, version: str) -> dict:
     if frozen is None:
         raise ValueError(f"no frozen holdout under {cfg.storage.models_uri}: ml_train freezes one on its first run")
     registry.check_holdout_tags(frozen.uri, frozen.sha256)
-    decision = registry.evaluate(version, read_holdout(frozen.uri, frozen.sha256))
-    return {**decision.to_dict(), "version": version, "holdout_uri": frozen.uri, "holdout_sha256": frozen.sha256}
+    window = read_holdout(recent["uri"], recent["sha256"]) if recent else None
+    decision = registry.evaluate(version, read_holdout(frozen.uri, frozen.sha256), window)
+    return {**decision.to_dict(), "version": version, "holdout_uri": frozen.uri, "holdout_sha256": frozen.sha256,
+            "recent_uri": recent["uri"] if recent else None}

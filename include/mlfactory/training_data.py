@@ -5,6 +5,12 @@ and never changes: every challenger and champion is compared on the same rows, a
 ever contains one of them (rows are matched by a hash of their content, so the same rows landed
 again in a later file stay out of training too).
 
+The frozen holdout looks back: it is the first season's data. Once a champion exists, a training set
+also keeps out a **recent window**: ``promotion.recent_fraction`` of the curated rows the champion's
+training set does not hold (chosen by a hash of their content, so the same rows are chosen every
+time), written beside the training set. Neither model trained on it, so the gate can also compare
+them on the newest data (``registry.decide``).
+
 A training set is one folder, content-addressed by the SHA-256 of its Parquet file, holding the
 rows and ``dataset.json`` (the dataset spec): everything the training entrypoint needs, on any cloud.
 """
@@ -52,6 +58,7 @@ class TrainingSet:
     digest: str  # sha256 of its Parquet file
     rows: int
     holdout: Holdout
+    recent: Holdout | None = None  # the recent window (rows new since the champion's training set), if any
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,10 +68,14 @@ def holdout_uri(cfg: PipelineConfig) -> str:
     return storage.join(cfg.storage.models_uri, "holdout")
 
 
-def read_curated(cfg: PipelineConfig, columns: list[str]) -> pd.DataFrame:
-    """Every curated row of every snapshot (staging folders, starting with '_' or '.', are skipped)."""
+def require_curated(cfg: PipelineConfig) -> None:
     if not any(o.key.endswith(".parquet") for o in storage.list_objects(cfg.storage.curated_uri)):
         raise NoTrainingData(f"no curated data under {cfg.storage.curated_uri} yet: land a file first")
+
+
+def read_curated(cfg: PipelineConfig, columns: list[str]) -> pd.DataFrame:
+    """Every curated row of every snapshot (staging folders, starting with '_' or '.', are skipped)."""
+    require_curated(cfg)
     fs, root = storage.pyarrow_filesystem(cfg.storage.curated_uri)
     return pq.read_table(root, filesystem=fs, columns=columns).to_pandas()
 
@@ -126,13 +137,22 @@ def read_holdout(uri: str, sha256: str | None = None) -> pd.DataFrame:
     return pq.read_table(io.BytesIO(data)).to_pandas().drop(columns=[ROW_HASH])
 
 
-def prepare_training_set(cfg: PipelineConfig) -> TrainingSet:
-    """Curated data minus the holdout, written once as a content-addressed training set folder."""
+RECENT_FILE = "recent.parquet"
+MIN_RECENT_ROWS = 100  # fewer new rows: no recent window (they train instead)
+
+
+def prepare_training_set(cfg: PipelineConfig, champion_training_set: str | None = None) -> TrainingSet:
+    """Curated data minus the holdout (and, given the champion's training set, minus the recent window),
+    written once as a content-addressed training set folder."""
     columns = [c.name for c in cfg.dataset.columns] + [f.name for f in cfg.dataset.derived]
     curated = read_curated(cfg, columns)
     holdout = ensure_holdout(cfg, curated, columns)
     held = pq.read_table(io.BytesIO(storage.read_bytes(holdout.uri)), columns=[ROW_HASH]).column(0).to_numpy()
-    keep = ~np.isin(row_hashes(curated, columns), held)
+    hashes = row_hashes(curated, columns)
+    keep = ~np.isin(hashes, held)
+    recent = None
+    if champion_training_set and cfg.promotion.recent_fraction > 0:
+        recent, keep = _recent_window(cfg, curated, columns, hashes, keep, champion_training_set)
     rows = curated.loc[keep, columns].reset_index(drop=True)
     if len(rows) < 2:
         raise NoTrainingData(f"{len(rows)} curated rows left after the holdout: land more data")
@@ -142,6 +162,31 @@ def prepare_training_set(cfg: PipelineConfig) -> TrainingSet:
     if not storage.exists(storage.join(folder, DATASET_FILE)):
         storage.write_bytes(storage.join(folder, "part-0.parquet"), data)
         storage.write_bytes(storage.join(folder, DATASET_FILE), cfg.dataset.model_dump_json().encode())
-    log.info("training set %s: %d rows (%d curated, %d in the holdout)", folder, len(rows), len(curated),
-             int((~keep).sum()))
-    return TrainingSet(folder, digest, len(rows), holdout)
+    log.info("training set %s: %d rows (%d curated, %d in the holdout, %d in the recent window)", folder, len(rows),
+             len(curated), int(np.isin(hashes, held).sum()), recent.rows if recent else 0)
+    return TrainingSet(folder, digest, len(rows), holdout, recent)
+
+
+def _recent_window(cfg: PipelineConfig, curated: pd.DataFrame, columns: list[str], hashes: np.ndarray,
+                   keep: np.ndarray, champion_training_set: str) -> tuple[Holdout | None, np.ndarray]:
+    """The recent window out of the rows ``keep`` selects: ``recent_fraction`` of those the champion's
+    training set lacks, by content hash; written content-addressed under ``models/recent/``."""
+    parts = [o.uri for o in storage.list_objects(champion_training_set) if o.key.endswith(".parquet")]
+    seen = np.concatenate([row_hashes(pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns).to_pandas(),
+                                      columns) for uri in parts]) if parts else np.empty(0, np.uint64)
+    new = keep & ~np.isin(hashes, seen)
+    chosen = new & (hashes % 10_000 < round(cfg.promotion.recent_fraction * 10_000))
+    if chosen.sum() < MIN_RECENT_ROWS:
+        log.info("%d rows new since the champion's training set: too few for a recent window", int(new.sum()))
+        return None, keep
+    rows = curated.loc[chosen, columns].reset_index(drop=True)
+    rows[ROW_HASH] = hashes[chosen]
+    data = _parquet_bytes(rows)
+    sha = hashlib.sha256(data).hexdigest()
+    window = Holdout(storage.join(cfg.storage.models_uri, "recent", sha[:16], RECENT_FILE), sha, len(rows),
+                     datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    if not storage.exists(window.uri):
+        storage.write_bytes(window.uri, data)
+    log.info("recent window %s: %d of the %d rows new since the champion's training set", window.uri, len(rows),
+             int(new.sum()))
+    return window, keep & ~chosen

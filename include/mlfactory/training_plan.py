@@ -34,16 +34,19 @@ def started_by(drift_events: list[dict], curated_events: int, run_type: str) -> 
 
 def prepare(cfg: PipelineConfig, reason: str, drifted_features: list[str]) -> dict:
     """The training set of this run, or ``NothingToDo``."""
-    from mlfactory.training_data import NoTrainingData, prepare_training_set
+    from mlfactory.registry import CHAMPION, TRAINING_SET_TAG, Registry
+    from mlfactory.training_data import NoTrainingData, prepare_training_set, require_curated
 
-    if reason == "curated" and not cfg.training.retrain_on_new_data:
-        from mlfactory.registry import CHAMPION, Registry
-
-        if Registry(cfg).alias_version(CHAMPION):
+    try:
+        require_curated(cfg)
+        registry = Registry(cfg)
+        champion = registry.alias_version(CHAMPION)
+        if reason == "curated" and not cfg.training.retrain_on_new_data and champion:
             raise NothingToDo("new curated data, and a champion exists: ml_monitor decides whether it drifted "
                               "(training.retrain_on_new_data is false)")
-    try:
-        training_set = prepare_training_set(cfg)
+        # the champion's training data: the rows new since then give the recent window
+        seen = registry.client.get_model_version(cfg.model_name, champion).tags.get(TRAINING_SET_TAG) if champion else None
+        training_set = prepare_training_set(cfg, seen)
     except NoTrainingData as err:
         raise NothingToDo(str(err)) from err
     return {"training_set": training_set.to_dict(), "started_by": reason, "drifted_features": drifted_features}
