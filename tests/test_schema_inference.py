@@ -253,3 +253,11 @@ def test_make_run_never_lands_the_sample_into_another_dataset_and_checks_the_fil
     with pytest.raises(BadInput, match=r"other.csv does not match dataset 'my_flights' of .*: missing column\(s\) "
                                        r"\['carrier'\]; column\(s\) \['extra'\] not in the config"):
         check_data(mine, f"'{data}' {other}")
+
+
+def test_integers_written_as_floats_that_number_the_rows_are_a_key_not_a_crash(tmp_path):
+    data = tmp_path / "d.csv"
+    rows = ["n,x,y"] + [f"{i}.0,{(i * 7) % 13},{'ab'[i % 2]}" for i in range(50)]
+    data.write_text("\n".join(rows) + "\n")
+    dataset = infer([str(data)], "y").dataset
+    assert dataset.column("n").type == "string" and dataset.column("x").type == "integer"

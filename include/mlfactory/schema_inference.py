@@ -147,8 +147,8 @@ def profile(name: str, values: pa.ChunkedArray) -> Column:
                    key=lambda vc: (-vc[1], str(vc[0])))
     column.distinct = pairs
     kind = _typed_kind(values.type)
+    unique = pa.array([v for v, _ in pairs], present.type)
     if kind is None:
-        unique = pa.array([v for v, _ in pairs], present.type)
         text = unique if pa.types.is_string(unique.type) or pa.types.is_binary(unique.type) else pc.cast(unique, pa.string())
         if not len(text):
             kind, column.note = "string", "no value in the sample"
@@ -166,7 +166,6 @@ def profile(name: str, values: pa.ChunkedArray) -> Column:
     if kind in ("integer", "float", "datetime") and pairs:
         from mlfactory.etl import parse_column
 
-        unique = pa.array([v for v, _ in pairs], present.type)
         typed = unique if _typed_kind(unique.type) else parse_column(unique, ColumnSpec(name=name, type=kind))[0]
         bounds = pc.min_max(typed)
         column.low, column.high = bounds["min"].as_py(), bounds["max"].as_py()
@@ -195,7 +194,7 @@ def _is_row_number(column: Column) -> bool:
     present = column.rows - column.nulls
     if present < 20 or len(column.distinct) < present:
         return False
-    values = np.array([int(v) for v, _ in column.distinct], dtype=np.float64)
+    values = np.array([float(v) for v, _ in column.distinct], dtype=np.float64)  # text too: "12.0", " 7", "1e3"
     dense = (values.max() - values.min() + 1) <= 2 * present  # a sequence, not a measurement
     return dense or bool(KEY_NAMES.search(column.name))
 
