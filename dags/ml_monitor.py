@@ -4,8 +4,9 @@ Hourly (``monitoring.schedule``) and whenever new data is curated. Compares the 
 champion's training data, feature by feature (normalised Wasserstein distance for numeric features,
 Jensen–Shannon distance for categorical ones, a BH-corrected test against noise, PSI alongside), and
 writes an HTML report per source under ``<bucket>/reports/drift/``. New curated rows carry their
-labels: on them the champion's metric is measured against its holdout metric, with the drift of the
-labels and of its predictions (``reports/drift/performance.html``, the metric over time). When the
+labels, and labels of served rows arrive later under ``predictions/labels/`` (keyed by request id and
+row, ``mlfactory.feedback``): on both the champion's metric is measured against its holdout metric, with
+the drift of the labels and of its predictions (``reports/drift/performance.html``, the metric over time). When the
 drifted share of features reaches ``monitoring.drift_share``, or the metric drops by more than
 ``monitoring.max_metric_drop``, `announce` emits Asset `drift_detected` with the reasons (features,
 performance), the drifted features and their scores, which schedules ml_train: drift → retrain → gate
@@ -54,11 +55,15 @@ with DAG(
                       f"({verdict['share_drifted']:.0%} of features: {verdict['drifted_features']}); report: {verdict['report']}")
             else:
                 print(f"{source}: not checked ({verdict['why']})")
-        judged = result.get("performance") or {}
-        if judged.get("checked"):
-            print(f"performance: {judged['metric']} {judged['value']:.4f} on {judged['rows']} new labelled rows "
-                  f"(holdout {judged['baseline']}, drop {judged['drop']}): {'DEGRADED' if judged['degraded'] else 'ok'}; "
-                  f"report: {judged['report']}")
+        for key in ("performance", "served_performance"):
+            judged = result.get(key) or {}
+            if judged.get("checked"):
+                print(f"{key}: {judged['metric']} {judged['value']:.4f} on {judged['rows']} new labelled {judged['source']} "
+                      f"rows (holdout {judged['baseline']}, drop {judged['drop']}): "
+                      f"{'DEGRADED' if judged['degraded'] else 'ok'}; report: {judged['report']}")
+            for name, file in (judged.get("label_files") or {}).items():
+                print(f"label file {name}: {file['status']} {file.get('why', '')} ({file.get('matched', 0)} of "
+                      f"{file.get('labels', 0)} labels matched, {file.get('invalid', 0)} invalid)")
         return result
 
     @task.short_circuit
@@ -71,9 +76,10 @@ with DAG(
         extra = {key: result[key] for key in ("reasons", "drifted_features", "scores", "drifted_sources",
                                               "champion_version")}
         extra["reports"] = [result["sources"][s]["report"] for s in result["drifted_sources"]]
-        if "performance" in result["reasons"]:
-            extra["performance"] = {k: result["performance"][k] for k in ("metric", "value", "baseline", "drop")}
-            extra["reports"].append(result["performance"]["report"])
+        for key in ("performance", "served_performance"):
+            if (result.get(key) or {}).get("degraded"):
+                extra[key] = {k: result[key][k] for k in ("source", "metric", "value", "baseline", "drop", "rows")}
+                extra["reports"].append(result[key]["report"])
         outlet_events[assets.drift_detected].extra = extra
         return extra
 

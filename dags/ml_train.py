@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
-from mlfactory.config import MODELS, SEARCHABLE, load_config
+from mlfactory.config import CHOICES, SEARCHABLE, load_config
 from mlfactory_airflow.assets import pipeline_assets
 from mlfactory_airflow.backends import backend_for
 
@@ -59,7 +59,8 @@ with DAG(
             defaults.search_space,
             type="object",
             propertyNames={"enum": list(SEARCHABLE)},
-            properties={"model": {"type": "array", "minItems": 1, "items": {"enum": list(MODELS)}}},
+            properties={key: {"type": "array", "minItems": 1, "items": {"enum": list(values)}}
+                        for key, values in CHOICES.items()},
             additionalProperties={"type": "array", "minItems": 1},
             title="Search space",
             description=f"Hyperparameter -> candidate values, over {', '.join(SEARCHABLE)}; "

@@ -479,3 +479,101 @@ def test_a_model_that_hangs_gets_a_504_and_holds_no_one_else():
 
     asyncio.run(scenario())
     server.worker.shutdown(wait=True)
+
+
+def test_labels_that_arrive_later_judge_the_champion_on_what_it_served(server, champion):
+    """Callers' requests are served and logged with their X-Request-Id and each row's position; the truth
+    arrives later as label files keyed by (request_id, row). ml_monitor's check waits for labels whose
+    served rows are not found, takes a file once, refuses one without the target column, and sees the
+    champion's metric fall when the served rows' labels turn against it."""
+    import pyarrow.parquet as pq
+
+    from mlfactory import sample_data
+    from mlfactory.features import to_wire
+    from mlfactory.monitoring import check
+
+    url, log_uri = server[:2]
+    cfg = champion[0]
+    cfg = cfg.model_copy(update={"monitoring": cfg.monitoring.model_copy(update={"min_rows": 500}),
+                                 "ingest": cfg.ingest.model_copy(update={"settle_s": 0})})  # files written whole here
+    labels_uri = cfg.storage.labels_uri
+
+    def serve(frame: pd.DataFrame, prefix: str) -> list[str]:
+        ids = []
+        wire = to_wire(frame, cfg.dataset)
+        for i in range(0, len(frame), 50):
+            ids += [f"{prefix}-{i}"] * len(wire.iloc[i:i + 50])
+            status, _, headers = call(url, "/invocations", {"dataframe_records": records(wire.iloc[i:i + 50])},
+                                      headers={"X-Request-Id": f"{prefix}-{i}"})
+            assert status == 200 and headers["X-Request-Id"] == f"{prefix}-{i}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the log is flushed every 0.5 s
+            ids_logged = [i for o in storage.list_objects(log_uri) if o.uri.endswith(".parquet")
+                          for i in pq.read_table(storage.local_path(o.uri), columns=["request_id"]).column(0).to_pylist()]
+            if sum(i.startswith(prefix + "-") for i in ids_logged) == len(frame):
+                break
+            time.sleep(0.3)
+        return ids
+
+    def labels_of(frame: pd.DataFrame, ids: list[str], flip: bool = False) -> pd.DataFrame:
+        rows = [int(i.rsplit("-", 1)[1]) for i in ids]
+        truth = frame["churned"].to_numpy() != flip
+        return pd.DataFrame({"request_id": ids, "row": [n - r for n, r in zip(range(len(ids)), rows)], "churned": truth})
+
+    first = sample_data.generate(1500, seed=61).to_pandas()
+    labels = labels_of(first, serve(first, "season1"))
+    text = labels.assign(churned=labels["churned"].map({True: "yes", False: "no"})).to_csv(index=False)
+    text += "season1-never-served,0,yes\nseason1-0,3,maybe\n"  # one label of no served row, one that is no label
+    storage.write_bytes(storage.join(labels_uri, "2026-12-01.csv"), text.encode())
+    storage.write_bytes(storage.join(labels_uri, "no-target.csv"), b"request_id,row,label\nseason1-0,0,yes\n")
+
+    waiting = check(cfg, "labels-1")["served_performance"]  # the never-served label may still find its row
+    assert not waiting["checked"] and waiting["why"] == "0 served rows with labels; waiting for 500", waiting
+    files = waiting["label_files"]
+    assert files["2026-12-01.csv"]["status"] == "waiting" and files["2026-12-01.csv"]["matched"] == 1500
+    assert files["2026-12-01.csv"]["invalid"] == 1
+    assert files["no-target.csv"]["status"] == "refused"
+    assert "needs the columns 'request_id', 'churned'" in files["no-target.csv"]["why"]
+
+    # What ml_promote records when it promotes a version: its metric on the frozen holdout (the sample's ~0.81)
+    from mlfactory.registry import Registry
+
+    client = Registry(cfg).client
+    client.set_model_version_tag(cfg.model_name, "1", "mlfactory.holdout_roc_auc", "0.81")
+    try:
+        _judge_labels(cfg, labels_uri, serve, labels_of)
+    finally:
+        client.delete_model_version_tag(cfg.model_name, "1", "mlfactory.holdout_roc_auc")
+
+
+def _judge_labels(cfg, labels_uri, serve, labels_of):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mlfactory import sample_data
+    from mlfactory.monitoring import check
+
+    impatient = cfg.model_copy(update={"monitoring": cfg.monitoring.model_copy(update={"label_wait_hours": 0})})
+    judged = check(impatient, "labels-2")
+    served = judged["served_performance"]
+    assert served["checked"] and served["source"] == "served" and served["rows"] == 1500, served
+    assert served["label_files"]["2026-12-01.csv"]["unmatched_examples"] == [{"request_id": "season1-never-served", "row": 0}]
+    assert "no-target.csv" not in served["label_files"]  # refused once, recorded, not read again
+    assert not served["degraded"] and served["value"] > 0.75 and "performance" not in judged["reasons"]
+    assert check(impatient, "labels-3")["served_performance"]["why"] == "no new labels of served rows"
+
+    # The season turns: the same kind of customers, but the outcomes reverse. The labels say so.
+    second = sample_data.generate(1500, seed=62).to_pandas()
+    flipped = labels_of(second, serve(second, "season2"), flip=True)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(flipped, preserve_index=False), buffer)
+    storage.write_bytes(storage.join(labels_uri, "2026-12-02.parquet"), buffer.getvalue())
+    turned = check(impatient, "labels-4")
+    served = turned["served_performance"]
+    assert served["checked"] and served["degraded"] and served["value"] < 0.3 and served["rows"] == 1500, \
+        {k: served.get(k) for k in ("value", "baseline", "drop", "rows", "label_files")}
+    assert "performance" in turned["reasons"] and turned["drift"]
+    history = json.loads(storage.read_bytes(storage.join(cfg.storage.reports_uri, "drift", "_performance.json")))
+    assert [h["source"] for h in history if h["run"] in ("labels-2", "labels-4")] == ["served", "served"]

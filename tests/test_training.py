@@ -47,7 +47,8 @@ def test_reaches_the_auc_bar_on_one_and_two_ddp_processes(training_set, tmp_path
     result = metrics_of(str(out))
     assert result["world_size"] == processes and result["backend"] == "gloo"
     assert result["metric"] == "val_roc_auc" and result["value"] >= AUC_BAR, result["history"]
-    assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [h["epoch"] for h in result["history"]][:6] == [1, 2, 3, 4, 5, 6]
+    assert result["value"] == max(h["val_roc_auc"] for h in result["history"])  # the best epoch's weights are kept
     assert (out / "model.pt").stat().st_size > 0
     assert f"training customer_churn on {training_set.rows - round(training_set.rows * 0.15)} rows" in log
 
@@ -78,12 +79,97 @@ def test_sigkill_after_epoch_one_resumes_at_epoch_two_and_matches_an_uninterrupt
     assert f"epoch 1 of {epochs} done, starting epoch 2" in log, log
     assert "epoch 1/" not in log  # epoch 1 was not trained again
     resumed = metrics_of(str(tmp_path / "a"))
-    assert [h["epoch"] for h in resumed["history"]] == list(range(1, int(epochs) + 1))
+    assert [h["epoch"] for h in resumed["history"]][:int(epochs)] == list(range(1, int(epochs) + 1))
 
     finish(run_entrypoint([*common, "--output-uri", str(tmp_path / "b"), "--checkpoint-uri", str(tmp_path / "ck2")], 2))
     straight = metrics_of(str(tmp_path / "b"))
     assert resumed["value"] == pytest.approx(straight["value"], abs=1e-9)  # deterministic for a seed, across a resume
     assert resumed["history"][-1]["train_loss"] == pytest.approx(straight["history"][-1]["train_loss"], abs=1e-9)
+
+
+def test_the_network_follows_one_learning_rate_cycle_stops_early_and_keeps_its_best_epoch(training_set, tmp_path):
+    import torch
+
+    from mlfactory.registry import holdout_score
+    from mlfactory.tabular import LoadedModel, build_net, save_bundle
+    from mlfactory.train import read_training_set, split
+
+    out = tmp_path / "out"
+    log = finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out), "--epochs", "40",
+                                 "--patience", "2"], 1))
+    result = metrics_of(str(out))
+    *trained, kept = result["history"]
+    best = max(trained, key=lambda h: h["val_roc_auc"])
+    assert "early stop: val_roc_auc has not improved for 2 epochs" in log
+    assert len(trained) < 40 and trained[-1]["epoch"] == best["epoch"] + 2
+    assert kept == best and result["epochs"] == best["epoch"] and result["value"] == best["val_roc_auc"]
+    assert f"kept the weights of epoch {best['epoch']}" in log
+
+    rates = [h["learning_rate"] for h in trained]  # warm-up over the first tenth of 40 epochs, then annealing
+    peak = rates.index(max(rates))
+    assert max(rates) <= 0.003 + 1e-12 and rates[0] < max(rates) / 2 and 2 <= peak <= 4
+    assert all(a > b for a, b in zip(rates[peak:], rates[peak + 1:]))
+
+    # The bundle holds the best epoch's weights: it scores the validation rows as that epoch did.
+    dataset, frame, _ = read_training_set(training_set.uri)
+    _, val_idx = split(len(frame), 0.15, 42)
+    model = LoadedModel(str(out / "model.pt"))
+    validation = frame.iloc[val_idx]
+    assert holdout_score(dataset, validation, model.predict_typed(validation)) == pytest.approx(best["val_roc_auc"], abs=1e-6)
+    assert model.net.numeric_embedding == "periodic" and model.net.periodic is not None
+
+    # A bundle saved before numeric embeddings existed loads as the plain network it was.
+    save_bundle(str(tmp_path / "old.pt"), dataset, model.pre, build_net(model.pre, [16], 0.0, "none"))
+    bundle = torch.load(tmp_path / "old.pt", weights_only=True)
+    del bundle["net"]["numeric_embedding"]
+    torch.save(bundle, tmp_path / "old.pt")
+    assert LoadedModel(str(tmp_path / "old.pt")).net.periodic is None
+
+
+@pytest.mark.parametrize("family", ["mlp", "gbdt"])
+def test_balanced_class_weights_give_the_rarer_class_more_of_the_predictions(training_set, tmp_path, family):
+    """About a third of the sample's customers churn: weighed as much as the others, the churners raise the
+    mean predicted probability toward one half, on either model family."""
+    from mlfactory.tabular import LoadedModel
+    from mlfactory.training_data import read_holdout
+
+    holdout = read_holdout(training_set.holdout.uri, training_set.holdout.sha256)
+    means = {}
+    for weight in ("none", "balanced"):
+        out = tmp_path / weight
+        finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out), "--model", family,
+                               "--epochs", "3", "--trees", "60", "--class-weight", weight], 1))
+        assert metrics_of(str(out))["value"] >= AUC_BAR - 0.02  # the ranking barely moves
+        means[weight] = float(LoadedModel(str(out / "model.pt")).predict(holdout)["probability"].mean())
+    churn = holdout["churned"].mean()
+    assert abs(means["none"] - churn) < 0.05 and means["balanced"] > means["none"] + 0.08, (means, churn)
+
+
+def test_class_weights_are_sized_by_class_share_and_refused_for_regression(tmp_path):
+    import torch
+
+    from mlfactory.config import load_config
+    from mlfactory.tabular import Preprocessor, class_weights, loss_function
+
+    pre = Preprocessor([], [], [], [], {}, "classification", ["False", "True"])
+    weights = class_weights(pre, torch.tensor([0.0] * 90 + [1.0] * 10), "balanced")
+    assert weights.tolist() == pytest.approx([100 / 180, 100 / 20])
+    assert float(loss_function(pre, weights).pos_weight) == pytest.approx(9.0)
+    assert class_weights(pre, torch.tensor([0.0, 1.0]), "none") is None
+    with pytest.raises(ValueError, match="applies to classification"):
+        class_weights(Preprocessor([], [], [], [], {}, "regression", None), torch.tensor([1.0]), "balanced")
+
+    base = load_config().model_dump(mode="json", exclude={"source"})
+    regression = {**base, "dataset": {**base["dataset"], "task": "regression", "target": "monthly_charges"}}
+    for training in ({"class_weight": "balanced"}, {"search_space": {"class_weight": ["none", "balanced"]}}):
+        text = json.dumps({**regression, "training": {**base["training"], **training}})
+        (tmp_path / "p.json").write_text(text)
+        with pytest.raises(Exception, match="class_weight balanced applies to classification"):
+            load_config(str(tmp_path / "p.json"))
+    with pytest.raises(Exception, match=r"search_space.numeric_embedding lists \['fourier'\]"):
+        (tmp_path / "q.json").write_text(json.dumps({**base, "training": {**base["training"],
+                                                     "search_space": {"numeric_embedding": ["fourier"]}}}))
+        load_config(str(tmp_path / "q.json"))
 
 
 @pytest.mark.parametrize("processes", [1, 2])

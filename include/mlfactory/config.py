@@ -72,6 +72,11 @@ class StorageSpec(_Strict):
         return self.uri("predictions_prefix", "serving")
 
     @property
+    def labels_uri(self) -> str:
+        """Where the labels of served predictions arrive later (``mlfactory.feedback``), for ml_monitor."""
+        return self.uri("predictions_prefix", "labels")
+
+    @property
     def landing_uri(self) -> str:
         return self.uri("landing_prefix")
 
@@ -143,8 +148,8 @@ class IngestSpec(_Strict):
 
 HiddenSizes = list[Annotated[int, Field(ge=1, le=4096)]]
 SEARCHABLE = ("model", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "epochs", "trees",
-              "tree_leaves", "tree_learning_rate")
-MODELS = ("mlp", "gbdt")
+              "tree_leaves", "tree_learning_rate", "numeric_embedding", "class_weight")
+CHOICES = {"model": ("mlp", "gbdt"), "numeric_embedding": ("periodic", "none"), "class_weight": ("none", "balanced")}
 
 
 TRAINING_QUEUE_ENV = "MLFACTORY_TRAINING_QUEUE"
@@ -155,15 +160,23 @@ class TrainingSpec(_Strict):
     """Defaults of ml_train; every one of them can be changed per run in the trigger form."""
 
     model: Literal["mlp", "gbdt"] = Field(
-        "mlp", description="the model family: mlp (the PyTorch network: epochs, learning_rate, batch_size, hidden_sizes, "
-        "dropout, weight_decay) or gbdt (gradient-boosted trees, XGBoost: trees, tree_leaves, tree_learning_rate); "
-        "search_space may list both")
-    epochs: int = Field(12, ge=1, le=1000)
+        "mlp", description="the model family: mlp (the PyTorch network: epochs, patience, learning_rate, batch_size, "
+        "hidden_sizes, dropout, weight_decay, numeric_embedding) or gbdt (gradient-boosted trees, XGBoost: trees, "
+        "tree_leaves, tree_learning_rate); search_space may list both")
+    epochs: int = Field(40, ge=1, le=1000, description="mlp: at most this many epochs; the learning rate rises to "
+                        "learning_rate in the first tenth of them and anneals (one cycle) over the rest")
+    patience: int = Field(6, ge=1, le=1000, description="mlp: training stops after this many epochs without a better "
+                          "validation metric, and the best epoch's weights are the model")
     learning_rate: float = Field(0.003, gt=0, le=1)
     batch_size: int = Field(512, ge=8, le=65536)
     hidden_sizes: HiddenSizes = Field([128, 64], min_length=1, max_length=8)
     dropout: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(1e-5, ge=0, le=1)
+    numeric_embedding: Literal["periodic", "none"] = Field(
+        "periodic", description="mlp: periodic embeddings of each numeric feature (learned frequencies), or none")
+    class_weight: Literal["none", "balanced"] = Field(
+        "none", description="classification, both families: balanced weighs each class as much as the others in the "
+        "loss whatever its share (a rare positive class); none: every row alike")
     trees: int = Field(1000, ge=1, le=100_000, description="gbdt: at most this many boosting rounds; training stops "
                        "earlier once the validation metric has not improved for 50 rounds")
     tree_leaves: int = Field(31, ge=2, le=4096, description="gbdt: the leaves of each tree (grown best-first, as "
@@ -223,9 +236,10 @@ def check_search_space(space: dict[str, list]) -> dict[str, list]:
     empty = sorted(k for k, v in space.items() if not v)
     if empty:
         raise ValueError(f"search_space lists no candidate values for {empty}")
-    families = [m for m in space.get("model", []) if m not in MODELS]
-    if families:
-        raise ValueError(f"search_space.model lists {families}; the model families are {list(MODELS)}")
+    for key, allowed in CHOICES.items():
+        wrong = [v for v in space.get(key, []) if v not in allowed]
+        if wrong:
+            raise ValueError(f"search_space.{key} lists {wrong}; the choices are {list(allowed)}")
     return space
 
 
@@ -281,6 +295,10 @@ class MonitoringSpec(_Strict):
         0.05, gt=0, description="the champion's primary metric (ROC AUC; R² for regression) on newly curated, labelled "
         "rows may fall this far below its metric on the frozen holdout; further emits `drift_detected` (reason "
         "performance) even when the features are stable")
+    label_wait_hours: float = Field(
+        24, ge=0, description="a label file under predictions/labels/ waits this long for every label to find its "
+        "served row in the prediction log; then it is taken with the rows matched, the rest reported as unmatched")
+    label_lookback_days: int = Field(30, ge=1, description="labels are matched to rows served in this many last days")
 
 
 class MlflowSpec(_Strict):
@@ -308,6 +326,14 @@ class PipelineConfig(_Strict):
     @model_validator(mode="after")
     def _fits_backend(self) -> PipelineConfig:
         self.backend.check_pipeline(self)
+        return self
+
+    @model_validator(mode="after")
+    def _weights_need_classes(self) -> PipelineConfig:
+        weights = {self.training.class_weight, *self.training.search_space.get("class_weight", [])}
+        if self.dataset.task == "regression" and "balanced" in weights:
+            raise ValueError(f"training.class_weight balanced applies to classification; {self.dataset.name}'s target "
+                             f"{self.dataset.target!r} is a regression target")
         return self
 
     @property

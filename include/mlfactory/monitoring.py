@@ -90,8 +90,9 @@ def _outcomes(cfg: PipelineConfig, model, frame: pd.DataFrame) -> tuple[Columns,
 
 
 def judge_performance(cfg: PipelineConfig, version: str, reference: pd.DataFrame, labelled: pd.DataFrame,
-                      run_key: str) -> dict:
-    """The champion ``version`` judged on newly curated, labelled rows: its primary metric against the one
+                      run_key: str, source: str = "curated") -> dict:
+    """The champion ``version`` judged on new labelled rows (``source``: newly curated batches, or "served"
+    traffic whose labels arrived later, ``mlfactory.feedback``): its primary metric against the one
     ml_promote measured on the frozen holdout (tag ``mlfactory.holdout_<metric>``), and the drift of the
     labels and of its predictions from ``reference`` (its training rows). Appends to the history and
     redraws the performance page."""
@@ -114,7 +115,7 @@ def judge_performance(cfg: PipelineConfig, version: str, reference: pd.DataFrame
     drifted = {f.feature: f for f in outcomes.features}
     entry = {
         "run": run_key, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": version,
-        "rows": len(labelled), "metric": metric, "value": round(value, 6), "baseline": baseline,
+        "source": source, "rows": len(labelled), "metric": metric, "value": round(value, 6), "baseline": baseline,
         "drop": None if drop is None else round(drop, 6), "degraded": bool(drop is not None and drop > spec.max_metric_drop),
         "label_mean": _mean(cur_outcomes, "label"), "reference_label_mean": _mean(ref_outcomes, "label"),
         "prediction_mean": _mean(cur_outcomes, "prediction"),
@@ -129,8 +130,8 @@ def judge_performance(cfg: PipelineConfig, version: str, reference: pd.DataFrame
     page = storage.join(drift_uri(cfg), "performance.html")
     storage.write_bytes(page, performance_page(history, f"{cfg.model_name}: {metric} of the champion on each new "
                                                         f"labelled batch").encode())
-    log.info("performance of v%s on %d new labelled rows: %s %.4f (holdout %s, drop %s)%s", version, len(labelled),
-             metric, value, baseline, entry["drop"], " — DEGRADED" if entry["degraded"] else "")
+    log.info("performance of v%s on %d new labelled %s rows: %s %.4f (holdout %s, drop %s)%s", version, len(labelled),
+             source, metric, value, baseline, entry["drop"], " — DEGRADED" if entry["degraded"] else "")
     return {**entry, "checked": True, "report": page}
 
 
@@ -168,7 +169,7 @@ def performance_page(history: list[dict], title: str) -> str:
            f'<text x="2" y="{pad}" font-size="10">{high:.3f}</text><text x="2" y="{height - pad}" font-size="10">{low:.3f}</text></svg>')
     rows = "".join(
         f'<tr class="{"drift" if h["degraded"] else ""}"><td>{_escape(h["at"])}</td><td>{_escape(h["run"])}</td>'
-        f'<td>v{_escape(h["version"])}</td><td>{h["rows"]:,}</td><td><b>{h["value"]:.4f}</b></td><td>{_escape(h["baseline"])}</td>'
+        f'<td>v{_escape(h["version"])}</td><td>{_escape(h.get("source", "curated"))}</td><td>{h["rows"]:,}</td><td><b>{h["value"]:.4f}</b></td><td>{_escape(h["baseline"])}</td>'
         f'<td>{_escape(h["drop"])}</td><td>{_escape(h["label_mean"])} ({_escape(h["reference_label_mean"])})</td>'
         f'<td>{_escape(h["prediction_mean"])} ({_escape(h["reference_prediction_mean"])})</td>'
         f'<td>{"<b>degraded</b>" if h["degraded"] else "ok"}</td></tr>' for h in history)
@@ -177,9 +178,10 @@ def performance_page(history: list[dict], title: str) -> str:
 <title>{_escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{border-bottom:1px solid #ddd;padding:4px 8px}}
 tr.drift td{{background:#fff4e6}}</style></head><body><h1>{_escape(title)}</h1>
-<p>Orange: the champion's {_escape(history[-1]["metric"] if history else "")} on each new labelled batch; grey dashes:
+<p>Orange: the champion's {_escape(history[-1]["metric"] if history else "")} on each new labelled batch (curated
+data, or served rows whose labels arrived later); grey dashes:
 its metric on the frozen holdout when it was promoted.</p>{svg}
-<table><tr><th>at</th><th>run</th><th>champion</th><th>rows</th><th>metric</th><th>holdout</th><th>drop</th>
+<table><tr><th>at</th><th>run</th><th>champion</th><th>rows of</th><th>rows</th><th>metric</th><th>holdout</th><th>drop</th>
 <th>label mean (training)</th><th>prediction mean (training)</th><th></th></tr>{rows}</table></body></html>"""
 
 
@@ -194,6 +196,7 @@ def check(cfg: PipelineConfig, run_key: str, min_rows: int | None = None) -> dic
     min_rows = spec.min_rows if min_rows is None else min_rows
     state_uri = storage.join(drift_uri(cfg), "_state.json")
     state = json.loads(storage.read_bytes(state_uri)) if storage.exists(state_uri) else {"curated": [], "serving_after": ""}
+    state.setdefault("labels", {})
     raw = FeatureSet.of(cfg.dataset).raw_inputs
     reference_frame, reference_uri, trained = reference_rows(cfg, version)
     reference = Columns.of(reference_frame, cfg.dataset)
@@ -231,9 +234,10 @@ def check(cfg: PipelineConfig, run_key: str, min_rows: int | None = None) -> dic
             state["curated"] = sorted({*state["curated"], *items})
         else:
             state["serving_after"] = max(items)
+    served = _judge_served(cfg, version, reference_frame, run_key, min_rows, state["labels"])
     storage.write_bytes(state_uri, json.dumps(state, indent=2).encode())
     drifted = [s for s, r in results.items() if r.get("dataset_drift")]
-    degraded = bool(performance.get("degraded"))
+    degraded = bool(performance.get("degraded") or served.get("degraded"))
     features = sorted({f for s in drifted for f in results[s]["drifted_features"]})
     scores = {}
     for s in drifted:
@@ -242,4 +246,27 @@ def check(cfg: PipelineConfig, run_key: str, min_rows: int | None = None) -> dic
     reasons = (["features"] if drifted else []) + (["performance"] if degraded else [])
     return {"drift": bool(reasons), "reasons": reasons, "sources": results, "drifted_sources": drifted,
             "drifted_features": features, "scores": scores, "champion_version": version, "reference": reference_uri,
-            "performance": performance}
+            "performance": performance, "served_performance": served}
+
+
+def _judge_served(cfg: PipelineConfig, version: str, reference: pd.DataFrame, run_key: str, min_rows: int,
+                  taken: dict[str, str]) -> dict:
+    """The champion judged on served rows whose labels arrived (``mlfactory.feedback``), once there are
+    ``min_rows`` of them; records in ``taken`` (file -> fingerprint) the label files used, refused, or with
+    no row to give."""
+    from mlfactory.feedback import labelled_traffic
+
+    labelled, files = labelled_traffic(cfg, taken)
+    ready = {key for key, f in files.items() if f["status"] == "taken"}
+    if len(labelled) >= min_rows:
+        judged = judge_performance(cfg, version, reference, labelled, run_key, source="served")
+    else:
+        judged = {"checked": False, "why": f"{len(labelled)} served rows with labels; waiting for {min_rows}" if files
+                  else "no new labels of served rows"}
+        ready = {key for key in ready if not files[key]["matched"]}
+    ready |= {key for key, f in files.items() if f["status"] == "refused"}
+    taken.update({key: files[key]["fingerprint"] for key in ready})
+    for key, f in files.items():
+        if f["status"] in ("refused", "waiting") or f.get("unmatched_examples"):
+            log.warning("label file %s: %s %s", key, f["status"], f.get("why") or f"unmatched: {f['unmatched_examples']}")
+    return {**judged, "label_files": files}

@@ -383,7 +383,7 @@ def render(proposal: Proposal, sample_rows: int, bucket: str) -> str:
         "",
         "training:",
         "  model: gbdt                   # gradient-boosted trees; mlp: the PyTorch network (epochs, learning_rate, ...)",
-        "  epochs: 12",
+        "  epochs: 40                    # mlp: at most; it stops after `patience` (6) epochs without a better validation metric",
         "  processes: 1                  # processes per trial (a cloud: GPUs per node)",
         "  trials: 2                     # hyperparameter search, one mapped task per trial",
         "  concurrent_jobs: 2            # trials side by side (make run creates the pool)",

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
+from mlfactory.config import CHOICES
 from mlfactory.dataset import DatasetSpec
 from mlfactory.features import FeatureSet, numeric_arrow, numeric_matrix, typed_features, wire_table
 
@@ -158,12 +159,40 @@ def vocabulary(values: pd.Series, limit: int) -> list[str]:
     return [value for value, _ in ordered[:limit]]
 
 
-class TabularNet(nn.Module):
-    def __init__(self, numeric_width: int, cardinalities: list[int], hidden_sizes: list[int], dropout: float, outputs: int):
+class PeriodicEmbeddings(nn.Module):
+    """Each standardised numeric feature x -> ReLU(W [cos(2 pi c x), sin(2 pi c x)]): periodic embeddings with
+    frequencies ``c`` learned per feature and one linear layer shared by all features ("PLR-lite", Gorishniy
+    et al. 2022, *On Embeddings for Numerical Features in Tabular Deep Learning*). They let the network cut a
+    feature into many pieces, as a tree's thresholds do, where a plain MLP sees one straight line."""
+
+    def __init__(self, features: int, frequencies: int = 16, width: int = 8, sigma: float = 0.1):
         super().__init__()
-        self.hidden_sizes, self.dropout = list(hidden_sizes), dropout
+        self.frequencies = nn.Parameter(torch.randn(features, frequencies) * sigma)
+        self.linear = nn.Linear(2 * frequencies, width)
+
+    @property
+    def width(self) -> int:
+        return self.frequencies.shape[0] * self.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = 2 * math.pi * self.frequencies * x[..., None]
+        return torch.relu(self.linear(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))).flatten(1)
+
+
+class TabularNet(nn.Module):
+    """An MLP over the dense inputs (``Preprocessor.encode``), one embedding per categorical column and, with
+    ``numeric_embedding="periodic"``, periodic embeddings of the first ``numeric_features`` dense inputs (the
+    standardised numeric columns)."""
+
+    def __init__(self, numeric_width: int, cardinalities: list[int], hidden_sizes: list[int], dropout: float, outputs: int,
+                 numeric_features: int = 0, numeric_embedding: str = "none"):
+        super().__init__()
+        if numeric_embedding not in CHOICES["numeric_embedding"]:
+            raise ValueError(f"numeric_embedding must be one of {CHOICES['numeric_embedding']}, got {numeric_embedding!r}")
+        self.hidden_sizes, self.dropout, self.numeric_embedding = list(hidden_sizes), dropout, numeric_embedding
         self.embeddings = nn.ModuleList(nn.Embedding(card, min(16, (card + 1) // 2 + 1)) for card in cardinalities)
-        width = numeric_width + sum(e.embedding_dim for e in self.embeddings)
+        self.periodic = PeriodicEmbeddings(numeric_features) if numeric_embedding == "periodic" and numeric_features else None
+        width = numeric_width + sum(e.embedding_dim for e in self.embeddings) + (self.periodic.width if self.periodic else 0)
         layers: list[nn.Module] = []
         for size in hidden_sizes:
             layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
@@ -172,19 +201,37 @@ class TabularNet(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, dense: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
-        embedded = [emb(cats[:, i]) for i, emb in enumerate(self.embeddings)]
-        out = self.mlp(torch.cat([dense, *embedded], dim=1))
+        parts = [dense, *(emb(cats[:, i]) for i, emb in enumerate(self.embeddings))]
+        if self.periodic is not None:
+            parts.append(self.periodic(dense[:, :self.periodic.frequencies.shape[0]]))
+        out = self.mlp(torch.cat(parts, dim=1))
         return out.squeeze(1) if out.shape[1] == 1 else out
 
 
-def build_net(pre: Preprocessor, hidden_sizes: list[int], dropout: float) -> TabularNet:
-    return TabularNet(pre.numeric_width, pre.cardinalities, hidden_sizes, dropout, pre.outputs)
+def build_net(pre: Preprocessor, hidden_sizes: list[int], dropout: float, numeric_embedding: str = "none") -> TabularNet:
+    """``numeric_embedding`` defaults to "none" for bundles saved before it existed; training passes its own."""
+    return TabularNet(pre.numeric_width, pre.cardinalities, hidden_sizes, dropout, pre.outputs, len(pre.numeric),
+                      numeric_embedding)
 
 
-def loss_function(pre: Preprocessor) -> nn.Module:
+def class_weights(pre: Preprocessor, y: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """Per-class loss weights: "balanced" gives class c the weight n / (classes * n_c), as scikit-learn's
+    ``class_weight="balanced"``, so each class weighs as much in the loss as the others whatever its share;
+    "none": None. Classification only."""
+    if kind == "none":
+        return None
+    if pre.classes is None:
+        raise ValueError("class_weight balanced applies to classification; this dataset's task is regression")
+    counts = torch.bincount(y.long(), minlength=len(pre.classes)).double()
+    return (len(y) / (len(pre.classes) * counts.clamp(min=1))).float()
+
+
+def loss_function(pre: Preprocessor, weights: torch.Tensor | None = None) -> nn.Module:
     if pre.classes is None:
         return nn.MSELoss()
-    return nn.BCEWithLogitsLoss() if len(pre.classes) == 2 else nn.CrossEntropyLoss()
+    if len(pre.classes) == 2:
+        return nn.BCEWithLogitsLoss(pos_weight=None if weights is None else weights[1] / weights[0])
+    return nn.CrossEntropyLoss(weight=weights)
 
 
 def scores(pre: Preprocessor, logits: torch.Tensor) -> np.ndarray:
@@ -251,7 +298,8 @@ def save_bundle(path: str, dataset: DatasetSpec, pre: Preprocessor, model) -> No
     a TabularNet (its weights), or an XGBoost Booster (its UBJSON bytes, as a uint8 tensor)."""
     bundle = {"dataset": dataset.model_dump(mode="json"), "preprocessor": asdict(pre)}
     if isinstance(model, TabularNet):
-        bundle.update(net={"hidden_sizes": model.hidden_sizes, "dropout": model.dropout}, state_dict=model.state_dict())
+        bundle.update(net={"hidden_sizes": model.hidden_sizes, "dropout": model.dropout,
+                           "numeric_embedding": model.numeric_embedding}, state_dict=model.state_dict())
     else:
         bundle["booster"] = torch.frombuffer(bytearray(model.save_raw("ubj")), dtype=torch.uint8)
     torch.save(bundle, path)

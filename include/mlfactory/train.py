@@ -36,12 +36,14 @@ from pathlib import Path
 
 from mlfactory import storage
 from mlfactory.cluster import Cluster, data_locations, launched_by_torchrun
+from mlfactory.config import CHOICES
 from mlfactory.specs import CHECKPOINT_FILE, DATASET_FILE, METRICS_FILE, MODEL_FILE
 
 log = logging.getLogger("mlfactory.train")
 
 HYPERPARAMETERS = ("model", "epochs", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "seed",
-                   "validation_fraction", "trees", "tree_leaves", "tree_learning_rate")
+                   "validation_fraction", "trees", "tree_leaves", "tree_learning_rate", "patience",
+                   "numeric_embedding", "class_weight")
 
 
 def _sizes(text: str) -> list[int]:
@@ -60,13 +62,19 @@ def parse_args(argv: list[str], env=os.environ) -> argparse.Namespace:
     p.add_argument("--train-uri", default=defaults.train_uri, help="training set folder (dataset.json + Parquet)")
     p.add_argument("--output-uri", default=defaults.output_uri, help="where model.pt and metrics.json go")
     p.add_argument("--checkpoint-uri", default=defaults.checkpoint_uri, help="per-epoch checkpoints; resume from here")
-    p.add_argument("--model", choices=["mlp", "gbdt"], default="mlp", help="the PyTorch network or gradient-boosted trees")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--learning-rate", type=float, default=0.003)
+    p.add_argument("--model", choices=CHOICES["model"], default="mlp", help="the PyTorch network or gradient-boosted trees")
+    p.add_argument("--epochs", type=int, default=40, help="mlp: most epochs (the learning rate follows one cycle over them)")
+    p.add_argument("--patience", type=int, default=6,
+                   help="mlp: stop after this many epochs without a better validation metric; the best epoch's weights are kept")
+    p.add_argument("--learning-rate", type=float, default=0.003, help="mlp: the peak of the one-cycle schedule")
     p.add_argument("--batch-size", type=int, default=512, help="per process")
     p.add_argument("--hidden-sizes", type=_sizes, default=[128, 64])
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--numeric-embedding", choices=CHOICES["numeric_embedding"], default="periodic",
+                   help="mlp: periodic embeddings of the numeric features, or none (the standardised values only)")
+    p.add_argument("--class-weight", choices=CHOICES["class_weight"], default="none",
+                   help="classification: balanced weighs each class as much as the others in the loss, whatever its share")
     p.add_argument("--trees", type=int, default=1000, help="gbdt: most boosting rounds (early stopping after 50 without gain)")
     p.add_argument("--tree-leaves", type=int, default=31, help="gbdt: leaves of each tree (grown best-first)")
     p.add_argument("--tree-learning-rate", type=float, default=0.1, help="gbdt: shrinkage (eta)")
@@ -83,7 +91,7 @@ def parse_args(argv: list[str], env=os.environ) -> argparse.Namespace:
     missing = [name for name in ("train_uri", "output_uri") if not getattr(args, name)]
     if missing:
         p.error(f"--{missing[0].replace('_', '-')} is required (no platform variable such as SM_MODEL_DIR provides it)")
-    for name, low, high in (("epochs", 1, 100_000), ("batch_size", 1, 1 << 20), ("trees", 1, 1_000_000), ("tree_leaves", 2, 1 << 16)):
+    for name, low, high in (("epochs", 1, 100_000), ("patience", 1, 100_000), ("batch_size", 1, 1 << 20), ("trees", 1, 1_000_000), ("tree_leaves", 2, 1 << 16)):
         if not low <= getattr(args, name) <= high:
             p.error(f"--{name.replace('_', '-')} must be between {low} and {high}")
     if not 0 < args.learning_rate <= 10 or not 0 < args.tree_learning_rate <= 1:
@@ -248,6 +256,8 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
     data = Encoded(*pre.encode(train_rows), pre.encode_target(train_rows[dataset.target]),
                    *pre.encode(val_rows), pre.encode_target(val_rows[dataset.target]))
     metric = f"val_{primary_metric(dataset.task)}"
+    if args.class_weight != "none" and pre.classes is None:
+        raise SystemExit(f"--class-weight {args.class_weight} applies to classification; {dataset.name}'s task is regression")
 
     checkpoint = load_checkpoint(args.checkpoint_uri)
     if checkpoint is not None and checkpoint["hyperparameters"] != _hyperparameters(args):
@@ -305,30 +315,46 @@ def _epoch_row(pre, data: Encoded, predicted, row: dict, metric: str, unit: str,
 
 
 def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metric):
-    """The network, trained with DistributedDataParallel over the processes torchrun started."""
+    """The network, trained with DistributedDataParallel over the processes torchrun started: AdamW on a
+    one-cycle learning-rate schedule over ``epochs`` (warm-up to the peak ``learning_rate``, then cosine
+    annealing), stopped once the validation metric has not improved for ``patience`` epochs; the weights
+    of the best epoch are the model (its history row comes last)."""
+    import copy
+
     import torch
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DistributedSampler
 
-    from mlfactory.tabular import build_net, loss_function, scores
+    from mlfactory.tabular import build_net, class_weights, loss_function, scores
 
-    net = build_net(pre, args.hidden_sizes, args.dropout).to(runtime.device)
+    net = build_net(pre, args.hidden_sizes, args.dropout, args.numeric_embedding).to(runtime.device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    x_dense, x_cats, y = data.x_dense, data.x_cats, data.y
+    sampler = DistributedSampler(range(len(y)), num_replicas=runtime.world_size, rank=runtime.rank,
+                                 shuffle=True, seed=args.seed, drop_last=True)
+    per_process = len(sampler)
+    steps = per_process // args.batch_size + (1 if per_process % args.batch_size >= 2 else 0)  # batches of 1 are skipped
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.learning_rate, pct_start=0.1,
+                                                   total_steps=max(1, args.epochs * steps))
     history: list[dict] = []
+    best = {"epoch": 0, "value": -math.inf, "state": None}  # rank 0's
     start_epoch = 1
     if checkpoint is not None:
         net.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
         history = json.loads(checkpoint["history"])
+        best = {"epoch": int(checkpoint["best_epoch"]), "value": float(checkpoint["best_value"]),
+                "state": checkpoint["best_state"] or None}
         start_epoch = int(checkpoint["epoch"]) + 1
         log.info("resuming from checkpoint %s: epoch %d of %d done, starting epoch %d",
                  args.checkpoint_uri, start_epoch - 1, args.epochs, start_epoch)
     model = DistributedDataParallel(net) if runtime.world_size > 1 else net
-    loss_fn = loss_function(pre)
-    x_dense, x_cats, y = data.x_dense, data.x_cats, data.y
-    sampler = DistributedSampler(range(len(y)), num_replicas=runtime.world_size, rank=runtime.rank,
-                                 shuffle=True, seed=args.seed, drop_last=True)
+    loss_fn = loss_function(pre, class_weights(pre, y, args.class_weight))
+    stop = start_epoch > 1 and start_epoch - 1 - best["epoch"] >= args.patience  # stopped just before a restart
     for epoch in range(start_epoch, args.epochs + 1):
+        if stop:
+            break
         torch.manual_seed(args.seed * 100_003 + epoch * 1009 + runtime.rank)  # dropout: reproducible on resume
         sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(sampler)), dtype=torch.int64)
@@ -343,6 +369,7 @@ def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, met
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             runtime.mark_step()
             total_loss += float(loss.detach()) * len(batch)
             seen += len(batch)
@@ -350,23 +377,37 @@ def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, met
         samples = _all_reduce_sum(runtime, seen)
         loss_sum = _all_reduce_sum(runtime, total_loss)
         rate = _all_reduce_sum(runtime, seen / max(elapsed, 1e-9))  # summed per-process rates
+        stopping = 0.0
         if runtime.is_primary:
             net.eval()
             with torch.no_grad():
                 predicted = scores(pre, net(data.v_dense.to(runtime.device), data.v_cats.to(runtime.device)).cpu())
             row = _epoch_row(pre, data, predicted, {"epoch": epoch, "train_loss": loss_sum / max(samples, 1),
-                                                    "samples_per_s": rate}, metric, "epoch", str(args.epochs))
+                                                    "learning_rate": schedule.get_last_lr()[0], "samples_per_s": rate},
+                             metric, "epoch", str(args.epochs))
             history.append(row)
+            if row[metric] > best["value"]:  # a NaN metric (one class among the validation rows) is never best
+                best = {"epoch": epoch, "value": row[metric], "state": copy.deepcopy(net.state_dict())}
+            elif best["state"] is not None and epoch - best["epoch"] >= args.patience:
+                log.info("early stop: %s has not improved for %d epochs (best %.4f at epoch %d)", metric,
+                         args.patience, best["value"], best["epoch"])
+                stopping = 1.0
             if tracker:
                 tracker.log_epoch(row)
             if args.checkpoint_uri:
                 save_checkpoint(args.checkpoint_uri, {
                     "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "history": json.dumps(history), "mlflow_run_id": tracker.run_id if tracker else "",
-                    "hyperparameters": _hyperparameters(args),
+                    "schedule": schedule.state_dict(), "history": json.dumps(history),
+                    "best_epoch": best["epoch"], "best_value": best["value"], "best_state": best["state"] or {},
+                    "mlflow_run_id": tracker.run_id if tracker else "", "hyperparameters": _hyperparameters(args),
                 })
                 log.info("checkpoint: epoch %d saved to %s", epoch, args.checkpoint_uri)
+        stop = _all_reduce_sum(runtime, stopping) > 0  # rank 0 decides; every process leaves the loop together
         _barrier(runtime)
+    if runtime.is_primary and best["state"] is not None and best["epoch"] != history[-1]["epoch"]:
+        net.load_state_dict(best["state"])
+        history.append(next(row for row in history if row["epoch"] == best["epoch"]))
+        log.info("kept the weights of epoch %d (%s %.4f)", best["epoch"], metric, best["value"])
     return net.cpu(), history
 
 
@@ -387,13 +428,16 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
     import torch
     import xgboost as xgb
 
-    from mlfactory.tabular import scores, tree_feature_types, tree_inputs, tree_objective
+    from mlfactory.tabular import class_weights, scores, tree_feature_types, tree_inputs, tree_objective
 
     shard = slice(runtime.rank, None, runtime.world_size)
     types = tree_feature_types(pre)
+    weights = class_weights(pre, data.y, args.class_weight)
 
     def matrix(dense, cats, y):
-        return xgb.DMatrix(tree_inputs(dense[shard], cats[shard]), label=y[shard].numpy(), feature_types=types,
+        y = y[shard]
+        return xgb.DMatrix(tree_inputs(dense[shard], cats[shard]), label=y.numpy(), feature_types=types,
+                           weight=None if weights is None else weights[y.long()].numpy(),
                            enable_categorical=True, nthread=args.threads)
 
     train, valid = matrix(data.x_dense, data.x_cats, data.y), matrix(data.v_dense, data.v_cats, data.v_y)
@@ -435,10 +479,8 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
         best = getattr(stopped, "best_iteration", stopped.num_boosted_rounds() - 1) + 1
         # the model: as many rounds again (scaled to the rows added) on every row, validation rows included
         rounds = math.ceil(best / (1 - args.validation_fraction))
-        every_row = xgb.DMatrix(tree_inputs(torch.cat([data.x_dense, data.v_dense])[shard],
-                                            torch.cat([data.x_cats, data.v_cats])[shard]),
-                                label=torch.cat([data.y, data.v_y])[shard].numpy(), feature_types=types,
-                                enable_categorical=True, nthread=args.threads)
+        every_row = matrix(torch.cat([data.x_dense, data.v_dense]), torch.cat([data.x_cats, data.v_cats]),
+                           torch.cat([data.y, data.v_y]))
         return stopped[:best], xgb.train(params, every_row, num_boost_round=rounds, verbose_eval=False)
 
     stopped, booster = boost() if runtime.world_size == 1 else _with_collective(runtime, boost)

@@ -97,7 +97,9 @@ def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str, batch: 
     base = {k: params[k] for k in FORM_HYPERPARAMETERS}
     base.update(dropout=defaults.dropout, weight_decay=defaults.weight_decay, seed=defaults.seed,
                 validation_fraction=defaults.validation_fraction, model=defaults.model, trees=defaults.trees,
-                tree_leaves=defaults.tree_leaves, tree_learning_rate=defaults.tree_learning_rate)
+                tree_leaves=defaults.tree_leaves, tree_learning_rate=defaults.tree_learning_rate,
+                patience=defaults.patience, numeric_embedding=defaults.numeric_embedding,
+                class_weight=defaults.class_weight)
     n = params["trials"]
     if params["search"] == "bayes":
         trials = bayes_trials(base, params["search_space"], n, defaults.seed, [r for r in history or [] if r])

@@ -29,12 +29,13 @@ class PredictionLog:
             self.thread.start()
 
     def append(self, inputs: dict[str, list], outputs: dict[str, list], version: str, variant: str, request_ids: list[str]) -> None:
-        """Cheap on the request path: the rows are added to per-column lists; Arrow sees them at flush."""
+        """The rows of one request (``request_row``: each one's position in it, what a label arriving later names
+        with the request id). Cheap on the request path: the rows are added to per-column lists; Arrow sees them at flush."""
         if not self.uri:
             return
         n = len(request_ids)
         rows = {**inputs, **outputs, "model_version": [version] * n, "variant": [variant] * n,
-                "request_id": request_ids, "served_at": [time.time_ns() // 1000] * n}
+                "request_id": request_ids, "request_row": list(range(n)), "served_at": [time.time_ns() // 1000] * n}
         with self.lock:
             if self.rows + n > self.max_rows:  # the bucket is unreachable for long: drop, count, never block
                 self.dropped += n
