@@ -526,6 +526,7 @@ def test_labels_that_arrive_later_judge_the_champion_on_what_it_served(server, c
     text += "season1-never-served,0,yes\nseason1-0,3,maybe\n"  # one label of no served row, one that is no label
     storage.write_bytes(storage.join(labels_uri, "2026-12-01.csv"), text.encode())
     storage.write_bytes(storage.join(labels_uri, "no-target.csv"), b"request_id,row,label\nseason1-0,0,yes\n")
+    storage.write_bytes(storage.join(labels_uri, "late.jsonl"), b'{"request_id": "never-served", "churned": true}\n')
 
     waiting = check(cfg, "labels-1")["served_performance"]  # the never-served label may still find its row
     assert not waiting["checked"] and waiting["why"] == "0 served rows with labels; waiting for 500", waiting
@@ -561,6 +562,9 @@ def _judge_labels(cfg, labels_uri, serve, labels_of):
     assert served["checked"] and served["source"] == "served" and served["rows"] == 1500, served
     assert served["label_files"]["2026-12-01.csv"]["unmatched_examples"] == [{"request_id": "season1-never-served", "row": 0}]
     assert "no-target.csv" not in served["label_files"]  # refused once, recorded, not read again
+    late = served["label_files"]["late.jsonl"]  # waited long enough: taken with nothing to give, reported
+    assert late["status"] == "taken" and late["matched"] == 0
+    assert late["unmatched_examples"] == [{"request_id": "never-served", "row": 0}]
     assert not served["degraded"] and served["value"] > 0.75 and "performance" not in judged["reasons"]
     assert check(impatient, "labels-3")["served_performance"]["why"] == "no new labels of served rows"
 

@@ -141,7 +141,7 @@ def labelled_traffic(cfg: PipelineConfig, done: dict[str, str]) -> tuple[pd.Data
     served = served_rows(cfg, wanted, now) if wanted else None
     joined = []
     for key, frame in labels.items():
-        matched = frame.merge(served, on=[REQUEST_ID, ROW], how="inner") if served is not None else frame.iloc[:0]
+        matched = frame.iloc[:0] if served is None or served.empty else frame.merge(served, on=[REQUEST_ID, ROW])
         waited = now_s - (files[key].modified or now_s)
         entry = {"labels": len(frame), "matched": len(matched), "invalid": frame.attrs["invalid"],
                  "fingerprint": files[key].fingerprint}
