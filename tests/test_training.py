@@ -87,6 +87,29 @@ def test_sigkill_after_epoch_one_resumes_at_epoch_two_and_matches_an_uninterrupt
     assert resumed["history"][-1]["train_loss"] == pytest.approx(straight["history"][-1]["train_loss"], abs=1e-9)
 
 
+def test_the_learning_rate_cycle_holds_for_any_number_of_steps():
+    import math
+
+    import torch
+
+    from mlfactory.train import one_cycle
+
+    for total in range(1, 60):  # OneCycleLR divided by zero at 10 steps (2 epochs of 5 batches)
+        optimizer = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=0.003)
+        schedule, rates = one_cycle(optimizer, total), []
+        for _ in range(total):
+            rates.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        assert all(math.isfinite(r) and 0 < r <= 0.003 + 1e-12 for r in rates), (total, rates)
+        assert rates[0] == pytest.approx(0.003 / 25), (total, rates)
+        if total >= 10:
+            peak = rates.index(max(rates))
+            assert max(rates) == pytest.approx(0.003) and peak == round(0.1 * total)
+            assert rates[-1] == pytest.approx(0.003 * 1e-4)
+            assert all(a > b for a, b in zip(rates[peak:], rates[peak + 1:]))
+
+
 def test_the_network_follows_one_learning_rate_cycle_stops_early_and_keeps_its_best_epoch(training_set, tmp_path):
     import torch
 

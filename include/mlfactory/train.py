@@ -334,8 +334,7 @@ def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, met
                                  shuffle=True, seed=args.seed, drop_last=True)
     per_process = len(sampler)
     steps = per_process // args.batch_size + (1 if per_process % args.batch_size >= 2 else 0)  # batches of 1 are skipped
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.learning_rate, pct_start=0.1,
-                                                   total_steps=max(1, args.epochs * steps))
+    schedule = one_cycle(optimizer, args.epochs * steps)
     history: list[dict] = []
     best = {"epoch": 0, "value": -math.inf, "state": None}  # rank 0's
     start_epoch = 1
@@ -409,6 +408,24 @@ def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, met
         history.append(next(row for row in history if row["epoch"] == best["epoch"]))
         log.info("kept the weights of epoch %d (%s %.4f)", best["epoch"], metric, best["value"])
     return net.cpu(), history
+
+
+def one_cycle(optimizer, total_steps: int, warmup_share: float = 0.1, start: float = 1 / 25, end: float = 1e-4):
+    """The learning rate of each step: a linear warm-up from ``start`` x the optimizer's rate over the first
+    ``warmup_share`` of the steps, then cosine annealing down to ``end`` x. Like OneCycleLR, whose phase
+    arithmetic divides by zero for some step counts (10 steps in all, for one)."""
+    import torch
+
+    warmup = max(1, round(warmup_share * total_steps))
+    annealing = max(1, total_steps - 1 - warmup)  # the last step is at `end`
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1 - start) * step / warmup
+        done = min(1.0, (step - warmup) / annealing)
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * done))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 GBDT_PATIENCE = 50  # rounds without a better validation metric before boosting stops
