@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
@@ -83,6 +84,50 @@ def test_parquet_and_json_lines_give_the_same_curated_rows(cfg, bucket, suffix):
     ours, theirs = curated_table(result), curated_table(from_csv)
     assert ours.column("customer_id").to_pylist() == theirs.column("customer_id").to_pylist()
     assert ours.column("income").to_pylist() == theirs.column("income").to_pylist()
+
+
+@pytest.mark.parametrize("dirty", [False, True], ids=["clean", "rows to quarantine in the last chunk"])
+def test_a_csv_read_typed_gives_what_reading_it_as_text_gives(cfg, bucket, monkeypatch, caplog, dirty):
+    """A clean CSV is read with pyarrow converting numbers and datetimes as it reads; the first value that
+    does not convert, or row to quarantine, sends the snapshot back to be read as text. Either way: the same
+    rows, quarantine and reports."""
+    from mlfactory import etl
+
+    cfg = with_section(cfg, "validation", chunk_rows=300)  # four chunks: the bad rows come after three written
+    lines = csv_lines()
+    for row, column, value in [(17, "income", "1e5"), (18, "monthly_charges", "-0.0"), (19, "churned", "Yes"),
+                               (20, "plan", "  basic ")]:
+        set_field(lines, row, column, value)
+    if dirty:
+        for row, column, value in [(950, "age", "forty"), (951, "tenure_months", " 12 "), (952, "age", ""),
+                                   (953, "customer_id", "c\x00nul"), (954, "age", "130"), (960, "churned", " TRUE")]:
+            set_field(lines, row, column, value)
+    manifest, _ = ingest_object(cfg, land(bucket, "both.csv", lines).as_uri())
+
+    def outcome() -> tuple[dict, pa.Table, list | None, bool]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="mlfactory.etl"):
+            result = curate_snapshot(cfg, manifest.snapshot_uri)
+        assert_nothing_lost(result, ROWS)
+        assert not [o for o in storage.list_objects(cfg.storage.curated_uri) if "/." in o.key]  # no staged file left
+        quarantined = read_quarantine(result.quarantine_uri)
+        return (vars(result), curated_table(result), quarantined and quarantined.to_pylist(),
+                "reading it again as text" in caplog.text)
+
+    typed, typed_rows, typed_quarantine, read_again = outcome()
+    assert read_again == dirty
+    monkeypatch.setattr(etl, "CSV_TYPED_FIRST", False)
+    text, text_rows, text_quarantine, _ = outcome()
+    assert typed == text and typed_rows.equals(text_rows) and typed_quarantine == text_quarantine
+    assert typed["failures"] == ({"expect_column_values_to_be_of_type(age)": 1, "invalid_utf8(customer_id)": 1,
+                                  "expect_column_values_to_not_be_null(age)": 1,
+                                  "expect_column_values_to_be_between(age)": 1} if dirty else {})
+    assert typed_rows.filter(pc.equal(typed_rows["customer_id"], "C007-20")).column("plan").to_pylist() == ["basic"]
+    if dirty:  # the quarantine holds each value as it was written
+        assert [(r["_row"], r["_failed_expectation"], r["age"], r["signup_date"]) for r in typed_quarantine] == [
+            (951, "expect_column_values_to_be_of_type", "forty", "2022-12-05 00:00:00"),
+            (953, "expect_column_values_to_not_be_null", None, "2023-03-23 00:00:00"),
+            (954, "invalid_utf8", "54", "2024-03-04 00:00:00"), (955, "expect_column_values_to_be_between", "130", "2021-08-29 00:00:00")]
 
 
 def failed(cfg, bucket, name, data) -> tuple[str, object]:
