@@ -335,23 +335,26 @@ def _decode_utf8(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
         return pa.array(out, pa.string()), bad | nul
 
 
+NUMBER_TEXT = r"^[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf|infinity|nan)$"  # a subset of what pyarrow parses
+
+
 def _parse_numbers(text: pa.Array, spec: ColumnSpec) -> tuple[pa.Array, np.ndarray]:
     target = ARROW_TYPES[spec.type]
-    for candidate in (text, pc.utf8_trim_whitespace(text)):
+    trimmed = pc.utf8_trim_whitespace(text)
+    for candidate in (text, trimmed):
         try:
             return pc.cast(candidate, target), np.zeros(len(text), bool)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
-    # Slow path, only for a chunk that holds some unparseable value: find which rows.
-    values = pd.to_numeric(pd.Series(text.to_pylist(), dtype=object).str.strip(), errors="coerce")
-    parsed = values.notna().to_numpy().copy()
+    # Some value is no number: the values written as numbers are parsed (vectorised, as floats: an integer
+    # column takes "12.0"), the others fail their rows.
+    parsed = pc.fill_null(pc.match_substring_regex(trimmed, NUMBER_TEXT, ignore_case=True), False)
+    numbers = pc.cast(pc.if_else(parsed, trimmed, pa.scalar(None, pa.string())), pa.float64()).to_numpy(zero_copy_only=False)
+    parsed = parsed.to_numpy(zero_copy_only=False)
     if spec.type == "integer":
-        integral = parsed & np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
-        with np.errstate(invalid="ignore"):  # inf: not integral either way
-            integral &= np.equal(np.mod(values.to_numpy(dtype=float, na_value=0.0), 1), 0)
-        parsed &= integral
+        with np.errstate(invalid="ignore"):  # inf, nan: not integral either way
+            parsed = parsed & np.isfinite(numbers) & np.equal(np.mod(numbers, 1), 0)
     bad = text.is_valid().to_numpy(zero_copy_only=False) & ~parsed
-    numbers = values.to_numpy(dtype=float, na_value=np.nan)
     if spec.type == "integer":
         return pa.array(np.where(parsed, numbers, 0).astype(np.int64), mask=~parsed), bad
     return pa.array(numbers, mask=~parsed), bad
@@ -827,8 +830,9 @@ def _quarantine_schema(header: list[str]) -> pa.Schema:
 
 def _quarantined_rows(raw, bad, reason, reason_col, first_row) -> pa.Table:
     rows = pa.array(np.arange(first_row, first_row + raw.num_rows, dtype=np.int64))
-    table = pa.table({ROW_NUMBER: rows, FAILED_EXPECTATION: reason, FAILED_COLUMN: reason_col, **_text_columns(raw)})
-    return table.filter(bad)
+    where = pa.table({ROW_NUMBER: rows, FAILED_EXPECTATION: reason, FAILED_COLUMN: reason_col}).filter(bad)
+    text = _text_columns(raw.filter(bad))  # only the failing rows' values made text
+    return pa.table({**{name: where.column(name) for name in where.column_names}, **text})
 
 
 def _malformed_rows(lines: list[str]) -> pa.Table:
