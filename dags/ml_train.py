@@ -5,7 +5,8 @@ first. Once a champion exists, new curated data alone skips (ml_monitor judges i
 `drift_detected` retrains) unless ``training.retrain_on_new_data`` is set. Each run builds a training
 set from all curated data minus the frozen holdout, fans out one training job per trial (`train`:
 dynamic task mapping, on the configured backend, bounded by the ``training.pool`` pool), picks the
-best trial by its validation metric and announces it as Asset `candidate`. A run started by drift
+best trial by its validation metric (or the blend of the best trial of each model family, when that is
+better still) and announces it as Asset `candidate`. A run started by drift
 tags its MLflow runs with the features that drifted. Every default below comes from the pipeline
 config and can be changed per run in the trigger form; the backend is the config's.
 """
@@ -89,11 +90,12 @@ with DAG(
         return plan(cfg, prepared, params, run_id, batch, [r for results in earlier for r in results])
 
     @task(outlets=[assets.candidate])
-    def select_best(prepared: dict, batches: list, outlet_events=None) -> dict:
-        """The trial with the best validation metric, of every batch, becomes the candidate."""
+    def select_best(prepared: dict, batches: list, run_id=None, outlet_events=None) -> dict:
+        """The trial with the best validation metric, of every batch (or the blend of the best of each model
+        family, when it is better still), becomes the candidate."""
         from mlfactory.training_plan import select_best
 
-        candidate = select_best(prepared, [result for results in batches for result in results])
+        candidate = select_best(cfg, prepared, [result for results in batches for result in results], run_id)
         outlet_events[assets.candidate].extra = candidate
         return candidate
 

@@ -44,7 +44,7 @@ def job_spec(**changes) -> dict:
     return TrainingJobSpec(**{**fields, **changes}).model_dump()
 
 
-def test_the_job_is_created_deferred_and_its_model_collected(aws_env, tmp_path):
+def test_the_job_is_created_deferred_and_its_model_collected(aws_env, training_set, tmp_path):
     from airflow.exceptions import TaskDeferred
 
     from mlfactory_airflow.backends.aws.training import SageMakerTrainingOperator
@@ -82,6 +82,12 @@ def test_the_job_is_created_deferred_and_its_model_collected(aws_env, tmp_path):
     stored = aws_env.s3.get_object(Bucket=BUCKET, Key="models/runs/run-1/trial-0/metrics.json")["Body"].read()
     assert json.loads(stored)["model_bundle_uri"] == result["model_bundle_uri"]
     assert aws_env.s3.head_object(Bucket=BUCKET, Key="models/runs/run-1/trial-0/model.pt")["ContentLength"] > 1000
+    import io
+
+    import numpy as np
+
+    validation = aws_env.s3.get_object(Bucket=BUCKET, Key="models/runs/run-1/trial-0/validation.npz")["Body"].read()
+    assert len(np.load(io.BytesIO(validation))["scores"]) == round(training_set.rows * 0.15)  # for ml_train's blend
 
     # a retried task finds its completed job and takes its result, creating nothing
     retry = SageMakerTrainingOperator(task_id="train", spec=job_spec())

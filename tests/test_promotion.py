@@ -162,6 +162,77 @@ def test_pyfunc_takes_raw_feature_columns_as_a_json_caller_sends_them(lab, recip
     assert predictions["probability"][0] > predictions["probability"][1]  # short tenure, many calls: churn risk
 
 
+def test_the_blend_of_both_families_is_the_candidate_when_it_beats_each_on_validation(lab, mlflow_server, capsys):
+    """ml_train's select_best over a network and trees trained on the same validation rows: their blend (the
+    weight chosen on those rows) is a logged model of its own that loads, serves and registers like any other,
+    and scores as the weighted average of its members."""
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from mlfactory.blend import MEMBERS_TAG, read_validation
+    from mlfactory.features import to_wire
+    from mlfactory.tabular import load_logged_model
+    from mlfactory.training_data import read_holdout
+    from mlfactory.training_plan import select_best
+
+    cfg, training_set, models = lab
+    good, trees = models["good"], models["trees"]
+    prepared = {"training_set": training_set.to_dict(), "started_by": "manual", "drifted_features": []}
+    validation = read_validation(good["model_bundle_uri"])
+    assert np.array_equal(validation["rows"], read_validation(trees["model_bundle_uri"])["rows"])
+
+    candidate = select_best(cfg, prepared, [good, trees], "manual__blend-1")
+    out = capsys.readouterr().out
+    assert "blend" in out and candidate["value"] > max(good["value"], trees["value"]), out
+    weights = candidate["hyperparameters"]["weights"]
+    assert candidate["hyperparameters"]["model"] == "blend" and set(weights) == {"mlp", "gbdt"}
+    assert 0 < weights["mlp"] < 1 and weights["mlp"] + weights["gbdt"] == pytest.approx(1)
+    assert candidate["model_bundle_uri"] == storage.join(cfg.storage.models_uri, "runs", "manual-blend-1", "blend", "model.pt")
+    run = MlflowClient(mlflow_server.url).get_run(candidate["mlflow_run_id"])
+    assert set(run.data.tags[MEMBERS_TAG].split(",")) == {good["mlflow_run_id"], trees["mlflow_run_id"]}
+    assert run.data.tags["mlfactory.drifted_features"] == "age,income"  # the members' tags carry over
+
+    blended, _ = load_logged_model(candidate["model_uri"])
+    members = {name: load_logged_model(models[name]["model_uri"])[0] for name in ("good", "trees")}
+    holdout = read_holdout(training_set.holdout.uri, training_set.holdout.sha256).drop(columns=[cfg.dataset.target])
+    expected = (weights["mlp"] * members["good"].predict(holdout)["probability"]
+                + weights["gbdt"] * members["trees"].predict(holdout)["probability"])
+    assert blended.family == "blend"
+    np.testing.assert_allclose(blended.predict(holdout)["probability"], expected, rtol=1e-6)
+    wire = to_wire(holdout.head(100), cfg.dataset)  # the model server's path (Arrow, wire values) answers the same
+    served = blended.predict_wire({c: wire[c].tolist() for c in wire.columns})
+    np.testing.assert_allclose(served["probability"], expected.head(100), rtol=1e-5)
+    registry = Registry(with_section(cfg, "mlflow", model_name="churn_blend"))
+    version = registry.register(candidate["model_uri"], candidate["mlflow_run_id"], {})
+    assert registry.evaluate(version, read_holdout(training_set.holdout.uri, training_set.holdout.sha256)).challenger > 0.75
+
+    # One family, or blending turned off: the best trial alone.
+    assert select_best(cfg, prepared, [good, models["medium"]], "manual__blend-2")["model_uri"] == good["model_uri"]
+    off = with_section(cfg, "training", blend=False)
+    assert select_best(off, prepared, [good, trees], "manual__blend-3")["model_uri"] in (good["model_uri"], trees["model_uri"])
+
+
+def test_a_blend_weight_of_0_or_1_is_no_blend():
+    """Scores that only add noise get no weight: the better member alone wins on the validation rows."""
+    import numpy as np
+
+    from mlfactory.blend import weigh
+    from mlfactory.tabular import Preprocessor
+
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 2, 4000)
+    rows = np.arange(4000)
+    informative = {"rows": rows, "target": target, "scores": (target * 0.3 + rng.random(4000) * 0.7).astype(np.float32)}
+    noise = {"rows": rows, "target": target, "scores": rng.random(4000).astype(np.float32)}
+    other = {"rows": rows, "target": target, "scores": (target * 0.3 + rng.random(4000) * 0.7).astype(np.float32)}
+    pre = Preprocessor(numeric=[], mean=[], std=[], boolean=[], categorical={}, task="classification",
+                       classes=["False", "True"])
+    assert weigh(pre, informative, noise)[0] == 1.0
+    weight, value = weigh(pre, informative, other)  # two as good, errors independent: the even blend helps
+    assert 0.3 < weight < 0.7 and value > weigh(pre, informative, noise)[1] + 0.01
+    assert weigh(pre, informative, {**noise, "rows": rows[::-1]}) is None  # other validation rows: no blend
+
+
 def test_promotion_gate_with_aliases_tags_and_the_frozen_holdout(lab):
     from mlfactory.training_data import read_holdout
 

@@ -40,6 +40,22 @@ def metrics_of(output_uri: str) -> dict:
     return json.loads(storage.read_bytes(storage.join(output_uri, "metrics.json")))
 
 
+def assert_validation_file_gives_the_metric(out, result: dict, rows: int) -> None:
+    """validation.npz (for ml_train's blend): the validation rows of the seeded split, and the kept model's
+    scores on them, from which its reported metric comes."""
+    import torch
+
+    from mlfactory.blend import read_validation
+    from mlfactory.tabular import LoadedModel, metrics
+    from mlfactory.train import split
+
+    validation = read_validation(str(out / "model.pt"))
+    assert validation["rows"].tolist() == split(rows, 0.15, 42)[1].tolist()
+    pre = LoadedModel(str(out / "model.pt")).pre
+    assert metrics(pre, torch.from_numpy(validation["target"]), validation["scores"])["roc_auc"] == pytest.approx(
+        result["value"], abs=1e-6)
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_reaches_the_auc_bar_on_one_and_two_ddp_processes(training_set, tmp_path, processes):
     out = tmp_path / "out"
@@ -50,6 +66,7 @@ def test_reaches_the_auc_bar_on_one_and_two_ddp_processes(training_set, tmp_path
     assert [h["epoch"] for h in result["history"]][:6] == [1, 2, 3, 4, 5, 6]
     assert result["value"] == max(h["val_roc_auc"] for h in result["history"])  # the best epoch's weights are kept
     assert (out / "model.pt").stat().st_size > 0
+    assert_validation_file_gives_the_metric(out, result, training_set.rows)
     assert f"training customer_churn on {training_set.rows - round(training_set.rows * 0.15)} rows" in log
 
     # The bundle scores the never-trained-on holdout from its RAW columns just as well.
@@ -219,6 +236,7 @@ def test_gradient_boosted_trees_reach_the_bar_alone_and_across_processes_and_ser
     assert 1 <= rounds < 1000 and f"after {rounds} rounds" in log  # early-stopped
     bundle = torch.load(out / "model.pt", weights_only=True)  # tensors and plain values: no pickled object
     assert bundle["booster"].dtype == torch.uint8 and "state_dict" not in bundle
+    assert_validation_file_gives_the_metric(out, result, training_set.rows)  # the early-stopped trees', not the refit's
 
     model = LoadedModel(str(out / "model.pt"))  # refit on every row, validation rows included: more rounds
     assert model.family == "gbdt" and model.booster.num_boosted_rounds() == math.ceil(rounds / 0.85)

@@ -73,15 +73,15 @@ def test_the_configured_hardware_and_placement_reach_every_job_and_the_train_tas
     assert TrainingSpec().executor_config() == {"pod_template_file": "/opt/airflow/pod_templates/gpu.yaml"}
 
 
-def test_the_best_trial_becomes_the_candidate(capsys):
+def test_the_best_trial_becomes_the_candidate(cfg, capsys):
     trial = lambda v, lr: {"value": v, "metric": "val_roc_auc", "hyperparameters": {"learning_rate": lr},  # noqa: E731
                            "model_bundle_uri": f"file:///m/{lr}", "model_uri": f"models:/m-{lr}", "mlflow_run_id": str(lr)}
-    candidate = select_best(PREPARED, [trial(0.80, 0.01), None, trial(0.83, 0.001), {"value": None}])
+    candidate = select_best(cfg, PREPARED, [trial(0.80, 0.01), None, trial(0.83, 0.001), {"value": None}], "manual__1")
     assert (candidate["value"], candidate["model_uri"], candidate["trials"]) == (0.83, "models:/m-0.001", 2)
     assert candidate["training_set"] == PREPARED["training_set"]
     assert "<- best" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no trial produced a model"):
-        select_best(PREPARED, [None, {"value": None}])
+        select_best(cfg, PREPARED, [None, {"value": None}], "manual__1")
 
 
 def test_the_candidate_comes_from_the_form_or_the_latest_event():

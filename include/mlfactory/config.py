@@ -177,6 +177,9 @@ class TrainingSpec(_Strict):
     class_weight: Literal["none", "balanced"] = Field(
         "none", description="classification, both families: balanced weighs each class as much as the others in the "
         "loss whatever its share (a rare positive class); none: every row alike")
+    blend: bool = Field(True, description="when the search trained both model families: the weighted average of the "
+                        "best trial of each (the weight chosen on the validation rows) is the candidate if it beats "
+                        "every trial there")
     trees: int = Field(1000, ge=1, le=100_000, description="gbdt: at most this many boosting rounds; training stops "
                        "earlier once the validation metric has not improved for 50 rounds")
     tree_leaves: int = Field(31, ge=2, le=4096, description="gbdt: the leaves of each tree (grown best-first, as "

@@ -30,6 +30,7 @@ from mlfactory import BadInput
 DATASET_FILE = "dataset.json"  # in a training set folder: the dataset spec
 MODEL_FILE = "model.pt"  # the bundle: dataset spec, preprocessor, network shape and weights
 METRICS_FILE = "metrics.json"  # the entrypoint's result: the metric, its history, the MLflow run and model
+VALIDATION_FILE = "validation.npz"  # beside the model: its scores on the validation rows (for ml_train's blend)
 CHECKPOINT_FILE = "checkpoint.pt"  # in the checkpoint folder, rewritten every epoch
 
 

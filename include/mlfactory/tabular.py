@@ -305,14 +305,38 @@ def save_bundle(path: str, dataset: DatasetSpec, pre: Preprocessor, model) -> No
     torch.save(bundle, path)
 
 
+def save_blend(path: str, dataset: DatasetSpec, members: list[dict], weights: list[float]) -> None:
+    """A blend's model file: the bundles of its members (as ``save_bundle`` wrote them) and their weights
+    (summing to 1); ``LoadedModel`` averages the members' scores (probabilities, or predictions) with them."""
+    if len(members) != len(weights) or len(members) < 2 or abs(sum(weights) - 1) > 1e-6 or min(weights) <= 0:
+        raise ValueError(f"a blend takes two or more members with positive weights summing to 1, got {weights}")
+    torch.save({"dataset": dataset.model_dump(mode="json"), "weights": [float(w) for w in weights],
+                "members": members}, path)
+
+
 class LoadedModel:
-    """A trained model bundle: RAW feature rows in, a predictions frame out."""
+    """A trained model bundle: RAW feature rows in, a predictions frame out. The bundle holds a network, trees
+    (``save_bundle``) or a blend of such bundles (``save_blend``)."""
 
     def __init__(self, path: str):
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
+        self._load(torch.load(path, map_location="cpu", weights_only=True))
+
+    @classmethod
+    def _of(cls, bundle: dict) -> LoadedModel:
+        model = cls.__new__(cls)
+        model._load(bundle)
+        return model
+
+    def _load(self, bundle: dict) -> None:
         self.dataset = DatasetSpec.model_validate(bundle["dataset"])
-        self.pre = Preprocessor(**bundle["preprocessor"])
         self.net = self.booster = None
+        self.members: list[tuple[float, LoadedModel]] = []
+        if "members" in bundle:
+            self.members = [(float(w), LoadedModel._of(member)) for w, member in zip(bundle["weights"], bundle["members"],
+                                                                                     strict=True)]
+            self.pre = self.members[0][1].pre  # the members' targets and classes are the dataset's: the same
+            return
+        self.pre = Preprocessor(**bundle["preprocessor"])
         if "booster" in bundle:
             import xgboost as xgb
 
@@ -324,7 +348,7 @@ class LoadedModel:
 
     @property
     def family(self) -> str:
-        return "mlp" if self.net is not None else "gbdt"
+        return "blend" if self.members else "mlp" if self.net is not None else "gbdt"
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """RAW feature columns (as a caller sends them) -> predictions."""
@@ -332,25 +356,31 @@ class LoadedModel:
 
     def predict_typed(self, typed: pd.DataFrame, index=None) -> pd.DataFrame:
         """Rows already typed and with derived features (curated data) -> predictions."""
-        outputs = self._outputs(*self.pre.encode(typed))
+        outputs = self._columns(self._scores(typed, Preprocessor.encode))
         return pd.DataFrame(outputs, index=typed.index if index is None else index)
 
     def predict_table(self, table: pa.Table) -> dict[str, np.ndarray]:
         """An Arrow table typed as curated data (with derived features) -> output columns (batch scoring)."""
-        return self._outputs(*self.pre.encode_table(table))
+        return self._columns(self._scores(table, Preprocessor.encode_table))
 
     def predict_wire(self, columns: dict[str, list]) -> dict[str, list]:
         """Checked wire values per raw column (what the model server parsed) -> output columns as lists."""
         outputs = self.predict_table(wire_table(columns, self.dataset))
         return {name: values.tolist() for name, values in outputs.items()}
 
-    def _outputs(self, dense: torch.Tensor, cats: torch.Tensor) -> dict[str, np.ndarray]:
+    def _scores(self, rows, encode) -> np.ndarray:
+        """``scores`` of the rows (``encode``: how this model's preprocessor turns them into inputs); a
+        blend's: the weighted average of its members'."""
+        if self.members:
+            return sum(weight * member._scores(rows, encode) for weight, member in self.members)
+        dense, cats = encode(self.pre, rows)
         if self.booster is not None:
             margins = self.booster.inplace_predict(tree_inputs(dense, cats), predict_type="margin")
-            predicted = scores(self.pre, torch.from_numpy(np.asarray(margins, dtype=np.float32)))
-        else:
-            with torch.no_grad():
-                predicted = scores(self.pre, self.net(dense, cats))
+            return scores(self.pre, torch.from_numpy(np.asarray(margins, dtype=np.float32)))
+        with torch.no_grad():
+            return scores(self.pre, self.net(dense, cats))
+
+    def _columns(self, predicted: np.ndarray) -> dict[str, np.ndarray]:
         if self.pre.classes is None:
             return {"prediction": predicted}
         if len(self.pre.classes) == 2:

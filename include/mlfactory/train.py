@@ -37,7 +37,7 @@ from pathlib import Path
 from mlfactory import storage
 from mlfactory.cluster import Cluster, data_locations, launched_by_torchrun
 from mlfactory.config import CHOICES
-from mlfactory.specs import CHECKPOINT_FILE, DATASET_FILE, METRICS_FILE, MODEL_FILE
+from mlfactory.specs import CHECKPOINT_FILE, DATASET_FILE, METRICS_FILE, MODEL_FILE, VALIDATION_FILE
 
 log = logging.getLogger("mlfactory.train")
 
@@ -279,11 +279,12 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
     say("training %s on %d rows (%d validation): %s, %d process(es), backend %s", dataset.name, len(data.y),
         len(data.v_y), args.model, runtime.world_size, runtime.backend)
     fit = _boost if args.model == "gbdt" else _epochs
-    model, history = fit(args, runtime, pre, data, checkpoint, tracker, metric)
+    model, history, val_scores = fit(args, runtime, pre, data, checkpoint, tracker, metric)
 
     result = None
     if runtime.is_primary:
         result = _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_rows)
+        write_validation(args.output_uri, val_idx, val_scores, data.v_y.numpy())
     _barrier(runtime)
     if runtime.world_size > 1:
         import torch.distributed as dist
@@ -407,7 +408,12 @@ def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, met
         net.load_state_dict(best["state"])
         history.append(next(row for row in history if row["epoch"] == best["epoch"]))
         log.info("kept the weights of epoch %d (%s %.4f)", best["epoch"], metric, best["value"])
-    return net.cpu(), history
+    val_scores = None
+    if runtime.is_primary:  # the kept weights' (a resumed run may not have them from before the restart)
+        net.eval()
+        with torch.no_grad():
+            val_scores = scores(pre, net(data.v_dense.to(runtime.device), data.v_cats.to(runtime.device)).cpu())
+    return net.cpu(), history, val_scores
 
 
 def one_cycle(optimizer, total_steps: int, warmup_share: float = 0.1, start: float = 1 / 25, end: float = 1e-4):
@@ -501,16 +507,18 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
         return stopped[:best], xgb.train(params, every_row, num_boost_round=rounds, verbose_eval=False)
 
     stopped, booster = boost() if runtime.world_size == 1 else _with_collective(runtime, boost)
-    if runtime.is_primary:
+    val_scores = None
+    if runtime.is_primary:  # the early-stopped trees' (the refit has seen the validation rows)
         margins = stopped.inplace_predict(tree_inputs(data.v_dense, data.v_cats), predict_type="margin")
-        final = _epoch_row(pre, data, scores(pre, torch.from_numpy(np.asarray(margins))),
+        val_scores = scores(pre, torch.from_numpy(np.asarray(margins)))
+        final = _epoch_row(pre, data, val_scores,
                            {"epoch": stopped.num_boosted_rounds(),
                             "samples_per_s": history[-1]["samples_per_s"] if history else 0.0},
                            metric, "round", f"{args.trees} (best)")
         history.append(final)
         log.info("refit on all %d rows: %d rounds (the best round's count, scaled to the rows added)",
                  len(data.y) + len(data.v_y), booster.num_boosted_rounds())
-    return booster, history
+    return booster, history, val_scores
 
 
 def _with_collective(runtime: Runtime, boost):
@@ -566,6 +574,18 @@ def _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_ro
     log.info("done: %s %.4f after %d %s; model and metrics in %s", metric, result["value"] or float("nan"),
              result["epochs"], "rounds" if args.model == "gbdt" else "epochs", args.output_uri)
     return result
+
+
+def write_validation(output_uri: str, rows, val_scores, target) -> None:
+    """``VALIDATION_FILE`` beside the model: the validation rows (their positions in the training set), the
+    model's scores on them (``tabular.scores``: what its metric was computed from) and their encoded targets.
+    ml_train's blend (``mlfactory.blend``) weighs the best trial of each model family on them."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, rows=np.asarray(rows, np.int64), scores=np.asarray(val_scores, np.float32),
+                        target=np.asarray(target))
+    storage.write_bytes(storage.join(output_uri, VALIDATION_FILE), buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------

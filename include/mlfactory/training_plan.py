@@ -9,7 +9,8 @@ per trial of the hyperparameter search, and which trial becomes the candidate.
   TPE, batch after batch, each batch drawn from the results of the ones before), each a job spec
   with a name that is stable across retries, its own output and checkpoint folders, and MLflow tags
   that say why the run started.
-- ``select_best``: the trial with the best validation metric.
+- ``select_best``: the trial with the best validation metric, or the blend of the best trial of each
+  model family when that scores better on the same validation rows (``mlfactory.blend``).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str, batch: 
         trials = bayes_trials(base, params["search_space"], n, defaults.seed, [r for r in history or [] if r])
     else:  # a later batch takes the next combinations of the grid, or of the seeded sample
         trials = search_trials(base, params["search_space"], n * (batch + 1), params["search"], defaults.seed)[batch * n:]
-    key = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")[:40]
+    key = run_key(run_id)
     tags = {"mlfactory.started_by": prepared["started_by"], "mlfactory.airflow_run_id": run_id,
             "mlfactory.drifted_features": ",".join(prepared["drifted_features"])}
     return [
@@ -126,14 +127,26 @@ def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str, batch: 
     ]
 
 
-def select_best(prepared: dict, results: list[dict | None]) -> dict:
-    """The candidate: the trial whose validation metric is best (higher is better); the ranking is printed."""
+def run_key(run_id: str) -> str:
+    """The folder name of an Airflow run's trials (``models/runs/<key>/trial-<i>``) and job names."""
+    return re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")[:40]
+
+
+def select_best(cfg: PipelineConfig, prepared: dict, results: list[dict | None], run_id: str) -> dict:
+    """The candidate: the trial whose validation metric is best (higher is better), or with
+    ``training.blend`` the blend of the best trial of each family when it is better still; the ranking
+    is printed."""
+    from mlfactory.blend import blend
+
     done = [r for r in results if r and r.get("value") is not None]
     if not done:
         raise ValueError("no trial produced a model: see the train tasks' logs")
     best = max(done, key=lambda r: r["value"])
     for r in sorted(done, key=lambda r: -r["value"]):
         print(f"trial {r['hyperparameters']}: {r['metric']} {r['value']:.4f}{'  <- best' if r is best else ''}")
+    if cfg.training.blend:
+        best = blend(cfg, prepared, done, best, storage.join(cfg.storage.models_uri, "runs", run_key(run_id),
+                                                             "blend")) or best
     return {
         "mlflow_run_id": best.get("mlflow_run_id"),
         "model_uri": best.get("model_uri"),

@@ -38,8 +38,8 @@ from urllib.parse import urlparse
 from mlfactory import BadInput
 from mlfactory.backends.aws import AwsSettings
 from mlfactory.cluster import SAGEMAKER_CHECKPOINT_DIR  # synced with CheckpointConfig.S3Uri; the entrypoint reads it
-from mlfactory.specs import (METRICS_FILE, MODEL_FILE, Accelerator, BatchJobSpec, CostEstimate, EndpointSpec, JobStatus,
-                             ModelRef, TrainingJobSpec, check_budget)
+from mlfactory.specs import (METRICS_FILE, MODEL_FILE, VALIDATION_FILE, Accelerator, BatchJobSpec, CostEstimate,
+                             EndpointSpec, JobStatus, ModelRef, TrainingJobSpec, check_budget)
 
 DEFAULT_GPU = "nvidia-a10g"
 CATALOG: dict[tuple[str, str | None, int], str] = {
@@ -227,7 +227,8 @@ def training_status(described: dict) -> JobStatus:
 
 def training_result(model_tar_gz: bytes, output_uri: str, job: str, artifact: str) -> tuple[dict, dict[str, bytes]]:
     """A finished job's model.tar.gz (the container's SM_MODEL_DIR) -> (the entrypoint's metrics with
-    its paths pointing at ``output_uri`` instead of the container's, the files to put there)."""
+    its paths pointing at ``output_uri`` instead of the container's, the files to put there: the metrics,
+    the model and, when the job wrote it, its validation scores)."""
     import io
     import tarfile
 
@@ -235,7 +236,7 @@ def training_result(model_tar_gz: bytes, output_uri: str, job: str, artifact: st
     with tarfile.open(fileobj=io.BytesIO(model_tar_gz), mode="r:gz") as archive:
         for member in archive.getmembers():
             name = member.name.lstrip("./")
-            if member.isfile() and name in (METRICS_FILE, MODEL_FILE):
+            if member.isfile() and name in (METRICS_FILE, MODEL_FILE, VALIDATION_FILE):
                 files[name] = archive.extractfile(member).read()
     missing = sorted({METRICS_FILE, MODEL_FILE} - set(files))
     if missing:
