@@ -2,10 +2,10 @@
 
 On tabular data the network and the trees are often close, and which one scores better on the validation
 rows is partly chance; their errors differ, so their average is usually better than either (on the P7
-datasets, +0.001 to +0.005 ROC AUC or R² on the frozen holdout over the better one). Each trial leaves its
-scores on the validation rows beside its model (``train.write_validation``: the early-stopped trees', the
-kept epoch's network); the weight of the trees goes over ``WEIGHTS`` and the one with the best validation
-metric wins. The blend is the candidate only when it beats the best trial there; with a weight of 0 or 1 it
+datasets, +0.0002 to +0.001 ROC AUC or R² on the frozen holdout over the better one, at the weight chosen
+on the validation rows). Each trial leaves its scores on the validation rows beside its model
+(``train.write_validation``: the early-stopped trees', the kept epoch's network); the weight of the better
+of the two goes over ``WEIGHTS`` and the one with the best validation metric wins. The blend is the candidate only when it beats the best trial there; with a weight of 0 or 1 it
 is that trial alone. ``training.blend: false`` turns it off.
 
 The blend is one model file (``tabular.save_blend``: the members' bundles and weights) logged to MLflow as
