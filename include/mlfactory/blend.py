@@ -5,8 +5,9 @@ rows is partly chance; their errors differ, so their average is usually better t
 datasets, +0.0002 to +0.001 ROC AUC or R² on the frozen holdout over the better one, at the weight chosen
 on the validation rows). Each trial leaves its scores on the validation rows beside its model
 (``train.write_validation``: the early-stopped trees', the kept epoch's network); the weight of the better
-of the two goes over ``WEIGHTS`` and the one with the best validation metric wins. The blend is the candidate only when it beats the best trial there; with a weight of 0 or 1 it
-is that trial alone. ``training.blend: false`` turns it off.
+of the two goes over ``WEIGHTS`` and the one with the best validation metric wins. The blend is the
+candidate only when it beats the best trial there; with a weight of 0 or 1 it is that trial alone.
+``training.blend: false`` turns it off.
 
 The blend is one model file (``tabular.save_blend``: the members' bundles and weights) logged to MLflow as
 its own run, whose tags name its members' runs: the registry, the gate, the model server and batch scoring
@@ -38,11 +39,16 @@ def read_validation(model_bundle_uri: str) -> dict | None:
         return {name: data[name] for name in ("rows", "scores", "target")}
 
 
+def family(result: dict) -> str:
+    """A trial's model family (a trial's hyperparameters always name it; the entrypoint's default is mlp)."""
+    return result["hyperparameters"].get("model", "mlp")
+
+
 def family_leaders(results: list[dict]) -> list[dict]:
     """The best trial of each model family, best first."""
     leaders: dict[str, dict] = {}
     for result in sorted(results, key=lambda r: -r["value"]):
-        leaders.setdefault(result["hyperparameters"].get("model", "mlp"), result)
+        leaders.setdefault(family(result), result)
     return list(leaders.values())
 
 
@@ -91,22 +97,22 @@ def blend(cfg, prepared: dict, results: list[dict], best: dict, folder: str) -> 
         log.info("no blend: the trials were validated on different rows")
         return None
     weight, value = weighed
-    families = [m["hyperparameters"].get("model", "mlp") for m in (first, second)]
-    print(f"blend {weight:.2f} x {families[0]} + {1 - weight:.2f} x {families[1]}: {best['metric']} {value:.4f}")
+    weights = {family(first): weight, family(second): 1 - weight}
+    print(" + ".join(f"{w:.2f} x {name}" for name, w in weights.items()), f"(blend): {best['metric']} {value:.4f}")
     if not (0 < weight < 1 and value > best["value"]):  # a NaN metric (one class among the rows) never wins
         print(f"the best trial alone stays the candidate ({best['metric']} {best['value']:.4f})")
         return None
     bundle_uri = storage.join(folder, MODEL_FILE)
-    logged = _write_and_log(cfg, prepared, (first, second), bundles, (weight, 1 - weight), bundle_uri, best["metric"],
-                            value)
+    logged = _write_and_log(cfg, prepared, (first, second), bundles, weights, bundle_uri, best["metric"], value)
     return {**logged, "model_bundle_uri": bundle_uri, "metric": best["metric"], "value": value,
-            "hyperparameters": {"model": "blend", "weights": {families[0]: weight, families[1]: 1 - weight},
+            "hyperparameters": {"model": "blend", "weights": weights,
                                 "members": [m["hyperparameters"] for m in (first, second)]}}
 
 
-def _write_and_log(cfg, prepared: dict, members, bundles, weights, bundle_uri: str, metric: str, value: float) -> dict:
+def _write_and_log(cfg, prepared: dict, members, bundles, weights: dict[str, float], bundle_uri: str, metric: str,
+                   value: float) -> dict:
     """The blend's model file at ``bundle_uri``, and its MLflow run and logged model (with five rows of the
-    training set as its input example)."""
+    training set as its input example). ``weights``: each member's family -> its weight, in member order."""
     import tempfile
     from pathlib import Path
 
@@ -126,12 +132,12 @@ def _write_and_log(cfg, prepared: dict, members, bundles, weights, bundle_uri: s
             if k.startswith("mlfactory.") and k != "mlfactory.trial"}
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / MODEL_FILE)
-        save_blend(path, dataset, bundles, list(weights))
+        save_blend(path, dataset, bundles, list(weights.values()))
         storage.write_bytes(bundle_uri, Path(path).read_bytes())
         with start_run(cfg.mlflow.experiment, "blend"):
             mlflow.set_tags({**tags, MEMBERS_TAG: ",".join(m["mlflow_run_id"] for m in members)})
-            mlflow.log_params({"model": "blend", "train_uri": prepared["training_set"]["uri"], **{
-                f"weight_{m['hyperparameters'].get('model', 'mlp')}": round(w, 4) for m, w in zip(members, weights)}})
+            mlflow.log_params({"model": "blend", "train_uri": prepared["training_set"]["uri"],
+                               **{f"weight_{name}": round(w, 4) for name, w in weights.items()}})
             mlflow.log_metric(metric, value)
             run_id = mlflow.active_run().info.run_id
             info = log_pyfunc(path, sample, dataset)

@@ -282,9 +282,9 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
     model, history, val_scores = fit(args, runtime, pre, data, checkpoint, tracker, metric)
 
     result = None
-    if runtime.is_primary:
-        result = _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_rows)
+    if runtime.is_primary:  # metrics.json, the job's result, is written last
         write_validation(args.output_uri, val_idx, val_scores, data.v_y.numpy())
+        result = _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_rows)
     _barrier(runtime)
     if runtime.world_size > 1:
         import torch.distributed as dist

@@ -107,6 +107,7 @@ def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str, batch: 
     else:  # a later batch takes the next combinations of the grid, or of the seeded sample
         trials = search_trials(base, params["search_space"], n * (batch + 1), params["search"], defaults.seed)[batch * n:]
     key = run_key(run_id)
+    runs = run_folder(cfg, run_id)
     tags = {"mlfactory.started_by": prepared["started_by"], "mlfactory.airflow_run_id": run_id,
             "mlfactory.drifted_features": ",".join(prepared["drifted_features"])}
     return [
@@ -114,7 +115,7 @@ def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str, batch: 
             name=f"{key}-t{i}"[:63],
             hyperparameters=hyperparameters,
             input_uri=prepared["training_set"]["uri"],
-            output_uri=storage.join(cfg.storage.models_uri, "runs", key, f"trial-{i}"),
+            output_uri=storage.join(runs, f"trial-{i}"),
             checkpoint_uri=storage.join(cfg.storage.models_uri, "checkpoints", key, f"trial-{i}"),
             processes_per_node=params["processes"],
             nodes=defaults.nodes,
@@ -128,8 +129,13 @@ def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str, batch: 
 
 
 def run_key(run_id: str) -> str:
-    """The folder name of an Airflow run's trials (``models/runs/<key>/trial-<i>``) and job names."""
+    """An Airflow run's id as a folder name and job name prefix."""
     return re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")[:40]
+
+
+def run_folder(cfg: PipelineConfig, run_id: str) -> str:
+    """Where an Airflow run's models go: ``models/runs/<key>/trial-<i>``, and its blend's ``.../blend``."""
+    return storage.join(cfg.storage.models_uri, "runs", run_key(run_id))
 
 
 def select_best(cfg: PipelineConfig, prepared: dict, results: list[dict | None], run_id: str) -> dict:
@@ -145,8 +151,7 @@ def select_best(cfg: PipelineConfig, prepared: dict, results: list[dict | None],
     for r in sorted(done, key=lambda r: -r["value"]):
         print(f"trial {r['hyperparameters']}: {r['metric']} {r['value']:.4f}{'  <- best' if r is best else ''}")
     if cfg.training.blend:
-        best = blend(cfg, prepared, done, best, storage.join(cfg.storage.models_uri, "runs", run_key(run_id),
-                                                             "blend")) or best
+        best = blend(cfg, prepared, done, best, storage.join(run_folder(cfg, run_id), "blend")) or best
     return {
         "mlflow_run_id": best.get("mlflow_run_id"),
         "model_uri": best.get("model_uri"),
