@@ -67,12 +67,16 @@ system-packages:
 	  else echo "missing Debian packages:$$missing; run: sudo apt-get install$$missing"; exit 1; fi; \
 	fi
 
+# The suite's tests side by side in TEST_WORKERS processes (pytest-xdist; each its own Airflow home, servers and
+# ports): most of its time is spent waiting on servers, schedulers and training subprocesses, not computing.
+TEST_WORKERS ?= 3
+
 test: $(STAMP) $(ENTRY) $(AZURITE) $(CHECKOV) system-packages
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # The inner loop: everything but the end-to-end runs under a real Airflow scheduler (marker `scheduler`).
 test-fast: $(STAMP) $(AZURITE) $(CHECKOV) system-packages
-	$(PY) -m pytest -m "not scheduler"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not scheduler"
 
 bench: $(STAMP)
 	$(PY) benchmarks/p3_etl_vs_pyarrow.py

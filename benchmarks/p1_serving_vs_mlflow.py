@@ -18,35 +18,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _served_model import served_model  # noqa: E402
 
 from mlfactory.features import to_wire  # noqa: E402
-from mlfactory.processes import free_port, stop_group  # noqa: E402
+from mlfactory.processes import answers, free_port, start, stop_group  # noqa: E402
 from mlfactory.training_data import frozen_holdout, read_holdout  # noqa: E402
 
 LUA = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = io.open("{body}"):read("*a")
 """
-
-
-def wait_up(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/ping", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def _ms(text: str) -> float:
@@ -99,16 +83,10 @@ def main() -> int:
         }
         results: dict = {}
         for name, command in commands.items():  # one server at a time: each gets the same 2 cores
-            log = work / f"{name}.log"
-            with open(log, "wb") as out:
-                proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             url = f"http://127.0.0.1:{ports[name]}"
+            proc = start(command, work / f"{name}.log", lambda: answers(url + "/ping", ok_only=True), f"{name}'s server",
+                         timeout=180, env=env)
             try:
-                try:
-                    wait_up(url, proc)
-                except (RuntimeError, TimeoutError):
-                    print(log.read_text()[-3000:])
-                    raise
                 wrk(url, bodies[1], 8, 2)  # warm-up
                 for n, body in bodies.items():
                     for connections in (8, 32):

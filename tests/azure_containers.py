@@ -16,10 +16,9 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from mlfactory.processes import free_port, signal_group, stop_group
+from mlfactory.processes import answers, free_port, signal_group, start, stop_group
 
 
 def blob_uri(fake, path: str) -> str:
@@ -135,22 +134,10 @@ class ModelContainers:
         port = free_port()
         env = _base_env({**props.get("environmentVariables", {}), "AZUREML_MODEL_DIR": str(model_dir),
                          "PORT": str(port), "MLFACTORY_SERVING_HOST": "127.0.0.1"})
-        log = self.workdir / f"{name}.log"
-        with open(log, "ab") as out:
-            process = subprocess.Popen([sys.executable, "-m", "mlfactory.serving"], env=env, stdout=out,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + routes["readinessRoute"]["path"], timeout=2).close()
-                urllib.request.urlopen(url + routes["livenessRoute"]["path"], timeout=2).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    stop_group(process)
-                    raise RuntimeError(f"the deployment's container did not become ready: {log.read_text()[-2000:]}")
-                time.sleep(0.3)
+        process = start([sys.executable, "-m", "mlfactory.serving"], self.workdir / f"{name}.log",
+                        lambda: all(answers(url + routes[r]["path"], ok_only=True) for r in ("readinessRoute", "livenessRoute")),
+                        "the deployment's container", env=env)
         self.processes[name] = (process, url)
         return url
 

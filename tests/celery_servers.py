@@ -12,11 +12,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mlfactory.processes import free_port
+from mlfactory.processes import free_port, start, stop_group
 
 
 def _as_postgres() -> list[str]:
@@ -52,15 +51,12 @@ def redis(workdir: Path) -> Iterator[str]:
     """A Redis server with no persistence; yields its URL."""
     port = free_port()
     log = workdir / "redis.log"
-    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir), "--logfile", str(log)])
+    ping = ["redis-cli", "-p", str(port), "ping"]
+    proc = start(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                  "--dir", str(workdir), "--logfile", str(log)], workdir / "redis-stdout.log",
+                 lambda: subprocess.run(ping, capture_output=True, text=True).stdout.strip() == "PONG", "redis-server",
+                 timeout=30)
     try:
-        deadline = time.monotonic() + 30
-        while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True).stdout.strip() != "PONG":
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start; see {log}")
-            time.sleep(0.1)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_group(proc)

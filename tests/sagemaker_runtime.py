@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import boto3
 
-from mlfactory.processes import free_port, signal_group, stop_group
+from mlfactory.processes import answers, free_port, signal_group, start, stop_group
 
 
 class SageMakerRuntime:
@@ -85,22 +84,10 @@ class SageMakerRuntime:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFACTORY_"))}
             env.update(environment, **self.environment)
             self.workdir.mkdir(parents=True, exist_ok=True)
-            log = self.workdir / f"{model}.log"
-            with open(log, "ab") as out:
-                process = subprocess.Popen([sys.executable, "-m", "mlfactory.serving", "--host", "127.0.0.1",
-                                            "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(url + "/ping", timeout=2).close()
-                    break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        stop_group(process)
-                        raise RuntimeError(f"the container of {model} did not become healthy: {log.read_text()[-2000:]}")
-                    time.sleep(0.3)
+            process = start([sys.executable, "-m", "mlfactory.serving", "--host", "127.0.0.1", "--port", str(port)],
+                            self.workdir / f"{model}.log", lambda: answers(url + "/ping", ok_only=True),
+                            f"the container of {model}", env=env)
             self.containers[model] = (process, url)
             if model in self.hung:
                 signal_group(process, signal.SIGSTOP)

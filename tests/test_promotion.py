@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -287,6 +288,7 @@ from pathlib import Path
 import mlflow
 from mlfactory.tracking import start_run
 
+Path(sys.argv[4]).touch()  # imported: ready for the race
 go = Path(sys.argv[2])
 while not go.exists():  # every process waits here, then all create the experiment at once
     time.sleep(0.001)
@@ -307,11 +309,13 @@ def test_parallel_trials_creating_the_experiment_log_into_it_whatever_the_enviro
     for attempt in range(3):
         name, go = f"parallel-trials-{attempt}", tmp_path / f"go-{attempt}"
         env["MLFLOW_EXPERIMENT_NAME"] = name
-        procs = [subprocess.Popen([sys.executable, "-c", STARTER, mlflow_server.url, str(go), name], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
-        import time
-
-        time.sleep(5)  # all four have imported mlflow and are waiting
+        ready = [tmp_path / f"ready-{attempt}-{i}" for i in range(4)]
+        procs = [subprocess.Popen([sys.executable, "-c", STARTER, mlflow_server.url, str(go), name, str(flag)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for flag in ready]
+        deadline = time.monotonic() + 120
+        while not all(flag.exists() for flag in ready):  # all four have imported mlflow and are waiting
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, [p.stderr.read() for p in procs if p.poll() is not None]
+            time.sleep(0.05)
         go.touch()
         outputs = [p.communicate(timeout=120) for p in procs]
         expected = client.get_experiment_by_name(name).experiment_id

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from mlfactory import storage
-from mlfactory.processes import free_port, stop_group
+from mlfactory.processes import answers, free_port, start, stop_group
 
 TOKEN = "test-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-9876543210"
@@ -60,29 +60,14 @@ def server(champion, tmp_path_factory):
     env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri, "MLFACTORY_SERVING_TOKEN": TOKEN,
            "MLFACTORY_SERVING_TOKENS_FILE": str(tokens), "MLFACTORY_SERVING_ADMIN_TOKEN": ADMIN_TOKEN,
            "AIP_PREDICT_ROUTE": VERTEX_PREDICT, "AIP_HEALTH_ROUTE": VERTEX_HEALTH, "AIP_HTTP_PORT": str(port)}
-    logfile = open(home / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlfactory.serving", "--model-uri", f"models:/{cfg.model_name}@champion",
-         "--host", "127.0.0.1", "--log-uri", log_uri, "--log-flush-seconds", "0.5",
-         "--admin-port", str(admin_port), "--allowed-model", cfg.model_name, "--max-concurrent", "3",
-         "--body-timeout", "3"],
-        env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
-    )
     url = f"http://127.0.0.1:{port}"  # the port came from AIP_HTTP_PORT, as on Vertex AI
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, open(logfile.name).read()[-3000:]
-        try:
-            if call(url, "/ping", token=None)[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.3)
-    else:
-        pytest.fail("the model server did not come up: " + open(logfile.name).read()[-3000:])
+    proc = start([sys.executable, "-m", "mlfactory.serving", "--model-uri", f"models:/{cfg.model_name}@champion",
+                  "--host", "127.0.0.1", "--log-uri", log_uri, "--log-flush-seconds", "0.5",
+                  "--admin-port", str(admin_port), "--allowed-model", cfg.model_name, "--max-concurrent", "3",
+                  "--body-timeout", "3"],
+                 home / "server.log", lambda: answers(f"{url}/ping", ok_only=True), "the model server", env=env)
     yield url, log_uri, f"http://127.0.0.1:{admin_port}", tokens
     stop_group(proc)
-    logfile.close()
 
 
 @pytest.fixture(scope="module")

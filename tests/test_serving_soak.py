@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 
-from mlfactory.processes import free_port, stop_group
+from mlfactory.processes import free_port, start, stop_group
 
 TOKEN = "test-soak-token-0123456789"
 SOAK_S, BASELINE_S = 60, 10
@@ -135,21 +135,11 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
     cfg, wire, _ = champion
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri, "MLFACTORY_SERVING_TOKEN": TOKEN}
-    log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen([*pinned(SERVER_CORES), sys.executable, "-m", "mlfactory.serving", "--model-uri", f"models:/{cfg.model_name}/1",
-                               "--host", "127.0.0.1", "--port", str(port), "--body-timeout", "5"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    server = start([*pinned(SERVER_CORES), sys.executable, "-m", "mlfactory.serving", "--model-uri",
+                    f"models:/{cfg.model_name}/1", "--host", "127.0.0.1", "--port", str(port), "--body-timeout", "5"],
+                   tmp_path / "server.log", f"{url}/ping", "the model server", env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.3)
         rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
                 for r in wire.head(8).to_dict("records")]
         body = json.dumps({"dataframe_records": rows}, default=str)
@@ -209,4 +199,3 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
         assert server.poll() is None
     finally:
         stop_group(server)
-        log.close()

@@ -10,10 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from mlfactory.processes import free_port, signal_group, stop_group
+from mlfactory.processes import answers, free_port, signal_group, start, stop_group
 
 
 def _env(entries: list[dict]) -> dict[str, str]:
@@ -96,19 +95,9 @@ class ModelContainers:
         command = [sys.executable if c == "python" else c for c in spec["command"]]
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = self.workdir / f"{model['name'].rsplit('/', 1)[-1]}.log"
-        with open(log, "ab") as out:
-            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + spec["healthRoute"], timeout=2).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    stop_group(process)
-                    raise RuntimeError(f"the model container did not become healthy: {log.read_text()[-2000:]}")
-                time.sleep(0.3)
+        process = start(command, log, lambda: answers(url + spec["healthRoute"], ok_only=True), "the model container",
+                        env=env)
         self.processes[model["name"]] = (process, url)
         return url
 

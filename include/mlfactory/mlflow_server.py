@@ -9,14 +9,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlfactory import storage
-from mlfactory.processes import stop_group
+from mlfactory.processes import answers, launch, stop_group, wait_ready
 
 
 @dataclass
@@ -47,28 +44,15 @@ class LocalMlflow:
         ]
         env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "MLFLOW_ENABLE_TELEMETRY": "false",
                "DO_NOT_TRACK": "1"}
-        log = open(self.home / "mlflow-server.log", "ab")  # noqa: SIM115 - kept open while the server runs
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.home)
+        self.process = launch(command, self.home / "mlflow-server.log", env=env, cwd=self.home)
         return self
 
     def wait_ready(self, timeout: float = 90) -> LocalMlflow:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.process.returncode}; see {self.home}/mlflow-server.log")
-            if self.healthy():
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"mlflow server not up after {timeout:.0f}s; see {self.home}/mlflow-server.log")
+        wait_ready(self.process, self.healthy, "the MLflow server", self.home / "mlflow-server.log", timeout, 0.5)
+        return self
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+        return answers(f"{self.url}/health", ok_only=True)
 
     def stop(self, grace: float = 10) -> None:
         if self.process is not None:

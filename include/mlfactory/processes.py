@@ -1,4 +1,5 @@
-"""Child processes of the `local` backend: free loopback ports, and stopping a whole process tree.
+"""Child processes of the `local` backend: free loopback ports, starting a server and waiting until it
+answers, and stopping a whole process tree.
 
 Airflow's scheduler, the MLflow server and torchrun each start workers of their own. They run in
 their own session (``start_new_session=True``) and are stopped with every descendant: torchrun puts
@@ -12,6 +13,11 @@ import os
 import signal
 import socket
 import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 
@@ -20,6 +26,49 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def answers(url: str, ok_only: bool = False) -> bool:
+    """Whether something answers HTTP at ``url``: any status (an error status is an answer too), or only a
+    2xx with ``ok_only``."""
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+        return True
+    except urllib.error.HTTPError:
+        return not ok_only
+    except OSError:
+        return False
+
+
+def launch(command: list[str], log: Path, **popen) -> subprocess.Popen:
+    """``command`` in a session of its own (stopped with ``stop_group``), its output appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, **popen)
+
+
+def wait_ready(process: subprocess.Popen, ready: str | Callable[[], bool], what: str, log: Path | None = None,
+               timeout: float = 120, interval: float = 0.2) -> subprocess.Popen:
+    """Wait until ``ready`` (a URL that ``answers``, or a check) holds. A process that exits first, or is not
+    ready within ``timeout`` seconds, is stopped, and the error names ``what`` with the end of its ``log``."""
+    check = (lambda: answers(ready)) if isinstance(ready, str) else ready
+    deadline = time.monotonic() + timeout
+    while not check():
+        exited = process.poll() is not None
+        if exited or time.monotonic() > deadline:
+            stop_group(process)
+            why = f"exited with {process.returncode}" if exited else f"was not ready after {timeout:.0f} s"
+            tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"{what} {why}" + (f"; the end of {log}:\n{tail}" if tail else ""))
+        time.sleep(interval)
+    return process
+
+
+def start(command: list[str], log: Path, ready: str | Callable[[], bool], what: str, timeout: float = 120,
+          **popen) -> subprocess.Popen:
+    """``launch`` then ``wait_ready``: a server that answers, or an error that says why not."""
+    return wait_ready(launch(command, log, **popen), ready, what, log, timeout)
 
 
 def signal_group(process: subprocess.Popen, sig: int) -> None:
