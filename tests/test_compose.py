@@ -1,5 +1,6 @@
 """docker-compose.yaml, the Dockerfiles and .env, checked without a Docker engine: rendered by a real compose
-implementation (Debian's docker-compose 1.29, `config`), then held to what the README says about them."""
+implementation (Debian's docker-compose 1.29, `config`), then held to what the docs say about them
+(docs/operations.md, "docker-compose")."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import yaml
 from mlfactory.config import TRAINING_QUEUE_ENV, load_config
 from mlfactory.local_airflow import PROJECT
 
-README = (PROJECT / "README.md").read_text()
+OPERATIONS = (PROJECT / "docs" / "operations.md").read_text()  # the docs page of the compose stack
 AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
                     "airflow-worker", "airflow-worker-gpu"}
 SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_ADMIN_PASSWORD",
@@ -23,7 +24,7 @@ SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW
 
 def compose_config(env_file=None, extra_env=None) -> subprocess.CompletedProcess:
     binary = shutil.which("docker-compose")
-    assert binary, "docker-compose is not installed: `make test` installs Debian's docker-compose (see README, Tests)"
+    assert binary, "docker-compose is not installed: `make test` installs Debian's docker-compose (docs/getting-started.md)"
     env = {k: v for k, v in os.environ.items() if k not in SECRETS}  # only what the env file says
     env.update(extra_env or {})
     args = [binary, "--project-directory", str(PROJECT), "-f", str(PROJECT / "docker-compose.yaml")]
@@ -53,9 +54,9 @@ def published_port(entry) -> tuple[str, str]:
     return host, published
 
 
-def readme_services() -> dict[str, str]:
-    """The README's table of the compose services: name -> published port ('' for none)."""
-    section = README.split("### docker-compose", 1)[1].split("\n### ", 1)[0]
+def documented_services() -> dict[str, str]:
+    """The docs' table of the compose services (docs/operations.md): name -> published port ('' for none)."""
+    section = OPERATIONS.split("\n## docker-compose\n", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `([a-z0-9-]+)` \| ([^|]*) \|", section, flags=re.M)
     return {name: port.strip().strip("`") for name, port in rows}
 
@@ -85,10 +86,10 @@ def test_without_env_compose_refuses_naming_the_missing_secret(tmp_path):
                      r"AIRFLOW_ADMIN_PASSWORD).*set in \.env", proc.stderr), proc.stderr
 
 
-def test_the_services_volumes_and_networks_are_the_readme_s(rendered):
+def test_the_services_volumes_and_networks_are_the_documented_ones(rendered):
     services = rendered["services"]
-    documented = readme_services()
-    assert set(services) == set(documented), "README's compose table and docker-compose.yaml differ"
+    documented = documented_services()
+    assert set(services) == set(documented), "docs/operations.md's compose table and docker-compose.yaml differ"
     for name, port in documented.items():
         published = [published_port(p) for p in services[name].get("ports", [])]
         assert [p for _, p in published] == ([port] if port else []), (name, published)

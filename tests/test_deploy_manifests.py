@@ -102,7 +102,7 @@ def test_training_tasks_get_the_gpu_pod_template_which_the_image_carries():
 
 def test_terraform_is_formatted():
     terraform = shutil.which("terraform")
-    assert terraform, "terraform is not on PATH (README, Tests)"
+    assert terraform, "terraform is not on PATH (docs/getting-started.md)"
     proc = subprocess.run([terraform, "fmt", "-check", "-recursive", "-diff", str(PROJECT / "deploy")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

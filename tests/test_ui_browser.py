@@ -29,7 +29,7 @@ def test_the_trigger_form_shows_every_param_refuses_bad_values_and_runs_ml_train
                                                                                mlflow_server, airflow_db_template):
     from playwright.sync_api import expect, sync_playwright
 
-    assert shutil.which("chromium"), "chromium is not installed: `make test` installs Debian's chromium (README, Tests)"
+    assert shutil.which("chromium"), "chromium is not installed: `make test` installs Debian's chromium (docs/getting-started.md)"
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw["training"].update(processes=1, search_space={"learning_rate": [0.003, 0.001]})
     raw["mlflow"].update(tracking_uri=mlflow_server.url, experiment="browser-test", model_name="churn_browser")

@@ -1,6 +1,6 @@
 """Bucket-change trigger for the `aws` backend: S3 event notifications delivered to an SQS queue.
 
-Set up once per bucket (README, "Pointing the project at AWS"): an event notification for
+Set up once per bucket (docs/backends/aws.md, "Setting it up"): an event notification for
 ``s3:ObjectCreated:*`` with the landing prefix as filter, sending to a queue this trigger reads.
 """
 

@@ -3,7 +3,7 @@
 Bucket events (AssetWatcher event triggers, on the google provider's hooks):
 
 - ``GcsNotificationTrigger``: GCS -> Pub/Sub notifications (``OBJECT_FINALIZE``) pulled from a
-  subscription (``PubSubAsyncHook``). Set up once per bucket (README, "Pointing the project at Google Cloud").
+  subscription (``PubSubAsyncHook``). Set up once per bucket (docs/backends/gcp.md, "Setting it up").
 - ``GcsPrefixPollTrigger``: the fallback for a bucket without notifications, listing the prefix (``GCSHook``).
 
 Both announce each object generation once, with the same fingerprint (size:generation) kept in the
