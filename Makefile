@@ -69,7 +69,7 @@ system-packages:
 
 # The suite's tests side by side in TEST_WORKERS processes (pytest-xdist; each its own Airflow home, servers and
 # ports): most of its time is spent waiting on servers, schedulers and training subprocesses, not computing.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 
 test: $(STAMP) $(ENTRY) $(AZURITE) $(CHECKOV) system-packages
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal

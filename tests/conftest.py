@@ -20,9 +20,15 @@ os.environ.pop("MLFACTORY_CONFIG", None)
 
 
 def pytest_collection_modifyitems(items):
-    """The end-to-end runs under a real scheduler first: with the suite spread over workers (``make test``), the
-    longest tests start at once and the short ones fill the gaps after them."""
-    items.sort(key=lambda item: item.get_closest_marker("scheduler") is None)
+    """With the suite spread over N workers (``make test``; pytest-xdist hands each worker a contiguous share of
+    this order, then moves tests from the end of a busy worker's share to an idle one): the end-to-end runs under
+    a real scheduler, minutes each, are dealt out so that each share starts with its part of them, and the short
+    tests fill in behind."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    long = [i for i in items if i.get_closest_marker("scheduler")]
+    short = [i for i in items if not i.get_closest_marker("scheduler")]
+    share = -(-len(short) // workers)
+    items[:] = [test for w in range(workers) for test in long[w::workers] + short[w * share:(w + 1) * share]]
 
 
 @pytest.fixture
@@ -150,7 +156,8 @@ def play_sagemaker_training_job(s3, job: dict, workdir: Path, environment: dict 
     algorithm = job["AlgorithmSpecification"]
     command = [sys.executable if a == "python" else a for a in algorithm["ContainerEntrypoint"]]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(environment or {}, SM_CHANNEL_TRAIN=str(channel), SM_MODEL_DIR=str(model_dir), SM_HOSTS='["algo-1"]',
+    # MLFACTORY_RUNTIME as the operator put it in the job's Environment (which moto's DescribeTrainingJob drops)
+    env.update(environment or {}, MLFACTORY_RUNTIME="aws", SM_CHANNEL_TRAIN=str(channel), SM_MODEL_DIR=str(model_dir), SM_HOSTS='["algo-1"]',
                SM_CURRENT_HOST="algo-1", TRAINING_JOB_NAME=job["TrainingJobName"])
     # /opt/ml/checkpoints is the container's; on this machine an explicit argument (which wins) keeps it in workdir
     done = subprocess.run([*command, *algorithm["ContainerArguments"], "--checkpoint-uri", str(workdir / "checkpoints")],

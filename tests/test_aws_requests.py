@@ -156,6 +156,7 @@ def test_endpoint_requests_and_moto_serves_them(settings, sagemaker, moto_server
     model = aws.create_model_request("customer-churn-v3", "s3://data/mlflow/1/abc/artifacts/model", plain,
                                      {"MLFLOW_TRACKING_URI": "https://mlflow.example.com"})
     assert model["PrimaryContainer"]["Environment"]["MLFACTORY_MODEL_URI"] == "s3://data/mlflow/1/abc/artifacts/model"
+    assert model["PrimaryContainer"]["Environment"]["MLFACTORY_RUNTIME"] == "aws"  # the server reads SageMaker's conventions
     sagemaker.create_model(**model)
     blue = aws.Variant("blue", "customer-churn-v3", 90, "ml.m5.large", 1)
     green = aws.Variant("green", "customer-churn-v3", 10, "ml.m5.large", 1)

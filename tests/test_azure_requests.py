@@ -60,7 +60,7 @@ def test_command_job_runs_the_entrypoint_distributed_on_spot_serverless_gpus(azu
                                         "uri": "azureml://datastores/mlfactory/paths/training/set=1/"}
     assert props["outputs"]["model"]["uri"] == "azureml://datastores/mlfactory/paths/models/runs/r1/trial-3/"
     assert props["outputs"]["checkpoints"]["uri"].endswith("/trial-3/_checkpoints/")
-    assert props["environmentVariables"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert props["environmentVariables"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFACTORY_RUNTIME": "azure"}
     assert props["tags"]["mlfactory_job"] == "trial-3"
     assert job.environment.image == AZURE_IMAGE
 
@@ -121,7 +121,7 @@ def test_online_deployment_declares_the_model_servers_routes(azure):
     body["properties"]["environmentId"] = "/environments/anonymous"
     check_body("OnlineDeployment", body)
     assert body["properties"]["instanceType"] == "Standard_DS3_v2" and body["sku"]["capacity"] == 2
-    assert body["properties"]["environmentVariables"] == {"MLFACTORY_MODEL_VERSION": "12", "A": "1"}
+    assert body["properties"]["environmentVariables"] == {"MLFACTORY_MODEL_VERSION": "12", "A": "1", "MLFACTORY_RUNTIME": "azure"}
     model = model_asset(endpoint_spec().model, azure)
     assert model.path == "azureml://datastores/mlfactory/paths/mlflow/1/abc/artifacts/model/"
     check_body("ModelVersion", rest_json(model))

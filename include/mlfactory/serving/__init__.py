@@ -8,12 +8,13 @@ It loads a model from the MLflow registry (or any MLflow model URI) and answers 
 |---|---|---|
 | MLflow scoring protocol | `GET /ping`, `GET /health` | `POST /invocations`: `dataframe_split`, `dataframe_records`, `instances`, `inputs` (JSON) or CSV |
 | SageMaker container contract | `GET /ping` | `POST /invocations` (port 8080); batch transform sends each Parquet file whole (`application/vnd.apache.parquet`) |
-| Vertex AI custom container | `AIP_HEALTH_ROUTE` | `AIP_PREDICT_ROUTE`, port `AIP_HTTP_PORT`: `{"instances": [...]}` → `{"predictions": [...]}` |
+| Vertex AI custom container | the health route Vertex names | the predict route and port Vertex names: `{"instances": [...]}` → `{"predictions": [...]}` |
 | Azure ML online endpoint | liveness `GET /`, readiness `GET /ready` | `POST /score` (`input_data` as split or records, or any of the above) |
 
 In a container, ``MLFACTORY_MODEL_URI`` names the model (a SageMaker Model points it at the
-version's files in S3; on Vertex AI, ``AIP_STORAGE_URI``, the Model's artifact_uri, does) and
-``MLFACTORY_MODEL_VERSION`` the registered version it is.
+version's files in S3), else the platform hands it over (Vertex AI's copy of the Model's artifact_uri,
+Azure ML's mounted model: each backend's ``runtime`` module, ``mlfactory.runtime``, reads its platform's
+routes, port, model and payload limits), and ``MLFACTORY_MODEL_VERSION`` the registered version it is.
 
 Every predict route takes every body format and answers ``{"predictions": [{...}, ...]}``, one
 object per row, as the MLflow pyfunc's output columns.

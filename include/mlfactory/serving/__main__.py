@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from mlfactory import runtime
 from mlfactory.serving.app import ModelServer, log
 from mlfactory.serving.auth import Credentials
 from mlfactory.serving.limits import BoundedHttpToolsProtocol, Limits
@@ -16,22 +17,17 @@ from mlfactory.serving.prediction_log import PredictionLog
 
 def main(argv: list[str] | None = None) -> int:
     env = os.environ
+    # the platform's own answers (the model it mounted or copied, its port, routes and payload limits):
+    # mlfactory.runtime, from the backend the container runs under
+    platform = runtime.of(env).serving_defaults(env)
     p = argparse.ArgumentParser(prog="python -m mlfactory.serving", description="The mlfactory model server.")
-    # Vertex AI hands a deployed model's artifact_uri (copied to its own bucket) over as AIP_STORAGE_URI; an
-    # Azure ML deployment mounts its model's folder under AZUREML_MODEL_DIR
-    default = env.get("MLFACTORY_MODEL_URI") or env.get("AIP_STORAGE_URI")
-    if not default and env.get("AZUREML_MODEL_DIR"):
-        from mlfactory.serving.model import mounted_model
-
-        default = mounted_model(env["AZUREML_MODEL_DIR"])
-    p.add_argument("--model-uri", default=default,
+    p.add_argument("--model-uri", default=env.get("MLFACTORY_MODEL_URI") or platform.model_uri,
                    help="MLflow model to serve as variant 'primary' with all traffic (models:/name@champion, a path, "
-                        "gs://..., ...; default $MLFACTORY_MODEL_URI, else Vertex AI's $AIP_STORAGE_URI, else the model "
-                        "under Azure ML's $AZUREML_MODEL_DIR); without it the "
-                        "server starts empty and takes variants through its admin API")
+                        "gs://..., ...; default $MLFACTORY_MODEL_URI, else the model the platform hands over); without "
+                        "it the server starts empty and takes variants through its admin API")
     p.add_argument("--host", default=env.get("MLFACTORY_SERVING_HOST", "0.0.0.0"),
                    help="interface to listen on (containers: 0.0.0.0; on a workstation use 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(env.get("AIP_HTTP_PORT") or env.get("PORT") or 8080))
+    p.add_argument("--port", type=int, default=platform.port or 8080)
     p.add_argument("--log-uri", default=env.get("MLFACTORY_PREDICTION_LOG_URI"),
                    help="bucket prefix for the prediction log (file://, s3://, gs://, abfs://); none: no log")
     p.add_argument("--log-flush-seconds", type=float, default=10.0)
@@ -46,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
                    help="JSON, JSON lines and CSV bodies (default 10 MiB)")
     p.add_argument("--max-batch-body-bytes", type=int, default=defaults.max_batch_body_bytes,
-                   help="Parquet bodies, and every body in a SageMaker batch transform (default 100 MiB, or "
-                        "$SAGEMAKER_MAX_PAYLOAD_IN_MB)")
+                   help="Parquet bodies, and every body in a platform's batch job (default 100 MiB, or the "
+                        "platform's payload limit)")
     p.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent,
                    help="predict requests in flight; past it a 503 with Retry-After")
     p.add_argument("--predict-timeout", type=float, default=defaults.predict_timeout_s,
@@ -71,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--admin-port must differ from --port ({args.port})")
     except (OSError, ValueError) as err:
         p.error(str(err))
-    limits = Limits.from_env(env, max_body_bytes=args.max_body_bytes, max_batch_body_bytes=args.max_batch_body_bytes,
+    limits = Limits.for_platform(platform, max_body_bytes=args.max_body_bytes, max_batch_body_bytes=args.max_batch_body_bytes,
                              max_concurrent=args.max_concurrent, predict_timeout_s=args.predict_timeout,
                              body_timeout_s=args.body_timeout)
     torch.set_num_threads(args.threads)
@@ -79,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         credentials=credentials,
         limits=limits,
         prediction_log=PredictionLog(args.log_uri, flush_seconds=args.log_flush_seconds),
-        health_route=env.get("AIP_HEALTH_ROUTE", "/health"),
-        predict_route=env.get("AIP_PREDICT_ROUTE", "/predict"),
+        health_route=platform.health_route,
+        predict_route=platform.predict_route,
         admin_port=args.admin_port,
         allowed_model=args.allowed_model,
     )

@@ -4,7 +4,6 @@ the process out of memory."""
 
 from __future__ import annotations
 
-import os
 import re
 import zlib
 from dataclasses import dataclass, replace
@@ -29,14 +28,14 @@ class Limits:
     predict_timeout_s: float = 60.0  # the model must answer within this (a hung model: 504)
 
     @classmethod
-    def from_env(cls, env=os.environ, **overrides) -> Limits:
-        """SageMaker batch transform says how big its payloads are (``MaxPayloadInMB``, up to 100) through
-        ``SAGEMAKER_MAX_PAYLOAD_IN_MB``; in a transform (``SAGEMAKER_BATCH``) every content type gets that."""
+    def for_platform(cls, platform, **overrides) -> Limits:
+        """A platform may say how big its payloads are (a ``mlfactory.runtime.ServingDefaults``: SageMaker batch
+        transform's ``MaxPayloadInMB``, up to 100): Parquet bodies may be that big, and in a batch job every
+        content type may."""
         limits = cls(**overrides)
-        if env.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", "").isdigit():
-            batch = max(limits.max_batch_body_bytes, int(env["SAGEMAKER_MAX_PAYLOAD_IN_MB"]) * MiB)
-            limits = replace(limits, max_batch_body_bytes=batch)
-        if env.get("SAGEMAKER_BATCH", "").lower() == "true":
+        if platform.max_batch_body_bytes:
+            limits = replace(limits, max_batch_body_bytes=max(limits.max_batch_body_bytes, platform.max_batch_body_bytes))
+        if platform.batch:
             limits = replace(limits, max_body_bytes=limits.max_batch_body_bytes)
         return limits
 

@@ -54,8 +54,8 @@ def _resolve_version(model_uri: str) -> str:
 
 
 def mounted_model(root: str) -> str:
-    """The MLflow model folder under a platform's model mount (Azure ML's ``AZUREML_MODEL_DIR`` holds the
-    registered folder by its own name): ``root`` itself when it has an MLmodel file, else the one folder
+    """The MLflow model folder under a platform's model mount (Azure ML's holds the registered folder by
+    its own name): ``root`` itself when it has an MLmodel file, else the one folder
     below it that does."""
     import os
 

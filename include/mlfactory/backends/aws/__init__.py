@@ -82,4 +82,5 @@ class AwsSettings(BackendSettings):
             raise ValueError(f"backend aws needs an s3:// bucket, got {cfg.storage.bucket!r}")
 
 
-BACKEND = Backend("aws", AwsSettings, airflow="mlfactory_airflow.backends.aws:AwsBackend")
+BACKEND = Backend("aws", AwsSettings, airflow="mlfactory_airflow.backends.aws:AwsBackend",
+                  runtime="mlfactory.backends.aws.runtime")

@@ -37,7 +37,8 @@ from urllib.parse import urlparse
 
 from mlfactory import BadInput
 from mlfactory.backends.aws import AwsSettings
-from mlfactory.cluster import SAGEMAKER_CHECKPOINT_DIR  # synced with CheckpointConfig.S3Uri; the entrypoint reads it
+from mlfactory.backends.aws.runtime import CHECKPOINT_DIR  # synced with CheckpointConfig.S3Uri; the entrypoint reads it
+from mlfactory.runtime import environment as runtime_environment
 from mlfactory.specs import (METRICS_FILE, MODEL_FILE, VALIDATION_FILE, Accelerator, BatchJobSpec, CostEstimate,
                              EndpointSpec, JobStatus, ModelRef, TrainingJobSpec, check_budget)
 
@@ -202,13 +203,13 @@ def create_training_job_request(spec: TrainingJobSpec, aws: AwsSettings) -> dict
                            **({"VolumeKmsKeyId": aws.kms_key_id} if aws.kms_key_id else {})},
         "StoppingCondition": stopping,
         "EnableManagedSpotTraining": spot,
-        "Environment": {**spec.environment, "PYTHONUNBUFFERED": "1"},
+        "Environment": {**spec.environment, "PYTHONUNBUFFERED": "1", **runtime_environment("aws")},
         "Tags": _tags(aws.tags, spec.tags),
         **_vpc(aws),
     }
     if spec.checkpoint_uri:
         request["CheckpointConfig"] = {"S3Uri": s3_uri(spec.checkpoint_uri, "the checkpoint location"),
-                                       "LocalPath": SAGEMAKER_CHECKPOINT_DIR}
+                                       "LocalPath": CHECKPOINT_DIR}
     elif spot:
         raise AwsRequestError(f"job {spec.name} uses spot instances but has no checkpoint_uri: a preempted job "
                               "would start over")
@@ -267,7 +268,8 @@ def create_model_request(name: str, model_uri: str, aws: AwsSettings, environmen
     return validated("sagemaker", "CreateModel", {
         "ModelName": job_name(name),
         "PrimaryContainer": {"Image": aws.image_uri, "Mode": "SingleModel",
-                             "Environment": {"MLFACTORY_MODEL_URI": model_uri, **(environment or {})}},
+                             "Environment": {"MLFACTORY_MODEL_URI": model_uri, **(environment or {}),
+                                             **runtime_environment("aws")}},
         "ExecutionRoleArn": aws.role_arn,
         "Tags": _tags(aws.tags),
         **_vpc(aws),

@@ -87,4 +87,5 @@ def quiet_sdk_logs() -> None:
     logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
 
 
-BACKEND = Backend("azure", AzureSettings, airflow="mlfactory_airflow.backends.azure:AzureBackend")
+BACKEND = Backend("azure", AzureSettings, airflow="mlfactory_airflow.backends.azure:AzureBackend",
+                  runtime="mlfactory.backends.azure.runtime")

@@ -43,6 +43,7 @@ from urllib.parse import urlparse
 
 from mlfactory import BadInput
 from mlfactory.backends.azure import AzureSettings, quiet_sdk_logs
+from mlfactory.runtime import environment as runtime_environment
 from mlfactory.specs import (METRICS_FILE, MODEL_FILE, Accelerator, BatchJobSpec, CostEstimate, EndpointSpec, JobStatus,
                              ModelRef, TrainingJobSpec, check_budget)
 
@@ -211,7 +212,7 @@ def command_job(spec: TrainingJobSpec, azure: AzureSettings, name: str):
                                        mode=InputOutputModes.RW_MOUNT)},
         compute=azure.compute or None,
         distribution={"type": "pytorch", "process_count_per_instance": spec.processes_per_node},
-        environment_variables=dict(spec.environment),
+        environment_variables={**spec.environment, **runtime_environment("azure")},
         tags={**azure.tags, **spec.tags, JOB_TAG: spec.name},
         timeout=spec.max_runtime_s,
     )
@@ -306,7 +307,7 @@ def online_deployment(spec: EndpointSpec, azure: AzureSettings, model_id: str, e
         environment=server, instance_type=vm_size(spec.accelerator, azure.endpoint_instance_type,
                                                   "azure.endpoint_instance_type"),
         instance_count=spec.min_replicas,
-        environment_variables={"MLFACTORY_MODEL_VERSION": spec.model.version, **environment},
+        environment_variables={"MLFACTORY_MODEL_VERSION": spec.model.version, **environment, **runtime_environment("azure")},
         request_settings=OnlineRequestSettings(request_timeout_ms=60_000, max_concurrent_requests_per_instance=8),
         liveness_probe=ProbeSettings(initial_delay=30, period=10, failure_threshold=30),
         readiness_probe=ProbeSettings(initial_delay=10, period=10, failure_threshold=30),
@@ -386,7 +387,7 @@ def batch_deployment(spec: BatchJobSpec, azure: AzureSettings, endpoint: str, mo
             mini_batch_size=1, instance_count=spec.instances, max_concurrency_per_instance=1,
             output_action=BatchDeploymentOutputAction.SUMMARY_ONLY,
             retry_settings=BatchRetrySettings(max_retries=2, timeout=min(spec.max_runtime_s, 86400)),
-            environment_variables={"MLFACTORY_MODEL_VERSION": spec.model.version}),
+            environment_variables={"MLFACTORY_MODEL_VERSION": spec.model.version, **runtime_environment("azure")}),
         tags={**azure.tags, "mlfactory.registry_uri": spec.model.registry_uri})
     rest(deployment)
     return deployment

@@ -89,4 +89,5 @@ class GcpSettings(BackendSettings):
             raise ValueError(f"backend gcp needs a gs:// bucket, got {cfg.storage.bucket!r}")
 
 
-BACKEND = Backend("gcp", GcpSettings, airflow="mlfactory_airflow.backends.gcp:GcpBackend")
+BACKEND = Backend("gcp", GcpSettings, airflow="mlfactory_airflow.backends.gcp:GcpBackend",
+                  runtime="mlfactory.backends.gcp.runtime")

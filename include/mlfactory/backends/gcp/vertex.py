@@ -45,6 +45,7 @@ from urllib.parse import urlparse
 
 from mlfactory import BadInput
 from mlfactory.backends.gcp import GcpSettings
+from mlfactory.runtime import environment as runtime_environment
 from mlfactory.specs import (Accelerator, BatchJobSpec, CostEstimate, EndpointSpec, JobStatus, ModelRef, TrainingJobSpec,
                              check_budget)
 
@@ -238,7 +239,8 @@ def custom_job(spec: TrainingJobSpec, gcp: GcpSettings, display_name: str | None
     from google.protobuf import duration_pb2
 
     m = training_machine(spec, gcp)
-    env = {**spec.environment, "PYTHONUNBUFFERED": "1", "AIP_TRAINING_DATA_URI": gs_uri(spec.input_uri, "the training set")}
+    env = {**spec.environment, "PYTHONUNBUFFERED": "1", "AIP_TRAINING_DATA_URI": gs_uri(spec.input_uri, "the training set"),
+           **runtime_environment("gcp")}
     if spec.accelerator.kind == "tpu":
         env["PJRT_DEVICE"] = "TPU"
     container = message("ContainerSpec", image_uri=gcp.image_uri, command=list(spec.entrypoint),
@@ -315,7 +317,7 @@ def model_id(model: ModelRef) -> str:
 def upload_model_request(model: ModelRef, gcp: GcpSettings, environment: dict[str, str] | None = None):
     """UploadModel: the version's MLflow model folder in GCS as ``artifact_uri`` (Vertex hands it to the
     container as ``AIP_STORAGE_URI``) and the project's model server as the serving container."""
-    env = {"MLFACTORY_MODEL_VERSION": model.version, **(environment or {})}
+    env = {"MLFACTORY_MODEL_VERSION": model.version, **(environment or {}), **runtime_environment("gcp")}
     container = message("ModelContainerSpec", image_uri=gcp.image_uri,
                         command=["python", "-m", "mlfactory.serving"],
                         env=[message("EnvVar", name=k, value=v) for k, v in sorted(env.items())],

@@ -73,4 +73,5 @@ class LocalSettings(BackendSettings):
         return self.admin_port or (self.port + 1 if self.port < 65535 else self.port - 1)
 
 
-BACKEND = Backend("local", LocalSettings, airflow="mlfactory_airflow.backends.local:LocalBackend")
+BACKEND = Backend("local", LocalSettings, airflow="mlfactory_airflow.backends.local:LocalBackend",
+                  runtime="mlfactory.backends.local.runtime")
