@@ -33,8 +33,8 @@ def main() -> None:
 
     from mlfactory import sample_data
     from mlfactory.config import load_config
-    from mlfactory.local_airflow import LocalAirflow
-    from mlfactory.processes import free_port
+    from mlfactory.backends.local.local_airflow import LocalAirflow
+    from mlfactory.backends.local.processes import free_port
 
     cfg = load_config()
     airflow = LocalAirflow(work / "airflow", api_port=free_port())

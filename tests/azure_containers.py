@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from mlfactory.processes import answers, free_port, signal_group, start, stop_group
+from mlfactory.backends.local.processes import answers, free_port, signal_group, start, stop_group
 
 
 def blob_uri(fake, path: str) -> str:

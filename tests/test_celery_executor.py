@@ -14,12 +14,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from airflow_faults import crash_tree
 from celery_servers import postgres, redis
 from mlfactory import sample_data
 from mlfactory.backends.local.endpoint import LocalEndpoint
 from mlfactory.config import DEFAULT_CONFIG, TRAINING_QUEUE_ENV, load_config
-from mlfactory.local_airflow import LocalAirflow
-from mlfactory.processes import free_port
+from mlfactory.backends.local.local_airflow import LocalAirflow
+from mlfactory.backends.local.processes import free_port
 
 pytestmark = pytest.mark.scheduler
 
@@ -60,7 +61,7 @@ def test_the_lifecycle_runs_on_two_celery_workers_training_on_the_gpu_queue_and_
                     for t in airflow.task_instances("ml_train", runs[-1]["dag_run_id"]))
 
             airflow.wait_until(training_checkpointed, 300, "a training task on the gpu worker past its first checkpoint")
-            airflow.crash_tree("worker-gpu")
+            crash_tree(airflow, "worker-gpu")
             airflow.relaunch("worker-gpu")
 
             for dag_id in STAGES:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from mlfactory.config import TRAINING_QUEUE_ENV, load_config
-from mlfactory.local_airflow import PROJECT
+from mlfactory.backends.local.local_airflow import PROJECT
 
 OPERATIONS = (PROJECT / "docs" / "operations.md").read_text()  # the docs page of the compose stack
 AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",

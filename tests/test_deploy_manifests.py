@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from mlfactory.config import TRAINING_POD_TEMPLATE_ENV, TRAINING_QUEUE_ENV
-from mlfactory.local_airflow import PROJECT
+from mlfactory.backends.local.local_airflow import PROJECT
 
 HELM = PROJECT / "deploy" / "helm"
 CLOUDS = ("aws", "gcp", "azure")

@@ -11,7 +11,7 @@ from mlfactory import storage
 from mlfactory.backends.local.endpoint import LocalEndpoint
 from mlfactory.backends.local.rollout import Rollout
 from mlfactory.deployment import DeploymentFailed, endpoint_spec, holdout_requests, read_endpoint_state, restore_after_failure
-from mlfactory.processes import free_port
+from mlfactory.backends.local.processes import free_port
 from mlfactory.registry import CHAMPION, Registry
 
 

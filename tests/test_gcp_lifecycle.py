@@ -24,9 +24,9 @@ from vertex_fake import VertexFake
 
 from mlfactory import sample_data, storage
 from mlfactory.config import load_config
-from mlfactory.local_airflow import LocalAirflow
-from mlfactory.mlflow_server import LocalMlflow
-from mlfactory.processes import free_port
+from mlfactory.backends.local.local_airflow import LocalAirflow
+from mlfactory.backends.local.mlflow_server import LocalMlflow
+from mlfactory.backends.local.processes import free_port
 
 pytestmark = [pytest.mark.scheduler, pytest.mark.gcp]
 

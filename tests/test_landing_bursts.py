@@ -18,13 +18,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from airflow_faults import crash, crash_all
 
 from mlfactory import sample_data, storage
 from mlfactory.config import DEFAULT_CONFIG, load_config
 from mlfactory.etl import CURATED_FILE, pending_snapshots
 from mlfactory.ingest import ledger_uri, pending_objects
-from mlfactory.local_airflow import LocalAirflow
-from mlfactory.processes import free_port
+from mlfactory.backends.local.local_airflow import LocalAirflow
+from mlfactory.backends.local.processes import free_port
 
 pytestmark = pytest.mark.scheduler
 
@@ -167,7 +168,7 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         landed.burst(10, prefix="scheduler")
         airflow.wait_until(lambda: any(r["state"] == "running" for r in airflow.dag_runs("ml_ingest")), 120,
                            "an ml_ingest run")
-        airflow.crash("scheduler")
+        crash(airflow, "scheduler")
         time.sleep(2)
         airflow.relaunch("scheduler")
         landed.wait_all_curated(airflow, timeout=240)
@@ -177,7 +178,7 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         before = len(airflow.asset_events())
         landed.burst(10, prefix="triggerer")
         airflow.wait_until(lambda: len(airflow.asset_events()) > before, 60, "the first landing event")
-        airflow.crash("triggerer")
+        crash(airflow, "triggerer")
         time.sleep(2)
         airflow.relaunch("triggerer")
         landed.wait_all_curated(airflow, timeout=240)
@@ -186,7 +187,7 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         # The scheduler again, while ml_validate curates: its orphaned worker finishes the task.
         landed.burst(2, rows=16_000, prefix="scheduler-curating")
         airflow.wait_until(lambda: running_task(airflow, "ml_validate", "curate"), 180, "a curate task to run")
-        airflow.crash("scheduler")
+        crash(airflow, "scheduler")
         time.sleep(2)
         airflow.relaunch("scheduler")
         landed.wait_all_curated(airflow, timeout=300)
@@ -196,7 +197,7 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         landed.burst(10, prefix="power-ingesting")
         airflow.wait_until(lambda: any(r["state"] == "running" for r in airflow.dag_runs("ml_ingest")), 120,
                            "an ml_ingest run")
-        airflow.crash_all()
+        crash_all(airflow)
         airflow.start()
         landed.wait_all_curated(airflow, timeout=300)
         landed.assert_exactly_once()
@@ -213,7 +214,7 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
         landed.burst(2, rows=16_000, prefix="power-curating")
         airflow.wait_until(lambda: running_task(airflow, "ml_validate", "curate"), 180, "a curate task to run")
         time.sleep(1)
-        airflow.crash_all()
+        crash_all(airflow)
         airflow.start()
         landed.wait_all_curated(airflow, timeout=300)
         landed.assert_exactly_once()

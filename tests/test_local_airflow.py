@@ -5,8 +5,8 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from mlfactory.local_airflow import LocalAirflow
-from mlfactory.processes import free_port
+from mlfactory.backends.local.local_airflow import LocalAirflow
+from mlfactory.backends.local.processes import free_port
 
 pytestmark = pytest.mark.scheduler
 
@@ -32,7 +32,7 @@ def test_any_bind_but_loopback_requires_a_login_and_secrets_stay_private(tmp_pat
     AIRFLOW__API__HOST) every process requires one. The JWT secret and the passwords are the owner's alone."""
     import stat
 
-    from mlfactory.local_airflow import LocalAirflow
+    from mlfactory.backends.local.local_airflow import LocalAirflow
 
     local = LocalAirflow(tmp_path / "a").env()
     assert local["AIRFLOW__API__HOST"] == "127.0.0.1" and local["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "True"

@@ -23,8 +23,8 @@ from mlfactory.config import DEFAULT_CONFIG, load_config
 from mlfactory.backends.local.endpoint import LocalEndpoint
 from mlfactory.deployment import holdout_requests
 from mlfactory.etl import read_quarantine
-from mlfactory.local_airflow import LocalAirflow
-from mlfactory.processes import free_port
+from mlfactory.backends.local.local_airflow import LocalAirflow
+from mlfactory.backends.local.processes import free_port
 
 pytestmark = pytest.mark.scheduler
 

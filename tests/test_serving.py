@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from mlfactory import storage
-from mlfactory.processes import answers, free_port, start, stop_group
+from mlfactory.backends.local.processes import answers, free_port, start, stop_group
 
 TOKEN = "test-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-9876543210"

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 
-from mlfactory.processes import free_port, start, stop_group
+from mlfactory.backends.local.processes import free_port, start, stop_group
 
 TOKEN = "test-soak-token-0123456789"
 SOAK_S, BASELINE_S = 60, 10

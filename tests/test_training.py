@@ -16,7 +16,7 @@ from mlfactory import storage
 from mlfactory.cluster import LOOPBACK_ENV, Cluster, data_locations, launched_by_torchrun
 from mlfactory.specs import Accelerator, TrainingJobSpec
 from mlfactory.training_plan import search_trials
-from mlfactory.processes import kill_tree
+from mlfactory.backends.local.processes import kill_tree
 from mlfactory.train import parse_args
 
 AUC_BAR = 0.80  # the sample data's label noise caps ROC AUC near 0.82; 6 epochs reach 0.81

@@ -16,8 +16,8 @@ import yaml
 
 from mlfactory import sample_data
 from mlfactory.config import DEFAULT_CONFIG, load_config
-from mlfactory.local_airflow import PROJECT, LocalAirflow
-from mlfactory.processes import free_port
+from mlfactory.backends.local.local_airflow import PROJECT, LocalAirflow
+from mlfactory.backends.local.processes import free_port
 
 pytestmark = pytest.mark.scheduler
 

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from mlfactory.processes import answers, free_port, signal_group, start, stop_group
+from mlfactory.backends.local.processes import answers, free_port, signal_group, start, stop_group
 
 
 def _env(entries: list[dict]) -> dict[str, str]:

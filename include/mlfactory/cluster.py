@@ -34,7 +34,7 @@ class Cluster:
     @classmethod
     def this_machine(cls, processes: int) -> Cluster:
         """One node, ``processes`` workers, rendezvous on a free loopback port (the local backend)."""
-        from mlfactory.processes import free_port
+        from mlfactory.backends.local.processes import free_port
 
         return cls("local", 1, 0, "127.0.0.1", free_port(), processes)
 

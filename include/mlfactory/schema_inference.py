@@ -34,7 +34,7 @@ import yaml
 from mlfactory import BadInput, storage
 from mlfactory.dataset import ColumnSpec, DatasetSpec
 from mlfactory.ingest import Manifest, detect_format
-from mlfactory.local_airflow import PROJECT
+from mlfactory.backends.local.local_airflow import PROJECT
 
 SAMPLE_ROWS = 200_000
 MAX_CLASSES = 50  # a target with more distinct values than this is not taken for a classification label

@@ -37,8 +37,8 @@ from pathlib import Path
 from mlfactory import BadInput, sample_data, storage
 from mlfactory.backends.local import LocalSettings
 from mlfactory.config import load_config
-from mlfactory.local_airflow import PROJECT, LocalAirflow
-from mlfactory.mlflow_server import LocalMlflow
+from mlfactory.backends.local.local_airflow import PROJECT, LocalAirflow
+from mlfactory.backends.local.mlflow_server import LocalMlflow
 
 STATE_DIR = Path(os.environ.get("MLFACTORY_STATE_DIR") or PROJECT)
 SUMMARY = STATE_DIR / ".mlfactory" / "run-summary.json"

@@ -75,7 +75,7 @@ class LocalTrainingOperator(SpecOperator):
         self._stop()
 
     def _stop(self) -> None:
-        from mlfactory.processes import stop_group
+        from mlfactory.backends.local.processes import stop_group
 
         if self._process is not None:
             stop_group(self._process, grace=10)

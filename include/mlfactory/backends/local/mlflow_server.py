@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlfactory import storage
-from mlfactory.processes import answers, launch, stop_group, wait_ready
+from mlfactory.backends.local.processes import answers, launch, stop_group, wait_ready
 
 
 @dataclass

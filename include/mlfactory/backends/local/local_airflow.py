@@ -24,10 +24,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlfactory.processes import kill_tree, signal_group, stop_group
+from mlfactory.backends.local.processes import signal_group, stop_group
 from mlfactory.storage import private_file
 
-PROJECT = Path(__file__).resolve().parents[2]
+PROJECT = Path(__file__).resolve().parents[4]
 SQLITE_CONNECT_ARGS = {"timeout": 30}  # Airflow's metadata database: seconds a writer waits for the lock
 # What the tasks import. The scheduler imports them once, before its LocalExecutor forks the workers that
 # fork each task, so a task starts with them loaded instead of importing them again (about 3-10 s per task,
@@ -102,7 +102,8 @@ class LocalAirflow:
     _jwt: str = field(default="", repr=False)
     _token_at: float = field(default=-1e9, repr=False)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    crashed: list[subprocess.Popen] = field(default_factory=list)  # their orphans live on in their process groups
+    # components killed without their children (the tests' kill -9): their orphans live on in their process groups
+    crashed: list[subprocess.Popen] = field(default_factory=list)
     migrated: bool = False
 
     def __post_init__(self):
@@ -233,28 +234,8 @@ class LocalAirflow:
                 cwd=self.home,
             )
 
-    def crash(self, name: str) -> None:
-        """kill -9 of one component's main process, as a crash or the OOM killer would; its children (a
-        scheduler's executor workers, their tasks) are orphaned, not signalled."""
-        proc = self.processes.pop(name)
-        proc.kill()
-        proc.wait()
-        self.crashed.append(proc)
-
-    def crash_all(self) -> None:
-        """kill -9 of every process of every component, tasks included: a power cut."""
-        for name in list(self.processes):
-            self.crash_tree(name)
-
-    def crash_tree(self, name: str) -> None:
-        """kill -9 of one component and every process under it, tasks included (they may leave its group): a
-        machine or container that dies."""
-        proc = self.processes.pop(name)
-        kill_tree(proc)
-        proc.wait()
-
     def relaunch(self, name: str) -> None:
-        """Start one component again (after ``crash``)."""
+        """Start one component again (after it died)."""
         self._launch(name, self.env())
 
     def _migrate(self, env: dict[str, str]) -> None:
