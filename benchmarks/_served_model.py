@@ -36,7 +36,8 @@ def served_model(rows: int, epochs: int = 2):
         training_set = prepare_training_set(cfg)
         out = storage.join(cfg.storage.models_uri, "runs", "bench")
         trained = subprocess.run([sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri",
-                                  out, "--epochs", str(epochs), "--mlflow-tracking-uri", mlflow.url, "--experiment", "bench"],
+                                  out, "--hyperparameters", json.dumps({"epochs": epochs}), "--mlflow-tracking-uri",
+                                  mlflow.url, "--experiment", "bench"],
                                  capture_output=True, text=True)
         if trained.returncode != 0:
             raise RuntimeError(f"training failed:\n{trained.stderr[-3000:]}")

@@ -28,8 +28,8 @@ def entrypoint_rate(train_uri: str, out: Path, processes: int, args) -> float:
     from mlfactory.cluster import LOOPBACK_ENV, Cluster
 
     command = Cluster.this_machine(processes).torchrun_command("mlfactory.train", [
-        "--train-uri", train_uri, "--output-uri", str(out), "--epochs", str(args.epochs),
-        "--batch-size", str(args.batch_size), "--device", args.device])
+        "--train-uri", train_uri, "--output-uri", str(out), "--device", args.device,
+        "--hyperparameters", json.dumps({"epochs": args.epochs, "batch_size": args.batch_size})])
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     subprocess.run(command, check=True, capture_output=True, env={**env, **LOOPBACK_ENV})
     history = json.loads((out / "metrics.json").read_text())["history"]

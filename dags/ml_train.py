@@ -17,7 +17,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
-from mlfactory.config import CHOICES, SEARCHABLE, load_config
+from mlfactory.config import load_config
+from mlfactory.hyperparameters import CHOICES, SEARCHABLE, form_params
 from mlfactory_airflow.assets import pipeline_assets
 from mlfactory_airflow.backends import backend_for
 
@@ -39,15 +40,8 @@ with DAG(
     tags=["mlfactory", "train"],
     doc_md=__doc__,
     params={
-        "epochs": Param(defaults.epochs, type="integer", minimum=1, maximum=1000, title="Epochs",
-                        description="Passes over the training set per job"),
-        "learning_rate": Param(defaults.learning_rate, type="number", exclusiveMinimum=0, maximum=1,
-                               title="Learning rate", description="AdamW learning rate"),
-        "batch_size": Param(defaults.batch_size, type="integer", minimum=8, maximum=65536,
-                            title="Batch size", description="Rows per step and process"),
-        "hidden_sizes": Param(defaults.hidden_sizes, type="array", minItems=1, maxItems=8,
-                              items={"type": "integer", "minimum": 1, "maximum": 4096},
-                              title="Hidden layer sizes", description="e.g. [128, 64]"),
+        # both model families' hyperparameters, a form section each: bounds and choices from mlfactory.hyperparameters
+        **{name: Param(getattr(defaults, name), **schema) for name, schema in form_params().items()},
         "processes": Param(defaults.processes, type="integer", minimum=1, maximum=64, title="Processes",
                            description="DDP processes per training job (torchrun --nproc-per-node)"),
         "trials": Param(defaults.trials, type="integer", minimum=1, maximum=64, title="Search trials",

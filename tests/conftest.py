@@ -220,8 +220,9 @@ def champion(tmp_path_factory, mlflow_server):
     training_set = prepare_training_set(cfg)
     out = storage.join(cfg.storage.models_uri, "runs", "served")
     proc = subprocess.run(
-        [sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri", out, "--epochs", "3",
-         "--mlflow-tracking-uri", mlflow_server.url, "--experiment", "serving-test", "--run-name", "served"],
+        [sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri", out,
+         "--hyperparameters", '{"epochs": 3}', "--mlflow-tracking-uri", mlflow_server.url, "--experiment", "serving-test",
+         "--run-name", "served"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -99,7 +99,9 @@ def test_the_training_request_and_moto_runs_it(settings, sagemaker):
     assert request["AlgorithmSpecification"]["ContainerEntrypoint"] == ["python", "-m", "mlfactory.train"]
     args = request["AlgorithmSpecification"]["ContainerArguments"]
     assert "--train-uri" not in args and "--output-uri" not in args  # SM_CHANNEL_TRAIN and SM_MODEL_DIR give them
-    assert args[args.index("--hidden-sizes") + 1] == "[128, 64]"
+    # one JSON argument: the values off their defaults (hidden_sizes [128, 64] is one), within SageMaker's 256 characters
+    assert json.loads(args[args.index("--hyperparameters") + 1]) == {"epochs": 3, "learning_rate": 0.001}
+    assert max(map(len, args)) <= 256
     assert request["ResourceConfig"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 50,
                                          "VolumeKmsKeyId": "alias/mlfactory"}
     assert request["EnableManagedSpotTraining"] is True
@@ -114,6 +116,14 @@ def test_the_training_request_and_moto_runs_it(settings, sagemaker):
     status = aws.training_status(described)
     assert status.state == "succeeded"  # moto completes jobs at once
     assert described["ResourceConfig"]["InstanceCount"] == 2
+
+
+def test_a_container_argument_over_sagemakers_limit_is_refused_before_submitting(settings):
+    every = {"model": "gbdt", "class_weight": "balanced", "epochs": 999, "patience": 99, "learning_rate": 0.000123,
+             "batch_size": 4096, "hidden_sizes": [4096] * 8, "dropout": 0.123, "weight_decay": 0.000456,
+             "numeric_embedding": "none", "trees": 99999, "tree_leaves": 4095, "tree_learning_rate": 0.0123}
+    with pytest.raises(aws.AwsRequestError, match=r"at most 256 characters; '\{.*' has \d+"):
+        aws.create_training_job_request(spec(hyperparameters=every), settings)
 
 
 def test_training_status_carries_the_failure_reason():

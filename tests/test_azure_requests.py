@@ -28,7 +28,7 @@ def training_spec(**changes):
     fields = dict(name="trial-3", input_uri="abfs://data/training/set=1", output_uri="abfs://data/models/runs/r1/trial-3",
                   nodes=2, processes_per_node=4, spot=True, max_runtime_s=3600,
                   accelerator={"kind": "gpu", "model": "nvidia-a100", "count": 4},
-                  hyperparameters={"epochs": 5, "hidden": [64, 32]}, environment={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+                  hyperparameters={"epochs": 5, "hidden_sizes": [64, 32]}, environment={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
     return TrainingJobSpec.model_validate({**fields, **changes})
 
 
@@ -55,7 +55,7 @@ def test_command_job_runs_the_entrypoint_distributed_on_spot_serverless_gpus(azu
     assert "computeId" not in props or not props["computeId"]  # serverless
     assert props["command"].startswith("python -m mlfactory.train --train-uri ${{inputs.train}} --output-uri "
                                        "${{outputs.model}} --checkpoint-uri ${{outputs.checkpoints}}")
-    assert "--epochs 5" in props["command"] and "--hidden '[64, 32]'" in props["command"]
+    assert props["command"].endswith(""" --hyperparameters '{"epochs":5,"hidden_sizes":[64,32]}'""")
     assert props["inputs"]["train"] == {"jobInputType": "uri_folder", "mode": "ReadOnlyMount",
                                         "uri": "azureml://datastores/mlfactory/paths/training/set=1/"}
     assert props["outputs"]["model"]["uri"] == "azureml://datastores/mlfactory/paths/models/runs/r1/trial-3/"

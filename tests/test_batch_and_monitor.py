@@ -129,8 +129,8 @@ def _train_and_gate(cfg, name: str, recent_training_set: str | None = None) -> d
     training_set = prepare_training_set(cfg, recent_training_set)
     out = storage.join(cfg.storage.models_uri, "runs", name)
     proc = subprocess.run([sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri", out,
-                           "--model", "gbdt", "--mlflow-tracking-uri", cfg.mlflow.tracking_uri, "--experiment",
-                           cfg.mlflow.experiment], capture_output=True, text=True, timeout=600)
+                           "--hyperparameters", '{"model": "gbdt"}', "--mlflow-tracking-uri", cfg.mlflow.tracking_uri,
+                           "--experiment", cfg.mlflow.experiment], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trained = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
     candidate = register_candidate(cfg, {**trained, "training_set": training_set.to_dict()})

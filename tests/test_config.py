@@ -52,6 +52,8 @@ def test_config_path_comes_from_the_environment(tmp_path, monkeypatch):
         (lambda raw: raw["training"]["search_space"].update(momentum=[0.9]), "unknown hyperparameter(s) ['momentum']"),
         (lambda raw: raw["training"]["search_space"].update(dropout=[]), "no candidate values for ['dropout']"),
         (lambda raw: raw["training"]["search_space"].update(model=["forest"]), "search_space.model lists ['forest']"),
+        (lambda raw: raw["training"]["search_space"].update(epochs=[0, 5]),
+         "search_space.epochs lists [0]; epochs: Input should be greater than or equal to 1"),
         (lambda raw: raw["training"].update(model="forest"), "training.model"),
         (lambda raw: raw["training"].update(epochs=0), "training.epochs"),
         (lambda raw: raw["promotion"].update(holdout_fraction=0.9), "promotion.holdout_fraction"),

@@ -161,7 +161,8 @@ BAD_TRAIN_PARAMS = [
     ("epochs", 0), ("epochs", "ten"), ("learning_rate", 0), ("learning_rate", 2.0), ("batch_size", 4),
     ("hidden_sizes", []), ("hidden_sizes", [0, 64]), ("hidden_sizes", "128,64"), ("processes", 0),
     ("trials", 0), ("search", "hyperband"), ("search_space", {"momentum": [0.9]}), ("search_space", {"model": ["forest"]}),
-    ("search_space", {"learning_rate": []}), ("search_space", {"learning_rate": 0.1}),
+    ("search_space", {"learning_rate": []}), ("search_space", {"learning_rate": 0.1}), ("model", "forest"),
+    ("trees", 0), ("tree_leaves", 1), ("tree_learning_rate", 0), ("search_space", {"numeric_embedding": ["fourier"]}),
 ]
 
 

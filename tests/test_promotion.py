@@ -93,19 +93,19 @@ def lab(tmp_path_factory, mlflow_server):
     mlflow.set_tracking_uri(mlflow_server.url)  # models:/ URIs below resolve through the server
     sample_data.land_and_curate(cfg, 20_000, seed=5)
     training_set = prepare_training_set(cfg)
-    recipes = {  # deterministic for the seed: bad ~0.5, medium ~0.7, good ~0.81 on the holdout
-        "bad": ["--epochs", "1", "--learning-rate", "0.000001", "--hidden-sizes", "[2]"],
-        "medium": ["--epochs", "1", "--learning-rate", "0.001", "--hidden-sizes", "[4]", "--batch-size", "256"],
-        "good": ["--epochs", "5"],
-        "trees": ["--model", "gbdt"],
+    recipes = {  # the entrypoint's hyperparameters, deterministic for the seed: bad ~0.5, medium ~0.7, good ~0.81
+        "bad": {"epochs": 1, "learning_rate": 0.000001, "hidden_sizes": [2]},
+        "medium": {"epochs": 1, "learning_rate": 0.001, "hidden_sizes": [4], "batch_size": 256},
+        "good": {"epochs": 5},
+        "trees": {"model": "gbdt"},
     }
     models = {}
-    for name, args in recipes.items():
+    for name, hyperparameters in recipes.items():
         out = storage.join(cfg.storage.models_uri, "runs", name)
         proc = subprocess.run(
             [sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri", out,
              "--mlflow-tracking-uri", mlflow_server.url, "--experiment", "promotion-test", "--run-name", name,
-             "--tag", "mlfactory.drifted_features=age,income", *args],
+             "--tag", "mlfactory.drifted_features=age,income", "--hyperparameters", json.dumps(hyperparameters)],
             capture_output=True, text=True, timeout=600,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

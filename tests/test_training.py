@@ -30,6 +30,11 @@ def run_entrypoint(args: list[str], processes: int, **popen) -> subprocess.Popen
                             start_new_session=True, env={**env, **LOOPBACK_ENV}, **popen)
 
 
+def hyperparameters(**values) -> list[str]:
+    """The entrypoint's one hyperparameters argument (the others at their defaults)."""
+    return ["--hyperparameters", json.dumps(values)]
+
+
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
@@ -59,7 +64,8 @@ def assert_validation_file_gives_the_metric(out, result: dict, rows: int) -> Non
 @pytest.mark.parametrize("processes", [1, 2])
 def test_reaches_the_auc_bar_on_one_and_two_ddp_processes(training_set, tmp_path, processes):
     out = tmp_path / "out"
-    log = finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out), "--epochs", "6"], processes))
+    log = finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out), *hyperparameters(epochs=6)],
+                                processes))
     result = metrics_of(str(out))
     assert result["world_size"] == processes and result["backend"] == "gloo"
     assert result["metric"] == "val_roc_auc" and result["value"] >= AUC_BAR, result["history"]
@@ -81,8 +87,8 @@ def test_reaches_the_auc_bar_on_one_and_two_ddp_processes(training_set, tmp_path
 
 
 def test_sigkill_after_epoch_one_resumes_at_epoch_two_and_matches_an_uninterrupted_run(training_set, tmp_path):
-    epochs = "6"
-    common = ["--train-uri", training_set.uri, "--epochs", epochs, "--batch-size", "128"]
+    epochs = 6
+    common = ["--train-uri", training_set.uri, *hyperparameters(epochs=epochs, batch_size=128)]
     victim = run_entrypoint([*common, "--output-uri", str(tmp_path / "a"), "--checkpoint-uri", str(tmp_path / "ck")], 2)
     for line in victim.stdout:  # a lost spot machine: torchrun and both workers die at once after epoch 1
         if "checkpoint: epoch 1 saved" in line:
@@ -96,7 +102,7 @@ def test_sigkill_after_epoch_one_resumes_at_epoch_two_and_matches_an_uninterrupt
     assert f"epoch 1 of {epochs} done, starting epoch 2" in log, log
     assert "epoch 1/" not in log  # epoch 1 was not trained again
     resumed = metrics_of(str(tmp_path / "a"))
-    assert [h["epoch"] for h in resumed["history"]][:int(epochs)] == list(range(1, int(epochs) + 1))
+    assert [h["epoch"] for h in resumed["history"]][:epochs] == list(range(1, epochs + 1))
 
     finish(run_entrypoint([*common, "--output-uri", str(tmp_path / "b"), "--checkpoint-uri", str(tmp_path / "ck2")], 2))
     straight = metrics_of(str(tmp_path / "b"))
@@ -135,8 +141,8 @@ def test_the_network_follows_one_learning_rate_cycle_stops_early_and_keeps_its_b
     from mlfactory.train import read_training_set, split
 
     out = tmp_path / "out"
-    log = finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out), "--epochs", "40",
-                                 "--patience", "2"], 1))
+    log = finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out),
+                                 *hyperparameters(epochs=40, patience=2)], 1))
     result = metrics_of(str(out))
     *trained, kept = result["history"]
     best = max(trained, key=lambda h: h["val_roc_auc"])
@@ -177,8 +183,8 @@ def test_balanced_class_weights_give_the_rarer_class_more_of_the_predictions(tra
     means = {}
     for weight in ("none", "balanced"):
         out = tmp_path / weight
-        finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out), "--model", family,
-                               "--epochs", "3", "--trees", "60", "--class-weight", weight], 1))
+        finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out),
+                               *hyperparameters(model=family, epochs=3, trees=60, class_weight=weight)], 1))
         assert metrics_of(str(out))["value"] >= AUC_BAR - 0.02  # the ranking barely moves
         means[weight] = float(LoadedModel(str(out / "model.pt")).predict(holdout)["probability"].mean())
     churn = holdout["churned"].mean()
@@ -215,7 +221,7 @@ def test_class_weights_are_sized_by_class_share_and_refused_for_regression(tmp_p
 @pytest.mark.parametrize("processes", [1, 2])
 def test_gradient_boosted_trees_reach_the_bar_alone_and_across_processes_and_serve_like_the_network(
         training_set, tmp_path, processes):
-    """--model gbdt: XGBoost early-stopped on the validation rows; on 2 processes XGBoost's collective joins
+    """model gbdt: XGBoost early-stopped on the validation rows; on 2 processes XGBoost's collective joins
     the shards into one model. The bundle holds no pickle, and the serving path (Arrow, wire values) answers
     what the pandas path answers."""
     import torch
@@ -227,7 +233,8 @@ def test_gradient_boosted_trees_reach_the_bar_alone_and_across_processes_and_ser
     from mlfactory.training_data import read_holdout
 
     out = tmp_path / "out"
-    log = finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out), "--model", "gbdt"], processes))
+    log = finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out),
+                                 *hyperparameters(model="gbdt")], processes))
     result = metrics_of(str(out))
     assert result["world_size"] == processes and result["hyperparameters"]["model"] == "gbdt"
     assert result["value"] >= AUC_BAR, result["history"]
@@ -250,7 +257,7 @@ def test_gradient_boosted_trees_reach_the_bar_alone_and_across_processes_and_ser
 
 
 def test_gbdt_killed_after_a_checkpoint_resumes_from_its_trees(training_set, tmp_path):
-    common = ["--train-uri", training_set.uri, "--model", "gbdt", "--tree-learning-rate", "0.02",
+    common = ["--train-uri", training_set.uri, *hyperparameters(model="gbdt", tree_learning_rate=0.02),
               "--checkpoint-uri", str(tmp_path / "ck")]
     victim = run_entrypoint([*common, "--output-uri", str(tmp_path / "a")], 1)
     for line in victim.stdout:  # a lost spot machine, after the checkpoint of round 50
@@ -267,10 +274,10 @@ def test_gbdt_killed_after_a_checkpoint_resumes_from_its_trees(training_set, tmp
 
 def test_checkpoint_of_other_hyperparameters_is_refused(training_set, tmp_path):
     ck = tmp_path / "ck"
-    finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(tmp_path / "a"), "--epochs", "1",
-                           "--checkpoint-uri", str(ck)], 1))
-    proc = run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(tmp_path / "b"), "--epochs", "1",
-                           "--learning-rate", "0.01", "--checkpoint-uri", str(ck)], 1)
+    finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(tmp_path / "a"),
+                           *hyperparameters(epochs=1), "--checkpoint-uri", str(ck)], 1))
+    proc = run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(tmp_path / "b"),
+                           *hyperparameters(epochs=1, learning_rate=0.01), "--checkpoint-uri", str(ck)], 1)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "was written with other hyperparameters" in out and "use a new --checkpoint-uri" in out
@@ -281,11 +288,13 @@ def test_missing_training_set_and_bad_arguments_fail_clearly(tmp_path):
                            "--output-uri", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode != 0 and "is not a training set folder: dataset.json is missing" in proc.stderr + proc.stdout
     with pytest.raises(SystemExit):
-        parse_args(["--train-uri", "x", "--output-uri", "y", "--epochs", "0"], env={})
-    with pytest.raises(SystemExit):
         parse_args(["--output-uri", "y"], env={})  # no --train-uri and no platform variable
-    with pytest.raises(SystemExit):
-        parse_args(["--train-uri", "x", "--output-uri", "y", "--hidden-sizes", "[0]"], env={})
+    for bad, says in (({"epochs": 0}, "epochs: Input should be greater than or equal to 1"),
+                      ({"hidden_sizes": [0]}, "hidden_sizes.0: Input should be greater than or equal to 1"),
+                      ({"momentum": 0.9}, "momentum: Extra inputs are not permitted")):
+        proc = subprocess.run([sys.executable, "-m", "mlfactory.train", "--train-uri", "x", "--output-uri", "y",
+                               *hyperparameters(**bad)], capture_output=True, text=True)
+        assert proc.returncode == 2 and f"argument --hyperparameters: {says}" in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +337,7 @@ def test_azure_ml_conventions_per_node_and_per_process():
     assert (cluster.platform, cluster.nodes, cluster.node_rank, cluster.master_addr, cluster.master_port) == (
         "azureml", 2, 1, "10.0.0.4", 6105)
     assert not launched_by_torchrun(per_node)
-    command = cluster.torchrun_command("mlfactory.train", ["--epochs", "1"])
+    command = cluster.torchrun_command("mlfactory.train", hyperparameters(epochs=1))
     assert "--nnodes=2" in command and "--node-rank=1" in command and "--master-addr=10.0.0.4" in command
     # Azure ML's per-process launch sets what torchrun sets: the entrypoint then trains directly.
     assert launched_by_torchrun({**per_node, "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"})
@@ -355,7 +364,8 @@ def test_job_spec_arguments_are_what_the_entrypoint_parses():
                            tags={"mlfactory.trial": "0"})
     args = parse_args(spec.arguments(), env={})
     assert (args.train_uri, args.output_uri, args.checkpoint_uri) == ("file:///d", "file:///o", "file:///c")
-    assert (args.epochs, args.learning_rate, args.hidden_sizes, args.tag) == (3, 0.01, [64, 32], ["mlfactory.trial=0"])
+    assert (args.hyperparameters, args.tag) == (spec.hyperparameters, ["mlfactory.trial=0"])
+    assert (args.hyperparameters.epochs, args.hyperparameters.hidden_sizes) == (3, [64, 32])
     assert TrainingJobSpec.model_validate(json.loads(spec.model_dump_json())) == spec  # travels through XCom
     with pytest.raises(ValueError, match="needs count >= 1"):
         Accelerator(kind="gpu")

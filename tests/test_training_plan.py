@@ -11,6 +11,7 @@ import pytest
 from mlfactory import NothingToDo
 from mlfactory.registry import candidate_from
 from mlfactory.specs import TrainingJobSpec
+from mlfactory.train import parse_args
 from mlfactory.training_plan import plan, prepare, select_best, started_by
 
 FORM = {"epochs": 4, "learning_rate": 0.003, "batch_size": 256, "hidden_sizes": [64, 32], "processes": 2, "trials": 3,
@@ -38,11 +39,11 @@ def test_one_job_spec_per_trial_stable_across_retries(cfg):
     assert specs == plan(cfg, PREPARED, FORM, run_id)  # a retried plan names the same jobs: they resume
     jobs = [TrainingJobSpec.model_validate(s) for s in specs]
     assert len(jobs) == 3 and len({j.name for j in jobs}) == 3
-    assert [(j.hyperparameters["dropout"], j.hyperparameters["learning_rate"]) for j in jobs] == [
+    assert [(j.hyperparameters.dropout, j.hyperparameters.learning_rate) for j in jobs] == [
         (0.0, 0.01), (0.0, 0.001), (0.2, 0.01)]  # the grid's first three, over the form's values
-    assert all(j.hyperparameters["epochs"] == 4 and j.hyperparameters["hidden_sizes"] == [64, 32] for j in jobs)
-    assert all(j.hyperparameters["model"] == "mlp" and j.hyperparameters["trees"] == 1000 for j in jobs)
-    assert "--model mlp" in " ".join(jobs[0].hyperparameter_arguments())  # what the entrypoint is given
+    assert all(j.hyperparameters.epochs == 4 and j.hyperparameters.hidden_sizes == [64, 32] for j in jobs)
+    assert all(j.hyperparameters.model == "mlp" and j.hyperparameters.trees == 1000 for j in jobs)  # the config's
+    assert all(parse_args(j.arguments(), env={}).hyperparameters == j.hyperparameters for j in jobs)  # the entrypoint's
     first = jobs[0]
     assert first.input_uri == PREPARED["training_set"]["uri"] and first.processes_per_node == 2
     assert first.output_uri.startswith(cfg.storage.models_uri + "/runs/") and first.output_uri.endswith("/trial-0")
@@ -51,6 +52,13 @@ def test_one_job_spec_per_trial_stable_across_retries(cfg):
                           "mlfactory.drifted_features": "age,income", "mlfactory.trial": "0"}
     assert first.environment["MLFLOW_TRACKING_URI"] == cfg.mlflow.tracking_uri
     assert first.max_runtime_s == cfg.training.max_runtime_s
+
+
+def test_the_forms_boosted_trees_knobs_reach_every_job(cfg):
+    form = {**FORM, "model": "gbdt", "trees": 300, "tree_leaves": 15, "tree_learning_rate": 0.05, "search_space": {}}
+    jobs = [TrainingJobSpec.model_validate(s) for s in plan(cfg, PREPARED, form, "manual__1")]
+    assert [(j.hyperparameters.model, j.hyperparameters.trees, j.hyperparameters.tree_leaves,
+             j.hyperparameters.tree_learning_rate) for j in jobs] == [("gbdt", 300, 15, 0.05)]
 
 
 def test_the_configured_hardware_and_placement_reach_every_job_and_the_train_task(cfg, monkeypatch):
@@ -116,7 +124,7 @@ def test_bayes_draws_its_next_batch_where_the_earlier_trials_scored_best():
 
 def test_a_later_batch_takes_the_next_trials_with_their_own_names(cfg):
     specs = [TrainingJobSpec.model_validate(s) for s in plan(cfg, PREPARED, {**FORM, "trials": 2}, "manual__1", batch=1)]
-    assert [(j.hyperparameters["dropout"], j.hyperparameters["learning_rate"]) for j in specs] == [
+    assert [(j.hyperparameters.dropout, j.hyperparameters.learning_rate) for j in specs] == [
         (0.2, 0.01), (0.2, 0.001)]  # the grid's third and fourth
     assert [j.tags["mlfactory.trial"] for j in specs] == ["2", "3"] and specs[0].output_uri.endswith("/trial-2")
     bayes = plan(cfg, PREPARED, {**FORM, "search": "bayes", "trials": 3}, "manual__1", batch=1, history=[

@@ -48,7 +48,7 @@ def test_the_trigger_form_shows_every_param_refuses_bad_values_and_runs_ml_train
         airflow.wait_for_run("ml_train", 1, timeout=300, run_type="scheduled")
         sample_data.land_and_curate(cfg, 3000, seed=31)
         params = airflow.api("/api/v2/dags/ml_train/details")["params"]
-        assert len(params) == 8
+        assert len(params) == 12  # 4 of the search, 8 hyperparameters in a section per model family
 
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -69,18 +69,30 @@ def test_the_trigger_form_shows_every_param_refuses_bad_values_and_runs_ml_train
                 page.get_by_role("button", name="Trigger").first.click()
                 dialog = page.get_by_role("dialog")
                 dialog.get_by_text("Run Parameters").wait_for()
-                for name, param in params.items():  # every Param: its title as the label, its description
-                    label = re.compile(rf"^{re.escape(param['schema']['title'])}\s*\*?$")  # "*": required
-                    expect(dialog.locator("label").filter(has_text=label)).to_be_visible()
-                    expect(dialog.get_by_text(param["description"], exact=True)).to_be_visible()
-                page.screenshot(path=ARTIFACTS / "trigger-form.png", full_page=True)
+
+                def open_section(name: str) -> None:  # the form's sections open one at a time
+                    trigger = dialog.get_by_role("button", name=name, exact=True)
+                    if trigger.get_attribute("aria-expanded") != "true":
+                        trigger.click()
+
+                sections = {param["schema"].get("section", "Run Parameters") for param in params.values()}
+                for section in sorted(sections):
+                    open_section(section)
+                    for param in params.values():  # every Param: its title as the label, its description
+                        if param["schema"].get("section", "Run Parameters") == section:
+                            label = re.compile(rf"^{re.escape(param['schema']['title'])}\s*\*?$")  # "*": required
+                            expect(dialog.locator("label").filter(has_text=label)).to_be_visible()
+                            expect(dialog.get_by_text(param["description"], exact=True)).to_be_visible()
+                    page.screenshot(path=ARTIFACTS / f"trigger-form-{section.split()[0].lower()}.png", full_page=True)
 
                 # refused in the form: a number under its minimum is put back to it, a search space that is not
                 # JSON is flagged under that field and the form cannot be sent
                 epochs, trials = dialog.get_by_label("Epochs"), dialog.get_by_label("Search trials")
+                open_section("Network (model: mlp)")
                 epochs.fill("0")
                 epochs.blur()
                 expect(epochs).to_have_value("1")
+                open_section("Run Parameters")
                 space = dialog.locator("#element_search_space")
                 space.locator(".view-lines").click()
                 page.keyboard.press("End")
@@ -94,7 +106,9 @@ def test_the_trigger_form_shows_every_param_refuses_bad_values_and_runs_ml_train
                 expect(field.get_by_text(re.compile("SyntaxError"))).to_have_count(0)
 
                 # epochs and trials typed in, triggered from the form: the run gets them and succeeds
+                open_section("Network (model: mlp)")
                 epochs.fill("2")
+                open_section("Run Parameters")
                 trials.fill("1")
                 trials.blur()
                 expect(submit).to_be_enabled()

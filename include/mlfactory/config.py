@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from mlfactory import backends
 from mlfactory.backends import BackendSettings
 from mlfactory.dataset import DatasetSpec
+from mlfactory.hyperparameters import Hyperparameters, check_search_space
 from mlfactory.specs import Accelerator, BatchSizing, EndpointSizing
 
 CONFIG_ENV = "MLFACTORY_CONFIG"
@@ -146,52 +147,22 @@ class IngestSpec(_Strict):
         return value
 
 
-HiddenSizes = list[Annotated[int, Field(ge=1, le=4096)]]
-SEARCHABLE = ("model", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "epochs", "trees",
-              "tree_leaves", "tree_learning_rate", "numeric_embedding", "class_weight")
-CHOICES = {"model": ("mlp", "gbdt"), "numeric_embedding": ("periodic", "none"), "class_weight": ("none", "balanced")}
-
-
 TRAINING_QUEUE_ENV = "MLFACTORY_TRAINING_QUEUE"
 TRAINING_POD_TEMPLATE_ENV = "MLFACTORY_TRAINING_POD_TEMPLATE"
 
 
-class TrainingSpec(_Strict):
-    """Defaults of ml_train; every one of them can be changed per run in the trigger form."""
+class TrainingSpec(Hyperparameters):
+    """Defaults of ml_train: the hyperparameters of its jobs (``mlfactory.hyperparameters``; the trigger form
+    offers the knobs a person turns per run), and how the search and the jobs run."""
 
-    model: Literal["mlp", "gbdt"] = Field(
-        "mlp", description="the model family: mlp (the PyTorch network: epochs, patience, learning_rate, batch_size, "
-        "hidden_sizes, dropout, weight_decay, numeric_embedding) or gbdt (gradient-boosted trees, XGBoost: trees, "
-        "tree_leaves, tree_learning_rate); search_space may list both")
-    epochs: int = Field(40, ge=1, le=1000, description="mlp: at most this many epochs; the learning rate rises to "
-                        "learning_rate in the first tenth of them and anneals (one cycle) over the rest")
-    patience: int = Field(6, ge=1, le=1000, description="mlp: training stops after this many epochs without a better "
-                          "validation metric, and the best epoch's weights are the model")
-    learning_rate: float = Field(0.003, gt=0, le=1)
-    batch_size: int = Field(512, ge=8, le=65536)
-    hidden_sizes: HiddenSizes = Field([128, 64], min_length=1, max_length=8)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(1e-5, ge=0, le=1)
-    numeric_embedding: Literal["periodic", "none"] = Field(
-        "periodic", description="mlp: periodic embeddings of each numeric feature (learned frequencies), or none")
-    class_weight: Literal["none", "balanced"] = Field(
-        "none", description="classification, both families: balanced weighs each class as much as the others in the "
-        "loss whatever its share (a rare positive class); none: every row alike")
     blend: bool = Field(True, description="when the search trained both model families: the weighted average of the "
                         "best trial of each (the weight chosen on the validation rows) is the candidate if it beats "
                         "every trial there")
-    trees: int = Field(1000, ge=1, le=100_000, description="gbdt: at most this many boosting rounds; training stops "
-                       "earlier once the validation metric has not improved for 50 rounds")
-    tree_leaves: int = Field(31, ge=2, le=4096, description="gbdt: the leaves of each tree (grown best-first, as "
-                             "LightGBM's num_leaves and scikit-learn's max_leaf_nodes)")
-    tree_learning_rate: float = Field(0.1, gt=0, le=1, description="gbdt: the shrinkage of each tree (XGBoost's eta)")
     processes: int = Field(2, ge=1, le=64, description="DDP processes per node (local: CPU processes)")
     accelerator: Accelerator = Field(Accelerator(), description="each training node's hardware: cpu, or e.g. {kind: gpu, "
                                      "model: nvidia-a100, count: 1} (one DDP process per GPU; local: this machine's "
                                      "GPUs, clouds: the instance catalog)")
     nodes: int = Field(1, ge=1, le=64, description="machines per training job (clouds; local runs on one)")
-    validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of training rows held out per run")
-    seed: int = 42
     trials: int = Field(2, ge=1, le=64, description="hyperparameter-search trials, one mapped task each")
     search: Literal["grid", "random", "bayes"] = Field(
         "grid", description="grid: the first combinations of search_space; random: a seeded sample of them; bayes: "
@@ -229,21 +200,6 @@ class TrainingSpec(_Strict):
         """The training tasks' ``executor_config``: the KubernetesExecutor's pod template, when one is set (the
         other executors ignore it)."""
         return {"pod_template_file": self.pod_template_file} if self.pod_template_file else {}
-
-
-def check_search_space(space: dict[str, list]) -> dict[str, list]:
-    """A search space names searchable hyperparameters, each with at least one candidate value."""
-    unknown = sorted(set(space) - set(SEARCHABLE))
-    if unknown:
-        raise ValueError(f"search_space has unknown hyperparameter(s) {unknown}; searchable: {list(SEARCHABLE)}")
-    empty = sorted(k for k, v in space.items() if not v)
-    if empty:
-        raise ValueError(f"search_space lists no candidate values for {empty}")
-    for key, allowed in CHOICES.items():
-        wrong = [v for v in space.get(key, []) if v not in allowed]
-        if wrong:
-            raise ValueError(f"search_space.{key} lists {wrong}; the choices are {list(allowed)}")
-    return space
 
 
 class PromotionSpec(_Strict):

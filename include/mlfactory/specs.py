@@ -5,8 +5,8 @@ model server on `local`, SageMaker on `aws`, ...) and reports back in the same `
 specs are declared once, from the pipeline config, never per cloud. They travel through XCom as
 plain JSON (``model_dump()`` / ``model_validate``).
 
-- ``TrainingJobSpec``: the training entrypoint, its data, its hardware (nodes, processes,
-  accelerator), spot capacity, max runtime and checkpoints.
+- ``TrainingJobSpec``: the training entrypoint, its hyperparameters (``mlfactory.hyperparameters``), its
+  data, its hardware (nodes, processes, accelerator), spot capacity, max runtime and checkpoints.
 - ``EndpointSpec``: a registered model version on a real-time endpoint, sized by an ``EndpointSizing``
   (hardware, replicas and the load each takes, the canary and what rolls it back): the config's
   ``serving`` section is that sizing.
@@ -18,13 +18,13 @@ plain JSON (``model_dump()`` / ``model_validate``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlfactory import BadInput
+from mlfactory.hyperparameters import Hyperparameters
 
 # The training job's files: what it reads beside its data, and what it leaves in its output folder.
 DATASET_FILE = "dataset.json"  # in a training set folder: the dataset spec
@@ -57,7 +57,7 @@ class TrainingJobSpec(_Spec):
                       description="stable across retries: a retried job resumes its own checkpoints")
     image: str | None = Field(None, description="container image for cloud backends; local runs this checkout")
     entrypoint: list[str] = ["python", "-m", "mlfactory.train"]
-    hyperparameters: dict[str, int | float | str | list[int]] = {}
+    hyperparameters: Hyperparameters = Hyperparameters()
     input_uri: str
     output_uri: str
     checkpoint_uri: str | None = None
@@ -77,11 +77,11 @@ class TrainingJobSpec(_Spec):
         return args + self.hyperparameter_arguments()
 
     def hyperparameter_arguments(self) -> list[str]:
-        """Hyperparameters and tags as arguments; a cloud container takes its data locations from its
-        platform's variables instead (``mlfactory.cluster``)."""
-        args = []
-        for key, value in sorted(self.hyperparameters.items()):
-            args += [f"--{key.replace('_', '-')}", json.dumps(value) if isinstance(value, list) else str(value)]
+        """The hyperparameters (one JSON argument) and tags as arguments; a cloud container takes its data
+        locations from its platform's variables instead (``mlfactory.cluster``)."""
+        # only the values that differ from the defaults (the entrypoint's own): all of them are more than the
+        # 256 characters SageMaker takes in an argument
+        args = ["--hyperparameters", self.hyperparameters.model_dump_json(exclude_defaults=True)]
         for key, value in sorted(self.tags.items()):
             args += ["--tag", f"{key}={value}"]
         return args

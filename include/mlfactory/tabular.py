@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from mlfactory.config import CHOICES
+from mlfactory.hyperparameters import CHOICES
 from mlfactory.dataset import DatasetSpec
 from mlfactory.features import FeatureSet, numeric_arrow, numeric_matrix, typed_features, wire_table
 

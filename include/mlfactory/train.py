@@ -1,9 +1,11 @@
 """The training entrypoint: one script for every backend, launched by torchrun.
 
-    python -m mlfactory.train --train-uri URI --output-uri URI [--checkpoint-uri URI] [hyperparameters]
+    python -m mlfactory.train --train-uri URI --output-uri URI [--checkpoint-uri URI] [--hyperparameters JSON]
 
 ``--train-uri`` is a training set folder written by ml_train (``dataset.json``, the dataset spec,
-next to Parquet files). The script trains the tabular model with DistributedDataParallel and a
+next to Parquet files). ``--hyperparameters`` is a JSON object validated against
+``mlfactory.hyperparameters.Hyperparameters`` (the one declaration of their defaults and bounds; one
+omitted takes its default). The script trains the tabular model with DistributedDataParallel and a
 DistributedSampler on every process torchrun started: ``gloo`` on CPU, ``nccl`` on GPU, ``xla`` on
 TPU (torch_xla is imported only on that path). Run without torchrun on a platform that asks for more
 than one process (``--nproc-per-node``, or SageMaker/Vertex/Azure variables, see ``mlfactory.cluster``),
@@ -34,26 +36,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from mlfactory import storage
 from mlfactory.cluster import Cluster, data_locations, launched_by_torchrun
-from mlfactory.config import CHOICES
+from mlfactory.hyperparameters import Hyperparameters, refusal
 from mlfactory.specs import CHECKPOINT_FILE, DATASET_FILE, METRICS_FILE, MODEL_FILE, VALIDATION_FILE
 
 log = logging.getLogger("mlfactory.train")
 
-HYPERPARAMETERS = ("model", "epochs", "learning_rate", "batch_size", "hidden_sizes", "dropout", "weight_decay", "seed",
-                   "validation_fraction", "trees", "tree_leaves", "tree_learning_rate", "patience",
-                   "numeric_embedding", "class_weight")
 
-
-def _sizes(text: str) -> list[int]:
-    """'[128, 64]' or '128,64' -> [128, 64] (SageMaker passes every hyperparameter as a string)."""
-    text = text.strip()
-    values = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
-    sizes = [int(v) for v in values]
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"hidden sizes must be positive integers, got {text!r}")
-    return sizes
+def _hyperparameters(text: str) -> Hyperparameters:
+    """``--hyperparameters``: a JSON object the model accepts; else argparse's error (exit code 2) naming each
+    field refused and its bound."""
+    try:
+        return Hyperparameters.model_validate_json(text)
+    except ValidationError as err:
+        raise argparse.ArgumentTypeError(refusal(err)) from None
 
 
 def parse_args(argv: list[str], env=os.environ) -> argparse.Namespace:
@@ -62,24 +61,9 @@ def parse_args(argv: list[str], env=os.environ) -> argparse.Namespace:
     p.add_argument("--train-uri", default=defaults.train_uri, help="training set folder (dataset.json + Parquet)")
     p.add_argument("--output-uri", default=defaults.output_uri, help="where model.pt and metrics.json go")
     p.add_argument("--checkpoint-uri", default=defaults.checkpoint_uri, help="per-epoch checkpoints; resume from here")
-    p.add_argument("--model", choices=CHOICES["model"], default="mlp", help="the PyTorch network or gradient-boosted trees")
-    p.add_argument("--epochs", type=int, default=40, help="mlp: most epochs (the learning rate follows one cycle over them)")
-    p.add_argument("--patience", type=int, default=6,
-                   help="mlp: stop after this many epochs without a better validation metric; the best epoch's weights are kept")
-    p.add_argument("--learning-rate", type=float, default=0.003, help="mlp: the peak of the one-cycle schedule")
-    p.add_argument("--batch-size", type=int, default=512, help="per process")
-    p.add_argument("--hidden-sizes", type=_sizes, default=[128, 64])
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--numeric-embedding", choices=CHOICES["numeric_embedding"], default="periodic",
-                   help="mlp: periodic embeddings of the numeric features, or none (the standardised values only)")
-    p.add_argument("--class-weight", choices=CHOICES["class_weight"], default="none",
-                   help="classification: balanced weighs each class as much as the others in the loss, whatever its share")
-    p.add_argument("--trees", type=int, default=1000, help="gbdt: most boosting rounds (early stopping after 50 without gain)")
-    p.add_argument("--tree-leaves", type=int, default=31, help="gbdt: leaves of each tree (grown best-first)")
-    p.add_argument("--tree-learning-rate", type=float, default=0.1, help="gbdt: shrinkage (eta)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--validation-fraction", type=float, default=0.15)
+    p.add_argument("--hyperparameters", type=_hyperparameters, default=Hyperparameters(), metavar="JSON",
+                   help='e.g. \'{"model": "gbdt", "trees": 500}\': fields of mlfactory.hyperparameters.Hyperparameters, '
+                   "each one omitted at its default")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "xla"], default="auto")
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes to launch when not under torchrun")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per process (default: cores / processes)")
@@ -91,13 +75,6 @@ def parse_args(argv: list[str], env=os.environ) -> argparse.Namespace:
     missing = [name for name in ("train_uri", "output_uri") if not getattr(args, name)]
     if missing:
         p.error(f"--{missing[0].replace('_', '-')} is required (no platform variable such as SM_MODEL_DIR provides it)")
-    for name, low, high in (("epochs", 1, 100_000), ("patience", 1, 100_000), ("batch_size", 1, 1 << 20), ("trees", 1, 1_000_000), ("tree_leaves", 2, 1 << 16)):
-        if not low <= getattr(args, name) <= high:
-            p.error(f"--{name.replace('_', '-')} must be between {low} and {high}")
-    if not 0 < args.learning_rate <= 10 or not 0 < args.tree_learning_rate <= 1:
-        p.error("--learning-rate must be in (0, 10] and --tree-learning-rate in (0, 1]")
-    if not 0 <= args.dropout < 1 or not 0 < args.validation_fraction < 1:
-        p.error("--dropout must be in [0, 1) and --validation-fraction in (0, 1)")
     bad_tags = [t for t in args.tag if "=" not in t]
     if bad_tags:
         p.error(f"--tag takes KEY=VALUE, got {bad_tags}")
@@ -240,27 +217,28 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
     from mlfactory.tabular import Preprocessor, primary_metric
     from mlfactory.tracking import MlflowTracker
 
+    hp = args.hyperparameters
     runtime = start_runtime(args.device, env)
-    if args.model == "gbdt" and runtime.hardware == "xla":
-        raise SystemExit("--model gbdt trains on CPUs or GPUs, not on a TPU: train the mlp there, or use a GPU")
+    if hp.model == "gbdt" and runtime.hardware == "xla":
+        raise SystemExit("model gbdt trains on CPUs or GPUs, not on a TPU: train the mlp there, or use a GPU")
     local_world = int(env.get("LOCAL_WORLD_SIZE", runtime.world_size))
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // local_world)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(hp.seed)
     say = log.info if runtime.is_primary else log.debug
 
     dataset, frame, digest = read_training_set(args.train_uri)
-    train_idx, val_idx = split(len(frame), args.validation_fraction, args.seed)
+    train_idx, val_idx = split(len(frame), hp.validation_fraction, hp.seed)
     train_rows, val_rows = frame.iloc[train_idx], frame.iloc[val_idx]
     pre = Preprocessor.fit(train_rows, dataset)
     data = Encoded(*pre.encode(train_rows), pre.encode_target(train_rows[dataset.target]),
                    *pre.encode(val_rows), pre.encode_target(val_rows[dataset.target]))
     metric = f"val_{primary_metric(dataset.task)}"
-    if args.class_weight != "none" and pre.classes is None:
-        raise SystemExit(f"--class-weight {args.class_weight} applies to classification; {dataset.name}'s task is regression")
+    if hp.class_weight != "none" and pre.classes is None:
+        raise SystemExit(f"class_weight {hp.class_weight} applies to classification; {dataset.name}'s task is regression")
 
     checkpoint = load_checkpoint(args.checkpoint_uri)
-    if checkpoint is not None and checkpoint["hyperparameters"] != _hyperparameters(args):
+    if checkpoint is not None and checkpoint["hyperparameters"] != hp.model_dump():
         raise SystemExit(
             f"checkpoint at {args.checkpoint_uri} was written with other hyperparameters "
             f"{checkpoint['hyperparameters']}; use a new --checkpoint-uri for a new job"
@@ -271,14 +249,14 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
         tracker = MlflowTracker.start(
             args.mlflow_tracking_uri, args.experiment, args.run_name,
             checkpoint["mlflow_run_id"] or None if checkpoint else None,
-            params={**_hyperparameters(args), "world_size": runtime.world_size, "backend": runtime.backend,
+            params={**hp.model_dump(), "world_size": runtime.world_size, "backend": runtime.backend,
                     "rows": len(frame), "train_uri": args.train_uri},
             tags={"mlfactory.platform": cluster.platform, "mlfactory.job_id": cluster.job_id,
                   "mlfactory.dataset_sha256": digest, **dict(t.split("=", 1) for t in args.tag)},
             dataset=dataset, frame=frame, digest=digest, source_uri=args.train_uri)
     say("training %s on %d rows (%d validation): %s, %d process(es), backend %s", dataset.name, len(data.y),
-        len(data.v_y), args.model, runtime.world_size, runtime.backend)
-    fit = _boost if args.model == "gbdt" else _epochs
+        len(data.v_y), hp.model, runtime.world_size, runtime.backend)
+    fit = _boost if hp.model == "gbdt" else _epochs
     model, history, val_scores = fit(args, runtime, pre, data, checkpoint, tracker, metric)
 
     result = None
@@ -328,14 +306,15 @@ def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, met
 
     from mlfactory.tabular import build_net, class_weights, loss_function, scores
 
-    net = build_net(pre, args.hidden_sizes, args.dropout, args.numeric_embedding).to(runtime.device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    hp = args.hyperparameters
+    net = build_net(pre, hp.hidden_sizes, hp.dropout, hp.numeric_embedding).to(runtime.device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
     x_dense, x_cats, y = data.x_dense, data.x_cats, data.y
     sampler = DistributedSampler(range(len(y)), num_replicas=runtime.world_size, rank=runtime.rank,
-                                 shuffle=True, seed=args.seed, drop_last=True)
+                                 shuffle=True, seed=hp.seed, drop_last=True)
     per_process = len(sampler)
-    steps = per_process // args.batch_size + (1 if per_process % args.batch_size >= 2 else 0)  # batches of 1 are skipped
-    schedule = one_cycle(optimizer, args.epochs * steps)
+    steps = per_process // hp.batch_size + (1 if per_process % hp.batch_size >= 2 else 0)  # batches of 1 are skipped
+    schedule = one_cycle(optimizer, hp.epochs * steps)
     history: list[dict] = []
     best = {"epoch": 0, "value": -math.inf, "state": None}  # rank 0's
     start_epoch = 1
@@ -348,20 +327,20 @@ def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, met
                 "state": checkpoint["best_state"] or None}
         start_epoch = int(checkpoint["epoch"]) + 1
         log.info("resuming from checkpoint %s: epoch %d of %d done, starting epoch %d",
-                 args.checkpoint_uri, start_epoch - 1, args.epochs, start_epoch)
+                 args.checkpoint_uri, start_epoch - 1, hp.epochs, start_epoch)
     model = DistributedDataParallel(net) if runtime.world_size > 1 else net
-    loss_fn = loss_function(pre, class_weights(pre, y, args.class_weight))
-    stop = start_epoch > 1 and start_epoch - 1 - best["epoch"] >= args.patience  # stopped just before a restart
-    for epoch in range(start_epoch, args.epochs + 1):
+    loss_fn = loss_function(pre, class_weights(pre, y, hp.class_weight))
+    stop = start_epoch > 1 and start_epoch - 1 - best["epoch"] >= hp.patience  # stopped just before a restart
+    for epoch in range(start_epoch, hp.epochs + 1):
         if stop:
             break
-        torch.manual_seed(args.seed * 100_003 + epoch * 1009 + runtime.rank)  # dropout: reproducible on resume
+        torch.manual_seed(hp.seed * 100_003 + epoch * 1009 + runtime.rank)  # dropout: reproducible on resume
         sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(sampler)), dtype=torch.int64)
         model.train()
         started, total_loss, seen = time.perf_counter(), 0.0, 0
-        for first in range(0, len(order), args.batch_size):
-            batch = order[first:first + args.batch_size]
+        for first in range(0, len(order), hp.batch_size):
+            batch = order[first:first + hp.batch_size]
             if len(batch) < 2:
                 continue
             out = model(x_dense[batch].to(runtime.device), x_cats[batch].to(runtime.device))
@@ -384,13 +363,13 @@ def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, met
                 predicted = scores(pre, net(data.v_dense.to(runtime.device), data.v_cats.to(runtime.device)).cpu())
             row = _epoch_row(pre, data, predicted, {"epoch": epoch, "train_loss": loss_sum / max(samples, 1),
                                                     "learning_rate": schedule.get_last_lr()[0], "samples_per_s": rate},
-                             metric, "epoch", str(args.epochs))
+                             metric, "epoch", str(hp.epochs))
             history.append(row)
             if row[metric] > best["value"]:  # a NaN metric (one class among the validation rows) is never best
                 best = {"epoch": epoch, "value": row[metric], "state": copy.deepcopy(net.state_dict())}
-            elif best["state"] is not None and epoch - best["epoch"] >= args.patience:
+            elif best["state"] is not None and epoch - best["epoch"] >= hp.patience:
                 log.info("early stop: %s has not improved for %d epochs (best %.4f at epoch %d)", metric,
-                         args.patience, best["value"], best["epoch"])
+                         hp.patience, best["value"], best["epoch"])
                 stopping = 1.0
             if tracker:
                 tracker.log_epoch(row)
@@ -399,7 +378,7 @@ def _epochs(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, met
                     "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(), "history": json.dumps(history),
                     "best_epoch": best["epoch"], "best_value": best["value"], "best_state": best["state"] or {},
-                    "mlflow_run_id": tracker.run_id if tracker else "", "hyperparameters": _hyperparameters(args),
+                    "mlflow_run_id": tracker.run_id if tracker else "", "hyperparameters": hp.model_dump(),
                 })
                 log.info("checkpoint: epoch %d saved to %s", epoch, args.checkpoint_uri)
         stop = _all_reduce_sum(runtime, stopping) > 0  # rank 0 decides; every process leaves the loop together
@@ -453,9 +432,10 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
 
     from mlfactory.tabular import class_weights, scores, tree_feature_types, tree_inputs, tree_objective
 
+    hp = args.hyperparameters
     shard = slice(runtime.rank, None, runtime.world_size)
     types = tree_feature_types(pre)
-    weights = class_weights(pre, data.y, args.class_weight)
+    weights = class_weights(pre, data.y, hp.class_weight)
 
     def matrix(dense, cats, y):
         y = y[shard]
@@ -464,9 +444,9 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
                            enable_categorical=True, nthread=args.threads)
 
     train, valid = matrix(data.x_dense, data.x_cats, data.y), matrix(data.v_dense, data.v_cats, data.v_y)
-    params = {"tree_method": "hist", "grow_policy": "lossguide", "max_leaves": args.tree_leaves, "max_depth": 0,
-              "eta": args.tree_learning_rate, "subsample": GBDT_SUBSAMPLE, "colsample_bytree": GBDT_SUBSAMPLE,
-              "seed": args.seed, "nthread": args.threads, "device": runtime.hardware, **tree_objective(pre)}
+    params = {"tree_method": "hist", "grow_policy": "lossguide", "max_leaves": hp.tree_leaves, "max_depth": 0,
+              "eta": hp.tree_learning_rate, "subsample": GBDT_SUBSAMPLE, "colsample_bytree": GBDT_SUBSAMPLE,
+              "seed": hp.seed, "nthread": args.threads, "device": runtime.hardware, **tree_objective(pre)}
     history: list[dict] = []
     previous = None
     if checkpoint is not None:
@@ -479,11 +459,11 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
     class Progress(xgb.callback.TrainingCallback):
         def after_iteration(self, booster, epoch, evals_log) -> bool:
             rounds = done + epoch + 1
-            if runtime.is_primary and (rounds % 10 == 0 or rounds == args.trees):
+            if runtime.is_primary and (rounds % 10 == 0 or rounds == hp.trees):
                 rate = len(data.y) * (epoch + 1) / max(time.perf_counter() - started, 1e-9)
                 margins = booster.inplace_predict(tree_inputs(data.v_dense, data.v_cats), predict_type="margin")
                 row = _epoch_row(pre, data, scores(pre, torch.from_numpy(np.asarray(margins))),
-                                 {"epoch": rounds, "samples_per_s": rate}, metric, "round", str(args.trees))
+                                 {"epoch": rounds, "samples_per_s": rate}, metric, "round", str(hp.trees))
                 history.append(row)
                 if tracker:
                     tracker.log_epoch(row)
@@ -491,17 +471,17 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
                 save_checkpoint(args.checkpoint_uri, {
                     "booster": torch.frombuffer(bytearray(booster.save_raw("ubj")), dtype=torch.uint8),
                     "history": json.dumps(history), "mlflow_run_id": tracker.run_id if tracker else "",
-                    "hyperparameters": _hyperparameters(args), "epoch": rounds})
+                    "hyperparameters": hp.model_dump(), "epoch": rounds})
                 log.info("checkpoint: round %d saved to %s", rounds, args.checkpoint_uri)
             return False
 
     def boost():
-        stopped = xgb.train(params, train, num_boost_round=max(args.trees - done, 0), evals=[(valid, "val")],
+        stopped = xgb.train(params, train, num_boost_round=max(hp.trees - done, 0), evals=[(valid, "val")],
                             early_stopping_rounds=GBDT_PATIENCE, xgb_model=previous, verbose_eval=False,
                             callbacks=[Progress()])
         best = getattr(stopped, "best_iteration", stopped.num_boosted_rounds() - 1) + 1
         # the model: as many rounds again (scaled to the rows added) on every row, validation rows included
-        rounds = math.ceil(best / (1 - args.validation_fraction))
+        rounds = math.ceil(best / (1 - hp.validation_fraction))
         every_row = matrix(torch.cat([data.x_dense, data.v_dense]), torch.cat([data.x_cats, data.v_cats]),
                            torch.cat([data.y, data.v_y]))
         return stopped[:best], xgb.train(params, every_row, num_boost_round=rounds, verbose_eval=False)
@@ -514,7 +494,7 @@ def _boost(args, runtime: Runtime, pre, data: Encoded, checkpoint, tracker, metr
         final = _epoch_row(pre, data, val_scores,
                            {"epoch": stopped.num_boosted_rounds(),
                             "samples_per_s": history[-1]["samples_per_s"] if history else 0.0},
-                           metric, "round", f"{args.trees} (best)")
+                           metric, "round", f"{hp.trees} (best)")
         history.append(final)
         log.info("refit on all %d rows: %d rounds (the best round's count, scaled to the rows added)",
                  len(data.y) + len(data.v_y), booster.num_boosted_rounds())
@@ -543,13 +523,10 @@ def _with_collective(runtime: Runtime, boost):
             tracker.wait_for()
 
 
-def _hyperparameters(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in HYPERPARAMETERS}
-
-
 def _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_rows) -> dict:
     from mlfactory.tabular import save_bundle
 
+    hp = args.hyperparameters
     with tempfile.TemporaryDirectory() as tmp:
         bundle = str(Path(tmp) / MODEL_FILE)
         save_bundle(bundle, dataset, pre, model)
@@ -563,7 +540,7 @@ def _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_ro
             "epochs": history[-1]["epoch"] if history else 0,  # rounds of the kept trees, for gbdt
             "world_size": runtime.world_size,
             "backend": runtime.backend,
-            "hyperparameters": _hyperparameters(args),
+            "hyperparameters": hp.model_dump(),
             "samples_per_s": sum(h["samples_per_s"] for h in history) / max(len(history), 1),
             "output_uri": args.output_uri,
             "model_bundle_uri": storage.join(args.output_uri, MODEL_FILE),
@@ -572,7 +549,7 @@ def _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_ro
             result.update(tracker.finish(bundle, history, val_rows, dataset))
     storage.write_bytes(storage.join(args.output_uri, METRICS_FILE), json.dumps(result, indent=2).encode())
     log.info("done: %s %.4f after %d %s; model and metrics in %s", metric, result["value"] or float("nan"),
-             result["epochs"], "rounds" if args.model == "gbdt" else "epochs", args.output_uri)
+             result["epochs"], "rounds" if hp.model == "gbdt" else "epochs", args.output_uri)
     return result
 
 

@@ -20,10 +20,9 @@ import random
 import re
 
 from mlfactory import NothingToDo, storage
-from mlfactory.config import PipelineConfig, check_search_space
+from mlfactory.config import PipelineConfig
+from mlfactory.hyperparameters import Hyperparameters, check_search_space
 from mlfactory.specs import TrainingJobSpec
-
-FORM_HYPERPARAMETERS = ("epochs", "learning_rate", "batch_size", "hidden_sizes")  # the trigger form sets these
 
 
 def started_by(drift_events: list[dict], curated_events: int, run_type: str) -> tuple[str, list[str]]:
@@ -93,14 +92,11 @@ def bayes_trials(base: dict, space: dict[str, list], trials: int, seed: int, his
 def plan(cfg: PipelineConfig, prepared: dict, params: dict, run_id: str, batch: int = 0,
          history: list[dict] | None = None) -> list[dict]:
     """One TrainingJobSpec (as JSON) per trial of search batch ``batch`` (``training.search_batches``);
-    ``params`` are the trigger form's values, ``history`` the results of the earlier batches."""
+    ``params`` are the trigger form's values (its hyperparameters over the config's), ``history`` the results
+    of the earlier batches."""
     defaults = cfg.training
-    base = {k: params[k] for k in FORM_HYPERPARAMETERS}
-    base.update(dropout=defaults.dropout, weight_decay=defaults.weight_decay, seed=defaults.seed,
-                validation_fraction=defaults.validation_fraction, model=defaults.model, trees=defaults.trees,
-                tree_leaves=defaults.tree_leaves, tree_learning_rate=defaults.tree_learning_rate,
-                patience=defaults.patience, numeric_embedding=defaults.numeric_embedding,
-                class_weight=defaults.class_weight)
+    fields = Hyperparameters.model_fields
+    base = {**defaults.model_dump(include=set(fields)), **{k: v for k, v in params.items() if k in fields}}
     n = params["trials"]
     if params["search"] == "bayes":
         trials = bayes_trials(base, params["search_space"], n, defaults.seed, [r for r in history or [] if r])

@@ -44,9 +44,8 @@ class ToyTrainingOperator(SpecOperator):
 
         cfg = load_config()
         spec = TrainingJobSpec.model_validate(self.spec)
-        epochs = min(int(spec.hyperparameters.get("epochs", 1)), cfg.backend.epochs_cap)
-        hyperparameters = {**spec.hyperparameters, "epochs": epochs}
-        job = spec.model_copy(update={"hyperparameters": hyperparameters})
+        epochs = min(spec.hyperparameters.epochs, cfg.backend.epochs_cap)
+        job = spec.model_copy(update={"hyperparameters": spec.hyperparameters.model_copy(update={"epochs": epochs})})
         done = subprocess.run([sys.executable, "-m", "mlfactory.train", *job.arguments(), "--device", "cpu",
                                "--threads", "1"], env={**os.environ, **job.environment},
                               capture_output=True, text=True)

@@ -183,13 +183,21 @@ def create_training_job_request(spec: TrainingJobSpec, aws: AwsSettings) -> dict
     spot = aws.spot or spec.spot  # on by default (aws.spot); a spec may ask for it too
     if spot:
         stopping["MaxWaitTimeInSeconds"] = max(aws.max_wait_s or 2 * spec.max_runtime_s, spec.max_runtime_s)
+    arguments = spec.hyperparameter_arguments()
+    # botocore's model says how long an argument may be; its validator does not check it
+    limit = _service_model("sagemaker").shape_for("TrainingContainerArgument").metadata["max"]
+    too_long = [a for a in arguments if len(a) > limit]
+    if too_long:
+        raise AwsRequestError(f"job {spec.name}: SageMaker takes container arguments of at most {limit} characters; "
+                              f"{too_long[0]!r} has {len(too_long[0])} (fewer hyperparameters off their defaults, or "
+                              "a shorter tag, fit)")
     request = {
         "TrainingJobName": job_name(spec.name),
         "AlgorithmSpecification": {
             "TrainingImage": aws.image_uri,
             "TrainingInputMode": "File",
             "ContainerEntrypoint": list(spec.entrypoint),
-            "ContainerArguments": spec.hyperparameter_arguments(),
+            "ContainerArguments": arguments,
         },
         "RoleArn": aws.role_arn,
         "InputDataConfig": [{
