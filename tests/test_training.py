@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from mlfactory import storage
+from mlfactory.backends.local.runtime import this_machine
 from mlfactory.cluster import LOOPBACK_ENV, Cluster, data_locations, launched_by_torchrun
 from mlfactory.specs import Accelerator, TrainingJobSpec
 from mlfactory.training_plan import search_trials
@@ -25,7 +26,7 @@ AUC_BAR = 0.80  # the sample data's label noise caps ROC AUC near 0.82; 6 epochs
 def run_entrypoint(args: list[str], processes: int, **popen) -> subprocess.Popen:
     """``torchrun --nproc-per-node N -m mlfactory.train ARGS`` in its own process group, output piped."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    command = Cluster.this_machine(processes).torchrun_command("mlfactory.train", args)
+    command = this_machine(processes).torchrun_command("mlfactory.train", args)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**env, **LOOPBACK_ENV}, **popen)
 

@@ -31,13 +31,6 @@ class Cluster:
 
         return runtime.of(env).cluster(env, nproc_per_node)
 
-    @classmethod
-    def this_machine(cls, processes: int) -> Cluster:
-        """One node, ``processes`` workers, rendezvous on a free loopback port (the local backend)."""
-        from mlfactory.backends.local.processes import free_port
-
-        return cls("local", 1, 0, "127.0.0.1", free_port(), processes)
-
     @property
     def world_size(self) -> int:
         return self.nodes * self.nproc_per_node

@@ -14,6 +14,13 @@ def cluster(env: Mapping[str, str], nproc_per_node: int | None = None) -> Cluste
     return Cluster("local", 1, 0, "127.0.0.1", master_port(env), nproc_per_node or 1)
 
 
+def this_machine(processes: int) -> Cluster:
+    """One node, ``processes`` workers, rendezvous on a free loopback port: how the local backend launches a job."""
+    from mlfactory.backends.local.processes import free_port
+
+    return Cluster("local", 1, 0, "127.0.0.1", free_port(), processes)
+
+
 def data_locations(env: Mapping[str, str]) -> DataLocations:
     return DataLocations()
 

@@ -28,7 +28,8 @@ class LocalTrainingOperator(SpecOperator):
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
         from mlfactory import storage
-        from mlfactory.cluster import LOOPBACK_ENV, Cluster
+        from mlfactory.backends.local.runtime import this_machine
+        from mlfactory.cluster import LOOPBACK_ENV
         from mlfactory.config import load_config
         from mlfactory.specs import METRICS_FILE, TrainingJobSpec
 
@@ -39,7 +40,7 @@ class LocalTrainingOperator(SpecOperator):
             raise AirflowFailException(f"job {spec.name} asks for a TPU: run it on the gcp backend (Vertex AI)")
         gpu = spec.accelerator.kind == "gpu"
         processes = spec.accelerator.count if gpu else spec.processes_per_node
-        cluster = Cluster.this_machine(processes)
+        cluster = this_machine(processes)
         # Jobs share this machine's cores with the other jobs the pool lets run at once: more intra-op
         # threads than cores makes every OpenMP barrier wait on a descheduled thread (measured: 2
         # trials x 2 threads on 2 cores trained 10x slower than 2 x 1: 6k vs 62k samples/s).
