@@ -115,6 +115,10 @@ def test_a_landed_file_runs_to_a_deployed_champion_on_the_plugin_backend(toy, tm
 
         assert airflow.wait_for_run("ml_promote", 1, timeout=300)["state"] == "success"
         champion = MlflowClient(mlflow_server.url).get_model_version_by_alias("churn_toy", "champion").version
+        # trained on the toy's 2 "nodes", each told its place through the toy's own conventions (toy_backend.runtime)
+        client = MlflowClient(mlflow_server.url)
+        run = client.get_run(client.get_model_version("churn_toy", champion).run_id)
+        assert (run.data.params["world_size"], run.data.tags["mlfactory.platform"]) == ("2", "toy")
 
         deploy = airflow.wait_for_run("ml_deploy", 1, timeout=300)
         assert deploy["state"] == "success"

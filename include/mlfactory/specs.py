@@ -78,7 +78,7 @@ class TrainingJobSpec(_Spec):
 
     def hyperparameter_arguments(self) -> list[str]:
         """The hyperparameters (one JSON argument) and tags as arguments; a cloud container takes its data
-        locations from its platform's variables instead (``mlfactory.cluster``)."""
+        locations from its platform's variables instead (``mlfactory.runtime``)."""
         # only the values that differ from the defaults (the entrypoint's own): all of them are more than the
         # 256 characters SageMaker takes in an argument
         args = ["--hyperparameters", self.hyperparameters.model_dump_json(exclude_defaults=True)]

@@ -42,17 +42,33 @@ class ToyTrainingOperator(SpecOperator):
         from mlfactory.config import load_config
         from mlfactory.specs import METRICS_FILE, TrainingJobSpec
 
+        from mlfactory.backends.local.processes import free_port
+        from mlfactory.cluster import LOOPBACK_ENV
+        from mlfactory.runtime import environment
+
         cfg = load_config()
         spec = TrainingJobSpec.model_validate(self.spec)
         epochs = min(spec.hyperparameters.epochs, cfg.backend.epochs_cap)
         job = spec.model_copy(update={"hyperparameters": spec.hyperparameters.model_copy(update={"epochs": epochs})})
-        done = subprocess.run([sys.executable, "-m", "mlfactory.train", *job.arguments(), "--device", "cpu",
-                               "--threads", "1"], env={**os.environ, **job.environment},
-                              capture_output=True, text=True)
-        self.log.info("toy job %s in region %s:\n%s", job.name, cfg.backend.region, done.stdout[-3000:])
-        if done.returncode != 0:
-            raise RuntimeError(f"toy training failed: {done.stderr[-3000:]}")
-        return {**json.loads(storage.read_bytes(storage.join(job.output_uri, METRICS_FILE))), "toy_region": cfg.backend.region}
+        # each "node" is one process told its place and its data as the toy platform tells its containers:
+        # the entrypoint finds them through toy_backend.runtime, and launches torchrun across the nodes itself
+        place = {**environment("toy"), "TOY_NODES": str(cfg.backend.nodes), "TOY_MASTER_PORT": str(free_port()),
+                 "TOY_JOB": job.name, "TOY_TRAIN": job.input_uri, "TOY_OUTPUT": job.output_uri,
+                 "TOY_CHECKPOINTS": job.checkpoint_uri or ""}
+        command = [sys.executable, "-m", "mlfactory.train", *job.hyperparameter_arguments(), "--device", "cpu",
+                   "--threads", "1"]
+        nodes = [subprocess.Popen(command, env={**os.environ, **LOOPBACK_ENV, **job.environment, **place,
+                                                "TOY_NODE": str(rank)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for rank in range(cfg.backend.nodes)]
+        outputs = [node.communicate()[0] for node in nodes]
+        self.log.info("toy job %s in region %s on %d nodes:\n%s", job.name, cfg.backend.region, len(nodes),
+                      outputs[0][-3000:])
+        failed = [(rank, node.returncode) for rank, node in enumerate(nodes) if node.returncode != 0]
+        if failed:
+            raise RuntimeError(f"toy training failed on node(s) {failed}: {outputs[failed[0][0]][-3000:]}")
+        return {**json.loads(storage.read_bytes(storage.join(job.output_uri, METRICS_FILE))), "toy_region": cfg.backend.region,
+                "toy_nodes": len(nodes)}
 
 
 class ToyBatchOperator(SpecOperator):
