@@ -158,7 +158,8 @@ def test_bad_models_stand_beside_the_served_one_at_weight_0_and_are_rolled_back(
     model = sagemaker.describe_model(ModelName=model_name_for(model_ref(cfg, first)))
     assert model["PrimaryContainer"]["Environment"] == {
         "MLFACTORY_MODEL_URI": model_ref(cfg, first).uri, "MLFACTORY_MODEL_VERSION": first,
-        "MLFACTORY_PREDICTION_LOG_URI": f"s3://{BUCKET}/predictions/serving"}  # what ml_monitor reads
+        "MLFACTORY_PREDICTION_LOG_URI": f"s3://{BUCKET}/predictions/serving",  # what ml_monitor reads
+        "MLFACTORY_RUNTIME": "aws"}  # the server reads SageMaker's conventions
 
     # Deploying the served version again (a retry, a second run) takes the endpoint over: no new config, no update.
     configs = len(sagemaker.list_endpoint_configs()["EndpointConfigs"])
