@@ -49,23 +49,28 @@ def run_step(operator):
 
 
 def rollout(cfg, version: str) -> dict:
-    """ml_deploy on aws: resolve, the deploy group's four steps, and `rollback` if one fails. Returns the run's
+    """ml_deploy on aws: resolve, the deploy group's five steps, and `rollback` if one fails. Returns the run's
     outcome: {"failed": step or None, "plan", "result"}."""
     from mlfactory.deployment import DeploymentFailed, endpoint_spec, read_endpoint_state, restore_after_failure
+    from mlfactory.rollout import STEPS
     from mlfactory_airflow.backends import backend_for
-    from mlfactory_airflow.backends.aws.sagemaker import (SageMakerCanaryOperator, SageMakerEndpointOperator,
-                                                          SageMakerEndpointStageOperator, SageMakerSmokeTestOperator)
+    from mlfactory_airflow.rollout import RolloutStepOperator
 
+    backend = backend_for(cfg)
     spec = endpoint_spec(cfg, version).model_dump()
-    plan = run_step(SageMakerEndpointStageOperator(task_id="stage", spec=spec, waiter_delay=1))
-    step = "stage"
+
+    def step(name: str, plan: dict | None = None):
+        return run_step(RolloutStepOperator(task_id=name, step=name, spec=spec, plan=plan, poll_interval=1,
+                                            adapter=backend.endpoint_adapter))
+
+    plan = step("stage")
+    name = "stage"
     try:
-        for step, operator in (("smoke_test", SageMakerSmokeTestOperator), ("canary", SageMakerCanaryOperator),
-                               ("full_traffic", SageMakerEndpointOperator)):
-            result = run_step(operator(task_id=step, spec=spec, plan=plan, waiter_delay=1))
+        for name in STEPS[1:]:
+            result = step(name, plan)
     except DeploymentFailed:
-        backend_for(cfg).restore_traffic(read_endpoint_state(cfg))
-        return {"failed": step, "plan": plan, "result": restore_after_failure(cfg, version)}
+        backend.restore_traffic(read_endpoint_state(cfg))
+        return {"failed": name, "plan": plan, "result": restore_after_failure(cfg, version)}
     return {"failed": None, "plan": plan, "result": result}
 
 
