@@ -153,13 +153,15 @@ def test_bad_models_stand_beside_the_served_one_at_weight_0_and_are_rolled_back(
     first = register(cfg, registry, good)
     registry.client.set_registered_model_alias(cfg.model_name, CHAMPION, first)
 
-    # First deployment: the endpoint on v<first>, smoke-tested; no canary (nothing served before).
+    # First deployment: the endpoint on v<first>, smoke-tested, then its canary: all the traffic is its own.
     run = rollout(cfg, first)
     assert run["failed"] is None and run["result"]["served_version"] == first
     assert [v["VariantName"] for v in sagemaker.describe_endpoint(EndpointName="churn")["ProductionVariants"]] == \
         [f"v{first}"]
     smoke = [i for i in runtime.invocations if i["target"]]
     assert smoke and all(i["target"] == f"v{first}" and i["status"] == 200 for i in smoke)
+    canary = [i for i in runtime.invocations if not i["target"]]
+    assert len(canary) == 40 and all(i["status"] == 200 and i["variant"] == f"v{first}" for i in canary)
     model = sagemaker.describe_model(ModelName=model_name_for(model_ref(cfg, first)))
     assert model["PrimaryContainer"]["Environment"] == {
         "MLFACTORY_MODEL_URI": model_ref(cfg, first).uri, "MLFACTORY_MODEL_VERSION": first,

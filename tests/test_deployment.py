@@ -59,13 +59,14 @@ def test_blue_green_rollout_canary_and_rollback_of_a_broken_model(champion):
     first = registry.alias_version(CHAMPION)
     rows = holdout_requests(cfg, 3)
     try:
-        # First deployment: nothing served before, so no canary.
+        # First deployment: nothing served before, so the canary gives it all the traffic and checks it the same way.
         plan = rollout(first).stage()
         assert plan["new"] == "blue" and plan["old"] is None
         assert endpoint.call("/ping", auth=False)[0] == 503  # loaded, but no traffic yet
         rollout(first).health_check(plan)
         rollout(first).smoke_test(plan)
-        assert "skipped" in rollout(first).canary(plan)
+        canary = rollout(first).canary(plan)
+        assert canary["requests"] >= cfg.serving.canary_requests and canary["errors"] == 0 and canary["percent"] == 100
         state = rollout(first).full_traffic(plan)
         assert state["served_version"] == first and state["url"] == endpoint.url == state["endpoint"]
         status, reply = endpoint.predict(rows)

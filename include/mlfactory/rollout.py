@@ -10,7 +10,8 @@ Five steps, one task each in ml_deploy's task group ``deploy``, on every backend
 - ``canary``: ``canary_percent`` of the traffic on the new variant (after ``canary_wait_s`` on a cloud, where
   real traffic reaches it meanwhile), then ``canary_requests`` holdout rows, one per request: their error
   rate must stay under ``max_error_rate``, their 95th percentile latency under ``max_latency_ms`` (when set),
-  and no alarm of ``rollback_alarms`` may be firing. Skipped on a first deployment: nothing to share.
+  and no alarm of ``rollback_alarms`` may be firing. On a first deployment the new variant gets all the traffic
+  (there is nothing else to share it with), then the same requests and verdict, at once.
 - ``full_traffic``: all the traffic on the new variant, the old one removed, autoscaling in place, and the
   endpoint state (``deployment.served``) written.
 
@@ -164,16 +165,16 @@ class Rollout:
 
     def _canary(self, plan: dict, waited: bool = False):
         spec = self.spec
-        if plan["already_served"] or not plan["old"]:
-            return {"skipped": f"v{self.version} serves all traffic already" if plan["already_served"]
-                    else "nothing served before: no traffic to share", "variant": plan["new"]}
-        if not waited:
-            weights = {plan["old"]: 100 - spec.canary_percent, plan["new"]: spec.canary_percent}
+        if plan["already_served"]:
+            return {"skipped": f"v{self.version} serves all traffic already", "variant": plan["new"]}
+        if not waited:  # a first deployment takes all the traffic (there is no one else's) and is checked at once
+            weights = ({plan["old"]: 100 - spec.canary_percent, plan["new"]: spec.canary_percent} if plan["old"]
+                       else {plan["new"]: 100})
             pending = self.adapter.set_weights(plan, weights)
             if pending is not None:
                 return pending
             log.info("traffic: %s", weights)
-            if spec.canary_wait_s and self.adapter.deferrable:
+            if plan["old"] and spec.canary_wait_s and self.adapter.deferrable:
                 return Wait(f"v{self.version} with {spec.canary_percent}% of the traffic for {spec.canary_wait_s}s",
                             seconds=spec.canary_wait_s, resume={"waited": True})
         return self._verdict(plan)
@@ -203,7 +204,8 @@ class Rollout:
         p95 = sorted(latencies)[max(0, round(0.95 * len(latencies)) - 1)]
         firing = self.adapter.firing_alarms(plan, spec.rollback_alarms) if spec.rollback_alarms else []
         result = {"requests": requests, "errors": errors, "error_rate": rate, "latency_p95_ms": round(p95, 1),
-                  "answered_by": answered, "percent": spec.canary_percent, "alarms": firing, "variant": plan["new"]}
+                  "answered_by": answered, "percent": spec.canary_percent if plan["old"] else 100, "alarms": firing,
+                  "variant": plan["new"]}
         log.info("canary of v%s: %s", self.version, result)
         where = f"canary of v{self.version} on {plan.get('endpoint') or 'the endpoint'}"
         if firing:

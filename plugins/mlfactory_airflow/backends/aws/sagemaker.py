@@ -251,6 +251,8 @@ class SageMakerEndpointAdapter(EndpointAdapter):
     def set_weights(self, plan: dict, weights: dict[str, float]) -> None:
         from mlfactory.backends.aws.sagemaker import weights_request
 
+        if not plan["old"]:  # a first deployment: the new variant is alone on the endpoint, with all its traffic
+            return
         self.hook.conn.update_endpoint_weights_and_capacities(**weights_request(plan["endpoint"], weights))
         self.log.info("traffic of %s: %s", plan["endpoint"], weights)
 
