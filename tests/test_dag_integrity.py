@@ -216,9 +216,7 @@ def test_the_backend_comes_from_the_config_with_the_same_task_ids_on_every_backe
                      "azure": {"train": "AzureMLTrainingOperator", "score": "AzureMLBatchOperator"}}
 
 
-@pytest.mark.parametrize("backend", ["local", "aws", pytest.param("gcp", marks=pytest.mark.xfail(
-    strict=True, reason="gcp's rollout is not on mlfactory.rollout yet (issue 28): Vertex's PredictRequest cannot "
-                        "send the smoke test to one deployed model")), "azure", "toy"])
+@pytest.mark.parametrize("backend", ["local", "aws", "gcp", "azure", "toy"])
 def test_ml_deploy_has_the_same_five_rollout_steps_on_every_backend(backend, tmp_path_factory, tmp_path, bucket,
                                                                      monkeypatch):
     """`deploy.stage`, `deploy.health_check`, `deploy.smoke_test`, `deploy.canary`, `deploy.full_traffic`, in this
