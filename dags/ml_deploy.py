@@ -2,10 +2,12 @@
 
 `resolve` turns the new champion (or the version from the form) into an ``EndpointSpec``: the
 version and its files, and the endpoint's sizing and guards from ``serving`` (replicas, target load,
-canary share and duration, rollback conditions). The backend rolls it out in task group `deploy`,
-from `deploy.stage` (the version beside the served one, no traffic yet) to `deploy.full_traffic`,
-whose XCom is the endpoint state (also in ``<bucket>/_mlfactory/endpoint/endpoint.json``); the
-steps in between are the backend's (see below). If any step fails, `rollback` puts the traffic back
+canary share and duration, rollback conditions). Task group `deploy` rolls it out the same way on
+every backend (``mlfactory.rollout``): `deploy.stage` (the version beside the served one, no traffic
+yet), `deploy.health_check`, `deploy.smoke_test` (holdout rows to it alone), `deploy.canary` (a share of
+the traffic; error rate, latency and the platform's alarms checked) and `deploy.full_traffic`, whose
+XCom is the endpoint state (also in ``<bucket>/_mlfactory/endpoint/endpoint.json``); how each step
+speaks to the endpoint is the backend's (see below). If any step fails, `rollback` puts the traffic back
 on the served version (where the platform has not already) and moves alias `champion` back to it;
 the run ends failed.
 """

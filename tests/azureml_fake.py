@@ -263,7 +263,7 @@ class AzureMLFake:
                     fake.refused.append(str(err))
                     status, body, headers = 400, {"error": {"code": "UserError", "message": str(err)}}, {}
                 if isinstance(body, bytes):
-                    return self._send(status, raw=body)
+                    return self._send(status, headers=headers, raw=body)
                 self._send(status, body, headers)
 
             def do_GET(self):
@@ -422,7 +422,7 @@ class AzureMLFake:
             answer, status = err.read(), err.code
         with self.lock:
             self.answered[chosen] = self.answered.get(chosen, 0) + 1
-        return status, answer, {}
+        return status, answer, {"azureml-model-deployment": chosen}  # as Azure ML names the deployment that answered
 
     def _invoke(self, endpoint_name: str, body: dict) -> tuple[int, object, dict]:
         from azure.ai.ml._restclient.arm_ml_service import models  # noqa: F401 - the body as the SDK sent it

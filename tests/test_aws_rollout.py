@@ -49,23 +49,28 @@ def run_step(operator):
 
 
 def rollout(cfg, version: str) -> dict:
-    """ml_deploy on aws: resolve, the deploy group's four steps, and `rollback` if one fails. Returns the run's
+    """ml_deploy on aws: resolve, the deploy group's five steps, and `rollback` if one fails. Returns the run's
     outcome: {"failed": step or None, "plan", "result"}."""
     from mlfactory.deployment import DeploymentFailed, endpoint_spec, read_endpoint_state, restore_after_failure
+    from mlfactory.rollout import STEPS
     from mlfactory_airflow.backends import backend_for
-    from mlfactory_airflow.backends.aws.sagemaker import (SageMakerCanaryOperator, SageMakerEndpointOperator,
-                                                          SageMakerEndpointStageOperator, SageMakerSmokeTestOperator)
+    from mlfactory_airflow.rollout import RolloutStepOperator
 
+    backend = backend_for(cfg)
     spec = endpoint_spec(cfg, version).model_dump()
-    plan = run_step(SageMakerEndpointStageOperator(task_id="stage", spec=spec, waiter_delay=1))
-    step = "stage"
+
+    def step(name: str, plan: dict | None = None):
+        return run_step(RolloutStepOperator(task_id=name, step=name, spec=spec, plan=plan, poll_interval=1,
+                                            adapter=backend.endpoint_adapter))
+
+    plan = step("stage")
+    name = "stage"
     try:
-        for step, operator in (("smoke_test", SageMakerSmokeTestOperator), ("canary", SageMakerCanaryOperator),
-                               ("full_traffic", SageMakerEndpointOperator)):
-            result = run_step(operator(task_id=step, spec=spec, plan=plan, waiter_delay=1))
+        for name in STEPS[1:]:
+            result = step(name, plan)
     except DeploymentFailed:
-        backend_for(cfg).restore_traffic(read_endpoint_state(cfg))
-        return {"failed": step, "plan": plan, "result": restore_after_failure(cfg, version)}
+        backend.restore_traffic(read_endpoint_state(cfg))
+        return {"failed": name, "plan": plan, "result": restore_after_failure(cfg, version)}
     return {"failed": None, "plan": plan, "result": result}
 
 
@@ -148,13 +153,15 @@ def test_bad_models_stand_beside_the_served_one_at_weight_0_and_are_rolled_back(
     first = register(cfg, registry, good)
     registry.client.set_registered_model_alias(cfg.model_name, CHAMPION, first)
 
-    # First deployment: the endpoint on v<first>, smoke-tested; no canary (nothing served before).
+    # First deployment: the endpoint on v<first>, smoke-tested, then its canary: all the traffic is its own.
     run = rollout(cfg, first)
     assert run["failed"] is None and run["result"]["served_version"] == first
     assert [v["VariantName"] for v in sagemaker.describe_endpoint(EndpointName="churn")["ProductionVariants"]] == \
         [f"v{first}"]
     smoke = [i for i in runtime.invocations if i["target"]]
     assert smoke and all(i["target"] == f"v{first}" and i["status"] == 200 for i in smoke)
+    canary = [i for i in runtime.invocations if not i["target"]]
+    assert len(canary) == 40 and all(i["status"] == 200 and i["variant"] == f"v{first}" for i in canary)
     model = sagemaker.describe_model(ModelName=model_name_for(model_ref(cfg, first)))
     assert model["PrimaryContainer"]["Environment"] == {
         "MLFACTORY_MODEL_URI": model_ref(cfg, first).uri, "MLFACTORY_MODEL_VERSION": first,

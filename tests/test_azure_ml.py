@@ -192,14 +192,21 @@ def another_version(client) -> str:
     return str(mlflow.register_model(client.get_model_version("churn_served", "1").source, "churn_served").version)
 
 
-def rollout(spec: dict) -> tuple[dict, dict, dict]:
-    from mlfactory_airflow.backends.azure.azureml import (AzureMLCanaryOperator, AzureMLFullTrafficOperator,
-                                                          AzureMLStageOperator)
+def step(name: str, spec: dict, plan: dict | None = None):
+    """One step of ml_deploy's rollout as its task runs it (deferrals resumed in turn)."""
+    from mlfactory_airflow.backends.azure import AzureBackend
+    from mlfactory_airflow.rollout import RolloutStepOperator
 
-    plan = run_to_end(AzureMLStageOperator(task_id="stage", spec=spec))
-    canary = run_to_end(AzureMLCanaryOperator(task_id="canary", spec=spec, plan=plan))
-    state = run_to_end(AzureMLFullTrafficOperator(task_id="full_traffic", spec=spec, plan=plan, canary=canary))
-    return plan, canary, state
+    return run_to_end(RolloutStepOperator(task_id=name, step=name, spec=spec, plan=plan,
+                                          adapter=AzureBackend.endpoint_adapter))
+
+
+def rollout(spec: dict) -> tuple[dict, dict, dict]:
+    plan = step("stage", spec)
+    for name in ("health_check", "smoke_test"):
+        step(name, spec, plan)
+    canary = step("canary", spec, plan)
+    return plan, canary, step("full_traffic", spec, plan)
 
 
 def test_the_online_rollout_deploys_blue_green_with_canary_traffic_autoscale_and_deletes_the_old(azure_serving):
@@ -215,8 +222,9 @@ def test_the_online_rollout_deploys_blue_green_with_canary_traffic_autoscale_and
 
     plan, canary, state = rollout(endpoint_spec(azure_serving.bucket, "1"))
     assert plan["endpoint"] == "churn-endpoint" and plan["serving"] == {} and plan["deployment"] == "version-1"
-    assert canary["errors"] == 0 and canary["requests"] == 20 and canary["traffic"] == {"version-1": 100}
-    assert fake.answered == {"version-1": 20}  # through the endpoint's scoring URI, with its key, /score
+    assert canary["errors"] == 0 and canary["requests"] == 20 and canary["percent"] == 100
+    assert canary["answered_by"] == {"version-1": 20}  # a first deployment: all the traffic, the same canary
+    assert fake.answered == {"version-1": 21}  # the smoke test, then the canary: the scoring URI with its key, /score
     (endpoint,) = fake.find(r"/onlineEndpoints/churn-endpoint$").values()
     assert endpoint["properties"]["traffic"] == {"version-1": 100}
     (autoscale,) = fake.find(r"autoscalesettings/churn-endpoint-version-1-autoscale$").values()
@@ -227,8 +235,10 @@ def test_the_online_rollout_deploys_blue_green_with_canary_traffic_autoscale_and
 
     plan, canary, state = rollout(endpoint_spec(azure_serving.bucket, v2))
     new = f"version-{v2}"
-    assert plan["serving"] == {"version-1": 100} and canary["traffic"] == {"version-1": 50, new: 50}
-    assert fake.answered[new] == 20  # the canary's requests went to the new deployment (azureml-model-deployment)
+    assert plan["serving"] == {"version-1": 100} and canary["percent"] == 50
+    assert canary["errors"] == 0 and canary["requests"] == 20 and sum(canary["answered_by"].values()) == 20
+    assert set(canary["answered_by"]) == {"version-1", new}  # the 50 % split reached both deployments
+    assert fake.answered[new] == 1 + canary["answered_by"][new]  # its smoke test (by name), then its canary share
     (endpoint,) = fake.find(r"/onlineEndpoints/churn-endpoint$").values()
     assert endpoint["properties"]["traffic"] == {new: 100}
     assert [d["name"] for d in fake.find(r"/onlineEndpoints/churn-endpoint/deployments/[^/]+$").values()] == [new]
@@ -249,27 +259,21 @@ def test_a_failing_canary_puts_the_traffic_back_and_deletes_the_new_deployment(a
     from mlfactory.config import load_config
     from mlfactory.deployment import DeploymentFailed, read_endpoint_state, restore_after_failure
     from mlfactory_airflow.backends.azure import AzureBackend
-    from mlfactory_airflow.backends.azure.azureml import AzureMLCanaryOperator, AzureMLStageOperator
 
     fake = azure_serving.fake
     cfg = load_config()
     rollout(endpoint_spec(azure_serving.bucket, "1"))
     v_bad = another_version(MlflowClient(cfg.mlflow.tracking_uri))
     spec = endpoint_spec(azure_serving.bucket, v_bad)
-    plan = run_to_end(AzureMLStageOperator(task_id="stage", spec=spec))
-    real_serve = fake.serve
-
-    def serve_then_die(deployment):  # the new version's container dies once deployed
-        url = real_serve(deployment)
-        if deployment["name"] == f"version-{v_bad}":
-            process, _ = azure_serving.containers.processes.pop(deployment["name"])
-            process.kill()
-            process.wait()
-        return url
-
-    fake.serve = serve_then_die
-    with pytest.raises(DeploymentFailed, match=r"canary of v\d+ on churn-endpoint: 20 of 20 requests failed"):
-        run_to_end(AzureMLCanaryOperator(task_id="canary", spec=spec, plan=plan))
+    plan = step("stage", spec)
+    step("health_check", spec, plan)
+    step("smoke_test", spec, plan)
+    # the new version's container dies once it passed its smoke test: its share of the canary's requests fail
+    process, _ = azure_serving.containers.processes.pop(f"version-{v_bad}")
+    process.kill()
+    process.wait()
+    with pytest.raises(DeploymentFailed, match=r"canary of v\d+ on churn-endpoint: \d+ of 20 requests failed"):
+        step("canary", spec, plan)
     (endpoint,) = fake.find(r"/onlineEndpoints/churn-endpoint$").values()
     assert endpoint["properties"]["traffic"] == {"version-1": 50, f"version-{v_bad}": 50}
     AzureBackend(cfg).restore_traffic(read_endpoint_state(cfg))  # ml_deploy's `rollback`

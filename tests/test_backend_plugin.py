@@ -20,6 +20,7 @@ from mlfactory import sample_data, storage
 from mlfactory.config import DEFAULT_CONFIG, ConfigError, load_config
 from mlfactory.backends.local.local_airflow import LocalAirflow
 from mlfactory.backends.local.processes import free_port
+from mlfactory.rollout import STEPS
 
 PLUGIN = Path(__file__).resolve().parent / "backend_plugin"
 
@@ -70,7 +71,8 @@ def test_the_unchanged_dags_are_built_from_the_plugin(toy, tmp_path, monkeypatch
     bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[1] / "dags"))
     assert bag.import_errors == {}
     assert bag.dags["ml_train"].get_task("train").task_type == "ToyTrainingOperator"
-    assert bag.dags["ml_deploy"].task_ids == ["resolve", "deploy.stage", "deploy.full_traffic", "rollback"]
+    assert bag.dags["ml_deploy"].task_ids == ["resolve", "deploy.stage", "deploy.health_check", "deploy.smoke_test",
+                                              "deploy.canary", "deploy.full_traffic", "rollback"]
     assert bag.dags["ml_batch_score"].get_task("score").task_type == "ToyBatchOperator"
     assert "toy://" in bag.dags["ml_deploy"].doc_md
     from mlfactory_airflow.assets import pipeline_assets
@@ -123,8 +125,7 @@ def test_a_landed_file_runs_to_a_deployed_champion_on_the_plugin_backend(toy, tm
         deploy = airflow.wait_for_run("ml_deploy", 1, timeout=300)
         assert deploy["state"] == "success"
         tis = {t["task_id"]: t["state"] for t in airflow.task_instances("ml_deploy", deploy["dag_run_id"])}
-        assert tis == {"resolve": "success", "deploy.stage": "success", "deploy.full_traffic": "success",
-                       "rollback": "skipped"}
+        assert tis == {"resolve": "success", **{f"deploy.{step}": "success" for step in STEPS}, "rollback": "skipped"}
         state = read_endpoint_state(cfg)
         assert (state["served_version"], state["endpoint"], state["toy_staged"]) == \
             (champion, "toy://eu-toy-1/churn_toy", champion)

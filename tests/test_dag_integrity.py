@@ -207,7 +207,6 @@ def test_the_backend_comes_from_the_config_with_the_same_task_ids_on_every_backe
         train, deploy, batch = (bag.dags[d] for d in ("ml_train", "ml_deploy", "ml_batch_score"))
         assert train.task_ids == ["prepare", "plan", "train", "select_best"]
         assert train.get_task("train").pool == cfg.training.pool
-        assert deploy.task_ids[0] == "resolve" and deploy.task_ids[-2:] == ["deploy.full_traffic", "rollback"]
         assert deploy.get_task("deploy.stage").upstream_task_ids == {"resolve"}
         assert batch.task_ids == ["plan", "score"]
         built[cfg.backend.name] = {"train": train.get_task("train").task_type,
@@ -216,6 +215,40 @@ def test_the_backend_comes_from_the_config_with_the_same_task_ids_on_every_backe
                      "aws": {"train": "SageMakerTrainingOperator", "score": "SageMakerTransformOperator"},
                      "gcp": {"train": "VertexTrainingOperator", "score": "VertexBatchPredictionOperator"},
                      "azure": {"train": "AzureMLTrainingOperator", "score": "AzureMLBatchOperator"}}
+
+
+@pytest.mark.parametrize("backend", ["local", "aws", "gcp", "azure", "toy"])
+def test_ml_deploy_has_the_same_five_rollout_steps_on_every_backend(backend, tmp_path_factory, tmp_path, bucket,
+                                                                     monkeypatch):
+    """`deploy.stage`, `deploy.health_check`, `deploy.smoke_test`, `deploy.canary`, `deploy.full_traffic`, in this
+    order and chained, each the one rollout step operator: on local, aws, gcp, azure and the toy plug-in backend."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from mlfactory import backends
+    from mlfactory.config import DEFAULT_CONFIG, load_config
+    from mlfactory.rollout import STEPS
+
+    if backend == "toy":
+        monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "backend_plugin"))
+        backends._entry_points.cache_clear()
+        backends.get.cache_clear()
+        raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+        raw.update(backend="toy", toy={"region": "eu-toy-1"})
+        (tmp_path / "toy.yaml").write_text(yaml.safe_dump(raw))
+        monkeypatch.setenv("MLFACTORY_CONFIG", str(tmp_path / "toy.yaml"))
+    elif backend != "local":
+        monkeypatch.setenv("MLFACTORY_CONFIG", str(cloud_config(tmp_path_factory, backend)))
+    expected = ["resolve", *(f"deploy.{step}" for step in STEPS), "rollback"]
+    try:
+        assert load_config().backend.name == backend
+        deploy = DagBag(dag_folder=str(DAGS[0].parent / "ml_deploy.py")).dags["ml_deploy"]
+        assert deploy.task_ids == expected
+        for before, step in zip(expected[1:-2], expected[2:-1]):
+            assert before in deploy.get_task(step).upstream_task_ids
+        assert {deploy.get_task(t).task_type for t in expected[1:-1]} == {"RolloutStepOperator"}
+    finally:
+        backends._entry_points.cache_clear()
+        backends.get.cache_clear()
 
 
 @pytest.mark.parametrize("approval", [False, True])

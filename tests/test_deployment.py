@@ -9,10 +9,11 @@ import torch
 from conftest import with_section
 from mlfactory import storage
 from mlfactory.backends.local.endpoint import LocalEndpoint
-from mlfactory.backends.local.rollout import Rollout
+from mlfactory.backends.local.rollout import LocalEndpointAdapter
 from mlfactory.deployment import DeploymentFailed, endpoint_spec, holdout_requests, read_endpoint_state, restore_after_failure
 from mlfactory.backends.local.processes import free_port
 from mlfactory.registry import CHAMPION, Registry
+from mlfactory.rollout import Rollout
 
 
 def broken_model_uri(cfg, holdout, how: str = "nan") -> str:
@@ -52,19 +53,21 @@ def test_blue_green_rollout_canary_and_rollback_of_a_broken_model(champion):
     registry = Registry(cfg)
 
     def rollout(version: str) -> Rollout:
-        return Rollout(cfg, endpoint_spec(cfg, version), endpoint)
+        spec = endpoint_spec(cfg, version)
+        return Rollout(cfg, spec, LocalEndpointAdapter(cfg, spec, endpoint=endpoint))
 
     first = registry.alias_version(CHAMPION)
     rows = holdout_requests(cfg, 3)
     try:
-        # First deployment: nothing served before, so no canary.
+        # First deployment: nothing served before, so the canary gives it all the traffic and checks it the same way.
         plan = rollout(first).stage()
         assert plan["new"] == "blue" and plan["old"] is None
         assert endpoint.call("/ping", auth=False)[0] == 503  # loaded, but no traffic yet
         rollout(first).health_check(plan)
         rollout(first).smoke_test(plan)
-        assert "skipped" in rollout(first).canary(plan)
-        state = rollout(first).complete(plan)
+        canary = rollout(first).canary(plan)
+        assert canary["requests"] >= cfg.serving.canary_requests and canary["errors"] == 0 and canary["percent"] == 100
+        state = rollout(first).full_traffic(plan)
         assert state["served_version"] == first and state["url"] == endpoint.url == state["endpoint"]
         status, reply = endpoint.predict(rows)
         assert status == 200 and len(reply["predictions"]) == 3
@@ -82,7 +85,7 @@ def test_blue_green_rollout_canary_and_rollback_of_a_broken_model(champion):
         rollout(second).smoke_test(plan)
         canary = rollout(second).canary(plan)
         assert canary["requests"] > 0 and canary["errors"] == 0 and canary["percent"] == 30
-        rollout(second).complete(plan)
+        rollout(second).full_traffic(plan)
         variants = endpoint.variants()
         assert list(variants) == ["green"] and variants["green"]["version"] == second and variants["green"]["weight"] == 100
 
@@ -160,7 +163,8 @@ def test_a_model_that_raises_and_a_server_killed_mid_canary_are_rolled_back(cham
     rows = holdout_requests(cfg, 3)
 
     def rollout(version: str) -> Rollout:
-        return Rollout(cfg, endpoint_spec(cfg, version), endpoint)
+        spec = endpoint_spec(cfg, version)
+        return Rollout(cfg, spec, LocalEndpointAdapter(cfg, spec, endpoint=endpoint))
 
     def roll_back(version: str) -> dict:  # ml_deploy's `rollback` task
         endpoint.restore(read_endpoint_state(cfg)["rollout"])
@@ -168,7 +172,8 @@ def test_a_model_that_raises_and_a_server_killed_mid_canary_are_rolled_back(cham
 
     try:
         plan = rollout(first).stage()
-        for step in (rollout(first).health_check, rollout(first).smoke_test, rollout(first).canary, rollout(first).complete):
+        for step in (rollout(first).health_check, rollout(first).smoke_test, rollout(first).canary,
+                     rollout(first).full_traffic):
             step(plan)
 
         raises = registry.register(broken_model_uri(cfg, holdout, "raises"), None, {})

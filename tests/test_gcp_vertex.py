@@ -212,14 +212,22 @@ def another_version(client) -> str:
     return str(mlflow.register_model(client.get_model_version("churn_served", "1").source, "churn_served").version)
 
 
-def rollout(spec: dict) -> tuple[dict, dict, dict]:
-    from mlfactory_airflow.backends.gcp.vertex import (VertexCanaryOperator, VertexFullTrafficOperator,
-                                                       VertexStageOperator)
+ADAPTER = "mlfactory_airflow.backends.gcp.vertex:VertexEndpointAdapter"
 
-    plan = run_to_end(VertexStageOperator(task_id="stage", spec=spec))
-    canary = run_to_end(VertexCanaryOperator(task_id="canary", spec=spec, plan=plan))
-    state = run_to_end(VertexFullTrafficOperator(task_id="full_traffic", spec=spec, plan=plan, canary=canary))
-    return plan, canary, state
+
+def step(name: str, spec: dict, plan: dict | None = None):
+    """One of ml_deploy's rollout tasks, run to its end (every deferral resumed)."""
+    from mlfactory_airflow.rollout import RolloutStepOperator
+
+    return run_to_end(RolloutStepOperator(task_id=name, step=name, spec=spec, plan=plan, adapter=ADAPTER))
+
+
+def rollout(spec: dict) -> tuple[dict, dict, dict]:
+    """ml_deploy's five rollout steps in order: (plan, canary, endpoint state)."""
+    plan = step("stage", spec)
+    results = {name: step(name, spec, plan) for name in ("health_check", "smoke_test", "canary")}
+    state = step("full_traffic", spec, plan)
+    return plan, results["canary"], state
 
 
 def test_the_endpoint_rollout_uploads_deploys_with_a_canary_split_and_undeploys_the_old_model(gcp_serving):
@@ -239,8 +247,9 @@ def test_the_endpoint_rollout_uploads_deploys_with_a_canary_split_and_undeploys_
     assert plan["serving"] == {} and plan["endpoint"] == endpoint_name
     model = fake.models["projects/mlfactory-test/locations/us-central1/models/churn-served-v1"]
     assert model.artifact_uri == f"{bucket}/mlflow-models/v1" and model.container_spec.predict_route == "/predict"
-    assert canary["errors"] == 0 and canary["requests"] == 20
-    first = canary["deployed_model_id"]
+    assert canary["errors"] == 0 and canary["requests"] == 20 and canary["percent"] == 100
+    first = state["deployed_model_id"]
+    assert canary["answered_by"] == {first: 20}
     assert dict(fake.endpoints[endpoint_name].traffic_split) == {first: 100}
     resources = fake.endpoints[endpoint_name].deployed_models[0].dedicated_resources
     assert (resources.min_replica_count, resources.max_replica_count) == (1, 3)
@@ -249,9 +258,14 @@ def test_the_endpoint_rollout_uploads_deploys_with_a_canary_split_and_undeploys_
 
     # second rollout: v2 beside v1 at the canary share, checked through the endpoint, then alone
     plan, canary, state = rollout(endpoint_spec(bucket, v2))
-    assert plan["serving"] == {first: 100}
-    assert len(fake.calls(r":deployModel")) == 2
-    second = canary["deployed_model_id"]
+    assert plan["serving"] == {first: 100} and plan["old"] == first
+    staging = "projects/mlfactory-test/locations/us-central1/endpoints/churn-endpoint-staging"
+    assert plan["staging"] == staging
+    # the smoke test reached v2 alone, on the staging endpoint, whose copy is gone once v2 is on the endpoint
+    assert len(fake.calls(r"churn-endpoint-staging:predict")) == 1
+    assert fake.endpoints[staging].deployed_models == [] and fake.endpoints[staging].traffic_split == {}
+    assert len(fake.calls(r":deployModel")) == 3  # v1; v2 on the staging endpoint; v2 beside v1
+    second = state["deployed_model_id"]
     assert set(canary["answered_by"]) == {first, second}, canary  # the 50 % split reached both deployed models
     assert dict(fake.endpoints[endpoint_name].traffic_split) == {second: 100}
     assert [d.id for d in fake.endpoints[endpoint_name].deployed_models] == [second]
@@ -261,7 +275,7 @@ def test_the_endpoint_rollout_uploads_deploys_with_a_canary_split_and_undeploys_
 
     # a retry of the whole rollout changes nothing
     rollout(endpoint_spec(bucket, v2))
-    assert len(fake.calls(r":deployModel")) == 2
+    assert len(fake.calls(r":deployModel")) == 3
     assert fake.ungranted() == {}  # least privilege: every call made is granted by Airflow's role
 
 def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_serving):
@@ -270,17 +284,17 @@ def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_
     from mlfactory.config import load_config
     from mlfactory.deployment import DeploymentFailed, read_endpoint_state, restore_after_failure
     from mlfactory_airflow.backends.gcp import GcpBackend
-    from mlfactory_airflow.backends.gcp.vertex import VertexCanaryOperator, VertexStageOperator
 
     fake, bucket = gcp_serving.fake, gcp_serving.bucket
     cfg = load_config()
     client = MlflowClient(cfg.mlflow.tracking_uri)
-    _, canary, _ = rollout(endpoint_spec(bucket, "1"))
-    served = canary["deployed_model_id"]
+    _, _, state = rollout(endpoint_spec(bucket, "1"))
+    served = state["deployed_model_id"]
     v_bad = another_version(client)
     spec = endpoint_spec(bucket, v_bad)
-    plan = run_to_end(VertexStageOperator(task_id="stage", spec=spec))
-    # the new version's container dies once deployed (its machine, its model): its share of requests fail
+    plan = step("stage", spec)
+    assert step("smoke_test", spec, plan)["rows"] >= 1  # the staging copy answers
+    # the new version's container dies once deployed on the endpoint (its machine, its model): its share fails
     real_serve = fake.serve
 
     def serve_then_die(model):
@@ -293,7 +307,7 @@ def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_
 
     fake.serve = serve_then_die
     with pytest.raises(DeploymentFailed, match=r"canary of v\d+ on .*churn-endpoint: \d+ of 20 requests failed"):
-        run_to_end(VertexCanaryOperator(task_id="canary", spec=spec, plan=plan))
+        step("canary", spec, plan)
     endpoint_name = plan["endpoint"]
     assert len(fake.endpoints[endpoint_name].deployed_models) == 2
     GcpBackend(cfg).restore_traffic(read_endpoint_state(cfg))  # ml_deploy's `rollback`

@@ -1,8 +1,8 @@
 """What ml_deploy shares on every backend: the version to deploy, its ``EndpointSpec``, the endpoint's
 state in the bucket, and alias ``champion`` put back after a failed rollout.
 
-Each backend rolls the spec out its own way (``mlfactory_airflow.backends``); all of them record
-the outcome in ``<bucket>/_mlfactory/endpoint/endpoint.json`` (what is served, where, the last
+Every backend rolls the spec out through the same steps and verdict (``mlfactory.rollout``) with its own
+endpoint adapter; all of them record the outcome in ``<bucket>/_mlfactory/endpoint/endpoint.json`` (what is served, where, the last
 failure) and as tags ``mlfactory.deployment*`` on the model version in MLflow.
 """
 

@@ -114,11 +114,13 @@ class EndpointSizing(_Spec):
     canary_percent: float = Field(10, gt=0, lt=100, description="share of traffic the new version gets first")
     canary_wait_s: int = Field(600, ge=0, le=3600, description="clouds: how long the canary runs on real traffic "
                                                                 "before the rest shifts")
-    canary_requests: int = Field(200, ge=0, description="local: requests the rollout sends through the endpoint "
-                                                        "during the canary")
+    canary_requests: int = Field(200, ge=0, description="holdout rows the canary sends, one per request (at least "
+                                                        "smoke_rows)")
     max_error_rate: float = Field(0.01, ge=0, le=1, description="a canary failing more requests than this rolls back")
-    rollback_alarms: list[str] = Field([], description="clouds: the platform's alarms (e.g. CloudWatch alarm names) "
-                                                       "that roll a deployment back")
+    max_latency_ms: float | None = Field(None, gt=0, description="a canary whose requests' 95th percentile latency "
+                                                                  "is above this rolls back; empty: not checked")
+    rollback_alarms: list[str] = Field([], description="clouds: the platform's alarms (CloudWatch alarm names on aws, "
+                                                       "metric alert rules on azure) whose firing rolls a canary back")
 
     @model_validator(mode="after")
     def _replicas(self):

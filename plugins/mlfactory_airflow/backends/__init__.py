@@ -6,8 +6,8 @@ The DAGs build every backend-specific task through ``backend_for(cfg)`` and neve
 |---|---|---|
 | ml_ingest (its Asset `landing`) | ``landing_trigger()``: the AssetWatcher's event trigger | (the watcher) |
 | ml_train | ``training_operator``: runs one ``TrainingJobSpec``, returns the entrypoint's metrics | ``train`` (mapped, one per trial) |
-| ml_deploy | ``deploy_steps(spec)``: the rollout of an ``EndpointSpec``, in task group ``deploy``, ending in ``full_traffic`` (the endpoint state) | ``deploy.stage`` ... ``deploy.full_traffic`` |
-| ml_deploy | ``restore_traffic(state)``: after a failed step, the traffic back on the served version | ``rollback`` |
+| ml_deploy | ``endpoint_adapter``: its endpoint's ``mlfactory.rollout.EndpointAdapter``; the rollout itself (``mlfactory.rollout``) is the same everywhere, one ``RolloutStepOperator`` per step in task group ``deploy``, ending in ``full_traffic`` (the endpoint state) | ``deploy.stage``, ``deploy.health_check``, ``deploy.smoke_test``, ``deploy.canary``, ``deploy.full_traffic`` |
+| ml_deploy | the same adapter's ``restore``: after a failed step, the traffic back on the served version | ``rollback`` |
 | ml_batch_score | ``batch_operator``: scores one ``BatchJobSpec``, returns a summary with its ``uri`` | ``score`` |
 
 Which class implements a backend is in its registration (``mlfactory.backends``); it is imported
@@ -72,6 +72,7 @@ class AirflowBackend(ABC):
 
     training_operator: type[SpecOperator]  # runs a TrainingJobSpec; returns the entrypoint's metrics dict
     batch_operator: type[SpecOperator]  # runs a BatchJobSpec; returns {"uri", "version", "snapshots", ...}
+    endpoint_adapter: str  # "module:Class" of its mlfactory.rollout.EndpointAdapter, imported by the deploy tasks only
     deploy_doc: str = ""  # how this backend rolls an EndpointSpec out (in ml_deploy's docs, in the UI)
     batch_doc: str = ""  # how it scores a BatchJobSpec (in ml_batch_score's docs)
 
@@ -83,15 +84,27 @@ class AirflowBackend(ABC):
         """The ``BaseEventTrigger`` that announces each new object under the landing prefix, once per version
         of it: {"uri", "key", "size", ...} (see ``mlfactory_airflow.triggers.watermark``)."""
 
-    @abstractmethod
     def deploy_steps(self, spec) -> list:
-        """The rollout of ``spec`` (an ``EndpointSpec`` XComArg), built inside task group ``deploy``: the tasks
-        in order; the last, ``full_traffic``, returns the endpoint state. A failing step records why
-        (``mlfactory.deployment.record_failure``) and raises."""
+        """The rollout of ``spec`` (an ``EndpointSpec`` XComArg), built inside task group ``deploy``: one
+        ``RolloutStepOperator`` per step of ``mlfactory.rollout.STEPS``, in order; the last, ``full_traffic``,
+        returns the endpoint state. A failing step records why and raises."""
+        from mlfactory.rollout import STEPS
+        from mlfactory_airflow.rollout import RolloutStepOperator
+
+        stage = RolloutStepOperator(task_id=STEPS[0], step=STEPS[0], spec=spec, adapter=self.endpoint_adapter)
+        return [stage, *(RolloutStepOperator(task_id=step, step=step, spec=spec, plan=stage.output,
+                                             adapter=self.endpoint_adapter) for step in STEPS[1:])]
 
     def restore_traffic(self, state: dict) -> None:
-        """After a failed rollout, put the traffic back on the served version (``state``: endpoint.json).
-        Nothing to do where the platform rolls back by itself."""
+        """After a failed rollout, put the traffic back on the served version (``state``: endpoint.json)."""
+        from mlfactory.deployment import endpoint_spec
+
+        plan = state.get("rollout")
+        if not plan:
+            return
+        module, _, name = self.endpoint_adapter.partition(":")
+        adapter = getattr(importlib.import_module(module), name)
+        adapter(self.cfg, endpoint_spec(self.cfg, plan["version"])).restore(plan)
 
 
 def backend_for(cfg: PipelineConfig) -> AirflowBackend:

@@ -1,13 +1,15 @@
-"""The toy backend's Airflow side: a folder watcher of its own, training as one plain process, a two-step
-"rollout" that records the endpoint, and a batch step that writes what it scored."""
+"""The toy backend's Airflow side: a folder watcher of its own, training as one plain process, an endpoint that is
+a record in the bucket whose model answers in the task (the rollout itself is every backend's), and a batch
+step that writes what it scored."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.sdk import task
 from airflow.triggers.base import TriggerEvent
+
+from mlfactory.rollout import EndpointAdapter
 
 from mlfactory_airflow.backends import AirflowBackend, SpecOperator
 from mlfactory_airflow.triggers.watermark import WatermarkedTrigger
@@ -86,30 +88,54 @@ class ToyBatchOperator(SpecOperator):
         return {"uri": spec.output_uri, "version": spec.model.version, "snapshots": spec.snapshots}
 
 
+class ToyEndpoint(EndpointAdapter):
+    """The toy's endpoint: a record in the bucket (``toy://<region>/<name>``); its model answers in the task."""
+
+    deferrable = False
+
+    def stage(self, keep) -> dict:
+        from mlfactory.deployment import read_endpoint_state, write_endpoint_state
+
+        version, served = self.spec.model.version, read_endpoint_state(self.cfg).get("served_version")
+        plan = {"version": version, "endpoint": f"toy://{self.cfg.backend.region}/{self.spec.name}", "new": f"v{version}",
+                "old": f"v{served}" if served and served != version else None, "already_served": served == version}
+        keep(plan)
+        write_endpoint_state(self.cfg, toy_staged=version)
+        return plan
+
+    def predict(self, plan: dict, rows: list[dict], variant: str | None) -> tuple[str, list]:
+        import json
+
+        from mlfactory.serving.model import ServedModel
+        from mlfactory.serving.payloads import parse_body
+
+        if not hasattr(self, "_model"):
+            self._model = ServedModel(self.spec.model.registry_uri)
+        columns = parse_body(json.dumps({"dataframe_records": rows}).encode(), "application/json", self._model.signature)
+        outputs = self._model.predict(columns)
+        return plan["new"], [dict(zip(outputs, values)) for values in zip(*outputs.values())]
+
+    def set_weights(self, plan: dict, weights: dict[str, float]) -> None:
+        from mlfactory.deployment import write_endpoint_state
+
+        write_endpoint_state(self.cfg, toy_weights=weights)
+
+    def finalise(self, plan: dict) -> dict:
+        return {"endpoint": plan["endpoint"], "backend": "toy", "toy_weights": {plan["new"]: 100}}
+
+    def restore(self, plan: dict) -> None:
+        from mlfactory.deployment import write_endpoint_state
+
+        write_endpoint_state(self.cfg, toy_weights={plan["old"]: 100} if plan.get("old") else None)
+
+
 class ToyBackend(AirflowBackend):
     training_operator = ToyTrainingOperator
     batch_operator = ToyBatchOperator
-    deploy_doc = "`stage` records the version; `full_traffic` marks it served at toy://<endpoint>."
+    endpoint_adapter = "toy_backend.airflow:ToyEndpoint"
+    deploy_doc = ("`stage` records the version at toy://<endpoint>; its model answers the smoke test and the canary in the "
+                  "task; `full_traffic` marks it served.")
     batch_doc = "writes the spec it was given."
 
     def landing_trigger(self):
         return ToyLandingTrigger(self.cfg.storage.landing_uri)
-
-    def deploy_steps(self, spec) -> list:
-        cfg = self.cfg
-
-        @task
-        def stage(spec: dict) -> dict:
-            from mlfactory.deployment import write_endpoint_state
-
-            write_endpoint_state(cfg, toy_staged=spec["model"]["version"])
-            return {"version": spec["model"]["version"], "endpoint": f"toy://{cfg.backend.region}/{spec['name']}"}
-
-        @task
-        def full_traffic(staged: dict) -> dict:
-            from mlfactory.deployment import served
-
-            return served(cfg, staged["version"], endpoint=staged["endpoint"], backend="toy")
-
-        staged = stage(spec)
-        return [staged, full_traffic(staged)]

@@ -337,13 +337,20 @@ def endpoint_id(spec: EndpointSpec) -> str:
     return resource_id(spec.name)
 
 
-def create_endpoint_request(spec: EndpointSpec, gcp: GcpSettings):
-    endpoint = message("Endpoint", display_name=spec.name, labels=labels(gcp.labels), **_encryption(gcp))
-    return message("CreateEndpointRequest", parent=parent(gcp), endpoint=endpoint, endpoint_id=endpoint_id(spec))
+def staging_id(spec: EndpointSpec) -> str:
+    """The id of the endpoint's staging endpoint (``<id>-staging``), where a new version answers smoke tests alone."""
+    return f"{endpoint_id(spec)[:55]}-staging"
 
 
-def endpoint_name(spec: EndpointSpec, gcp: GcpSettings) -> str:
-    return f"{parent(gcp)}/endpoints/{endpoint_id(spec)}"
+def create_endpoint_request(spec: EndpointSpec, gcp: GcpSettings, staging: bool = False):
+    endpoint = message("Endpoint", display_name=f"{spec.name} (staging)" if staging else spec.name,
+                       labels=labels(gcp.labels), **_encryption(gcp))
+    return message("CreateEndpointRequest", parent=parent(gcp), endpoint=endpoint,
+                   endpoint_id=staging_id(spec) if staging else endpoint_id(spec))
+
+
+def endpoint_name(spec: EndpointSpec, gcp: GcpSettings, staging: bool = False) -> str:
+    return f"{parent(gcp)}/endpoints/{staging_id(spec) if staging else endpoint_id(spec)}"
 
 
 def autoscaling_metric(accelerator: Accelerator) -> str:
@@ -351,8 +358,10 @@ def autoscaling_metric(accelerator: Accelerator) -> str:
     return f"aiplatform.googleapis.com/prediction/online/{kind}"
 
 
-def deploy_model_request(spec: EndpointSpec, gcp: GcpSettings, model_name: str, serving: dict[str, int]):
-    """DeployModel of ``model_name`` (a Vertex model resource) to the endpoint with autoscaling between
+def deploy_model_request(spec: EndpointSpec, gcp: GcpSettings, model_name: str, serving: dict[str, int],
+                         staging: bool = False):
+    """DeployModel of ``model_name`` (a Vertex model resource) to the endpoint (``staging``: its staging endpoint,
+    alone there) with autoscaling between
     ``min_replicas`` and ``max_replicas`` (CPU utilization or GPU duty cycle at
     ``gcp.autoscaling_target_utilization``); ``serving``: the deployed model ids that serve now -> their
     share. The new model ("0" in a traffic split) gets ``canary_percent``, the served ones the rest in
@@ -367,7 +376,7 @@ def deploy_model_request(spec: EndpointSpec, gcp: GcpSettings, model_name: str, 
     deployed = message("DeployedModel", model=model_name, display_name=model_name.rsplit("/", 1)[-1][:128],
                        dedicated_resources=resources,
                        **({"service_account": gcp.service_account} if gcp.service_account else {}))
-    return message("DeployModelRequest", endpoint=endpoint_name(spec, gcp), deployed_model=deployed,
+    return message("DeployModelRequest", endpoint=endpoint_name(spec, gcp, staging), deployed_model=deployed,
                    traffic_split=canary_split(serving, spec.canary_percent))
 
 

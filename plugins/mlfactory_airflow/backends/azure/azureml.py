@@ -9,17 +9,19 @@ the next step, so a retry (or a resumed try) takes over where the last one stopp
 
 ml_train: ``AzureMLTrainingOperator`` (``train``) runs a ``TrainingJobSpec`` as a command job.
 
-ml_deploy (an ``EndpointSpec``):
+ml_deploy's rollout (``mlfactory.rollout``: the same five steps and verdict as on every backend) on the managed
+online endpoint, through ``AzureMLEndpointAdapter``:
 
-- ``deploy.stage``: the version registered as an Azure ML model (its files stay where MLflow keeps them)
-  and the managed online endpoint created if it does not exist. The plan (what serves now) is kept in the
-  endpoint state for a rollback.
-- ``deploy.canary``: the version's ``ManagedOnlineDeployment`` created beside the served one (blue/green),
-  its autoscale setting in place, ``serving.canary_percent`` of the endpoint's traffic; after
-  ``serving.canary_wait_s`` (deferred), ``canary_requests`` holdout rows sent to it (``azureml-model-deployment``
-  header): their error rate must stay under ``max_error_rate``, and every prediction must be sane.
-- ``deploy.full_traffic``: all traffic to the version, the old deployments deleted.
-- ``rollback`` (after a failed step): the old traffic back, the new deployment deleted.
+- ``stage``: the version registered as an Azure ML model (its files stay where MLflow keeps them), the
+  endpoint created if it does not exist, and the version's ``ManagedOnlineDeployment`` created beside the
+  served one (blue/green) with no traffic, its Azure Monitor autoscale setting in place. The plan (what
+  serves now) is kept in the endpoint state for a rollback before the deployment is created.
+- ``health_check``: the deployment provisioned; ``smoke_test``: holdout rows sent to it alone
+  (``azureml-model-deployment`` header).
+- ``canary``: ``serving.canary_percent`` of the endpoint's traffic on it; after ``serving.canary_wait_s``
+  (deferred), ``canary_requests`` holdout rows through the scoring URI (the traffic decides who answers).
+- ``full_traffic``: all traffic to the version, the old deployments deleted.
+- ``restore`` (ml_deploy's ``rollback``): the old traffic back, the new deployment deleted.
 
 ml_batch_score: ``AzureMLBatchOperator`` (``score``) runs a ``BatchJobSpec`` on a batch endpoint.
 """
@@ -29,9 +31,44 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
+from mlfactory.rollout import EndpointAdapter, Wait
 from mlfactory_airflow.backends import CloudSpecOperator
 
 DONE = ("succeeded", "deleted")
+
+
+def resource_trigger(hook, kind: str, name: str, poll_interval: int, endpoint: str | None = None,
+                     timeout_s: int = 3600):
+    """An ``AzureMLResourceTrigger`` on the ``kind`` resource ``name`` (of ``endpoint``, for a deployment)."""
+    from mlfactory_airflow.backends.azure.triggers import AzureMLResourceTrigger
+
+    extra = {"kind": kind, **({"endpoint": endpoint} if endpoint else {})}
+    return AzureMLResourceTrigger(name, hook.to_dict(), poll_interval=poll_interval, timeout_s=timeout_s, **extra)
+
+
+def ensure_datastore(ml, cfg, log) -> None:
+    """The bucket's container as the workspace datastore ``azure.datastore`` (identity-based), once."""
+    from mlfactory.backends.azure.azureml import container_of, datastore
+    from mlfactory_airflow.backends.azure.hooks import not_found
+
+    if not_found(ml.datastores.get, cfg.backend.datastore) is None:
+        container = container_of(cfg.storage.bucket)
+        ml.datastores.create_or_update(datastore(cfg.backend, container))
+        log.info("registered datastore %s on container %s", cfg.backend.datastore, container)
+
+
+def registered_model(ml, cfg, model, log) -> str:
+    """The Azure ML model of a registered version (created once); its ARM id."""
+    from mlfactory.backends.azure.azureml import model_asset
+    from mlfactory_airflow.backends.azure.hooks import not_found
+
+    asset = model_asset(model, cfg.backend)
+    found = not_found(ml.models.get, asset.name, asset.version)
+    if found is None:
+        ensure_datastore(ml, cfg, log)
+        found = ml.models.create_or_update(asset)
+        log.info("registered v%s as Azure ML model %s:%s (%s)", model.version, asset.name, asset.version, asset.path)
+    return found.id
 
 
 class AzureMLBaseOperator(CloudSpecOperator):
@@ -53,12 +90,8 @@ class AzureMLBaseOperator(CloudSpecOperator):
     def wait_for(self, kind: str, name: str, what: str, endpoint: str | None = None, timeout_s: int = 3600,
                  **resume) -> None:
         """Defer until the ``kind`` resource ``name`` is provisioned (or gone), then resume ``execute(**resume)``."""
-        from mlfactory_airflow.backends.azure.triggers import AzureMLResourceTrigger
-
         self.log.info("%s: waiting for %s %s", what, kind, name)
-        extra = {"kind": kind, **({"endpoint": endpoint} if endpoint else {})}
-        self.defer(trigger=AzureMLResourceTrigger(name, self.hook.to_dict(), poll_interval=self.poll_interval,
-                                                  timeout_s=timeout_s, **extra),
+        self.defer(trigger=resource_trigger(self.hook, kind, name, self.poll_interval, endpoint, timeout_s),
                    method_name="execute", kwargs={**resume, "waited_for": what})
 
     def wait_for_job(self, name: str, timeout_s: int, **resume) -> None:
@@ -76,30 +109,6 @@ class AzureMLBaseOperator(CloudSpecOperator):
         if event and event.get("state") not in (None, *DONE):
             raise AirflowException(f"{what or 'an Azure ML operation'} {event['state']} ({event['name']}): "
                                    f"{event.get('detail')}")
-
-    def ensure_datastore(self) -> None:
-        """The bucket's container as the workspace datastore ``azure.datastore`` (identity-based), once."""
-        from mlfactory.backends.azure.azureml import container_of, datastore
-        from mlfactory_airflow.backends.azure.hooks import not_found
-
-        if not_found(self.ml.datastores.get, self.settings.datastore) is None:
-            container = container_of(self.config.storage.bucket)
-            self.ml.datastores.create_or_update(datastore(self.settings, container))
-            self.log.info("registered datastore %s on container %s", self.settings.datastore, container)
-
-    def model_asset(self, model) -> str:
-        """The Azure ML model of a registered version (created once); its ARM id."""
-        from mlfactory.backends.azure.azureml import model_asset
-        from mlfactory_airflow.backends.azure.hooks import not_found
-
-        asset = model_asset(model, self.settings)
-        found = not_found(self.ml.models.get, asset.name, asset.version)
-        if found is None:
-            self.ensure_datastore()
-            found = self.ml.models.create_or_update(asset)
-            self.log.info("registered v%s as Azure ML model %s:%s (%s)", model.version, asset.name, asset.version,
-                          asset.path)
-        return found.id
 
 
 class AzureMLTrainingOperator(AzureMLBaseOperator):
@@ -138,7 +147,7 @@ class AzureMLTrainingOperator(AzureMLBaseOperator):
                 return self.wait_for_job(earlier.name, 3 * spec.max_runtime_s)
             self.log.info("the earlier job %s ended %s: starting %s", earlier.name, status.detail, job.name)
             break
-        self.ensure_datastore()
+        ensure_datastore(self.ml, self.config, self.log)
         self.job_name = self.ml.jobs.create_or_update(job).name
         self.log.info("Azure ML job %s: %s (%s)", self.job_name, estimate,
                       f"{self.settings.job_tier} tier" if not self.settings.compute else f"cluster {self.settings.compute}")
@@ -172,162 +181,144 @@ class AzureMLTrainingOperator(AzureMLBaseOperator):
             cancel_job(self.ml, self.job_name, self.log)
 
 
-class AzureMLStageOperator(AzureMLBaseOperator):
-    """The version as an Azure ML model and the online endpoint in place; returns the rollout plan."""
+class AzureMLEndpointAdapter(EndpointAdapter):
+    """ml_deploy's rollout on the pipeline's managed online endpoint (see the module's docstring); one deployment
+    per version (``version-<n>``)."""
 
-    def execute(self, context, event: dict | None = None, waited_for: str | None = None) -> dict | None:
+    def __init__(self, cfg, spec, poll_interval: int | None = None) -> None:
+        import logging
+
+        from mlfactory_airflow.backends.azure.hooks import AzureMLHook
+
+        super().__init__(cfg, spec, poll_interval)
+        self.settings = cfg.backend
+        self.hook = AzureMLHook.of(self.settings)
+        self.poll_interval = poll_interval or self.settings.poll_interval_s
+        self.log = logging.getLogger(__name__)
+
+    @property
+    def ml(self):
+        return self.hook.get_conn()
+
+    def wait(self, kind: str, name: str, what: str, endpoint: str | None = None, timeout_s: int = 3600) -> Wait:
+        return Wait(what, operation=resource_trigger(self.hook, kind, name, self.poll_interval, endpoint, timeout_s))
+
+    def traffic(self, endpoint) -> dict[str, int]:
+        return {k: int(v) for k, v in (endpoint.traffic or {}).items() if v}
+
+    def stage(self, keep) -> dict | Wait:
         from mlfactory.backends.azure import azureml
-        from mlfactory.deployment import write_endpoint_state
-        from mlfactory.specs import EndpointSpec
         from mlfactory_airflow.backends.azure.hooks import not_found
 
-        self.raise_for(event, waited_for)
-        spec = EndpointSpec.model_validate(self.spec)
-        model_id = self.model_asset(spec.model)
+        spec = self.spec
+        model_id = registered_model(self.ml, self.cfg, spec.model, self.log)
         name = azureml.resource_name(spec.name)
         endpoint = not_found(self.ml.online_endpoints.get, name)
         if endpoint is None or (endpoint.provisioning_state or "").lower() != "succeeded":
             if endpoint is None:
                 self.ml.online_endpoints.begin_create_or_update(azureml.online_endpoint(spec, self.settings))
-            return self.wait_for("online_endpoints", name, f"creation of online endpoint {name}")
-        new = azureml.deployment_name(spec.model.version)
-        traffic = {k: int(v) for k, v in (endpoint.traffic or {}).items()}
-        plan = {"endpoint": name, "deployment": new, "model_id": model_id, "version": spec.model.version,
-                "serving": {k: v for k, v in traffic.items() if k != new and v > 0},
+            return self.wait("online_endpoints", name, f"creation of online endpoint {name}")
+        new, traffic = azureml.deployment_name(spec.model.version), self.traffic(endpoint)
+        serving = {k: v for k, v in traffic.items() if k != new}
+        plan = {"endpoint": name, "deployment": new, "new": new, "model_id": model_id, "version": spec.model.version,
+                "serving": serving, "old": max(serving, key=serving.get) if serving else None,
                 "already_served": traffic.get(new, 0) == 100}
-        write_endpoint_state(self.config, rollout=plan)
+        keep(plan)
         self.log.info("online endpoint %s: traffic %s; v%s is %s", name, traffic or "none", spec.model.version,
                       "served already" if plan["already_served"] else "staged")
-        return plan
-
-
-class AzureMLCanaryOperator(AzureMLBaseOperator):
-    """The version's deployment beside the served one, autoscaled, with ``canary_percent`` of the traffic; then checked."""
-
-    template_fields = ("spec", "plan")
-
-    def __init__(self, *, plan: dict[str, Any], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.plan = plan
-
-    def execute(self, context, event: dict | None = None, waited_for: str | None = None, check: bool = False) -> dict | None:
-        from mlfactory.backends.azure import azureml
-        from mlfactory.specs import EndpointSpec
-        from mlfactory_airflow.backends.azure.hooks import not_found
-
-        self.raise_for(event, waited_for)
-        spec, plan = EndpointSpec.model_validate(self.spec), self.plan
-        endpoint_name, new = plan["endpoint"], plan["deployment"]
         if plan["already_served"]:
-            return {"skipped": f"v{spec.model.version} serves all traffic already", "deployment": new}
-        deployment = not_found(self.ml.online_deployments.get, new, endpoint_name)
+            return plan
+        deployment = not_found(self.ml.online_deployments.get, new, name)
         if deployment is None or (deployment.provisioning_state or "").lower() != "succeeded":
             if deployment is None:
-                environment = {"MLFACTORY_PREDICTION_LOG_URI": self.config.storage.prediction_log_uri}
+                environment = {"MLFACTORY_PREDICTION_LOG_URI": self.cfg.storage.prediction_log_uri}
                 self.ml.online_deployments.begin_create_or_update(
-                    azureml.online_deployment(spec, self.settings, plan["model_id"], environment),
-                    skip_script_validation=True)
-                self.log.info("creating deployment %s of v%s on %s (%d instance(s) to start)", new, spec.model.version,
-                              endpoint_name, spec.min_replicas)
-            return self.wait_for("online_deployments", new, f"deployment {new}", endpoint=endpoint_name,
-                                 timeout_s=2 * 3600)
-        self._autoscale(spec, deployment.id)
-        endpoint = self.ml.online_endpoints.get(endpoint_name)
-        wanted = azureml.canary_traffic(plan["serving"], new, spec.canary_percent)
-        if {k: int(v) for k, v in (endpoint.traffic or {}).items() if v} != wanted:
-            endpoint.traffic = wanted
-            self.ml.online_endpoints.begin_create_or_update(endpoint)
-            self.log.info("traffic of %s: %s", endpoint_name, wanted)
-            return self.wait_for("online_endpoints", endpoint_name, f"traffic update of {endpoint_name}")
-        if not check and plan["serving"] and spec.canary_wait_s:
-            from datetime import timedelta
+                    azureml.online_deployment(spec, self.settings, model_id, environment), skip_script_validation=True)
+                self.log.info("creating deployment %s of v%s on %s (%d instance(s) to start), no traffic yet", new,
+                              spec.model.version, name, spec.min_replicas)
+            return self.wait("online_deployments", new, f"deployment {new}", endpoint=name, timeout_s=2 * 3600)
+        self._autoscale(deployment.id)
+        return plan
 
-            from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
-
-            self.log.info("v%s (%s) has %s%% of the traffic; checking it in %ss", spec.model.version, new,
-                          wanted[new], spec.canary_wait_s)
-            return self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=spec.canary_wait_s)), method_name="execute",
-                              kwargs={"check": True})
-        return self._check(spec, plan, endpoint, wanted)
-
-    def _autoscale(self, spec, deployment_id: str) -> None:
+    def _autoscale(self, deployment_id: str) -> None:
         from mlfactory.backends.azure.azureml import autoscale_name, autoscale_setting
 
         name = autoscale_name(deployment_id)
         self.hook.get_monitor_client().autoscale_settings.create_or_update(
-            self.settings.resource_group, name, autoscale_setting(spec, self.settings, deployment_id))
-        self.log.info("autoscale %s: %d-%d instances at %d%% CPU", name, spec.min_replicas, spec.max_replicas,
+            self.settings.resource_group, name, autoscale_setting(self.spec, self.settings, deployment_id))
+        self.log.info("autoscale %s: %d-%d instances at %d%% CPU", name, self.spec.min_replicas, self.spec.max_replicas,
                       self.settings.autoscale_target_cpu)
 
-    def _check(self, spec, plan: dict, endpoint, traffic: dict) -> dict:
-        """``canary_requests`` (at least ``smoke_rows``) holdout rows sent to the new deployment, one per request."""
-        import requests
+    def ready(self, plan: dict) -> str | None:
+        from mlfactory_airflow.backends.azure.hooks import not_found
 
-        from mlfactory.deployment import DeploymentFailed, holdout_requests, record_failure, sane_prediction
+        deployment = not_found(self.ml.online_deployments.get, plan["new"], plan["endpoint"])
+        state = (deployment.provisioning_state or "").lower() if deployment else "missing"
+        return None if state == "succeeded" else f"deployment {plan['new']} of {plan['endpoint']} is {state}"
 
-        rows = holdout_requests(self.config, spec.smoke_rows)
-        key = self.ml.online_endpoints.get_keys(plan["endpoint"]).primary_key
-        headers = {"Authorization": f"Bearer {key}", "azureml-model-deployment": plan["deployment"]}
-        errors, samples, requests_sent = 0, [], max(spec.canary_requests, len(rows))
-        with requests.Session() as session:
-            for i in range(requests_sent):
-                row = rows[i % len(rows)]
-                try:
-                    reply = session.post(endpoint.scoring_uri, headers=headers, timeout=60,
-                                         json={"input_data": {"columns": list(row), "data": [list(row.values())]}})
-                    reply.raise_for_status()
-                    (prediction,) = reply.json()["predictions"]
-                    if not sane_prediction(prediction):
-                        raise ValueError(f"not a usable prediction: {prediction}")
-                except Exception as err:  # noqa: BLE001 - every failed request counts against the canary
-                    errors += 1
-                    samples.append(str(err)[:300])
-        rate = errors / requests_sent
-        result = {"requests": requests_sent, "errors": errors, "error_rate": rate, "deployment": plan["deployment"],
-                  "traffic": traffic}
-        self.log.info("canary of v%s: %s", spec.model.version, result)
-        if rate > spec.max_error_rate:
-            reason = (f"canary of v{spec.model.version} on {plan['endpoint']}: {errors} of {requests_sent} requests "
-                      f"failed ({rate:.1%} > {spec.max_error_rate:.1%}), e.g. {samples[:2]}")
-            record_failure(self.config, "canary", spec.model.version, reason)
-            raise DeploymentFailed(reason)
-        return result
+    def predict(self, plan: dict, rows: list[dict], variant: str | None) -> tuple[str, list]:
+        """``rows`` as the documented ``{"input_data": ...}`` body to the scoring URI with the endpoint's key
+        (``azureml-model-deployment`` names the deployment, in the request and in the answer)."""
+        if not hasattr(self, "_scoring"):
+            import requests
 
+            self._scoring = (self.ml.online_endpoints.get(plan["endpoint"]).scoring_uri,
+                             self.ml.online_endpoints.get_keys(plan["endpoint"]).primary_key, requests.Session())
+        uri, key, session = self._scoring
+        headers = {"Authorization": f"Bearer {key}", **({"azureml-model-deployment": variant} if variant else {})}
+        reply = session.post(uri, headers=headers, timeout=60, json={"input_data": {
+            "columns": list(rows[0]), "data": [list(row.values()) for row in rows]}})
+        reply.raise_for_status()
+        return reply.headers.get("azureml-model-deployment", variant or ""), reply.json()["predictions"]
 
-class AzureMLFullTrafficOperator(AzureMLBaseOperator):
-    """All traffic to the new deployment; the others deleted; the endpoint state written."""
+    def set_weights(self, plan: dict, weights: dict[str, float]) -> Wait | None:
+        from mlfactory.backends.azure.azureml import canary_traffic
 
-    template_fields = ("spec", "plan", "canary")
+        endpoint = self.ml.online_endpoints.get(plan["endpoint"])
+        wanted = canary_traffic(plan["serving"], plan["new"], weights[plan["new"]])
+        if self.traffic(endpoint) == wanted:
+            return None
+        endpoint.traffic = wanted
+        self.ml.online_endpoints.begin_create_or_update(endpoint)
+        self.log.info("traffic of %s: %s", plan["endpoint"], wanted)
+        return self.wait("online_endpoints", plan["endpoint"], f"traffic update of {plan['endpoint']}")
 
-    def __init__(self, *, plan: dict[str, Any], canary: dict[str, Any], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.plan, self.canary = plan, canary
-
-    def execute(self, context, event: dict | None = None, waited_for: str | None = None) -> dict | None:
-        from mlfactory.deployment import served
-        from mlfactory.specs import EndpointSpec
-
-        self.raise_for(event, waited_for)
-        spec, plan = EndpointSpec.model_validate(self.spec), self.plan
-        name, new = plan["endpoint"], plan["deployment"]
+    def finalise(self, plan: dict) -> dict | Wait:
+        name, new = plan["endpoint"], plan["new"]
         endpoint = self.ml.online_endpoints.get(name)
-        if {k: int(v) for k, v in (endpoint.traffic or {}).items() if v} != {new: 100}:
+        if self.traffic(endpoint) != {new: 100}:
             endpoint.traffic = {new: 100}
             endpoint.mirror_traffic = {}
             self.ml.online_endpoints.begin_create_or_update(endpoint)
-            self.log.info("v%s (%s) has all the traffic of %s", spec.model.version, new, name)
-            return self.wait_for("online_endpoints", name, f"traffic update of {name}")
+            self.log.info("v%s (%s) has all the traffic of %s", plan["version"], new, name)
+            return self.wait("online_endpoints", name, f"traffic update of {name}")
         old = [d.name for d in self.ml.online_deployments.list(name) if d.name != new]
         if old:
             self.ml.online_deployments.begin_delete(old[0], name)
             self.log.info("deleting deployment %s of %s", old[0], name)
-            return self.wait_for("online_deployments", old[0], f"deletion of deployment {old[0]}", endpoint=name)
+            return self.wait("online_deployments", old[0], f"deletion of deployment {old[0]}", endpoint=name)
         deployment = self.ml.online_deployments.get(new, name)
-        return served(self.config, spec.model.version, endpoint=name, tags={"mlfactory.azureml_deployment": new},
-                      backend="azure", deployment=new, model_id=plan["model_id"], model_uri=spec.model.uri,
-                      scoring_uri=endpoint.scoring_uri, instance_type=deployment.instance_type,
-                      autoscale={"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
-                                 "target_cpu_percent": self.settings.autoscale_target_cpu})
+        return {"endpoint": name, "tags": {"mlfactory.azureml_deployment": new}, "backend": "azure", "deployment": new,
+                "model_id": plan["model_id"], "model_uri": self.spec.model.uri, "scoring_uri": endpoint.scoring_uri,
+                "instance_type": deployment.instance_type,
+                "autoscale": {"min_replicas": self.spec.min_replicas, "max_replicas": self.spec.max_replicas,
+                              "target_cpu_percent": self.settings.autoscale_target_cpu}}
+
+    def restore(self, plan: dict) -> None:
+        """The traffic of before the rollout, and the new deployment deleted (not waited for)."""
+        from mlfactory_airflow.backends.azure.hooks import not_found
+
+        if not plan.get("endpoint") or plan.get("already_served"):
+            return
+        endpoint = self.ml.online_endpoints.get(plan["endpoint"])
+        before = plan["serving"]  # {} when nothing was served: the new deployment must lose its traffic to go
+        if self.traffic(endpoint) != before:
+            endpoint.traffic = before or {plan["new"]: 0}
+            self.ml.online_endpoints.begin_create_or_update(endpoint).result()
+            self.log.info("traffic of %s back to %s", plan["endpoint"], before or "none")
+        if not_found(self.ml.online_deployments.get, plan["new"], plan["endpoint"]) is not None:
+            self.ml.online_deployments.begin_delete(plan["new"], plan["endpoint"])
+            self.log.info("deleting the new deployment %s", plan["new"])
 
 
 class AzureMLBatchOperator(AzureMLBaseOperator):
@@ -358,7 +349,7 @@ class AzureMLBatchOperator(AzureMLBaseOperator):
         if deployment is None or (deployment.provisioning_state or "").lower() != "succeeded":
             if deployment is None:
                 self.ml.batch_deployments.begin_create_or_update(azureml.batch_deployment(
-                    spec, self.settings, endpoint.name, self.model_asset(spec.model), self._driver_code()))
+                    spec, self.settings, endpoint.name, registered_model(self.ml, cfg, spec.model, self.log), self._driver_code()))
             return self.wait_for("batch_deployments", name, f"batch deployment {name}", endpoint=endpoint.name)
         folder = storage.join(batch_uri(cfg), "_manifests", f"run={spec.name}")
         if storage.exists(folder):
@@ -392,7 +383,7 @@ class AzureMLBatchOperator(AzureMLBaseOperator):
         operations = self.ml._code  # MLClient registers code assets through this (no public accessor)
         found = not_found(operations.get, "mlfactory-batch-driver", version)
         if found is None:
-            self.ensure_datastore()
+            ensure_datastore(self.ml, self.config, self.log)
             found = operations.create_or_update(Code(name="mlfactory-batch-driver", version=version,
                                                      path=datastore_uri(folder, self.settings)))
         return found.id

@@ -8,18 +8,23 @@ starts the next step, so a retry (or a resumed try) takes over where the last on
 
 ml_train: ``VertexTrainingOperator`` (``train``) runs a ``TrainingJobSpec`` as a CustomJob.
 
-ml_deploy (an ``EndpointSpec``):
+ml_deploy's rollout (``mlfactory.rollout``: the same five steps and verdict as on every backend) on the Vertex
+endpoint, through ``VertexEndpointAdapter``. Vertex's v1 ``predict`` (and ``rawPredict``) go by the endpoint's
+traffic split: no request field or header picks a deployed model (``X-Vertex-AI-Deployed-Model-Id`` is a
+response header; ``explain``'s ``deployed_model_id`` needs an explanation spec; ``deployedModels/*/invoke`` is
+a preview for dedicated endpoints that disables ``predict``). So:
 
-- ``deploy.stage``: the version uploaded to the Vertex Model Registry as the deployable artifact (its
-  files stay where MLflow keeps them; the container is the project's model server) and the endpoint
-  created if it does not exist. Nothing serves the version yet; the plan (what serves now) is kept in
-  the endpoint state for a rollback.
-- ``deploy.canary``: the version deployed beside the served one with ``serving.canary_percent`` of the
-  traffic (Vertex's traffic split) and autoscaling between ``min_replicas`` and ``max_replicas``; after
-  ``serving.canary_wait_s`` (deferred), ``canary_requests`` holdout rows through the endpoint: their error
-  rate must stay under ``max_error_rate``, and every prediction must be sane.
-- ``deploy.full_traffic``: all traffic to the version, the old deployed models undeployed.
-- ``rollback`` (after a failed step): the old traffic split back, the new deployed model undeployed.
+- ``stage``: the version uploaded to the Vertex Model Registry (its files stay where MLflow keeps them; the
+  container is the project's model server), the endpoint created if needed, the plan kept for a rollback,
+  then the version deployed alone on the endpoint's staging endpoint ``<id>-staging`` (which no client
+  calls), or on the endpoint itself when nothing serves there yet.
+- ``health_check``: that deployed model has all the traffic of where it was deployed; ``smoke_test``:
+  holdout rows sent there, answered by the new model alone.
+- ``canary``: the staging copy undeployed, the version deployed beside the served one with
+  ``serving.canary_percent`` of the traffic (Vertex's traffic split) and autoscaling; after
+  ``serving.canary_wait_s`` (deferred), ``canary_requests`` holdout rows through the endpoint.
+- ``full_traffic``: all traffic to the version, the old deployed models undeployed.
+- ``restore`` (ml_deploy's ``rollback``): the old traffic split back, the new deployed model undeployed.
 
 ml_batch_score: ``VertexBatchPredictionOperator`` (``score``) runs a ``BatchJobSpec`` as a BatchPredictionJob.
 """
@@ -29,7 +34,28 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
+from mlfactory.deployment import DeploymentFailed, read_endpoint_state
+from mlfactory.rollout import EndpointAdapter, Wait
 from mlfactory_airflow.backends import CloudSpecOperator
+
+
+def model_name(settings, model) -> str:
+    """The Vertex model resource of ``model`` (a ModelRef)."""
+    from mlfactory.backends.gcp.vertex import model_id, parent
+
+    return f"{parent(settings)}/models/{model_id(model)}"
+
+
+def upload_model(client, cfg, model, log):
+    """The operation uploading ``model`` (a ModelRef) to the Vertex Model Registry, or None when it is there."""
+    from mlfactory.backends.gcp.vertex import upload_model_request
+    from mlfactory_airflow.backends.gcp.clients import not_found
+
+    if not_found(client.get_model, name=model_name(cfg.backend, model)) is not None:
+        return None
+    environment = {"MLFACTORY_PREDICTION_LOG_URI": cfg.storage.prediction_log_uri}
+    log.info("uploading v%s (%s) to the Vertex Model Registry", model.version, model.uri)
+    return client.upload_model(request=upload_model_request(model, cfg.backend, environment))
 
 
 class VertexBaseOperator(CloudSpecOperator):
@@ -72,23 +98,6 @@ class VertexBaseOperator(CloudSpecOperator):
         if event and event.get("state") not in (None, "succeeded"):
             raise AirflowException(f"{what or 'a Vertex AI operation'} {event['state']} ({event['name']}): "
                                    f"{event.get('detail')}")
-
-    def model_name(self, model) -> str:
-        from mlfactory.backends.gcp.vertex import model_id, parent
-
-        return f"{parent(self.settings)}/models/{model_id(model)}"
-
-    def upload_model(self, model):
-        """The operation uploading ``model`` (a ModelRef) to the Vertex Model Registry, or None when it is there."""
-        from mlfactory.backends.gcp.vertex import upload_model_request
-        from mlfactory_airflow.backends.gcp.clients import not_found
-
-        client = self.client("model")
-        if not_found(client.get_model, name=self.model_name(model)) is not None:
-            return None
-        environment = {"MLFACTORY_PREDICTION_LOG_URI": self.config.storage.prediction_log_uri}
-        self.log.info("uploading v%s (%s) to the Vertex Model Registry", model.version, model.uri)
-        return client.upload_model(request=upload_model_request(model, self.settings, environment))
 
     def start_or_take_over(self, create, list_jobs, name: str, try_number: int) -> str:
         """The job an earlier try started for ``name`` when it is running or succeeded (found by its label), else
@@ -170,151 +179,202 @@ class VertexTrainingOperator(VertexBaseOperator):
             cancel_job(self.client("job"), self.job_name, self.log)
 
 
-class VertexStageOperator(VertexBaseOperator):
-    """The version in the Vertex Model Registry and the endpoint in place; returns the rollout plan."""
-
-    def execute(self, context, event: dict | None = None, waited_for: str | None = None) -> dict | None:
-        from mlfactory.backends.gcp import vertex
-        from mlfactory.deployment import write_endpoint_state
-        from mlfactory.specs import EndpointSpec
-        from mlfactory_airflow.backends.gcp.clients import not_found
-
-        self.raise_for(event, waited_for)
-        spec = EndpointSpec.model_validate(self.spec)
-        operation = self.upload_model(spec.model)
-        if operation is not None:
-            return self.wait_for_operation(operation, "model", f"upload of v{spec.model.version}")
-        client = self.client("endpoint")
-        name = vertex.endpoint_name(spec, self.settings)
-        endpoint = not_found(client.get_endpoint, name=name)
-        if endpoint is None:
-            operation = client.create_endpoint(request=vertex.create_endpoint_request(spec, self.settings))
-            return self.wait_for_operation(operation, "endpoint", f"creation of endpoint {name}")
-        model = self.model_name(spec.model)
-        ours = [d.id for d in endpoint.deployed_models if _same_model(d.model, model)]
-        split = {k: int(v) for k, v in endpoint.traffic_split.items()}
-        plan = {"endpoint": name, "model": model, "version": spec.model.version,
-                "serving": {k: v for k, v in split.items() if k not in ours and v > 0},
-                "new": ours[0] if ours else None,
-                "already_served": bool(ours) and split.get(ours[0], 0) == 100}
-        write_endpoint_state(self.config, rollout=plan)
-        self.log.info("endpoint %s serves %s; v%s is %s", name, split or "nothing",
-                      spec.model.version, "served already" if plan["already_served"] else "staged")
-        return plan
-
-
 def _same_model(deployed: str, model: str) -> bool:
     """Whether a deployed model's ``model`` is ``model`` (Vertex may name the project by number, and a version)."""
     return deployed.split("@")[0].rsplit("/models/", 1)[-1] == model.rsplit("/models/", 1)[-1]
 
 
-class VertexCanaryOperator(VertexBaseOperator):
-    """The version deployed beside the served one with ``canary_percent`` of the traffic, then checked."""
+class VertexEndpointAdapter(EndpointAdapter):
+    """ml_deploy's rollout on the pipeline's Vertex endpoint (see the module's docstring). Vertex's v1 predict goes
+    by the endpoint's traffic split and cannot be addressed to one deployed model, so a new version is smoke-tested
+    alone on the endpoint's staging endpoint (``<id>-staging``, which no client calls) before it is deployed beside
+    the served one. The plan's ``new`` is the version's Vertex model id; ``old`` and ``serving`` name deployed
+    models of the endpoint."""
 
-    template_fields = ("spec", "plan")
+    def __init__(self, cfg, spec, poll_interval: int | None = None) -> None:
+        import logging
 
-    def __init__(self, *, plan: dict[str, Any], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.plan = plan
+        from mlfactory_airflow.backends.gcp.clients import VertexConnection
 
-    def execute(self, context, event: dict | None = None, waited_for: str | None = None, check: bool = False) -> dict | None:
+        super().__init__(cfg, spec, poll_interval)
+        self.settings = cfg.backend
+        self.connection = VertexConnection.of(self.settings)
+        self.poll_interval = poll_interval or self.settings.poll_interval_s
+        self.log = logging.getLogger(__name__)
+
+    def client(self, service: str):
+        return self.connection.client(service)
+
+    def wait(self, operation, what: str, service: str = "endpoint", timeout_s: int = 3600) -> Wait:
+        from mlfactory_airflow.backends.gcp.triggers import VertexOperationTrigger
+
+        return Wait(what, operation=VertexOperationTrigger(operation.operation.name, self.connection.to_dict(),
+                                                           service=service, poll_interval=self.poll_interval,
+                                                           timeout_s=timeout_s))
+
+    def deployed(self, endpoint, model: str) -> str | None:
+        """The id of ``model``'s deployed model on ``endpoint``, if any."""
+        return next((d.id for d in endpoint.deployed_models if _same_model(d.model, model)), None)
+
+    def _endpoint(self, staging: bool = False):
+        """The (staging) endpoint, or the Wait for its creation."""
         from mlfactory.backends.gcp import vertex
-        from mlfactory.deployment import write_endpoint_state
-        from mlfactory.specs import EndpointSpec
+        from mlfactory_airflow.backends.gcp.clients import not_found
 
-        self.raise_for(event, waited_for)
-        spec, plan = EndpointSpec.model_validate(self.spec), self.plan
+        client, name = self.client("endpoint"), vertex.endpoint_name(self.spec, self.settings, staging)
+        endpoint = not_found(client.get_endpoint, name=name)
+        if endpoint is None:
+            operation = client.create_endpoint(request=vertex.create_endpoint_request(self.spec, self.settings, staging))
+            return self.wait(operation, f"creation of endpoint {name}")
+        return endpoint
+
+    def _deploy(self, plan: dict, staging: bool, serving: dict[str, int]) -> Wait:
+        from mlfactory.backends.gcp import vertex
+
+        request = vertex.deploy_model_request(self.spec, self.settings, plan["model"], serving, staging)
+        self.log.info("deploying v%s to %s: traffic split %s, %d-%d replicas", plan["version"], request.endpoint,
+                      dict(request.traffic_split), self.spec.min_replicas, self.spec.max_replicas)
+        return self.wait(self.client("endpoint").deploy_model(request=request), f"deployment of v{plan['version']} "
+                         f"to {request.endpoint}", timeout_s=2 * 3600)
+
+    def stage(self, keep) -> dict | Wait:
+        """The version in the Model Registry, the endpoint in place, and the version deployed alone: on the
+        endpoint when nothing serves there, else on the staging endpoint (no traffic of the endpoint's)."""
+        from mlfactory.backends.gcp import vertex
+
+        spec = self.spec
+        operation = upload_model(self.client("model"), self.cfg, spec.model, self.log)
+        if operation is not None:
+            return self.wait(operation, f"upload of v{spec.model.version}", service="model")
+        endpoint = self._endpoint()
+        if isinstance(endpoint, Wait):
+            return endpoint
+        model = model_name(self.settings, spec.model)
+        ours = self.deployed(endpoint, model)
+        split = {k: int(v) for k, v in endpoint.traffic_split.items()}
+        serving = {k: v for k, v in split.items() if k != ours and v > 0}
+        plan = {"endpoint": endpoint.name, "model": model, "version": spec.model.version, "new": vertex.model_id(spec.model),
+                "serving": serving, "old": max(serving, key=serving.get) if serving else None,
+                "staging": vertex.endpoint_name(spec, self.settings, staging=True) if serving else None,
+                "already_served": bool(ours) and split.get(ours, 0) == 100}
+        kept = read_endpoint_state(self.cfg).get("rollout") or {}
+        if kept.get("version") == plan["version"] and kept.get("endpoint") == plan["endpoint"]:
+            plan = kept  # this rollout's plan, from before its deployment (a first one takes all the traffic at once)
+        else:
+            keep(plan)
+        self.log.info("endpoint %s serves %s; v%s is %s", endpoint.name, split or "nothing", spec.model.version,
+                      "served already" if plan["already_served"] else "staged")
         if plan["already_served"]:
-            return {"skipped": f"v{spec.model.version} serves all traffic already", "deployed_model_id": plan["new"]}
-        client = self.client("endpoint")
-        endpoint = client.get_endpoint(name=plan["endpoint"])
-        new = next((d.id for d in endpoint.deployed_models if _same_model(d.model, plan["model"])), None)
+            return plan
+        where = self._endpoint(staging=True) if plan["staging"] else endpoint
+        if isinstance(where, Wait):
+            return where
+        if self.deployed(where, model) is None:
+            return self._deploy(plan, bool(plan["staging"]), {})
+        return plan
+
+    def _new(self, plan: dict):
+        """The endpoint (staging, or the endpoint itself on a first deployment) serving the new version alone."""
+        return self.client("endpoint").get_endpoint(name=plan["staging"] or plan["endpoint"])
+
+    def ready(self, plan: dict) -> str | None:
+        endpoint = self._new(plan)
+        new = self.deployed(endpoint, plan["model"])
         if new is None:
-            request = vertex.deploy_model_request(spec, self.settings, plan["model"], plan["serving"])
-            self.log.info("deploying v%s to %s: traffic split %s, %d-%d replicas", spec.model.version, plan["endpoint"],
-                          dict(request.traffic_split), spec.min_replicas, spec.max_replicas)
-            return self.wait_for_operation(client.deploy_model(request=request), "endpoint",
-                                           f"deployment of v{spec.model.version}", timeout_s=2 * 3600)
-        write_endpoint_state(self.config, rollout={**plan, "new": new})
-        if not check and plan["serving"] and spec.canary_wait_s:
-            from datetime import timedelta
+            return f"v{plan['version']} is not deployed on {endpoint.name}"
+        return None if dict(endpoint.traffic_split).get(new) == 100 else \
+            f"v{plan['version']} ({new}) has {dict(endpoint.traffic_split)} of {endpoint.name}"
 
-            from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
-
-            self.log.info("v%s (deployed model %s) has %s%% of the traffic; checking it in %ss", spec.model.version, new,
-                          dict(endpoint.traffic_split).get(new), spec.canary_wait_s)
-            return self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=spec.canary_wait_s)), method_name="execute",
-                              kwargs={"check": True})
-        return self._check(spec, plan, new)
-
-    def _check(self, spec, plan: dict, new: str) -> dict:
-        """``canary_requests`` (at least ``smoke_rows``) holdout rows through the endpoint, one per request."""
+    def predict(self, plan: dict, rows: list[dict], variant: str | None) -> tuple[str, list]:
+        """``rows`` in one PredictRequest: to the new version alone (``variant``) through the endpoint that serves it
+        alone, or to the endpoint as clients call it. Vertex answers which deployed model served it."""
         from google.protobuf import json_format, struct_pb2
 
-        from mlfactory.deployment import DeploymentFailed, holdout_requests, record_failure, sane_prediction
+        name = plan["endpoint"] if variant is None else (plan["staging"] or plan["endpoint"])
+        if not hasattr(self, "_prediction"):
+            self._prediction = self.client("prediction")
+        reply = self._prediction.predict(endpoint=name, instances=[json_format.ParseDict(row, struct_pb2.Value())
+                                                                   for row in rows])
+        if variant is not None and not _same_model(reply.model, plan["model"]):
+            raise ValueError(f"{reply.model} answered, not v{plan['version']}")
+        return reply.deployed_model_id, type(reply).to_dict(reply)["predictions"]
 
-        rows = holdout_requests(self.config, spec.smoke_rows)
-        client = self.client("prediction")
-        answered: dict[str, int] = {}
-        errors, samples, requests = 0, [], max(spec.canary_requests, len(rows))
-        for i in range(requests):
-            instance = json_format.ParseDict(rows[i % len(rows)], struct_pb2.Value())
-            try:
-                reply = client.predict(endpoint=plan["endpoint"], instances=[instance])
-                (prediction,) = type(reply).to_dict(reply)["predictions"]
-                answered[reply.deployed_model_id] = answered.get(reply.deployed_model_id, 0) + 1
-                if not sane_prediction(prediction):
-                    raise ValueError(f"not a usable prediction: {prediction}")
-            except Exception as err:  # noqa: BLE001 - every failed request counts against the canary
-                errors += 1
-                samples.append(str(err)[:300])
-        rate = errors / requests
-        result = {"requests": requests, "errors": errors, "error_rate": rate, "deployed_model_id": new,
-                  "answered_by": answered, "percent": spec.canary_percent if plan["serving"] else 100}
-        self.log.info("canary of v%s: %s", spec.model.version, result)
-        if rate > spec.max_error_rate:
-            reason = (f"canary of v{spec.model.version} on {plan['endpoint']}: {errors} of {requests} requests failed "
-                      f"({rate:.1%} > {spec.max_error_rate:.1%}), e.g. {samples[:2]}")
-            record_failure(self.config, "canary", spec.model.version, reason)
-            raise DeploymentFailed(reason)
-        return result
-
-
-class VertexFullTrafficOperator(VertexBaseOperator):
-    """All traffic to the new deployed model; the others undeployed; the endpoint state written."""
-
-    template_fields = ("spec", "plan", "canary")
-
-    def __init__(self, *, plan: dict[str, Any], canary: dict[str, Any], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.plan, self.canary = plan, canary
-
-    def execute(self, context, event: dict | None = None, waited_for: str | None = None) -> dict | None:
+    def set_weights(self, plan: dict, weights: dict[str, float]) -> Wait | None:
+        """The new version deployed on the endpoint with its share (its staging copy undeployed first)."""
         from mlfactory.backends.gcp import vertex
-        from mlfactory.deployment import served
-        from mlfactory.specs import EndpointSpec
 
-        self.raise_for(event, waited_for)
-        spec, plan = EndpointSpec.model_validate(self.spec), self.plan
-        new = self.canary["deployed_model_id"]
+        client = self.client("endpoint")
+        if plan["staging"]:
+            pending = self._undeploy_staging(plan)
+            if pending is not None:
+                return pending
+        endpoint = client.get_endpoint(name=plan["endpoint"])
+        new = self.deployed(endpoint, plan["model"])
+        if new is None:
+            return self._deploy(plan, False, plan["serving"])
+        wanted = vertex.canary_split(plan["serving"], weights[plan["new"]])
+        wanted[new] = wanted.pop("0")
+        if {k: int(v) for k, v in endpoint.traffic_split.items() if v} != wanted:
+            client.update_endpoint(request=vertex.update_endpoint_request(endpoint, wanted))
+        return None
+
+    def _undeploy_staging(self, plan: dict, wait: bool = True) -> Wait | None:
+        from mlfactory_airflow.backends.gcp.clients import not_found
+
+        client = self.client("endpoint")
+        staging = not_found(client.get_endpoint, name=plan["staging"]) if plan.get("staging") else None
+        copy = self.deployed(staging, plan["model"]) if staging is not None else None
+        if copy is None:
+            return None
+        operation = client.undeploy_model(endpoint=plan["staging"], deployed_model_id=copy, traffic_split={})
+        self.log.info("undeploying v%s's staging copy %s from %s", plan["version"], copy, plan["staging"])
+        return self.wait(operation, f"undeployment of the staging copy of v{plan['version']}") if wait else None
+
+    def finalise(self, plan: dict) -> dict | Wait:
+        """All traffic to the new deployed model, the others (and the staging copy) undeployed."""
+        from mlfactory.backends.gcp import vertex
+
+        pending = self._undeploy_staging(plan)
+        if pending is not None:
+            return pending
         client = self.client("endpoint")
         endpoint = client.get_endpoint(name=plan["endpoint"])
+        new = self.deployed(endpoint, plan["model"])
+        if new is None:
+            raise DeploymentFailed(f"v{plan['version']} is not deployed on {plan['endpoint']}")
         if dict(endpoint.traffic_split) != {new: 100}:
             endpoint = client.update_endpoint(request=vertex.update_endpoint_request(endpoint, {new: 100}))
-            self.log.info("v%s (deployed model %s) has all the traffic of %s", spec.model.version, new, plan["endpoint"])
+            self.log.info("v%s (deployed model %s) has all the traffic of %s", plan["version"], new, plan["endpoint"])
         old = [d.id for d in endpoint.deployed_models if d.id != new]
         if old:
             operation = client.undeploy_model(endpoint=plan["endpoint"], deployed_model_id=old[0],
                                               traffic_split={new: 100})
-            return self.wait_for_operation(operation, "endpoint", f"undeployment of deployed model {old[0]}")
-        deployed = next(d for d in endpoint.deployed_models if d.id == new)
-        resources = deployed.dedicated_resources
-        return served(self.config, spec.model.version, endpoint=plan["endpoint"],
-                      tags={"mlfactory.vertex_deployed_model": new}, backend="gcp", deployed_model_id=new,
-                      model=plan["model"], model_uri=spec.model.uri,
-                      autoscaling={"min_replicas": resources.min_replica_count,
-                                   "max_replicas": resources.max_replica_count,
-                                   "metrics": {m.metric_name: m.target for m in resources.autoscaling_metric_specs}})
+            return self.wait(operation, f"undeployment of deployed model {old[0]}")
+        resources = next(d for d in endpoint.deployed_models if d.id == new).dedicated_resources
+        return {"endpoint": plan["endpoint"], "tags": {"mlfactory.vertex_deployed_model": new}, "backend": "gcp",
+                "deployed_model_id": new, "model": plan["model"], "model_uri": self.spec.model.uri,
+                "autoscaling": {"min_replicas": resources.min_replica_count, "max_replicas": resources.max_replica_count,
+                                "metrics": {m.metric_name: m.target for m in resources.autoscaling_metric_specs}}}
+
+    def restore(self, plan: dict) -> None:
+        """The traffic split of before the rollout, the new deployed model (and its staging copy) undeployed (not
+        waited for)."""
+        from mlfactory.backends.gcp.vertex import update_endpoint_request
+
+        if not plan.get("endpoint") or plan.get("already_served"):
+            return
+        self._undeploy_staging(plan, wait=False)
+        client = self.client("endpoint")
+        endpoint = client.get_endpoint(name=plan["endpoint"])
+        deployed = {d.id for d in endpoint.deployed_models}
+        before = {k: v for k, v in plan["serving"].items() if k in deployed}
+        if before and dict(endpoint.traffic_split) != before:
+            client.update_endpoint(request=update_endpoint_request(endpoint, before))
+            self.log.info("traffic of %s back to %s", plan["endpoint"], before)
+        new = self.deployed(endpoint, plan["model"])
+        if new is not None:
+            operation = client.undeploy_model(endpoint=plan["endpoint"], deployed_model_id=new, traffic_split=before)
+            self.log.info("undeploying the new deployed model %s (operation %s)", new, operation.operation.name)
 
 
 class VertexBatchPredictionOperator(VertexBaseOperator):
@@ -330,7 +390,7 @@ class VertexBatchPredictionOperator(VertexBaseOperator):
 
         self.raise_for(event, waited_for)
         spec, cfg = BatchJobSpec.model_validate(self.spec), self.config
-        operation = self.upload_model(spec.model)
+        operation = upload_model(self.client("model"), cfg, spec.model, self.log)
         if operation is not None:
             return self.wait_for_operation(operation, "model", f"upload of v{spec.model.version}")
         client = self.client("job")
@@ -338,7 +398,7 @@ class VertexBatchPredictionOperator(VertexBaseOperator):
         def create():
             with task_outcome():
                 files, excluded = write_instances(cfg, spec, storage.join(batch_uri(cfg), "_instances", f"run={spec.name}"))
-                job = vertex.batch_prediction_job(spec.name, self.model_name(spec.model), files, spec, self.settings,
+                job = vertex.batch_prediction_job(spec.name, model_name(self.settings, spec.model), files, spec, self.settings,
                                                   excluded)
             self.log.info("batch prediction of v%s over %d instance file(s) -> %s", spec.model.version, len(files),
                           spec.output_uri)
