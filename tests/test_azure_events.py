@@ -119,7 +119,7 @@ def test_a_message_that_is_not_an_event_goes_to_the_poison_queue_after_its_retri
 
 def test_the_polling_fallback_announces_each_blob_version_once(azurite):
     from mlfactory import storage
-    from mlfactory_airflow.backends.local.triggers import LocalBucketChangeTrigger
+    from mlfactory_airflow.triggers.storage import StoragePrefixPollTrigger
 
     container = "mlf-azure-poll"
     azure_container(container)
@@ -127,7 +127,7 @@ def test_the_polling_fallback_announces_each_blob_version_once(azurite):
     for i in range(5):
         storage.write_bytes(f"{landing}/f{i}.csv", b"a\n1\n")
     storage.write_bytes(f"{landing}/.hidden.tmp", b"x")
-    trigger = LocalBucketChangeTrigger(prefix_uri=landing, poll_interval=0.2, settle_seconds=0)
+    trigger = StoragePrefixPollTrigger(prefix_uri=landing, poll_interval=0.2, settle_seconds=0)
 
     async def scenario():
         events = trigger.run()

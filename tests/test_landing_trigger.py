@@ -4,7 +4,7 @@ import asyncio
 import os
 import time
 
-from mlfactory_airflow.backends.local.triggers import LocalBucketChangeTrigger
+from mlfactory_airflow.triggers.storage import StoragePrefixPollTrigger
 
 
 class InMemoryAssetState:
@@ -37,7 +37,7 @@ def collect(trigger, seconds: float) -> list[dict]:
 
 
 def make_trigger(folder, state):
-    trigger = LocalBucketChangeTrigger(prefix_uri=folder.as_uri(), poll_interval=0.05, settle_seconds=0.2)
+    trigger = StoragePrefixPollTrigger(prefix_uri=folder.as_uri(), poll_interval=0.05, settle_seconds=0.2)
     trigger.asset_state_store = state
     return trigger
 
@@ -66,18 +66,18 @@ def test_fires_once_per_object_and_survives_a_restart(tmp_path):
 def test_waits_for_an_object_to_settle(tmp_path):
     state = InMemoryAssetState()
     (tmp_path / "fresh.csv").write_text("still being written")
-    trigger = LocalBucketChangeTrigger(prefix_uri=tmp_path.as_uri(), poll_interval=0.05, settle_seconds=30)
+    trigger = StoragePrefixPollTrigger(prefix_uri=tmp_path.as_uri(), poll_interval=0.05, settle_seconds=30)
     trigger.asset_state_store = state
     assert collect(trigger, 0.3) == []
 
 
 def test_serializes_to_exactly_its_arguments(tmp_path):
-    trigger = LocalBucketChangeTrigger(prefix_uri=tmp_path.as_uri(), poll_interval=3.0, settle_seconds=1.5)
+    trigger = StoragePrefixPollTrigger(prefix_uri=tmp_path.as_uri(), poll_interval=3.0, settle_seconds=1.5)
     path, kwargs = trigger.serialize()
-    assert path == "mlfactory_airflow.backends.local.triggers.LocalBucketChangeTrigger"
+    assert path == "mlfactory_airflow.triggers.storage.StoragePrefixPollTrigger"
     assert kwargs == {"prefix_uri": tmp_path.as_uri(), "poll_interval": 3.0, "settle_seconds": 1.5,
                       "ledger_uri": None}
-    assert LocalBucketChangeTrigger(**kwargs).serialize() == (path, kwargs)
+    assert StoragePrefixPollTrigger(**kwargs).serialize() == (path, kwargs)
 
 
 def test_a_restarted_watcher_starts_a_run_for_objects_announced_but_never_ingested(tmp_path):
@@ -97,7 +97,7 @@ def test_a_restarted_watcher_starts_a_run_for_objects_announced_but_never_ingest
     ledger = ledger_uri(cfg)
 
     def watcher():
-        trigger = LocalBucketChangeTrigger(prefix_uri=landing.as_uri(), poll_interval=0.05, settle_seconds=0.2,
+        trigger = StoragePrefixPollTrigger(prefix_uri=landing.as_uri(), poll_interval=0.05, settle_seconds=0.2,
                                            ledger_uri=ledger)
         trigger.asset_state_store = state
         return trigger

@@ -3,7 +3,7 @@
 | concern | how |
 |---|---|
 | bucket | a folder (``file://``) |
-| bucket events | ``LocalBucketChangeTrigger``: lists the landing folder every ``ingest.poll_interval_s`` |
+| bucket events | ``StoragePrefixPollTrigger``: lists the landing folder every ``ingest.poll_interval_s`` |
 | training | torchrun with N processes, a child of the Airflow task (``LocalTrainingOperator``) |
 | real-time endpoint | one model server process on ``127.0.0.1:local.port`` with blue/green variants (``endpoint``, ``rollout``) |
 | batch scoring | chunked Arrow scoring in the Airflow task (``scoring``) |

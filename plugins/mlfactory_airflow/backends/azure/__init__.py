@@ -32,9 +32,9 @@ class AzureBackend(AirflowBackend):
 
         cfg, settings = self.cfg, self.cfg.backend
         if not settings.event_queue:
-            from mlfactory_airflow.backends.local.triggers import LocalBucketChangeTrigger
+            from mlfactory_airflow.triggers.storage import StoragePrefixPollTrigger
 
-            return LocalBucketChangeTrigger(prefix_uri=cfg.storage.landing_uri, poll_interval=cfg.ingest.poll_interval_s,
+            return StoragePrefixPollTrigger(prefix_uri=cfg.storage.landing_uri, poll_interval=cfg.ingest.poll_interval_s,
                                             settle_seconds=cfg.ingest.settle_s, ledger_uri=ledger_uri(cfg))
         from mlfactory_airflow.backends.azure.triggers import BlobQueueEventTrigger
 

@@ -4,7 +4,7 @@ Bucket events (AssetWatcher event triggers):
 
 - ``BlobQueueEventTrigger``: ``Microsoft.Storage.BlobCreated`` events delivered by an Event Grid
   subscription to a Storage Queue. Set up once per storage account (docs/backends/azure.md, "Setting it up").
-- The fallback for a bucket without a queue lists the prefix: ``LocalBucketChangeTrigger`` over the storage
+- The fallback for a bucket without a queue lists the prefix: ``StoragePrefixPollTrigger`` over the storage
   layer (adlfs), which gives each blob the same fingerprint (size:ETag), so switching between the two
   announces nothing twice.
 

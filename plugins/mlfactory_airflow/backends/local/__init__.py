@@ -37,8 +37,8 @@ class LocalBackend(AirflowBackend):
 
     def landing_trigger(self):
         from mlfactory.ingest import ledger_uri
-        from mlfactory_airflow.backends.local.triggers import LocalBucketChangeTrigger
+        from mlfactory_airflow.triggers.storage import StoragePrefixPollTrigger
 
         cfg = self.cfg
-        return LocalBucketChangeTrigger(prefix_uri=cfg.storage.landing_uri, poll_interval=cfg.ingest.poll_interval_s,
+        return StoragePrefixPollTrigger(prefix_uri=cfg.storage.landing_uri, poll_interval=cfg.ingest.poll_interval_s,
                                         settle_seconds=cfg.ingest.settle_s, ledger_uri=ledger_uri(cfg))

@@ -1,5 +1,6 @@
-"""Bucket-change trigger that lists a prefix through the storage layer: the `local` backend's (a folder on
-this machine is the bucket), and the `azure` backend's fallback when no event queue is configured."""
+"""The bucket-change trigger that lists a prefix through the project's storage layer (any URI it reads): the
+`local` backend's (a folder on this machine is the bucket), and any backend's fallback when its bucket has no
+event queue (the `azure` backend's without ``azure.event_queue``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from airflow.triggers.base import TriggerEvent
 from mlfactory_airflow.triggers.watermark import WatermarkedTrigger
 
 
-class LocalBucketChangeTrigger(WatermarkedTrigger):
+class StoragePrefixPollTrigger(WatermarkedTrigger):
     """Fires once per new or changed object under ``prefix_uri`` (any storage URI: a file:// folder, abfs://...),
     never twice for the same.
 
