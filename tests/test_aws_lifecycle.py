@@ -161,8 +161,12 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         scaling = boto3.client("application-autoscaling", endpoint_url=moto_server, region_name="us-east-1")
         (target,) = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
         assert target["ResourceId"] == f"endpoint/churn-lifecycle/variant/v{champion}"
-        smoke = [i for i in runtime.invocations if i["endpoint"] == "churn-lifecycle"]
+        invoked = [i for i in runtime.invocations if i["endpoint"] == "churn-lifecycle"]
+        smoke = [i for i in invoked if i["target"]]
         assert smoke and all(i["target"] == f"v{champion}" and i["status"] == 200 for i in smoke), runtime.invocations
+        canary = [i for i in invoked if not i["target"]]  # a first deployment's canary: all the traffic is its own
+        assert len(canary) >= cfg.serving.canary_requests and all(
+            i["status"] == 200 and i["variant"] == f"v{champion}" for i in canary), canary[:3]
         assert MlflowClient(mlflow_server.url).get_model_version("churn_aws", champion).tags["mlfactory.deployment"] == "serving"
 
         # `champion` -> ml_batch_score: a transform job over the unscored curated snapshot.

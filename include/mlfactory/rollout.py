@@ -64,7 +64,10 @@ class EndpointAdapter(ABC):
     deferrable = True  # False: the steps run in the task and never wait (the canary does not wait canary_wait_s)
 
     def __init__(self, cfg: PipelineConfig, spec: EndpointSpec, poll_interval: int | None = None) -> None:
-        self.cfg, self.spec, self.poll_interval = cfg, spec, poll_interval
+        self.cfg, self.spec, self.settings = cfg, spec, cfg.backend
+        # how often the backend's triggers look at what the cloud does (default: its ``poll_interval_s``)
+        self.poll_interval = poll_interval or getattr(self.settings, "poll_interval_s", None)
+        self.log = logging.getLogger(type(self).__module__)
 
     @abstractmethod
     def stage(self, keep, **resume) -> dict | Wait:

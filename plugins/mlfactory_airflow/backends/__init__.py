@@ -5,7 +5,7 @@ The DAGs build every backend-specific task through ``backend_for(cfg)`` and neve
 | DAG | what the backend provides | task ids (every backend) |
 |---|---|---|
 | ml_ingest (its Asset `landing`) | ``landing_trigger()``: the AssetWatcher's event trigger | (the watcher) |
-| ml_train | ``training_operator``: runs one ``TrainingJobSpec``, returns the entrypoint's metrics | ``train`` (mapped, one per trial) |
+| ml_train | ``training_operator``: runs one ``TrainingJobSpec``, returns the entrypoint's metrics (on a cloud, a ``mlfactory_airflow.training.CloudTrainingOperator`` with its ``JobAdapter``) | ``train`` (mapped, one per trial) |
 | ml_deploy | ``endpoint_adapter``: its endpoint's ``mlfactory.rollout.EndpointAdapter``; the rollout itself (``mlfactory.rollout``) is the same everywhere, one ``RolloutStepOperator`` per step in task group ``deploy``, ending in ``full_traffic`` (the endpoint state) | ``deploy.stage``, ``deploy.health_check``, ``deploy.smoke_test``, ``deploy.canary``, ``deploy.full_traffic`` |
 | ml_deploy | the same adapter's ``restore``: after a failed step, the traffic back on the served version | ``rollback`` |
 | ml_batch_score | ``batch_operator``: scores one ``BatchJobSpec``, returns a summary with its ``uri`` | ``score`` |

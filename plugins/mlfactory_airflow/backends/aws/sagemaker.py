@@ -71,6 +71,13 @@ def ensure_model(hook, cfg, model, log) -> str:
     return name
 
 
+def retry_name(base: str, try_number: int) -> str:
+    """The job try ``try_number`` starts after an earlier try's job ``base`` failed or stopped."""
+    from mlfactory.backends.aws.sagemaker import job_name
+
+    return job_name(f"{base[:56]}-a{try_number}")
+
+
 def job_trigger(settings, name: str, job_type: str, max_wait_s: int, waiter_delay: int, trigger_class=None):
     """A SageMakerJobTrigger (or a subclass) polling ``name`` every ``waiter_delay`` s for up to ``max_wait_s``."""
     from mlfactory_airflow.backends.aws.sagemaker_trigger import SageMakerJobTrigger
@@ -102,24 +109,24 @@ class SageMakerBaseOperator(CloudSpecOperator):
     def describe(self, operation: str, **name) -> dict | None:
         return describe(self.hook, operation, **name)
 
+    def earlier_job(self, base: str, name_field: str, describe: str, try_number: int) -> tuple[str, dict] | None:
+        """The latest job an earlier try started: ``<base>``, or ``<base>-a<n>`` that a later try started after a
+        failed one; (its name, its description) or None."""
+        names = [retry_name(base, n) for n in range(try_number, 1, -1)] + [base]  # the latest try first
+        return next(((n, d) for n in names if (d := self.describe(describe, **{name_field: n})) is not None), None)
+
     def start_or_take_over(self, request: dict, name_field: str, describe: str, status, create: str, try_number: int) -> str:
-        """Create the job in ``request`` unless an earlier try's job (``<name>``, or ``<name>-a<n>`` that a
-        later try started) is running or done: then take the latest of them over. After a failed or
-        stopped one, start ``<name>-a<try>``. Returns the job's name."""
-        from mlfactory.backends.aws.sagemaker import job_name
+        """Create the job in ``request`` unless an earlier try's job is running or done: then take the latest of
+        them over. After a failed or stopped one, start ``<name>-a<try>``. Returns the job's name."""
+        from mlfactory_airflow.training import taken_over
 
         base = request[name_field]
-        names = [job_name(f"{base[:56]}-a{n}") for n in range(try_number, 1, -1)] + [base]  # the latest try first
-        earlier = next(((n, d) for n in names if (d := self.describe(describe, **{name_field: n})) is not None), None)
-        name = base
-        if earlier is not None:
-            found, described = earlier
-            job = status(described)
-            if job.state in ("running", "succeeded"):
-                self.log.info("%s from an earlier try is %s: taking it over", found, job.state)
-                return found
-            name = job_name(f"{base[:56]}-a{try_number}")
-            self.log.info("the earlier job %s %s (%s): starting %s", found, job.state, job.detail, name)
+        earlier = self.earlier_job(base, name_field, describe, try_number)
+        earlier = earlier and (earlier[0], status(earlier[1]))
+        found = taken_over(earlier, "SageMaker job", self.log, try_number)
+        if found:
+            return found
+        name = retry_name(base, try_number) if earlier else base
         getattr(self.hook.conn, create)(**{**request, name_field: name})
         return name
 
@@ -131,12 +138,8 @@ class SageMakerEndpointAdapter(EndpointAdapter):
     """ml_deploy's rollout on the pipeline's SageMaker endpoint (see the module's docstring)."""
 
     def __init__(self, cfg, spec, poll_interval: int | None = None) -> None:
-        import logging
-
         super().__init__(cfg, spec, poll_interval)
-        self.settings = cfg.backend
-        self.waiter_delay = poll_interval or self.settings.poll_interval_s
-        self.log = logging.getLogger(__name__)
+        self.waiter_delay = self.poll_interval
 
     @cached_property
     def hook(self):

@@ -29,10 +29,10 @@ ml_batch_score: ``AzureMLBatchOperator`` (``score``) runs a ``BatchJobSpec`` on 
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any
 
 from mlfactory.rollout import EndpointAdapter, Wait
 from mlfactory_airflow.backends import CloudSpecOperator
+from mlfactory_airflow.training import CloudTrainingOperator, JobAdapter
 
 DONE = ("succeeded", "deleted")
 
@@ -111,74 +111,67 @@ class AzureMLBaseOperator(CloudSpecOperator):
                                    f"{event.get('detail')}")
 
 
-class AzureMLTrainingOperator(AzureMLBaseOperator):
-    """A TrainingJobSpec as an Azure ML command job; returns the entrypoint's metrics.json (from its ``model`` output).
+class AzureMLJobs(JobAdapter):
+    """Azure ML command jobs: try N runs job ``<spec>-tN``; a retry after a failed or cancelled one starts another on
+    the same checkpoints output (so it resumes)."""
 
-    - The cost guard refuses a job whose worst case is over ``azure.budget_usd`` before anything is created.
-    - Try N runs job ``<spec>-tN``; a retry whose earlier job runs or succeeded takes it over, one whose job
-      failed or was cancelled starts another on the same checkpoints output (so it resumes).
-    - Killing the task cancels the job (the trigger's ``on_kill`` while deferred, ``on_kill`` on a worker).
-    - A failed job fails the task with Azure ML's status and error.
-    """
+    platform = "Azure ML job"
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.job_name: str | None = None
+    def prepare(self, spec, try_number: int) -> str:
+        from mlfactory.backends.azure.azureml import check_training_budget, command_job, job_name
 
-    def execute(self, context, **_) -> None:
-        from mlfactory.backends.azure.azureml import check_training_budget, command_job, job_name, job_status
-        from mlfactory.specs import TrainingJobSpec
+        estimate = check_training_budget(spec, self.settings)
+        self.job = command_job(spec, self.settings, job_name(spec.name, try_number))
+        return f"{estimate} ({f'{self.settings.job_tier} tier' if not self.settings.compute else f'cluster {self.settings.compute}'})"
+
+    def find_earlier(self, spec, try_number: int):
+        from mlfactory.backends.azure.azureml import job_name, job_status
         from mlfactory_airflow.backends.azure.hooks import not_found
-        from mlfactory_airflow.outcomes import task_outcome
 
-        spec = TrainingJobSpec.model_validate(self.spec)
-        try_number = context["ti"].try_number
-        with task_outcome():  # over budget, or an entity the SDK refuses: retrying cannot help
-            estimate = check_training_budget(spec, self.settings)
-            job = command_job(spec, self.settings, job_name(spec.name, try_number))
         for attempt in range(try_number - 1, 0, -1):
-            earlier = not_found(self.ml.jobs.get, job_name(spec.name, attempt))
-            if earlier is None:
-                continue
-            status = job_status(earlier)
-            if status.state in ("running", "succeeded"):
-                self.log.info("job %s (an earlier try's) is %s: taking it over", earlier.name, status.detail)
-                self.job_name = earlier.name
-                return self.wait_for_job(earlier.name, 3 * spec.max_runtime_s)
-            self.log.info("the earlier job %s ended %s: starting %s", earlier.name, status.detail, job.name)
-            break
-        ensure_datastore(self.ml, self.config, self.log)
-        self.job_name = self.ml.jobs.create_or_update(job).name
-        self.log.info("Azure ML job %s: %s (%s)", self.job_name, estimate,
-                      f"{self.settings.job_tier} tier" if not self.settings.compute else f"cluster {self.settings.compute}")
-        # Spot jobs may wait for capacity and be requeued: poll for up to 3 x the max runtime
-        self.wait_for_job(self.job_name, 3 * spec.max_runtime_s)
+            earlier = not_found(self.operator.ml.jobs.get, job_name(spec.name, attempt))
+            if earlier is not None:
+                return earlier.name, job_status(earlier)
+        return None
 
-    def execute_complete(self, context, event: dict[str, Any] | None = None, job: str = "") -> dict:
-        from airflow.sdk.exceptions import AirflowException
+    def submit(self, spec, try_number: int, earlier: str | None) -> str:
+        ml = self.operator.ml
+        ensure_datastore(ml, self.operator.config, self.log)
+        return ml.jobs.create_or_update(self.job).name
 
+    def trigger(self, job: str, timeout_s: int):
+        from mlfactory_airflow.backends.azure.triggers import AzureMLJobTrigger
+
+        return AzureMLJobTrigger(job, self.operator.hook.to_dict(), poll_interval=self.operator.poll_interval,
+                                 timeout_s=timeout_s)
+
+    def status(self, job: str):
+        from mlfactory.backends.azure.azureml import job_status
+
+        return job_status(self.operator.ml.jobs.get(job))
+
+    def result(self, job: str, spec, event: dict | None) -> dict:
         from mlfactory import storage
-        from mlfactory.backends.azure.azureml import job_status, training_result
-        from mlfactory.specs import METRICS_FILE, TrainingJobSpec
+        from mlfactory.backends.azure.azureml import training_result
+        from mlfactory.specs import METRICS_FILE
 
-        self.job_name = job
-        status = job_status(self.ml.jobs.get(job))
-        if status.state != "succeeded":
-            raise AirflowException(f"Azure ML job {job} {status.state}: {status.detail}")
-        spec = TrainingJobSpec.model_validate(self.spec)
         metrics = storage.join(spec.output_uri, METRICS_FILE)
         if not storage.exists(metrics):
             raise FileNotFoundError(f"Azure ML job {job} completed but left no {metrics}: did it run the "
                                     "mlfactory.train entrypoint?")
-        result = training_result(storage.read_bytes(metrics), spec, job)
-        self.log.info("job %s: %s %s; model bundle %s", job, result["metric"], result["value"], result["model_bundle_uri"])
-        return result
+        return training_result(storage.read_bytes(metrics), spec, job)
 
-    def on_kill(self) -> None:
+    def cancel(self, job: str) -> None:
         from mlfactory_airflow.backends.azure.triggers import cancel_job
 
-        if self.job_name:
-            cancel_job(self.ml, self.job_name, self.log)
+        cancel_job(self.operator.ml, job, self.log)
+
+
+class AzureMLTrainingOperator(CloudTrainingOperator, AzureMLBaseOperator):
+    """A TrainingJobSpec as an Azure ML command job (``mlfactory_airflow.training``'s life cycle); returns the
+    entrypoint's metrics.json (from its ``model`` output)."""
+
+    adapter_class = AzureMLJobs
 
 
 class AzureMLEndpointAdapter(EndpointAdapter):
@@ -186,15 +179,10 @@ class AzureMLEndpointAdapter(EndpointAdapter):
     per version (``version-<n>``)."""
 
     def __init__(self, cfg, spec, poll_interval: int | None = None) -> None:
-        import logging
-
         from mlfactory_airflow.backends.azure.hooks import AzureMLHook
 
         super().__init__(cfg, spec, poll_interval)
-        self.settings = cfg.backend
         self.hook = AzureMLHook.of(self.settings)
-        self.poll_interval = poll_interval or self.settings.poll_interval_s
-        self.log = logging.getLogger(__name__)
 
     @property
     def ml(self):

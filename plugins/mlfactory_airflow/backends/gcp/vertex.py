@@ -32,11 +32,11 @@ ml_batch_score: ``VertexBatchPredictionOperator`` (``score``) runs a ``BatchJobS
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any
 
 from mlfactory.deployment import DeploymentFailed, read_endpoint_state
 from mlfactory.rollout import EndpointAdapter, Wait
 from mlfactory_airflow.backends import CloudSpecOperator
+from mlfactory_airflow.training import CloudTrainingOperator, JobAdapter, taken_over
 
 
 def model_name(settings, model) -> str:
@@ -99,84 +99,76 @@ class VertexBaseOperator(CloudSpecOperator):
             raise AirflowException(f"{what or 'a Vertex AI operation'} {event['state']} ({event['name']}): "
                                    f"{event.get('detail')}")
 
-    def start_or_take_over(self, create, list_jobs, name: str, try_number: int) -> str:
-        """The job an earlier try started for ``name`` when it is running or succeeded (found by its label), else
-        a new one from ``create()``. Returns its resource name."""
+    def earlier_job(self, list_jobs, name: str):
+        """The latest job an earlier try started for ``name`` (found by its label): (its name, its JobStatus) or None."""
         from mlfactory.backends.gcp.vertex import job_filter, job_status, parent
 
         earlier = sorted(list_jobs(request={"parent": parent(self.settings), "filter": job_filter(name)}),
                          key=lambda j: j.create_time.timestamp() if j.create_time else 0)
-        if earlier:
-            latest, status = earlier[-1], job_status(earlier[-1])
-            if status.state in ("running", "succeeded"):
-                self.log.info("%s (started for %s by an earlier try) is %s: taking it over", latest.name, name,
-                              status.detail)
-                return latest.name
-            self.log.info("the earlier job %s ended %s (%s): starting another (try %d)", latest.name, status.state,
-                          status.detail, try_number)
-        return create().name
+        return (earlier[-1].name, job_status(earlier[-1])) if earlier else None
+
+    def start_or_take_over(self, create, list_jobs, name: str, try_number: int) -> str:
+        """The job an earlier try started for ``name`` when it is running or succeeded, else a new one from
+        ``create()``. Returns its resource name."""
+        return taken_over(self.earlier_job(list_jobs, name), "Vertex job", self.log, try_number) or create().name
 
 
-class VertexTrainingOperator(VertexBaseOperator):
-    """A TrainingJobSpec as a Vertex AI CustomJob; returns the entrypoint's metrics.json (from AIP_MODEL_DIR).
+class VertexJobs(JobAdapter):
+    """Vertex AI custom jobs: an earlier try's job is found by its ``mlfactory_job`` label; a retry after a failed
+    one starts another with the same ``base_output_directory`` (so it resumes from the same ``AIP_CHECKPOINT_DIR``)."""
 
-    - The cost guard refuses a job whose worst case is over ``gcp.budget_usd`` before anything is created.
-    - The job's resource name is carried through the deferral; a retry whose earlier job runs or succeeded
-      takes it over, one whose job failed or was cancelled starts another with the same
-      ``base_output_directory`` (so it resumes from the same ``AIP_CHECKPOINT_DIR``).
-    - Killing the task cancels the job (the trigger's ``on_kill`` while deferred, ``on_kill`` on a worker).
-    - A failed job fails the task with Vertex's error message.
-    """
+    platform = "Vertex AI custom job"
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.job_name: str | None = None
+    def prepare(self, spec, try_number: int) -> str:
+        from mlfactory.backends.gcp.vertex import check_training_budget, custom_job, training_machine
 
-    def execute(self, context, **_) -> None:
-        from mlfactory.backends.gcp.vertex import check_training_budget, custom_job, parent, training_machine
-        from mlfactory.specs import TrainingJobSpec
-        from mlfactory_airflow.outcomes import task_outcome
+        estimate = check_training_budget(spec, self.settings)
+        self.job = custom_job(spec, self.settings)
+        strategy = self.job.job_spec.scheduling.strategy
+        self.log.info("training job %s: %s (%s)", spec.name, estimate, "spot" if strategy == 4 else strategy.name)
+        return f"{spec.nodes} x {training_machine(spec, self.settings).machine_type}"
 
-        spec = TrainingJobSpec.model_validate(self.spec)
-        with task_outcome():  # over budget, or a request the protos refuse: retrying cannot help
-            estimate = check_training_budget(spec, self.settings)
-            job = custom_job(spec, self.settings)
-        self.log.info("training job %s: %s (%s)", spec.name, estimate, "spot" if job.job_spec.scheduling.strategy == 4
-                      else job.job_spec.scheduling.strategy.name)
-        client = self.client("job")
-        self.job_name = self.start_or_take_over(
-            lambda: client.create_custom_job(parent=parent(self.settings), custom_job=job), client.list_custom_jobs,
-            spec.name, context["ti"].try_number)
-        self.log.info("Vertex AI custom job %s: %d x %s", self.job_name, spec.nodes,
-                      training_machine(spec, self.settings).machine_type)
-        # spot or flex-start jobs may wait for capacity: poll for up to 3 x the max runtime
-        self.wait_for_job(self.job_name, 3 * spec.max_runtime_s)
+    def find_earlier(self, spec, try_number: int):
+        return self.operator.earlier_job(self.operator.client("job").list_custom_jobs, spec.name)
 
-    def execute_complete(self, context, event: dict[str, Any] | None = None, job: str = "") -> dict:
-        from airflow.sdk.exceptions import AirflowException
+    def submit(self, spec, try_number: int, earlier: str | None) -> str:
+        from mlfactory.backends.gcp.vertex import parent
 
+        return self.operator.client("job").create_custom_job(parent=parent(self.settings), custom_job=self.job).name
+
+    def trigger(self, job: str, timeout_s: int):
+        from mlfactory_airflow.backends.gcp.triggers import VertexJobTrigger
+
+        return VertexJobTrigger(job, self.operator.connection.to_dict(), poll_interval=self.operator.poll_interval,
+                                timeout_s=timeout_s)
+
+    def status(self, job: str):
+        from mlfactory.backends.gcp.vertex import job_status
+
+        return job_status(self.operator.client("job").get_custom_job(name=job))
+
+    def result(self, job: str, spec, event: dict | None) -> dict:
         from mlfactory import storage
-        from mlfactory.backends.gcp.vertex import job_status, model_dir, training_result
-        from mlfactory.specs import METRICS_FILE, TrainingJobSpec
+        from mlfactory.backends.gcp.vertex import model_dir, training_result
+        from mlfactory.specs import METRICS_FILE
 
-        self.job_name = job
-        status = job_status(self.client("job").get_custom_job(name=job))
-        if status.state != "succeeded":
-            raise AirflowException(f"Vertex AI custom job {job} {status.state}: {status.detail}")
-        spec = TrainingJobSpec.model_validate(self.spec)
         metrics = storage.join(model_dir(spec.output_uri), METRICS_FILE)
         if not storage.exists(metrics):
             raise FileNotFoundError(f"Vertex AI custom job {job} succeeded but left no {metrics}: did it run the "
                                     "mlfactory.train entrypoint?")
-        result = training_result(storage.read_bytes(metrics), spec.output_uri, job)
-        self.log.info("job %s: %s %s; model bundle %s", job, result["metric"], result["value"], result["model_bundle_uri"])
-        return result
+        return training_result(storage.read_bytes(metrics), spec.output_uri, job)
 
-    def on_kill(self) -> None:
+    def cancel(self, job: str) -> None:
         from mlfactory_airflow.backends.gcp.triggers import cancel_job
 
-        if self.job_name:
-            cancel_job(self.client("job"), self.job_name, self.log)
+        cancel_job(self.operator.client("job"), job, self.log)
+
+
+class VertexTrainingOperator(CloudTrainingOperator, VertexBaseOperator):
+    """A TrainingJobSpec as a Vertex AI CustomJob (``mlfactory_airflow.training``'s life cycle); returns the
+    entrypoint's metrics.json (from AIP_MODEL_DIR)."""
+
+    adapter_class = VertexJobs
 
 
 def _same_model(deployed: str, model: str) -> bool:
@@ -192,15 +184,10 @@ class VertexEndpointAdapter(EndpointAdapter):
     models of the endpoint."""
 
     def __init__(self, cfg, spec, poll_interval: int | None = None) -> None:
-        import logging
-
         from mlfactory_airflow.backends.gcp.clients import VertexConnection
 
         super().__init__(cfg, spec, poll_interval)
-        self.settings = cfg.backend
         self.connection = VertexConnection.of(self.settings)
-        self.poll_interval = poll_interval or self.settings.poll_interval_s
-        self.log = logging.getLogger(__name__)
 
     def client(self, service: str):
         return self.connection.client(service)
