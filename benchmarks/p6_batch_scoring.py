@@ -28,7 +28,8 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from mlfactory.backends.local.scoring import load_tabular_model, score
+    from mlfactory.backends.local.scoring import score
+    from mlfactory.scoring import load_tabular_model
     from mlfactory.batch_scoring import plan
     from mlfactory.registry import CHAMPION, Registry
     from mlfactory.training_data import curated_snapshots, read_curated
