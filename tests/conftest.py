@@ -31,6 +31,18 @@ def pytest_collection_modifyitems(items):
     items[:] = [test for w in range(workers) for test in long[w::workers] + short[w * share:(w + 1) * share]]
 
 
+@pytest.fixture(autouse=True)
+def mlflow_environment():
+    """MLflow's variables as they were before each test: ``mlflow.set_tracking_uri``/``set_experiment`` export
+    them to the environment, which the next test's servers and Airflow would otherwise inherit (a tracking URI
+    pointing at a server the previous test stopped)."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ.update(before)
+
+
 @pytest.fixture
 def bucket(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "bucket"

@@ -110,6 +110,9 @@ class ToyEndpoint(EndpointAdapter):
         from mlfactory.serving.payloads import parse_body
 
         if not hasattr(self, "_model"):
+            import mlflow
+
+            mlflow.set_tracking_uri(self.cfg.mlflow.tracking_uri)  # the pipeline's registry, whatever the environment says
             self._model = ServedModel(self.spec.model.registry_uri)
         columns = parse_body(json.dumps({"dataframe_records": rows}).encode(), "application/json", self._model.signature)
         outputs = self._model.predict(columns)
