@@ -30,12 +30,12 @@ def served_model(rows: int, epochs: int = 2):
         os.environ["MLFLOW_TRACKING_URI"] = mlflow.url
         cfg = load_config()
         from mlfactory.registry import Registry
-        from mlfactory.training_data import prepare_training_set
+        from mlfactory.training.data import prepare_training_set
 
         sample_data.land_and_curate(cfg, rows, seed=3)
         training_set = prepare_training_set(cfg)
         out = storage.join(cfg.storage.models_uri, "runs", "bench")
-        trained = subprocess.run([sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri",
+        trained = subprocess.run([sys.executable, "-m", "mlfactory.training.train", "--train-uri", training_set.uri, "--output-uri",
                                   out, "--hyperparameters", json.dumps({"epochs": epochs}), "--mlflow-tracking-uri",
                                   mlflow.url, "--experiment", "bench"],
                                  capture_output=True, text=True)

@@ -25,7 +25,7 @@ from _served_model import served_model  # noqa: E402
 
 from mlfactory.features import to_wire  # noqa: E402
 from mlfactory.backends.local.processes import answers, free_port, start, stop_group  # noqa: E402
-from mlfactory.training_data import frozen_holdout, read_holdout  # noqa: E402
+from mlfactory.training.data import frozen_holdout, read_holdout  # noqa: E402
 
 LUA = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"

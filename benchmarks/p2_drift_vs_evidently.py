@@ -1,4 +1,4 @@
-"""P2: drift of 1M rows per side x 20 features, mlfactory.drift vs Evidently's DataDriftPreset.
+"""P2: drift of 1M rows per side x 20 features, mlfactory.monitoring.drift vs Evidently's DataDriftPreset.
 
 The same Parquet files (15 stable features; 3 numeric features shifted by 0.2-0.3 sd and 2
 categorical ones with moved shares) are read by two fresh processes, one per tool, each timing its
@@ -57,7 +57,7 @@ cur = pd.read_parquet(f"{folder}/current.parquet")
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 if tool == "mlfactory":
-    from mlfactory.drift import Columns, categorical_values, compare
+    from mlfactory.monitoring.drift import Columns, categorical_values, compare
     def columns(frame):
         return Columns({c: frame[c].to_numpy(dtype="float64") for c in numeric},
                        {c: categorical_values(frame[c]) for c in categorical})

@@ -40,11 +40,11 @@ def main() -> None:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from mlfactory import sample_data
+    from mlfactory.data import sample_data
     from mlfactory.config import load_config
-    from mlfactory.etl import ValidationFailed, curate_snapshot
-    from mlfactory.ingest import ingest_object
-    from mlfactory.validation import ROW_LEVEL
+    from mlfactory.data.etl import ValidationFailed, curate_snapshot
+    from mlfactory.data.ingest import ingest_object
+    from mlfactory.data.validation import ROW_LEVEL
 
     cfg = load_config()
     table = sample_data.generate(args.rows, seed=42)

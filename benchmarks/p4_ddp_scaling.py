@@ -27,9 +27,9 @@ from pathlib import Path
 
 def entrypoint_rate(train_uri: str, out: Path, processes: int, args) -> float:
     from mlfactory.backends.local.runtime import this_machine
-    from mlfactory.cluster import LOOPBACK_ENV
+    from mlfactory.training.cluster import LOOPBACK_ENV
 
-    command = this_machine(processes).torchrun_command("mlfactory.train", [
+    command = this_machine(processes).torchrun_command("mlfactory.training.train", [
         "--train-uri", train_uri, "--output-uri", str(out), "--device", args.device,
         "--hyperparameters", json.dumps({"epochs": args.epochs, "batch_size": args.batch_size})])
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -42,7 +42,7 @@ BARE_LOOP = r"""
 import json, statistics, sys, time, torch
 from mlfactory.hyperparameters import Hyperparameters
 from mlfactory.tabular import Preprocessor, build_net, loss_function
-from mlfactory.train import one_cycle, read_training_set
+from mlfactory.training.train import one_cycle, read_training_set
 train_uri, epochs, batch, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), torch.device(sys.argv[4])
 dataset, frame, _ = read_training_set(train_uri)
 pre = Preprocessor.fit(frame, dataset)
@@ -90,9 +90,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mlfactory-p4-"))
     os.environ["MLFACTORY_BUCKET"] = str(work / "bucket")
-    from mlfactory import sample_data
+    from mlfactory.data import sample_data
     from mlfactory.config import load_config
-    from mlfactory.training_data import prepare_training_set
+    from mlfactory.training.data import prepare_training_set
 
     cfg = load_config()
     sample_data.land_and_curate(cfg, args.rows, seed=4)

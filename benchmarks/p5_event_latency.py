@@ -31,7 +31,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mlfactory-p5-"))
     os.environ["MLFACTORY_BUCKET"] = str(work / "bucket")
 
-    from mlfactory import sample_data
+    from mlfactory.data import sample_data
     from mlfactory.config import load_config
     from mlfactory.backends.local.local_airflow import LocalAirflow
     from mlfactory.backends.local.processes import free_port

@@ -29,10 +29,10 @@ def main() -> int:
     import torch
 
     from mlfactory.backends.local.scoring import score
-    from mlfactory.scoring import load_tabular_model
-    from mlfactory.batch_scoring import plan
+    from mlfactory.serving.scoring import load_tabular_model
+    from mlfactory.serving.batch import plan
     from mlfactory.registry import CHAMPION, Registry
-    from mlfactory.training_data import curated_snapshots, read_curated
+    from mlfactory.training.data import curated_snapshots, read_curated
 
     with served_model(rows=20_000) as (cfg, work):
         version = Registry(cfg).alias_version(CHAMPION)

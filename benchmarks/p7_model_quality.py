@@ -75,7 +75,7 @@ def baseline(cfg, metric: str) -> float:
     from mlfactory import storage
     from mlfactory.features import FeatureSet, numeric_matrix
     from mlfactory.registry import holdout_score
-    from mlfactory.training_data import frozen_holdout, read_holdout
+    from mlfactory.training.data import frozen_holdout, read_holdout
 
     dataset = cfg.dataset
     sets = [o for o in storage.list_objects(storage.join(cfg.storage.models_uri, "training_sets"))

@@ -47,7 +47,7 @@ with DAG(
     @task
     def plan(params: dict, run_id=None) -> dict:
         """The BatchJobSpec of this run (skipped when there is no champion or nothing new to score)."""
-        from mlfactory.batch_scoring import plan
+        from mlfactory.serving.batch import plan
         from mlfactory_airflow.outcomes import task_outcome
 
         with task_outcome():

@@ -3,7 +3,7 @@
 `resolve` turns the new champion (or the version from the form) into an ``EndpointSpec``: the
 version and its files, and the endpoint's sizing and guards from ``serving`` (replicas, target load,
 canary share and duration, rollback conditions). Task group `deploy` rolls it out the same way on
-every backend (``mlfactory.rollout``): `deploy.stage` (the version beside the served one, no traffic
+every backend (``mlfactory.serving.rollout``): `deploy.stage` (the version beside the served one, no traffic
 yet), `deploy.health_check`, `deploy.smoke_test` (holdout rows to it alone), `deploy.canary` (a share of
 the traffic; error rate, latency and the platform's alarms checked) and `deploy.full_traffic`, whose
 XCom is the endpoint state (also in ``<bucket>/_mlfactory/endpoint/endpoint.json``); how each step
@@ -44,7 +44,7 @@ with DAG(
     @task
     def resolve(params: dict, triggering_asset_events=None) -> dict:
         """The EndpointSpec: the version to deploy (the form's, else the `champion` event's) and its files."""
-        from mlfactory.deployment import endpoint_spec, version_to_deploy
+        from mlfactory.serving.deployment import endpoint_spec, version_to_deploy
 
         events = triggering_asset_events[assets.champion] if triggering_asset_events else []
         version = version_to_deploy(cfg, params.get("version"), events[-1].extra.get("version") if events else None)
@@ -53,7 +53,7 @@ with DAG(
     @task(trigger_rule="one_failed")
     def rollback(ti=None) -> dict:
         """Runs only when a step failed: traffic and alias `champion` go back to the served version."""
-        from mlfactory.deployment import read_endpoint_state, restore_after_failure
+        from mlfactory.serving.deployment import read_endpoint_state, restore_after_failure
 
         spec = ti.xcom_pull(task_ids="resolve") or {}
         backend.restore_traffic(read_endpoint_state(cfg))

@@ -51,7 +51,7 @@ with DAG(
         import logging
 
         from mlfactory import storage
-        from mlfactory.ingest import pending_objects, spread
+        from mlfactory.data.ingest import pending_objects, spread
         from mlfactory_airflow.outcomes import task_outcome
 
         if params.get("uri"):
@@ -71,7 +71,7 @@ with DAG(
           retries=2, retry_delay=timedelta(seconds=10))  # a lost worker or a storage error; bad input is no error here
     def ingest(uris: list[str], params: dict, outlet_events=None) -> dict:
         """Each object in turn → a raw snapshot; refused ones are recorded and reported by `report`."""
-        from mlfactory.ingest import ingest_objects
+        from mlfactory.data.ingest import ingest_objects
 
         outcome = ingest_objects(cfg, uris, retry_refused=bool(params.get("uri")))
         outlet_events[assets.raw].extra = {"snapshots": [m["snapshot_uri"] for m in outcome["ingested"]]}

@@ -5,7 +5,7 @@ champion's training data, feature by feature (normalised Wasserstein distance fo
 Jensen–Shannon distance for categorical ones, a BH-corrected test against noise, PSI alongside), and
 writes an HTML report per source under ``<bucket>/reports/drift/``. New curated rows carry their
 labels, and labels of served rows arrive later under ``predictions/labels/`` (keyed by request id and
-row, ``mlfactory.feedback``): on both the champion's metric is measured against its holdout metric, with
+row, ``mlfactory.monitoring.feedback``): on both the champion's metric is measured against its holdout metric, with
 the drift of the labels and of its predictions (``reports/drift/performance.html``, the metric over time). When the
 drifted share of features reaches ``monitoring.drift_share``, or the metric drops by more than
 ``monitoring.max_metric_drop``, `announce` emits Asset `drift_detected` with the reasons (features,
@@ -45,8 +45,8 @@ with DAG(
     @task
     def check_drift(params: dict, run_id=None) -> dict:
         """Compare each source with enough new rows; log where its report is."""
-        from mlfactory.batch_scoring import run_key
-        from mlfactory.monitoring import check
+        from mlfactory.serving.batch import run_key
+        from mlfactory.monitoring.monitor import check
 
         result = check(cfg, run_key(run_id), min_rows=params["min_rows"])
         for source, verdict in result.get("sources", {}).items():

@@ -67,7 +67,7 @@ with DAG(
     @task
     def prepare(dag_run=None, triggering_asset_events=None) -> dict:
         """The training set (curated minus the frozen holdout), and why this run started."""
-        from mlfactory.training_plan import prepare, started_by
+        from mlfactory.training.plan import prepare, started_by
         from mlfactory_airflow.outcomes import task_outcome
 
         events = triggering_asset_events or {}
@@ -79,7 +79,7 @@ with DAG(
     @task
     def plan(prepared: dict, batch: int, earlier: list, params: dict, run_id=None) -> list[dict]:
         """One TrainingJobSpec per trial of this batch of the search (``earlier``: the batches before)."""
-        from mlfactory.training_plan import plan
+        from mlfactory.training.plan import plan
 
         return plan(cfg, prepared, params, run_id, batch, [r for results in earlier for r in results])
 
@@ -87,7 +87,7 @@ with DAG(
     def select_best(prepared: dict, batches: list, run_id=None, outlet_events=None) -> dict:
         """The trial with the best validation metric, of every batch (or the blend of the best of each model
         family, when it is better still), becomes the candidate."""
-        from mlfactory.training_plan import select_best
+        from mlfactory.training.plan import select_best
 
         candidate = select_best(cfg, prepared, [result for results in batches for result in results], run_id)
         outlet_events[assets.candidate].extra = candidate

@@ -46,8 +46,8 @@ with DAG(
     def snapshots(params: dict) -> list[list[str]]:
         """The snapshot named in the form, or every raw snapshot not curated yet, in shares (none: `curate`
         is skipped)."""
-        from mlfactory.etl import pending_snapshots
-        from mlfactory.ingest import read_manifest, spread
+        from mlfactory.data.etl import pending_snapshots
+        from mlfactory.data.ingest import read_manifest, spread
         from mlfactory_airflow.outcomes import task_outcome
 
         from mlfactory import storage
@@ -66,7 +66,7 @@ with DAG(
         """Each snapshot in turn → curated Parquet; failed ones are reported by `report`. Skipped (no
         `curated` event) when none of its share passed."""
         from mlfactory import NothingToDo
-        from mlfactory.etl import curate_snapshots
+        from mlfactory.data.etl import curate_snapshots
         from mlfactory_airflow.outcomes import task_outcome
 
         outcome = curate_snapshots(cfg, uris)
@@ -81,7 +81,7 @@ with DAG(
     def report(batches: list[list[str]]) -> dict:
         """Fails the run when a snapshot failed validation (naming the expectation) or was not curated;
         reads each snapshot's validation summary, the record of its last curation."""
-        from mlfactory.etl import curation_summary
+        from mlfactory.data.etl import curation_summary
         from mlfactory_airflow.outcomes import report_outcomes
 
         summaries = {uri: curation_summary(cfg, uri) for batch in batches for uri in batch}

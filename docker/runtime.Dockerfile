@@ -6,9 +6,11 @@
 #     --build-arg XGBOOST=xgboost==3.2.0 .                                              # CUDA (bundles its CUDA libraries;
 #                                                                                       #   the host needs the NVIDIA driver)
 # Entrypoints, the same everywhere:
-#   python -m mlfactory.train ...    training (SageMaker ContainerEntrypoint, Vertex command, Azure ML command, torchrun)
-#   serve                            the model server (SageMaker runs the image with `serve`); = python -m mlfactory.serving
-#   python -m mlfactory.serving ...  the model server with options
+#   python -m mlfactory.training.train ...  training (SageMaker ContainerEntrypoint, Vertex command, Azure ML command,
+#                                           torchrun)
+#   serve                                   the model server (SageMaker runs the image with `serve`);
+#                                           = python -m mlfactory.serving
+#   python -m mlfactory.serving ...         the model server with options
 FROM python:3.11-slim-bookworm
 #checkov:skip=CKV_DOCKER_2:training jobs run this image too; the platforms probe the server's routes (/ping, /live, /ready)
 

@@ -37,6 +37,8 @@ def action(method: str, url: str) -> str:
         return f"{ML}/onlineEndpoints/score/action"
     if re.fullmatch(r"/batch/[^/]+/jobs", path):
         return f"{ML}/batchEndpoints/deployments/jobs/write"
+    if re.search(r"/providers/microsoft\.insights/metricalerts/[^/]+/status$", path, re.I) and method == "GET":
+        return "Microsoft.Insights/metricalerts/status/read"
     if re.search(r"/providers/microsoft\.insights/autoscalesettings/", path, re.I):
         return "Microsoft.Insights/autoscalesettings/" + {"GET": "read", "PUT": "write", "DELETE": "delete"}[method]
     if m := re.search(r"/providers/Microsoft\.MachineLearningServices/locations/[^/]+/(?P<kind>mfeOperation\w+)/", path):

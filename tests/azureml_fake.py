@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlparse
 
 WS = r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.MachineLearningServices/workspaces/(?P<ws>[^/]+)"
 AUTOSCALE = r"/subscriptions/[^/]+/resourcegroups/[^/]+/providers/microsoft\.insights/autoscalesettings/[^/]+"
+ALERT_STATUS = r"/subscriptions/[^/]+/resourcegroups/[^/]+/providers/microsoft\.insights/metricalerts/(?P<rule>[^/]+)/status"
 
 
 class BadRequest(Exception):
@@ -135,6 +136,7 @@ class AzureMLFake:
         self.refused: list[str] = []  # the 400s
         self.answered: dict[str, int] = {}  # deployment name -> scoring requests answered
         self.keys: dict[str, str] = {}
+        self.alerts: dict[str, str] = {}  # metric alert rule -> its status ("Healthy"; anything else: it fires)
         self._failures: list[str] = []
         self._ids = itertools.count(1)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -297,6 +299,13 @@ class AzureMLFake:
             return self._score(path.split("/")[2], raw, headers)
         if m := re.fullmatch(r"/batch/(?P<endpoint>[^/]+)/jobs", path):
             return self._invoke(m["endpoint"], body)
+        if (m := re.fullmatch(ALERT_STATUS, path, re.I)) and method == "GET":  # a metric alert rule's status
+            if m["rule"] not in self.alerts:
+                return _not_found(path)
+            rule = path.rsplit("/", 1)[0]
+            return 200, {"value": [{"id": rule, "name": "cmVzb3VyY2VJZD0", "type": "Microsoft.Insights/metricAlerts/status",
+                                    "properties": {"dimensions": {}, "status": self.alerts[m["rule"]],
+                                                   "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}]}, {}
         if re.fullmatch(AUTOSCALE, path, re.I):
             if method == "PUT":
                 check_autoscale(body)

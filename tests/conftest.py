@@ -203,8 +203,8 @@ def config_with_bucket(bucket: Path):
 @pytest.fixture(scope="session")
 def training_set(tmp_path_factory):
     """30k curated sample rows minus the frozen holdout, as the training set folder ml_train builds."""
-    from mlfactory import sample_data
-    from mlfactory.training_data import prepare_training_set
+    from mlfactory.data import sample_data
+    from mlfactory.training.data import prepare_training_set
 
     cfg = config_with_bucket(tmp_path_factory.mktemp("train-bucket"))
     sample_data.land_and_curate(cfg, 30_000)
@@ -220,10 +220,12 @@ def champion(tmp_path_factory, mlflow_server):
 
     import mlflow
 
-    from mlfactory import sample_data, storage
+    from mlfactory import storage
+
+    from mlfactory.data import sample_data
     from mlfactory.features import to_wire
     from mlfactory.registry import CHAMPION, Registry
-    from mlfactory.training_data import prepare_training_set, read_holdout
+    from mlfactory.training.data import prepare_training_set, read_holdout
 
     cfg = with_section(config_with_bucket(tmp_path_factory.mktemp("serve-bucket")), "mlflow",
                        tracking_uri=mlflow_server.url, experiment="serving-test", model_name="churn_served")
@@ -232,7 +234,7 @@ def champion(tmp_path_factory, mlflow_server):
     training_set = prepare_training_set(cfg)
     out = storage.join(cfg.storage.models_uri, "runs", "served")
     proc = subprocess.run(
-        [sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri", out,
+        [sys.executable, "-m", "mlfactory.training.train", "--train-uri", training_set.uri, "--output-uri", out,
          "--hyperparameters", '{"epochs": 3}', "--mlflow-tracking-uri", mlflow_server.url, "--experiment", "serving-test",
          "--run-name", "served"],
         capture_output=True, text=True, timeout=600,

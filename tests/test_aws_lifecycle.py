@@ -26,7 +26,9 @@ from aws_iam import ACCOUNT, REGION, Call, Recording, policy, refused
 from conftest import aws_config_on_moto, play_sagemaker_training_job
 from sagemaker_runtime import SageMakerRuntime
 
-from mlfactory import sample_data, storage
+from mlfactory import storage
+
+from mlfactory.data import sample_data
 from mlfactory.config import load_config
 from mlfactory.backends.local.local_airflow import LocalAirflow
 from mlfactory.backends.local.mlflow_server import LocalMlflow
@@ -67,7 +69,7 @@ class SageMakerCompute(threading.Thread):
 def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_server, monkeypatch, airflow_db_template):
     from mlflow import MlflowClient
 
-    from mlfactory.deployment import read_endpoint_state
+    from mlfactory.serving.deployment import read_endpoint_state
     from mlfactory.registry import CHAMPION, Registry
 
     path = tmp_path / "pipeline.yaml"
@@ -131,7 +133,7 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         assert train["state"] == "success", airflow.task_log("ml_train", train["dag_run_id"], "train", map_index=0)
         (job_name,) = compute.played
         job = compute.sagemaker.describe_training_job(TrainingJobName=job_name)
-        assert job["AlgorithmSpecification"]["ContainerEntrypoint"] == ["python", "-m", "mlfactory.train"]
+        assert job["AlgorithmSpecification"]["ContainerEntrypoint"] == ["python", "-m", "mlfactory.training.train"]
         assert job["InputDataConfig"][0]["ChannelName"] == "train"
         assert job["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"].startswith(f"s3://{BUCKET}/models/training_sets/")
         assert (job["ResourceConfig"]["InstanceType"], job["ResourceConfig"]["InstanceCount"]) == ("ml.m5.xlarge", 1)
@@ -139,6 +141,8 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] >= job["StoppingCondition"]["MaxRuntimeInSeconds"]
         tries = {t["try_number"] for t in airflow.task_instances("ml_train", train["dag_run_id"]) if t["task_id"] == "train"}
         candidate = airflow.xcom("ml_train", train["dag_run_id"], "select_best")
+        console = f"https://{cfg.backend.region}.console.aws.amazon.com/sagemaker/home?region={cfg.backend.region}#"
+        assert airflow.links("ml_train", train["dag_run_id"], "train", 0) == {"Job in the console": f"{console}/jobs/{job_name}"}
         assert candidate["model_bundle_uri"].startswith(f"s3://{BUCKET}/models/runs/") and candidate["model_uri"]
 
         # `candidate` -> ml_promote: the registry stays MLflow; the model's files are in S3.
@@ -168,12 +172,16 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
         assert len(canary) >= cfg.serving.canary_requests and all(
             i["status"] == 200 and i["variant"] == f"v{champion}" for i in canary), canary[:3]
         assert MlflowClient(mlflow_server.url).get_model_version("churn_aws", champion).tags["mlfactory.deployment"] == "serving"
+        assert airflow.links("ml_deploy", deploy["dag_run_id"], "deploy.full_traffic") == {
+            "Endpoint in the console": f"{console}/endpoints/churn-lifecycle"}
 
         # `champion` -> ml_batch_score: a transform job over the unscored curated snapshot.
         batch = airflow.wait_for_run("ml_batch_score", 1, timeout=300, run_type="asset_triggered")
         assert batch["state"] == "success"
         scored = airflow.xcom("ml_batch_score", batch["dag_run_id"], "score")
         transform = compute.sagemaker.describe_transform_job(TransformJobName=scored["job"])
+        assert airflow.links("ml_batch_score", batch["dag_run_id"], "score") == {
+            "Job in the console": f"{console}/transform-jobs/{scored['job']}"}
         assert transform["ModelName"] == f"churn-aws-v{champion}"
         assert transform["TransformInput"]["DataSource"]["S3DataSource"]["S3DataType"] == "ManifestFile"
         assert len(scored["snapshots"]) == 1 and parts[0].uri.split("/snapshot=")[1].startswith(scored["snapshots"][0])

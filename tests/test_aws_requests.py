@@ -96,7 +96,7 @@ def test_the_cost_guard_refuses_a_job_over_budget(settings):
 def test_the_training_request_and_moto_runs_it(settings, sagemaker):
     job = spec(nodes=2, accelerator=Accelerator(kind="gpu", model="nvidia-a10g", count=1), max_runtime_s=5400)
     request = aws.create_training_job_request(job, settings)
-    assert request["AlgorithmSpecification"]["ContainerEntrypoint"] == ["python", "-m", "mlfactory.train"]
+    assert request["AlgorithmSpecification"]["ContainerEntrypoint"] == ["python", "-m", "mlfactory.training.train"]
     args = request["AlgorithmSpecification"]["ContainerArguments"]
     assert "--train-uri" not in args and "--output-uri" not in args  # SM_CHANNEL_TRAIN and SM_MODEL_DIR give them
     # one JSON argument: the values off their defaults (hidden_sizes [128, 64] is one), within SageMaker's 256 characters

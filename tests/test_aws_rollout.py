@@ -51,8 +51,8 @@ def run_step(operator):
 def rollout(cfg, version: str) -> dict:
     """ml_deploy on aws: resolve, the deploy group's five steps, and `rollback` if one fails. Returns the run's
     outcome: {"failed": step or None, "plan", "result"}."""
-    from mlfactory.deployment import DeploymentFailed, endpoint_spec, read_endpoint_state, restore_after_failure
-    from mlfactory.rollout import STEPS
+    from mlfactory.serving.deployment import DeploymentFailed, endpoint_spec, read_endpoint_state, restore_after_failure
+    from mlfactory.serving.rollout import STEPS
     from mlfactory_airflow.backends import backend_for
     from mlfactory_airflow.rollout import RolloutStepOperator
 
@@ -82,7 +82,7 @@ def aws(moto_server, champion, tmp_path, monkeypatch):
     from mlfactory import storage
     from mlfactory.config import load_config
     from mlfactory.registry import CHAMPION, Registry
-    from mlfactory.training_data import HOLDOUT_MANIFEST, frozen_holdout, holdout_uri
+    from mlfactory.training.data import HOLDOUT_MANIFEST, frozen_holdout, holdout_uri
 
     served = champion[0]
     runtime = SageMakerRuntime(moto_server, tmp_path / "containers", timeout_s=5, environment={
@@ -130,7 +130,7 @@ def register(cfg, registry, source: str) -> str:
     import mlflow.artifacts
 
     from mlfactory import storage
-    from mlfactory.deployment import model_ref
+    from mlfactory.serving.deployment import model_ref
 
     version = registry.register(source, None, {})
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{cfg.model_name}/{version}"))
@@ -143,7 +143,7 @@ def register(cfg, registry, source: str) -> str:
 
 def test_bad_models_stand_beside_the_served_one_at_weight_0_and_are_rolled_back(aws, champion):
     from mlfactory.backends.aws.sagemaker import model_name_for
-    from mlfactory.deployment import model_ref, read_endpoint_state
+    from mlfactory.serving.deployment import model_ref, read_endpoint_state
     from mlfactory.registry import CHAMPION
 
     cfg, registry, runtime, recording = aws
@@ -242,7 +242,7 @@ def test_bad_models_stand_beside_the_served_one_at_weight_0_and_are_rolled_back(
     cloudwatch.set_alarm_state(AlarmName="churn-5xx", StateValue="OK", StateReason="quiet again")
 
     # Clients get v<second>'s answers throughout.
-    from mlfactory.deployment import holdout_requests
+    from mlfactory.serving.deployment import holdout_requests
 
     reply = sagemaker_runtime(runtime).invoke_endpoint(EndpointName="churn", ContentType="application/json",
                                                        Body=json.dumps({"dataframe_records": holdout_requests(cfg, 3)}))

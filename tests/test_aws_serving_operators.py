@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from task_runs import context
 import yaml
 from conftest import aws_config_on_moto
 
@@ -67,18 +68,18 @@ def test_batch_transform_scores_the_unscored_snapshots_through_a_manifest(aws_cf
     from airflow.exceptions import TaskDeferred
 
     from mlfactory import NothingToDo, storage
-    from mlfactory.batch_scoring import plan
-    from mlfactory_airflow.backends.aws.sagemaker import SageMakerTransformOperator
+    from mlfactory.serving.batch import plan
+    from mlfactory_airflow.backends.aws.operators import SageMakerTransformOperator
 
     rows = pa.Table.from_pandas(champion[2].head(50), preserve_index=False)
     files = [write_curated(aws_cfg.cfg, sid, rows) for sid in ("aaaa", "bbbb")]
     run_id = "scheduled__2026-11-22T04:00:00+00:00"
-    context = {"run_id": run_id, "ti": SimpleNamespace(try_number=1)}
+    task = {"run_id": run_id, **context()}
     spec = plan(aws_cfg.cfg, run_id, "1")  # ml_batch_score's `plan`: the snapshots not scored yet
     assert spec.snapshots == ["aaaa", "bbbb"] and spec.output_uri.endswith("/predictions/batch/run=scheduled__2026-11-22T04-00-00-00-00")
     operator = SageMakerTransformOperator(task_id="score", spec=spec.model_dump(), waiter_delay=1)
     with pytest.raises(TaskDeferred) as deferred:
-        operator.execute(context)
+        operator.execute(task)
     kwargs = deferred.value.kwargs
     job = aws_cfg.sagemaker.describe_transform_job(TransformJobName=kwargs["job"])
     source = job["TransformInput"]["DataSource"]["S3DataSource"]
@@ -87,7 +88,10 @@ def test_batch_transform_scores_the_unscored_snapshots_through_a_manifest(aws_cf
     manifest = json.loads(storage.read_bytes(source["S3Uri"]))
     assert [manifest[0]["prefix"] + key for key in manifest[1:]] == files
 
-    result = operator.execute_complete(context, run_trigger(deferred.value.trigger), **kwargs)
+    region = aws_cfg.cfg.backend.region  # the task's button to the job in the SageMaker console
+    assert task["ti"].xcoms["_link_JobConsoleLink"] == (
+        f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/transform-jobs/{kwargs['job']}")
+    result = operator.execute_complete(task, run_trigger(deferred.value.trigger), **kwargs)
     assert result["version"] == "1" and result["snapshots"] == ["aaaa", "bbbb"] and result["uri"] == spec.output_uri
     with pytest.raises(NothingToDo, match="scored already"):  # the next run has nothing new
         plan(aws_cfg.cfg, "scheduled__2026-11-23T04:00:00+00:00", "1")

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from task_runs import context
 from conftest import aws_config_on_moto, play_sagemaker_training_job
 
 BUCKET = "mlfactory-data"
@@ -47,17 +48,17 @@ def job_spec(**changes) -> dict:
 def test_the_job_is_created_deferred_and_its_model_collected(aws_env, training_set, tmp_path):
     from airflow.exceptions import TaskDeferred
 
-    from mlfactory_airflow.backends.aws.training import SageMakerTrainingOperator
-    from mlfactory_airflow.backends.aws.sagemaker_trigger import SageMakerTrainingJobTrigger
+    from mlfactory_airflow.backends.aws.operators import SageMakerTrainingOperator
+    from mlfactory_airflow.backends.aws.sagemaker_triggers import SageMakerTrainingJobTrigger
 
     operator = SageMakerTrainingOperator(task_id="train", spec=job_spec(), waiter_delay=1)
     with pytest.raises(TaskDeferred) as deferred:
-        operator.execute({"ti": SimpleNamespace(try_number=1)})
+        operator.execute(context(1))
     trigger, kwargs = deferred.value.trigger, deferred.value.kwargs
     assert isinstance(trigger, SageMakerTrainingJobTrigger) and kwargs == {"job_name": "run-1-t0"}
     assert deferred.value.method_name == "execute_complete"
     classpath, fields = trigger.serialize()
-    assert classpath == "mlfactory_airflow.backends.aws.sagemaker_trigger.SageMakerTrainingJobTrigger"
+    assert classpath == "mlfactory_airflow.backends.aws.sagemaker_triggers.SageMakerTrainingJobTrigger"
     assert SageMakerTrainingJobTrigger(**fields).job_name == "run-1-t0"  # what the triggerer rebuilds
 
     job = aws_env.sagemaker.describe_training_job(TrainingJobName="run-1-t0")
@@ -92,7 +93,7 @@ def test_the_job_is_created_deferred_and_its_model_collected(aws_env, training_s
     # a retried task finds its completed job and takes its result, creating nothing
     retry = SageMakerTrainingOperator(task_id="train", spec=job_spec())
     with pytest.raises(TaskDeferred) as deferred:
-        retry.execute({"ti": SimpleNamespace(try_number=2)})
+        retry.execute(context(2))
     assert deferred.value.kwargs == {"job_name": "run-1-t0"}
     again = retry.execute_complete({}, {"status": "success"}, **deferred.value.kwargs)
     assert again["value"] == result["value"]
@@ -104,11 +105,11 @@ def first_try_on_moto(aws_env, name: str):
     answer as a starting point for the states moto cannot reach)."""
     from airflow.exceptions import TaskDeferred
 
-    from mlfactory_airflow.backends.aws.training import SageMakerTrainingOperator
+    from mlfactory_airflow.backends.aws.operators import SageMakerTrainingOperator
 
     operator = SageMakerTrainingOperator(task_id="train", spec=job_spec(name=name))
     with pytest.raises(TaskDeferred):
-        operator.execute({"ti": SimpleNamespace(try_number=1)})
+        operator.execute(context(1))
     described = aws_env.sagemaker.describe_training_job(TrainingJobName=name)
     described.pop("ResponseMetadata")
     return operator, described
@@ -139,7 +140,7 @@ def test_a_retry_after_a_failed_job_starts_a_new_one_on_the_same_checkpoints(aws
 
     from mlfactory.backends.aws.sagemaker import create_training_job_request
     from mlfactory.specs import TrainingJobSpec
-    from mlfactory_airflow.backends.aws.training import SageMakerTrainingOperator
+    from mlfactory_airflow.backends.aws.operators import SageMakerTrainingOperator
 
     _, described = first_try_on_moto(aws_env, "run-3-t0")
     retry = SageMakerTrainingOperator(task_id="train", spec=job_spec(name="run-3-t0"))
@@ -151,7 +152,7 @@ def test_a_retry_after_a_failed_job_starts_a_new_one_on_the_same_checkpoints(aws
                     "TrainingJobName": "run-3-t0-a2"}  # same checkpoints, new name
         stub.add_response("create_training_job", {"TrainingJobArn": described["TrainingJobArn"] + "-a2"}, expected)
         with pytest.raises(TaskDeferred) as deferred:
-            retry.execute({"ti": SimpleNamespace(try_number=2)})
+            retry.execute(context(2))
     assert deferred.value.kwargs == {"job_name": "run-3-t0-a2"}
 
     # a third try while -a2 still runs takes -a2 over: the latest earlier job counts, nothing is created
@@ -162,7 +163,7 @@ def test_a_retry_after_a_failed_job_starts_a_new_one_on_the_same_checkpoints(aws
                                                     "TrainingJobStatus": "InProgress", "SecondaryStatus": "Training"},
                           {"TrainingJobName": "run-3-t0-a2"})
         with pytest.raises(TaskDeferred) as deferred:
-            third.execute({"ti": SimpleNamespace(try_number=3)})
+            third.execute(context(3))
         stub.assert_no_pending_responses()
     assert deferred.value.kwargs == {"job_name": "run-3-t0-a2"}
 
@@ -170,7 +171,7 @@ def test_a_retry_after_a_failed_job_starts_a_new_one_on_the_same_checkpoints(aws
 def test_killing_the_task_stops_the_job(aws_env):
     from botocore.stub import Stubber
 
-    from mlfactory_airflow.backends.aws.sagemaker_trigger import SageMakerTrainingJobTrigger
+    from mlfactory_airflow.backends.aws.sagemaker_triggers import SageMakerTrainingJobTrigger
 
     trigger = SageMakerTrainingJobTrigger(job_name="run-4-t0", aws_conn_id="moto", region_name="us-east-1")
     hook = trigger.hook()
@@ -184,9 +185,9 @@ def test_killing_the_task_stops_the_job(aws_env):
 def test_the_cost_guard_refuses_before_anything_is_created(aws_env):
     from airflow.sdk.exceptions import AirflowFailException
 
-    from mlfactory_airflow.backends.aws.training import SageMakerTrainingOperator
+    from mlfactory_airflow.backends.aws.operators import SageMakerTrainingOperator
 
     spec = job_spec(name="run-5-t0", nodes=2, accelerator={"kind": "gpu", "model": "nvidia-a10g", "count": 8})
     with pytest.raises(AirflowFailException, match=r"up to \$20\.36 .*above aws.budget_usd \$20\.00"):
-        SageMakerTrainingOperator(task_id="train", spec=spec).execute({"ti": SimpleNamespace(try_number=1)})
+        SageMakerTrainingOperator(task_id="train", spec=spec).execute(context(1))
     assert aws_env.sagemaker.list_training_jobs()["TrainingJobSummaries"] == []

@@ -17,9 +17,11 @@ import pytest
 import yaml
 from azure_containers import BatchContainers, ModelContainers, TrainingContainers
 from azure_rbac import assert_role_covers
-from conftest import azure_blob_created, azure_config, azure_queue
+from conftest import AZURE_SUBSCRIPTION, azure_blob_created, azure_config, azure_queue
 
-from mlfactory import sample_data, storage
+from mlfactory import storage
+
+from mlfactory.data import sample_data
 from mlfactory.config import load_config
 from mlfactory.backends.local.local_airflow import LocalAirflow
 from mlfactory.backends.local.mlflow_server import LocalMlflow
@@ -35,7 +37,7 @@ def test_a_blob_written_to_azure_storage_runs_the_lifecycle_on_azure_ml(tmp_path
                                                                          airflow_db_template):
     from mlflow import MlflowClient
 
-    from mlfactory.deployment import read_endpoint_state
+    from mlfactory.serving.deployment import read_endpoint_state
     from mlfactory.registry import CHAMPION, Registry
 
     fake = azureml_fake
@@ -82,6 +84,11 @@ def test_a_blob_written_to_azure_storage_runs_the_lifecycle_on_azure_ml(tmp_path
         assert run["processes"] == 2 and "2 process(es)" in run["log"]
         candidate = airflow.xcom("ml_train", train["dag_run_id"], "select_best")
         assert candidate["model_bundle_uri"].startswith(f"abfs://{CONTAINER}/models/runs/")
+        studio = "https://ml.azure.com"
+        workspace = (f"?wsid=/subscriptions/{AZURE_SUBSCRIPTION}/resourcegroups/mlfactory-rg"
+                     "/providers/Microsoft.MachineLearningServices/workspaces/mlfactory-ws")
+        assert airflow.links("ml_train", train["dag_run_id"], "train", 0) == {
+            "Job in the console": f"{studio}/runs/{job['name']}{workspace}"}
 
         # `candidate` -> ml_promote: the registry stays MLflow; the model's files are in the container.
         promote = airflow.wait_for_run("ml_promote", 1, timeout=300)
@@ -101,12 +108,16 @@ def test_a_blob_written_to_azure_storage_runs_the_lifecycle_on_azure_ml(tmp_path
         assert state["served_version"] == champion and state["deployment"] == f"version-{champion}"
         assert MlflowClient(mlflow_server.url).get_model_version("churn_azure", champion).tags[
             "mlfactory.deployment"] == "serving"
+        assert airflow.links("ml_deploy", deploy["dag_run_id"], "deploy.full_traffic") == {
+            "Endpoint in the console": f"{studio}/endpoints/realtime/churn-lifecycle/detail{workspace}"}
 
         # `champion` -> ml_batch_score: a batch endpoint job over the unscored curated snapshot.
         batch = airflow.wait_for_run("ml_batch_score", 1, timeout=300, run_type="asset_triggered")
         assert batch["state"] == "success", airflow.task_log("ml_batch_score", batch["dag_run_id"], "score")
         scored = airflow.xcom("ml_batch_score", batch["dag_run_id"], "score")
         assert len(scored["snapshots"]) == 1 and len(batch_runs.runs) == 1
+        assert airflow.links("ml_batch_score", batch["dag_run_id"], "score") == {
+            "Job in the console": f"{studio}/runs/{scored['job']}{workspace}"}
         assert "3000 rows" in batch_runs.runs[0]
         assert not fake.refused, fake.refused
         used = assert_role_covers(fake.requests)  # every call of every DAG, granted by deploy/azure's role

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 from azure_containers import BatchContainers, ModelContainers, TrainingContainers
 from azure_rbac import assert_role_covers
+from task_runs import context, resume, run_to_end
 from conftest import azure_config
 
 pytestmark = pytest.mark.azure
@@ -26,33 +27,6 @@ def copy_tree(local: Path, uri: str) -> None:
     for path in local.rglob("*"):
         if path.is_file():
             storage.write_bytes(storage.join(uri, str(path.relative_to(local))), path.read_bytes())
-
-
-def run_trigger(trigger, timeout: float = 300) -> list:
-    async def collect():
-        return [event async for event in trigger.run()]
-
-    return asyncio.run(asyncio.wait_for(collect(), timeout))
-
-
-def resume(operator, deferred, context):
-    """What Airflow does when a trigger fires: run the trigger, then the operator's resume method."""
-    (event,) = run_trigger(deferred.trigger)
-    return getattr(operator, deferred.method_name)(context, event=event.payload, **(deferred.kwargs or {}))
-
-
-def run_to_end(operator, try_number: int = 1, limit: int = 12):
-    """execute, then every deferral resumed in turn (as the triggerer and a worker would), to the result."""
-    from airflow.exceptions import TaskDeferred
-
-    context = {"ti": SimpleNamespace(try_number=try_number)}
-    step = lambda: operator.execute(context)  # noqa: E731
-    for _ in range(limit):
-        try:
-            return step()
-        except TaskDeferred as deferred:
-            step = lambda d=deferred: resume(operator, d, context)  # noqa: E731
-    raise AssertionError(f"{operator.task_id} still deferring after {limit} steps")
 
 
 def blob_endpoint(connection_string: str) -> str:
@@ -83,13 +57,13 @@ def job_spec(bucket: str, **changes) -> dict:
 def test_a_command_job_trains_on_two_processes_and_resumes_after_preemption(azure_training):
     from airflow.exceptions import TaskDeferred
 
-    from mlfactory_airflow.backends.azure.azureml import AzureMLTrainingOperator
+    from mlfactory_airflow.backends.azure.operators import AzureMLTrainingOperator
     from mlfactory_airflow.backends.azure.triggers import AzureMLJobTrigger
 
     fake, bucket = azure_training.fake, azure_training.bucket
     operator = AzureMLTrainingOperator(task_id="train", spec=job_spec(bucket))
     with pytest.raises(TaskDeferred) as deferred:
-        operator.execute({"ti": SimpleNamespace(try_number=1)})
+        operator.execute(context(1))
     assert deferred.value.kwargs == {"job": "run-1-t0-t1"} and deferred.value.method_name == "execute_complete"
     classpath, fields = deferred.value.trigger.serialize()
     assert classpath == "mlfactory_airflow.backends.azure.triggers.AzureMLJobTrigger"
@@ -101,7 +75,7 @@ def test_a_command_job_trains_on_two_processes_and_resumes_after_preemption(azur
     assert props["tags"]["mlfactory_job"] == "run-1-t0"
     assert fake.find(r"/datastores/mlfactory$")  # the bucket's container registered once, identity-based
 
-    result = resume(operator, deferred.value, {"ti": SimpleNamespace(try_number=1)})
+    result = resume(operator, deferred.value, context(1))
     assert result["metric"] == "val_roc_auc" and 0.5 < result["value"] <= 1
     assert result["model_bundle_uri"] == f"{bucket}/models/runs/run-1/trial-0/model.pt"
     assert result["azureml_job"] == "run-1-t0-t1"
@@ -112,7 +86,7 @@ def test_a_command_job_trains_on_two_processes_and_resumes_after_preemption(azur
 
     # a retry of a task whose job succeeded takes that job over: no second job
     with pytest.raises(TaskDeferred) as again:
-        AzureMLTrainingOperator(task_id="train", spec=job_spec(bucket)).execute({"ti": SimpleNamespace(try_number=2)})
+        AzureMLTrainingOperator(task_id="train", spec=job_spec(bucket)).execute(context(2))
     assert again.value.kwargs == {"job": "run-1-t0-t1"} and not fake.find(r"/jobs/run-1-t0-t2$")
     assert not fake.refused
 
@@ -121,7 +95,7 @@ def test_a_failed_job_fails_the_task_a_retry_starts_another_and_kill_cancels(azu
     from airflow.exceptions import AirflowFailException, TaskDeferred
     from airflow.sdk.exceptions import AirflowException
 
-    from mlfactory_airflow.backends.azure.azureml import AzureMLTrainingOperator
+    from mlfactory_airflow.backends.azure.operators import AzureMLTrainingOperator
 
     fake, bucket = azure_training.fake, azure_training.bucket
     azure_training.player.preempt_once = False
@@ -132,7 +106,7 @@ def test_a_failed_job_fails_the_task_a_retry_starts_another_and_kill_cancels(azu
     fake.run_job = lambda job: asyncio.run(asyncio.sleep(30))  # a long job, to be killed
     operator = AzureMLTrainingOperator(task_id="train", spec=job_spec(bucket))
     with pytest.raises(TaskDeferred):
-        operator.execute({"ti": SimpleNamespace(try_number=2)})
+        operator.execute(context(2))
     (second,) = fake.find(r"/jobs/run-1-t0-t2$").values()
     assert second["properties"]["outputs"]["checkpoints"]["uri"].endswith("/run-1/trial-0/_checkpoints/")
     operator.on_kill()
@@ -143,7 +117,7 @@ def test_a_failed_job_fails_the_task_a_retry_starts_another_and_kill_cancels(azu
     eight_h100 = {"kind": "gpu", "model": "nvidia-h100", "count": 8}
     with pytest.raises(AirflowFailException, match=r"Standard_ND96isr_H100_v5.*above azure.budget_usd \$20.00"):
         AzureMLTrainingOperator(task_id="train", spec=job_spec(bucket, name="big", accelerator=eight_h100)).execute(
-            {"ti": SimpleNamespace(try_number=1)})
+            context(1))
     assert len(fake.requests) == before  # refused before any call to Azure
 
 
@@ -213,7 +187,7 @@ def test_the_online_rollout_deploys_blue_green_with_canary_traffic_autoscale_and
     from mlflow import MlflowClient
 
     from mlfactory.config import load_config
-    from mlfactory.deployment import read_endpoint_state
+    from mlfactory.serving.deployment import read_endpoint_state
 
     fake = azure_serving.fake
     cfg = load_config()
@@ -257,17 +231,24 @@ def test_a_failing_canary_puts_the_traffic_back_and_deletes_the_new_deployment(a
     from mlflow import MlflowClient
 
     from mlfactory.config import load_config
-    from mlfactory.deployment import DeploymentFailed, read_endpoint_state, restore_after_failure
+    from mlfactory.serving.deployment import DeploymentFailed, read_endpoint_state, restore_after_failure
     from mlfactory_airflow.backends.azure import AzureBackend
 
     fake = azure_serving.fake
     cfg = load_config()
     rollout(endpoint_spec(azure_serving.bucket, "1"))
     v_bad = another_version(MlflowClient(cfg.mlflow.tracking_uri))
-    spec = endpoint_spec(azure_serving.bucket, v_bad)
+    spec = endpoint_spec(azure_serving.bucket, v_bad) | {"rollback_alarms": ["churn-5xx", "churn-latency"]}
     plan = step("stage", spec)
     step("health_check", spec, plan)
     step("smoke_test", spec, plan)
+    # serving.rollback_alarms: Azure Monitor metric alert rules, read through the SDK's own client
+    with pytest.raises(DeploymentFailed, match="no metric alert rule of that name"):
+        step("canary", spec, plan)  # a rule that does not exist is named, not taken as quiet
+    fake.alerts.update({"churn-5xx": "Unhealthy", "churn-latency": "Healthy"})
+    with pytest.raises(DeploymentFailed, match=r"canary of v\d+ on churn-endpoint: alarm churn-5xx fired"):
+        step("canary", spec, plan)
+    fake.alerts["churn-5xx"] = "Healthy"
     # the new version's container dies once it passed its smoke test: its share of the canary's requests fail
     process, _ = azure_serving.containers.processes.pop(f"version-{v_bad}")
     process.kill()
@@ -293,11 +274,13 @@ def test_a_failing_canary_puts_the_traffic_back_and_deletes_the_new_deployment(a
 def test_the_batch_endpoint_scores_the_unscored_snapshots_with_the_batch_driver(azure_serving):
     import pyarrow.parquet as pq
 
-    from mlfactory import sample_data, storage
-    from mlfactory.batch_scoring import plan, unscored
+    from mlfactory import storage
+
+    from mlfactory.data import sample_data
+    from mlfactory.serving.batch import plan, unscored
     from mlfactory.config import load_config
     from mlfactory.specs import ModelRef
-    from mlfactory_airflow.backends.azure.azureml import AzureMLBatchOperator
+    from mlfactory_airflow.backends.azure.operators import AzureMLBatchOperator
 
     fake, bucket = azure_serving.fake, azure_serving.bucket
     cfg = load_config()

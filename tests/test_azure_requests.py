@@ -53,7 +53,7 @@ def test_command_job_runs_the_entrypoint_distributed_on_spot_serverless_gpus(azu
     assert props["resources"]["instanceType"] == "Standard_NC96ads_A100_v4"  # 4 x A100 per node
     assert props["queueSettings"]["jobTier"] == "Spot"
     assert "computeId" not in props or not props["computeId"]  # serverless
-    assert props["command"].startswith("python -m mlfactory.train --train-uri ${{inputs.train}} --output-uri "
+    assert props["command"].startswith("python -m mlfactory.training.train --train-uri ${{inputs.train}} --output-uri "
                                        "${{outputs.model}} --checkpoint-uri ${{outputs.checkpoints}}")
     assert props["command"].endswith(""" --hyperparameters '{"epochs":5,"hidden_sizes":[64,32]}'""")
     assert props["inputs"]["train"] == {"jobInputType": "uri_folder", "mode": "ReadOnlyMount",

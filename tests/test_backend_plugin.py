@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlfactory import sample_data, storage
+from mlfactory import storage
+
+from mlfactory.data import sample_data
 from mlfactory.config import DEFAULT_CONFIG, ConfigError, load_config
 from mlfactory.backends.local.local_airflow import LocalAirflow
 from mlfactory.backends.local.processes import free_port
-from mlfactory.rollout import STEPS
+from mlfactory.serving.rollout import STEPS
 
 PLUGIN = Path(__file__).resolve().parent / "backend_plugin"
 
@@ -28,16 +30,16 @@ PLUGIN = Path(__file__).resolve().parent / "backend_plugin"
 @pytest.fixture
 def toy(monkeypatch, tmp_path, bucket):
     """The plug-in on the path (as `pip install` would put it) and a config for it; yields the raw config."""
-    from mlfactory import backends
+    from mlfactory import backend_registry
 
     monkeypatch.syspath_prepend(str(PLUGIN))
-    backends._entry_points.cache_clear()
-    backends.get.cache_clear()
+    backend_registry._entry_points.cache_clear()
+    backend_registry.get.cache_clear()
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw.update(backend="toy", toy={"region": "eu-toy-1", "epochs_cap": 1})
     yield raw
-    backends._entry_points.cache_clear()
-    backends.get.cache_clear()
+    backend_registry._entry_points.cache_clear()
+    backend_registry.get.cache_clear()
 
 
 def write(raw: dict, path: Path) -> Path:
@@ -46,7 +48,7 @@ def write(raw: dict, path: Path) -> Path:
 
 
 def test_the_plugin_is_registered_by_its_entry_point_and_validates_its_own_section(toy, tmp_path):
-    from mlfactory.backends import names
+    from mlfactory.backend_registry import names
 
     assert names() == ["aws", "azure", "gcp", "local", "toy"]
     cfg = load_config(write(toy, tmp_path / "pipeline.yaml"))
@@ -86,7 +88,7 @@ def test_a_landed_file_runs_to_a_deployed_champion_on_the_plugin_backend(toy, tm
                                                                         airflow_db_template):
     from mlflow import MlflowClient
 
-    from mlfactory.deployment import read_endpoint_state
+    from mlfactory.serving.deployment import read_endpoint_state
 
     toy["training"].update(trials=1, processes=1, search_space={})
     toy["promotion"].update(floor=0.5)

@@ -28,9 +28,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import with_section
 
-from mlfactory import sample_data, storage
-from mlfactory.etl import CURATED_FILE, QUARANTINE_FILE, ValidationFailed, curate_snapshot
-from mlfactory.ingest import IngestError, ingest_object, ledger_uri
+from mlfactory import storage
+
+from mlfactory.data import sample_data
+from mlfactory.data.etl import CURATED_FILE, QUARANTINE_FILE, ValidationFailed, curate_snapshot
+from mlfactory.data.ingest import IngestError, ingest_object, ledger_uri
 
 ROWS = 200  # dataset.min_rows is 100; validation.max_quarantine_fraction 5%: 10 bad rows pass, 11 fail
 COLUMNS = [f.name for f in sample_data.generate(1).schema]
@@ -352,8 +354,8 @@ def test_an_object_overwritten_while_being_read_is_refused_and_its_new_version_t
 def test_a_5000_column_header_is_checked_in_linear_time(cfg, bucket):
     import time
 
-    from mlfactory.etl import _schema_error
-    from mlfactory.ingest import Manifest
+    from mlfactory.data.etl import _schema_error
+    from mlfactory.data.ingest import Manifest
 
     manifest = Manifest("raw/x/data.csv", "landing/x.csv", "csv", 1, "0" * 64, 1, "2026-01-01T00:00:00")
     for width in (5_000, 50_000):

@@ -9,7 +9,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from mlfactory import sample_data, storage
+from mlfactory import storage
+
+from mlfactory.data import sample_data
 from mlfactory.registry import CHAMPION, Registry
 
 FIRST_VERSION = "1"  # the `champion` fixture registers the first version of its own model name
@@ -31,7 +33,7 @@ def test_batch_scoring_is_idempotent_per_run_and_scores_only_new_data(served_cfg
 
     from mlfactory import NothingToDo
     from mlfactory.backends.local.scoring import score
-    from mlfactory.batch_scoring import batch_uri, plan
+    from mlfactory.serving.batch import batch_uri, plan
     from mlfactory.features import to_wire
 
     cfg = served_cfg
@@ -69,7 +71,7 @@ def test_batch_scoring_is_idempotent_per_run_and_scores_only_new_data(served_cfg
 
 def test_monitor_flags_drifted_curated_data_and_drifted_traffic_only(served_cfg, champion):
     from mlfactory.features import to_wire
-    from mlfactory.monitoring import check
+    from mlfactory.monitoring.monitor import check
     from mlfactory.serving.prediction_log import PredictionLog
 
     cfg = served_cfg
@@ -106,8 +108,8 @@ def test_monitor_flags_drifted_curated_data_and_drifted_traffic_only(served_cfg,
     page = storage.read_bytes(serving["report"]).decode()
     assert "DRIFT" in page and page.count("<svg") == 18
 
-    from mlfactory.etl import curate_snapshot
-    from mlfactory.ingest import ingest_object
+    from mlfactory.data.etl import curate_snapshot
+    from mlfactory.data.ingest import ingest_object
 
     landed = storage.join(cfg.storage.landing_uri, "drifted.csv")
     sample_data.write(sample_data.generate(3000, seed=55, drift=1.0, id_offset=10**8), storage.local_path(landed))
@@ -124,11 +126,11 @@ def _train_and_gate(cfg, name: str, recent_training_set: str | None = None) -> d
     import sys
 
     from mlfactory.registry import evaluate_challenger, register_candidate
-    from mlfactory.training_data import prepare_training_set
+    from mlfactory.training.data import prepare_training_set
 
     training_set = prepare_training_set(cfg, recent_training_set)
     out = storage.join(cfg.storage.models_uri, "runs", name)
-    proc = subprocess.run([sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri", out,
+    proc = subprocess.run([sys.executable, "-m", "mlfactory.training.train", "--train-uri", training_set.uri, "--output-uri", out,
                            "--hyperparameters", '{"model": "gbdt"}', "--mlflow-tracking-uri", cfg.mlflow.tracking_uri,
                            "--experiment", cfg.mlflow.experiment], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -150,9 +152,9 @@ def test_a_season_with_stable_features_is_seen_by_its_labels_and_the_retrained_m
     import pyarrow as pa
 
     from mlfactory.config import load_config
-    from mlfactory.etl import curate_snapshot
-    from mlfactory.ingest import ingest_object
-    from mlfactory.monitoring import check
+    from mlfactory.data.etl import curate_snapshot
+    from mlfactory.data.ingest import ingest_object
+    from mlfactory.monitoring.monitor import check
     from mlfactory.registry import TRAINING_SET_TAG
 
     monkeypatch.setenv("MLFACTORY_BUCKET", str(tmp_path / "bucket"))

@@ -16,7 +16,7 @@ import yaml
 
 from airflow_faults import crash_tree
 from celery_servers import postgres, redis
-from mlfactory import sample_data
+from mlfactory.data import sample_data
 from mlfactory.backends.local.endpoint import LocalEndpoint
 from mlfactory.config import DEFAULT_CONFIG, TRAINING_QUEUE_ENV, load_config
 from mlfactory.backends.local.local_airflow import LocalAirflow

@@ -164,6 +164,6 @@ def test_the_images_install_the_lock_and_run_the_cloud_entrypoints():
     env = {**os.environ, "PATH": f"{PROJECT / '.venv' / 'bin'}:{os.environ['PATH']}"}
     serve = subprocess.run(["sh", str(entrypoint), "serve", "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert serve.returncode == 0 and "The mlfactory model server" in serve.stdout
-    train = subprocess.run(["sh", str(entrypoint), "python", "-m", "mlfactory.train", "--help"], capture_output=True,
+    train = subprocess.run(["sh", str(entrypoint), "python", "-m", "mlfactory.training.train", "--help"], capture_output=True,
                            text=True, env=env, timeout=120)
     assert train.returncode == 0 and "--checkpoint-uri" in train.stdout

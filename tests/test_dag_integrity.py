@@ -130,7 +130,7 @@ def test_dag_files_stay_light_on_a_cloud_backend_too(path, parsed_on_cloud):
 
 
 def test_no_dag_names_a_backend_and_nothing_switches_on_one_outside_the_backend_packages():
-    from mlfactory.backends import names
+    from mlfactory.backend_registry import names
 
     project = DAGS[0].parents[1]
     for path in DAGS:
@@ -224,14 +224,14 @@ def test_ml_deploy_has_the_same_five_rollout_steps_on_every_backend(backend, tmp
     order and chained, each the one rollout step operator: on local, aws, gcp, azure and the toy plug-in backend."""
     from airflow.dag_processing.dagbag import DagBag
 
-    from mlfactory import backends
+    from mlfactory import backend_registry
     from mlfactory.config import DEFAULT_CONFIG, load_config
-    from mlfactory.rollout import STEPS
+    from mlfactory.serving.rollout import STEPS
 
     if backend == "toy":
         monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "backend_plugin"))
-        backends._entry_points.cache_clear()
-        backends.get.cache_clear()
+        backend_registry._entry_points.cache_clear()
+        backend_registry.get.cache_clear()
         raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
         raw.update(backend="toy", toy={"region": "eu-toy-1"})
         (tmp_path / "toy.yaml").write_text(yaml.safe_dump(raw))
@@ -247,8 +247,8 @@ def test_ml_deploy_has_the_same_five_rollout_steps_on_every_backend(backend, tmp
             assert before in deploy.get_task(step).upstream_task_ids
         assert {deploy.get_task(t).task_type for t in expected[1:-1]} == {"RolloutStepOperator"}
     finally:
-        backends._entry_points.cache_clear()
-        backends.get.cache_clear()
+        backend_registry._entry_points.cache_clear()
+        backend_registry.get.cache_clear()
 
 
 @pytest.mark.parametrize("approval", [False, True])

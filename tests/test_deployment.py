@@ -10,10 +10,10 @@ from conftest import with_section
 from mlfactory import storage
 from mlfactory.backends.local.endpoint import LocalEndpoint
 from mlfactory.backends.local.rollout import LocalEndpointAdapter
-from mlfactory.deployment import DeploymentFailed, endpoint_spec, holdout_requests, read_endpoint_state, restore_after_failure
+from mlfactory.serving.deployment import DeploymentFailed, endpoint_spec, holdout_requests, read_endpoint_state, restore_after_failure
 from mlfactory.backends.local.processes import free_port
 from mlfactory.registry import CHAMPION, Registry
-from mlfactory.rollout import Rollout
+from mlfactory.serving.rollout import Rollout
 
 
 def broken_model_uri(cfg, holdout, how: str = "nan") -> str:
@@ -25,7 +25,7 @@ def broken_model_uri(cfg, holdout, how: str = "nan") -> str:
     from mlflow.models import get_model_info
 
     import mlfactory
-    from mlfactory.tracking import log_pyfunc
+    from mlfactory.training.tracking import log_pyfunc
 
     bundle_path = storage.local_path(storage.join(cfg.storage.models_uri, "runs", "served", "model.pt"))
     bundle = torch.load(bundle_path, weights_only=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlfactory import sample_data
-from mlfactory.drift import Columns, categorical_values, compare, html_report
+from mlfactory.data import sample_data
+from mlfactory.monitoring.drift import Columns, categorical_values, compare, html_report
 
 
 def synthetic(rows: int, seed: int, shifted: bool) -> Columns:

@@ -11,9 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import with_section
 
-from mlfactory import sample_data, storage
-from mlfactory.etl import ValidationFailed, curate_snapshot, read_quarantine
-from mlfactory.ingest import ingest_object
+from mlfactory import storage
+
+from mlfactory.data import sample_data
+from mlfactory.data.etl import ValidationFailed, curate_snapshot, read_quarantine
+from mlfactory.data.ingest import ingest_object
 
 ROWS = 1000
 COLUMNS = [f.name for f in sample_data.generate(1).schema]
@@ -91,8 +93,7 @@ def test_a_csv_read_typed_gives_what_reading_it_as_text_gives(cfg, bucket, monke
     """A clean CSV is read with pyarrow converting numbers and datetimes as it reads; the first value that
     does not convert, or row to quarantine, sends the snapshot back to be read as text. Either way: the same
     rows, quarantine and reports."""
-    from mlfactory import etl
-
+    from mlfactory.data import etl
     cfg = with_section(cfg, "validation", chunk_rows=300)  # four chunks: the bad rows come after three written
     lines = csv_lines()
     for row, column, value in [(17, "income", "1e5"), (18, "monthly_charges", "-0.0"), (19, "churned", "Yes"),
@@ -110,7 +111,7 @@ def test_a_csv_read_typed_gives_what_reading_it_as_text_gives(cfg, bucket, monke
 
     def outcome() -> tuple[dict, pa.Table, list | None, bool]:
         caplog.clear()
-        with caplog.at_level("INFO", logger="mlfactory.etl"):
+        with caplog.at_level("INFO", logger="mlfactory.data.etl"):
             result = curate_snapshot(cfg, manifest.snapshot_uri)
         assert_nothing_lost(result, ROWS)
         assert not [o for o in storage.list_objects(cfg.storage.curated_uri) if "/." in o.key]  # no staged file left
@@ -269,8 +270,8 @@ def test_a_file_bigger_than_a_chunk_is_validated_chunk_by_chunk(cfg, bucket):
 STREAMING_PROBE = """
 import os, sys, pyarrow as pa
 from mlfactory.config import load_config
-from mlfactory.etl import curate_snapshot
-from mlfactory.ingest import ingest_object
+from mlfactory.data.etl import curate_snapshot
+from mlfactory.data.ingest import ingest_object
 cfg = load_config()
 # Cross-chunk uniqueness must remember every key (~30 bytes each): leave it out to see the streaming itself.
 columns = [c.model_copy(update={"unique": False}) for c in cfg.dataset.columns]

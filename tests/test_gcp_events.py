@@ -218,6 +218,9 @@ def test_the_config_picks_the_subscription_or_the_polling_fallback(tmp_path):
     path.write_text(path.read_text().replace("gs://b1", "s3://b1"))
     with pytest.raises(ConfigError, match="backend gcp needs a gs:// bucket"):
         load_config(path)
+    path.write_text(path.read_text().replace("s3://b1", "gs://b1").replace("rollback_alarms: []", "rollback_alarms: [p95]"))
+    with pytest.raises(ConfigError, match="serving.rollback_alarms: the gcp backend reads no alert state"):
+        load_config(path)  # refused, never silently ignored
 
 
 def test_without_a_subscription_the_prefix_is_polled_each_generation_once(gcp_emulators, tmp_path):

@@ -22,7 +22,9 @@ from gcp_recorder import GcsRecorder, PubSubRecorder
 from vertex_containers import ModelContainers, TrainingContainers
 from vertex_fake import VertexFake
 
-from mlfactory import sample_data, storage
+from mlfactory import storage
+
+from mlfactory.data import sample_data
 from mlfactory.config import load_config
 from mlfactory.backends.local.local_airflow import LocalAirflow
 from mlfactory.backends.local.mlflow_server import LocalMlflow
@@ -39,7 +41,7 @@ def test_an_object_written_to_gcs_runs_the_lifecycle_on_vertex_ai(tmp_path, gcp_
                                                                    airflow_db_template):
     from mlflow import MlflowClient
 
-    from mlfactory.deployment import read_endpoint_state
+    from mlfactory.serving.deployment import read_endpoint_state
     from mlfactory.registry import CHAMPION, Registry
 
     subscription = pubsub_subscription(gcp_emulators, "lifecycle-sub")  # skips where there is no emulator
@@ -87,6 +89,9 @@ def test_an_object_written_to_gcs_runs_the_lifecycle_on_vertex_ai(tmp_path, gcp_
         assert json.loads(run["env"]["CLUSTER_SPEC"])["task"] == {"type": "workerpool0", "index": 0}
         candidate = airflow.xcom("ml_train", train["dag_run_id"], "select_best")
         assert candidate["model_bundle_uri"].startswith(f"gs://{BUCKET}/models/runs/")
+        console, project = "https://console.cloud.google.com/vertex-ai/locations/us-central1", "?project=mlfactory-test"
+        assert airflow.links("ml_train", train["dag_run_id"], "train", 0) == {
+            "Job in the console": f"{console}/training/{job.name.rsplit('/', 1)[1]}/cpu{project}"}
 
         # `candidate` -> ml_promote: the registry stays MLflow; the model's files are in GCS.
         promote = airflow.wait_for_run("ml_promote", 1, timeout=300)
@@ -109,6 +114,8 @@ def test_an_object_written_to_gcs_runs_the_lifecycle_on_vertex_ai(tmp_path, gcp_
         assert state["served_version"] == champion and state["deployed_model_id"] == deployed.id
         assert MlflowClient(mlflow_server.url).get_model_version("churn_gcp", champion).tags[
             "mlfactory.deployment"] == "serving"
+        assert airflow.links("ml_deploy", deploy["dag_run_id"], "deploy.full_traffic") == {
+            "Endpoint in the console": f"{console}/endpoints/churn-lifecycle{project}"}
 
         # `champion` -> ml_batch_score: a batch prediction job over the unscored curated snapshot.
         batch = airflow.wait_for_run("ml_batch_score", 1, timeout=300, run_type="asset_triggered")
@@ -117,6 +124,8 @@ def test_an_object_written_to_gcs_runs_the_lifecycle_on_vertex_ai(tmp_path, gcp_
         assert scored["rows"] == 3000 and len(scored["snapshots"]) == 1
         (batch_job,) = vertex.batch_jobs.values()
         assert batch_job.model == model.name
+        assert airflow.links("ml_batch_score", batch["dag_run_id"], "score") == {
+            "Job in the console": f"{console}/batch-predictions/{batch_job.name.rsplit('/', 1)[1]}{project}"}
         assert not vertex.refused, vertex.refused
         # least privilege, from the calls Airflow actually made: each one's permission is in its role
         assert vertex.ungranted() == {}

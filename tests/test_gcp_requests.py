@@ -38,7 +38,7 @@ def test_a_multi_node_gpu_job_is_a_chief_pool_and_a_worker_pool_on_spot_with_che
     assert (chief.replica_count, workers.replica_count) == (1, 2)
     assert chief.machine_spec.machine_type == "g2-standard-48" and chief.machine_spec.accelerator_count == 4
     assert chief.machine_spec.accelerator_type.name == "NVIDIA_L4"
-    assert chief.container_spec.command == ["python", "-m", "mlfactory.train"]
+    assert chief.container_spec.command == ["python", "-m", "mlfactory.training.train"]
     assert chief.container_spec.args[:2] == ["--hyperparameters", '{"epochs":5,"hidden_sizes":[64,32]}']
     assert "--output-uri" not in chief.container_spec.args  # AIP_MODEL_DIR gives it
     env = {e.name: e.value for e in chief.container_spec.env}

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from task_runs import context, resume, run_to_end
 from conftest import gcp_config
 from vertex_containers import ModelContainers, TrainingContainers
 from vertex_fake import VertexFake
@@ -24,34 +25,6 @@ def copy_tree(local: Path, uri: str) -> None:
     for path in local.rglob("*"):
         if path.is_file():
             storage.write_bytes(storage.join(uri, str(path.relative_to(local))), path.read_bytes())
-
-
-def run_trigger(trigger, timeout: float = 300) -> list:
-    async def collect():
-        return [event async for event in trigger.run()]
-
-    return asyncio.run(asyncio.wait_for(collect(), timeout))
-
-
-def resume(operator, deferred, context=None):
-    """What Airflow does when a trigger fires: run the trigger, then the operator's resume method."""
-    (event,) = run_trigger(deferred.trigger)
-    return getattr(operator, deferred.method_name)(context or {"ti": SimpleNamespace(try_number=1)},
-                                                   event=event.payload, **(deferred.kwargs or {}))
-
-
-def run_to_end(operator, try_number: int = 1, limit: int = 10):
-    """execute, then every deferral resumed in turn (as the triggerer and a worker would), to the result."""
-    from airflow.exceptions import TaskDeferred
-
-    context = {"ti": SimpleNamespace(try_number=try_number)}
-    step = lambda: operator.execute(context)  # noqa: E731
-    for _ in range(limit):
-        try:
-            return step()
-        except TaskDeferred as deferred:
-            step = lambda d=deferred: resume(operator, d, context)  # noqa: E731
-    raise AssertionError(f"{operator.task_id} still deferring after {limit} steps")
 
 
 @pytest.fixture
@@ -80,12 +53,12 @@ def test_a_custom_job_trains_with_vertex_environment_and_resumes_after_preemptio
     from airflow.exceptions import TaskDeferred
 
     from mlfactory_airflow.backends.gcp.triggers import VertexJobTrigger
-    from mlfactory_airflow.backends.gcp.vertex import VertexTrainingOperator
+    from mlfactory_airflow.backends.gcp.operators import VertexTrainingOperator
 
     fake, bucket = gcp_training.fake, gcp_training.bucket
     operator = VertexTrainingOperator(task_id="train", spec=job_spec(bucket))
     with pytest.raises(TaskDeferred) as deferred:
-        operator.execute({"ti": SimpleNamespace(try_number=1)})
+        operator.execute(context(1))
     (name,) = fake.custom_jobs
     assert deferred.value.kwargs == {"job": name} and deferred.value.method_name == "execute_complete"
     classpath, fields = deferred.value.trigger.serialize()
@@ -109,7 +82,7 @@ def test_a_custom_job_trains_with_vertex_environment_and_resumes_after_preemptio
 
     # a retry of a task whose job succeeded takes that job over: no second job
     with pytest.raises(TaskDeferred) as again:
-        VertexTrainingOperator(task_id="train", spec=job_spec(bucket)).execute({"ti": SimpleNamespace(try_number=2)})
+        VertexTrainingOperator(task_id="train", spec=job_spec(bucket)).execute(context(2))
     assert again.value.kwargs == {"job": name} and len(fake.custom_jobs) == 1
     assert not fake.refused
 
@@ -118,13 +91,13 @@ def test_a_failed_job_fails_the_task_with_vertex_error_and_a_retry_starts_anothe
     from airflow.exceptions import TaskDeferred
     from airflow.sdk.exceptions import AirflowException
 
-    from mlfactory_airflow.backends.gcp.vertex import VertexTrainingOperator
+    from mlfactory_airflow.backends.gcp.operators import VertexTrainingOperator
 
     fake, bucket = gcp_training.fake, gcp_training.bucket
     fake.fail_next_job("The replica workerpool0-0 exited with a non-zero status of 137 (out of memory)")
     operator = VertexTrainingOperator(task_id="train", spec=job_spec(bucket, hyperparameters={"epochs": 1}))
     with pytest.raises(TaskDeferred) as deferred:
-        operator.execute({"ti": SimpleNamespace(try_number=1)})
+        operator.execute(context(1))
     with pytest.raises(AirflowException, match=r"customJobs/\d+ failed: The replica workerpool0-0 exited .* \(out of memory\)"):
         resume(operator, deferred.value)
     result = run_to_end(VertexTrainingOperator(task_id="train", spec=job_spec(bucket, hyperparameters={"epochs": 1})),
@@ -138,13 +111,13 @@ def test_killing_the_deferred_task_cancels_the_job_and_over_budget_jobs_never_st
     from airflow.exceptions import TaskDeferred
     from airflow.sdk.exceptions import AirflowFailException
 
-    from mlfactory_airflow.backends.gcp.vertex import VertexTrainingOperator
+    from mlfactory_airflow.backends.gcp.operators import VertexTrainingOperator
 
     fake, bucket = gcp_training.fake, gcp_training.bucket
     release = threading.Event()
     fake.run_job = lambda job: release.wait(60)  # a job that runs until told otherwise
     with pytest.raises(TaskDeferred) as deferred:
-        VertexTrainingOperator(task_id="train", spec=job_spec(bucket)).execute({"ti": SimpleNamespace(try_number=1)})
+        VertexTrainingOperator(task_id="train", spec=job_spec(bucket)).execute(context(1))
     asyncio.run(deferred.value.trigger.on_kill())
     release.set()
     (name,) = fake.custom_jobs
@@ -159,7 +132,7 @@ def test_killing_the_deferred_task_cancels_the_job_and_over_budget_jobs_never_st
     eight_h100 = {"kind": "gpu", "model": "nvidia-h100", "count": 8}
     with pytest.raises(AirflowFailException, match=r"up to \$\d+.*a3-highgpu-8g.*above gcp.budget_usd \$20.00"):
         VertexTrainingOperator(task_id="train", spec=job_spec(bucket, name="big", accelerator=eight_h100)).execute(
-            {"ti": SimpleNamespace(try_number=1)})
+            context(1))
     assert len(fake.requests) == before  # refused before any call to Vertex
 
 
@@ -212,7 +185,7 @@ def another_version(client) -> str:
     return str(mlflow.register_model(client.get_model_version("churn_served", "1").source, "churn_served").version)
 
 
-ADAPTER = "mlfactory_airflow.backends.gcp.vertex:VertexEndpointAdapter"
+ADAPTER = "mlfactory_airflow.backends.gcp.hooks:VertexEndpointAdapter"
 
 
 def step(name: str, spec: dict, plan: dict | None = None):
@@ -234,7 +207,7 @@ def test_the_endpoint_rollout_uploads_deploys_with_a_canary_split_and_undeploys_
     from mlflow import MlflowClient
 
     from mlfactory.config import load_config
-    from mlfactory.deployment import read_endpoint_state
+    from mlfactory.serving.deployment import read_endpoint_state
 
     fake, bucket = gcp_serving.fake, gcp_serving.bucket
     cfg = load_config()
@@ -282,7 +255,7 @@ def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_
     from mlflow import MlflowClient
 
     from mlfactory.config import load_config
-    from mlfactory.deployment import DeploymentFailed, read_endpoint_state, restore_after_failure
+    from mlfactory.serving.deployment import DeploymentFailed, read_endpoint_state, restore_after_failure
     from mlfactory_airflow.backends.gcp import GcpBackend
 
     fake, bucket = gcp_serving.fake, gcp_serving.bucket
@@ -324,12 +297,14 @@ def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_
 def test_batch_prediction_scores_the_unscored_snapshots_with_the_model_server(gcp_serving, monkeypatch):
     import json
 
-    from mlfactory import sample_data, storage
-    from mlfactory.batch_scoring import plan, unscored
+    from mlfactory import storage
+
+    from mlfactory.data import sample_data
+    from mlfactory.serving.batch import plan, unscored
     from mlfactory.config import load_config
-    from mlfactory.deployment import sane_prediction
+    from mlfactory.serving.deployment import sane_prediction
     from mlfactory.specs import ModelRef
-    from mlfactory_airflow.backends.gcp.vertex import VertexBatchPredictionOperator
+    from mlfactory_airflow.backends.gcp.operators import VertexBatchPredictionOperator
 
     fake, bucket = gcp_serving.fake, gcp_serving.bucket
     cfg = load_config()

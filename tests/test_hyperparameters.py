@@ -14,7 +14,7 @@ import pytest
 from mlfactory.config import TrainingSpec
 from mlfactory.hyperparameters import SEARCHABLE, Hyperparameters
 from mlfactory.specs import TrainingJobSpec
-from mlfactory.training_plan import plan
+from mlfactory.training.plan import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ from airflow.dag_processing.dagbag import DagBag
 from airflow.sdk.exceptions import ParamValidationError
 from mlfactory.config import TrainingSpec
 from mlfactory.specs import TrainingJobSpec
-from mlfactory.train import parse_args
+from mlfactory.training.train import parse_args
 
 form = DagBag(dag_folder="dags/ml_train.py").dags["ml_train"].params
 
@@ -114,7 +114,7 @@ def test_the_form_offers_both_families_knobs_with_the_models_bounds_and_the_conf
 
 
 def test_the_entrypoint_takes_one_json_argument_and_exits_2_on_a_value_out_of_bounds(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mlfactory.train", "--train-uri", str(tmp_path), "--output-uri",
+    proc = subprocess.run([sys.executable, "-m", "mlfactory.training.train", "--train-uri", str(tmp_path), "--output-uri",
                            str(tmp_path / "o"), "--hyperparameters", '{"model": "gbdt", "tree_leaves": 1}'],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -20,10 +20,12 @@ import pytest
 import yaml
 from airflow_faults import crash, crash_all
 
-from mlfactory import sample_data, storage
+from mlfactory import storage
+
+from mlfactory.data import sample_data
 from mlfactory.config import DEFAULT_CONFIG, load_config
-from mlfactory.etl import CURATED_FILE, pending_snapshots
-from mlfactory.ingest import ledger_uri, pending_objects
+from mlfactory.data.etl import CURATED_FILE, pending_snapshots
+from mlfactory.data.ingest import ledger_uri, pending_objects
 from mlfactory.backends.local.local_airflow import LocalAirflow
 from mlfactory.backends.local.processes import free_port
 

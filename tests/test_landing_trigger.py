@@ -85,7 +85,7 @@ def test_a_restarted_watcher_starts_a_run_for_objects_announced_but_never_ingest
     strands nothing: the restarted watcher sees objects waiting in the landing area, not in ingestion's
     ledger, and fires one event for them; once they are ingested, a restart is quiet again."""
     from mlfactory.config import load_config
-    from mlfactory.ingest import ingest_object, ledger_uri
+    from mlfactory.data.ingest import ingest_object, ledger_uri
 
     cfg = load_config()
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"bucket": tmp_path.as_uri()})})

@@ -11,7 +11,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from mlfactory import storage
 from mlfactory.specs import TrainingJobSpec
-from mlfactory_airflow.backends.local.training import LocalTrainingOperator
+from mlfactory_airflow.backends.local.operators import LocalTrainingOperator
 
 
 def spec_for(training_set, tmp_path, **changes) -> dict:

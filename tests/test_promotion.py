@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from conftest import config_with_bucket, with_section
-from mlfactory import sample_data, storage
+from mlfactory import storage
+from mlfactory.data import sample_data
 from mlfactory.registry import CHALLENGER, CHAMPION, PREVIOUS, Registry, decide
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def test_with_a_recent_window_the_gate_holds_the_past_and_must_win_the_present()
 
 def test_the_recent_window_is_new_rows_only_chosen_by_content_and_kept_out_of_training(tmp_path, monkeypatch):
     from mlfactory.config import load_config
-    from mlfactory.training_data import ROW_HASH, prepare_training_set, read_holdout, row_hashes
+    from mlfactory.training.data import ROW_HASH, prepare_training_set, read_holdout, row_hashes
 
     monkeypatch.setenv("MLFACTORY_BUCKET", str(tmp_path / "bucket"))
     cfg = load_config()
@@ -87,7 +88,7 @@ def lab(tmp_path_factory, mlflow_server):
     """Curated data, a frozen holdout and three models of known quality, logged to the MLflow server."""
     import mlflow
 
-    from mlfactory.training_data import prepare_training_set
+    from mlfactory.training.data import prepare_training_set
 
     cfg = with_section(config_with_bucket(tmp_path_factory.mktemp("promo-bucket")), "mlflow", tracking_uri=mlflow_server.url, experiment="promotion-test", model_name="churn_gate")
     mlflow.set_tracking_uri(mlflow_server.url)  # models:/ URIs below resolve through the server
@@ -103,7 +104,7 @@ def lab(tmp_path_factory, mlflow_server):
     for name, hyperparameters in recipes.items():
         out = storage.join(cfg.storage.models_uri, "runs", name)
         proc = subprocess.run(
-            [sys.executable, "-m", "mlfactory.train", "--train-uri", training_set.uri, "--output-uri", out,
+            [sys.executable, "-m", "mlfactory.training.train", "--train-uri", training_set.uri, "--output-uri", out,
              "--mlflow-tracking-uri", mlflow_server.url, "--experiment", "promotion-test", "--run-name", name,
              "--tag", "mlfactory.drifted_features=age,income", "--hyperparameters", json.dumps(hyperparameters)],
             capture_output=True, text=True, timeout=600,
@@ -170,11 +171,11 @@ def test_the_blend_of_both_families_is_the_candidate_when_it_beats_each_on_valid
     import numpy as np
     from mlflow import MlflowClient
 
-    from mlfactory.blend import MEMBERS_TAG, read_validation
+    from mlfactory.training.blend import MEMBERS_TAG, read_validation
     from mlfactory.features import to_wire
     from mlfactory.tabular import load_logged_model
-    from mlfactory.training_data import read_holdout
-    from mlfactory.training_plan import select_best
+    from mlfactory.training.data import read_holdout
+    from mlfactory.training.plan import select_best
 
     cfg, training_set, models = lab
     good, trees = models["good"], models["trees"]
@@ -217,7 +218,7 @@ def test_a_blend_weight_of_0_or_1_is_no_blend():
     """Scores that only add noise get no weight: the better member alone wins on the validation rows."""
     import numpy as np
 
-    from mlfactory.blend import weigh
+    from mlfactory.training.blend import weigh
     from mlfactory.tabular import Preprocessor
 
     rng = np.random.default_rng(0)
@@ -235,7 +236,7 @@ def test_a_blend_weight_of_0_or_1_is_no_blend():
 
 
 def test_promotion_gate_with_aliases_tags_and_the_frozen_holdout(lab):
-    from mlfactory.training_data import read_holdout
+    from mlfactory.training.data import read_holdout
 
     cfg, training_set, models = lab
     holdout = read_holdout(training_set.holdout.uri, training_set.holdout.sha256)
@@ -275,7 +276,7 @@ def test_promotion_gate_with_aliases_tags_and_the_frozen_holdout(lab):
 
 
 def test_a_changed_holdout_is_refused(lab, tmp_path):
-    from mlfactory.training_data import read_holdout
+    from mlfactory.training.data import read_holdout
 
     _, training_set, _ = lab
     with pytest.raises(ValueError, match="changed since it was frozen"):
@@ -286,7 +287,7 @@ STARTER = """
 import sys, time
 from pathlib import Path
 import mlflow
-from mlfactory.tracking import start_run
+from mlfactory.training.tracking import start_run
 
 Path(sys.argv[4]).touch()  # imported: ready for the race
 go = Path(sys.argv[2])

@@ -18,11 +18,13 @@ import pytest
 
 import yaml
 
-from mlfactory import sample_data, storage
+from mlfactory import storage
+
+from mlfactory.data import sample_data
 from mlfactory.config import DEFAULT_CONFIG, load_config
 from mlfactory.backends.local.endpoint import LocalEndpoint
-from mlfactory.deployment import holdout_requests
-from mlfactory.etl import read_quarantine
+from mlfactory.serving.deployment import holdout_requests
+from mlfactory.data.etl import read_quarantine
 from mlfactory.backends.local.local_airflow import LocalAirflow
 from mlfactory.backends.local.processes import free_port
 

@@ -23,9 +23,9 @@ import yaml
 from mlfactory import BadInput
 from mlfactory.config import load_config
 from mlfactory.dataset import DatasetSpec
-from mlfactory.etl import curate_snapshot, read_quarantine
-from mlfactory.ingest import ingest_object
-from mlfactory.schema_inference import data_files, infer, main
+from mlfactory.data.etl import curate_snapshot, read_quarantine
+from mlfactory.data.ingest import ingest_object
+from mlfactory.data.schema_inference import data_files, infer, main
 
 AIRPORTS = [f"{a}{b}{c}" for a in "ABCDE" for b in "FGHIJKL" for c in "MNO"]  # 105 codes
 
@@ -195,8 +195,7 @@ def test_an_open_vocabulary_learns_the_frequent_values_and_encodes_any_other_as_
 
 
 def test_an_open_vocabulary_column_quarantines_no_new_value_and_a_closed_one_does(bucket, cfg):
-    from mlfactory import sample_data
-
+    from mlfactory.data import sample_data
     frame = sample_data.generate(200, seed=5).to_pandas()
     frame.loc[:9, "region"] = "atlantis"
     data = bucket / "landing" / "new-region.csv"

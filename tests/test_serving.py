@@ -473,9 +473,9 @@ def test_labels_that_arrive_later_judge_the_champion_on_what_it_served(server, c
     champion's metric fall when the served rows' labels turn against it."""
     import pyarrow.parquet as pq
 
-    from mlfactory import sample_data
+    from mlfactory.data import sample_data
     from mlfactory.features import to_wire
-    from mlfactory.monitoring import check
+    from mlfactory.monitoring.monitor import check
 
     url, log_uri = server[:2]
     cfg = champion[0]
@@ -538,8 +538,8 @@ def _judge_labels(cfg, labels_uri, serve, labels_of):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mlfactory import sample_data
-    from mlfactory.monitoring import check
+    from mlfactory.data import sample_data
+    from mlfactory.monitoring.monitor import check
 
     impatient = cfg.model_copy(update={"monitoring": cfg.monitoring.model_copy(update={"label_wait_hours": 0})})
     judged = check(impatient, "labels-2")

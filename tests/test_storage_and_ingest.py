@@ -5,8 +5,10 @@ import time
 
 import pytest
 
-from mlfactory import sample_data, storage
-from mlfactory.ingest import IngestError, ingest_object, read_manifest
+from mlfactory import storage
+
+from mlfactory.data import sample_data
+from mlfactory.data.ingest import IngestError, ingest_object, read_manifest
 
 
 def test_list_objects_skips_hidden_and_partial_files(tmp_path):
@@ -72,7 +74,7 @@ def test_ingest_rejects_empty_and_unknown_files_and_keeps_them(cfg, bucket):
 
 
 def test_a_damaged_parquet_is_refused_recorded_and_left_as_it_is(cfg, bucket):
-    from mlfactory.ingest import pending_objects
+    from mlfactory.data.ingest import pending_objects
 
     bad = bucket / "landing" / "broken.parquet"
     bad.parent.mkdir(parents=True)

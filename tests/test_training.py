@@ -14,19 +14,19 @@ import pytest
 
 from mlfactory import storage
 from mlfactory.backends.local.runtime import this_machine
-from mlfactory.cluster import LOOPBACK_ENV, Cluster, data_locations, launched_by_torchrun
+from mlfactory.training.cluster import LOOPBACK_ENV, Cluster, data_locations, launched_by_torchrun
 from mlfactory.specs import Accelerator, TrainingJobSpec
-from mlfactory.training_plan import search_trials
+from mlfactory.training.plan import search_trials
 from mlfactory.backends.local.processes import kill_tree
-from mlfactory.train import parse_args
+from mlfactory.training.train import parse_args
 
 AUC_BAR = 0.80  # the sample data's label noise caps ROC AUC near 0.82; 6 epochs reach 0.81
 
 
 def run_entrypoint(args: list[str], processes: int, **popen) -> subprocess.Popen:
-    """``torchrun --nproc-per-node N -m mlfactory.train ARGS`` in its own process group, output piped."""
+    """``torchrun --nproc-per-node N -m mlfactory.training.train ARGS`` in its own process group, output piped."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    command = this_machine(processes).torchrun_command("mlfactory.train", args)
+    command = this_machine(processes).torchrun_command("mlfactory.training.train", args)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**env, **LOOPBACK_ENV}, **popen)
 
@@ -51,9 +51,9 @@ def assert_validation_file_gives_the_metric(out, result: dict, rows: int) -> Non
     scores on them, from which its reported metric comes."""
     import torch
 
-    from mlfactory.blend import read_validation
+    from mlfactory.training.blend import read_validation
     from mlfactory.tabular import LoadedModel, metrics
-    from mlfactory.train import split
+    from mlfactory.training.train import split
 
     validation = read_validation(str(out / "model.pt"))
     assert validation["rows"].tolist() == split(rows, 0.15, 42)[1].tolist()
@@ -80,7 +80,7 @@ def test_reaches_the_auc_bar_on_one_and_two_ddp_processes(training_set, tmp_path
     from mlfactory.config import load_config
     from mlfactory.registry import holdout_score
     from mlfactory.tabular import LoadedModel
-    from mlfactory.training_data import read_holdout
+    from mlfactory.training.data import read_holdout
 
     holdout = read_holdout(training_set.holdout.uri, training_set.holdout.sha256)
     model = LoadedModel(str(out / "model.pt"))
@@ -116,7 +116,7 @@ def test_the_learning_rate_cycle_holds_for_any_number_of_steps():
 
     import torch
 
-    from mlfactory.train import one_cycle
+    from mlfactory.training.train import one_cycle
 
     for total in range(1, 60):  # OneCycleLR divided by zero at 10 steps (2 epochs of 5 batches)
         optimizer = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=0.003)
@@ -139,7 +139,7 @@ def test_the_network_follows_one_learning_rate_cycle_stops_early_and_keeps_its_b
 
     from mlfactory.registry import holdout_score
     from mlfactory.tabular import LoadedModel, build_net, save_bundle
-    from mlfactory.train import read_training_set, split
+    from mlfactory.training.train import read_training_set, split
 
     out = tmp_path / "out"
     log = finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out),
@@ -178,7 +178,7 @@ def test_balanced_class_weights_give_the_rarer_class_more_of_the_predictions(tra
     """About a third of the sample's customers churn: weighed as much as the others, the churners raise the
     mean predicted probability toward one half, on either model family."""
     from mlfactory.tabular import LoadedModel
-    from mlfactory.training_data import read_holdout
+    from mlfactory.training.data import read_holdout
 
     holdout = read_holdout(training_set.holdout.uri, training_set.holdout.sha256)
     means = {}
@@ -231,7 +231,7 @@ def test_gradient_boosted_trees_reach_the_bar_alone_and_across_processes_and_ser
     from mlfactory.features import to_wire
     from mlfactory.registry import holdout_score
     from mlfactory.tabular import LoadedModel
-    from mlfactory.training_data import read_holdout
+    from mlfactory.training.data import read_holdout
 
     out = tmp_path / "out"
     log = finish(run_entrypoint(["--train-uri", training_set.uri, "--output-uri", str(out),
@@ -285,7 +285,7 @@ def test_checkpoint_of_other_hyperparameters_is_refused(training_set, tmp_path):
 
 
 def test_missing_training_set_and_bad_arguments_fail_clearly(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mlfactory.train", "--train-uri", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "mlfactory.training.train", "--train-uri", str(tmp_path),
                            "--output-uri", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode != 0 and "is not a training set folder: dataset.json is missing" in proc.stderr + proc.stdout
     with pytest.raises(SystemExit):
@@ -293,7 +293,7 @@ def test_missing_training_set_and_bad_arguments_fail_clearly(tmp_path):
     for bad, says in (({"epochs": 0}, "epochs: Input should be greater than or equal to 1"),
                       ({"hidden_sizes": [0]}, "hidden_sizes.0: Input should be greater than or equal to 1"),
                       ({"momentum": 0.9}, "momentum: Extra inputs are not permitted")):
-        proc = subprocess.run([sys.executable, "-m", "mlfactory.train", "--train-uri", "x", "--output-uri", "y",
+        proc = subprocess.run([sys.executable, "-m", "mlfactory.training.train", "--train-uri", "x", "--output-uri", "y",
                                *hyperparameters(**bad)], capture_output=True, text=True)
         assert proc.returncode == 2 and f"argument --hyperparameters: {says}" in proc.stderr, proc.stderr
 
@@ -338,7 +338,7 @@ def test_azure_ml_conventions_per_node_and_per_process():
     assert (cluster.platform, cluster.nodes, cluster.node_rank, cluster.master_addr, cluster.master_port) == (
         "azureml", 2, 1, "10.0.0.4", 6105)
     assert not launched_by_torchrun(per_node)
-    command = cluster.torchrun_command("mlfactory.train", hyperparameters(epochs=1))
+    command = cluster.torchrun_command("mlfactory.training.train", hyperparameters(epochs=1))
     assert "--nnodes=2" in command and "--node-rank=1" in command and "--master-addr=10.0.0.4" in command
     # Azure ML's per-process launch sets what torchrun sets: the entrypoint then trains directly.
     assert launched_by_torchrun({**per_node, "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"})

@@ -11,8 +11,8 @@ import pytest
 from mlfactory import NothingToDo
 from mlfactory.registry import candidate_from
 from mlfactory.specs import TrainingJobSpec
-from mlfactory.train import parse_args
-from mlfactory.training_plan import plan, prepare, select_best, started_by
+from mlfactory.training.train import parse_args
+from mlfactory.training.plan import plan, prepare, select_best, started_by
 
 FORM = {"epochs": 4, "learning_rate": 0.003, "batch_size": 256, "hidden_sizes": [64, 32], "processes": 2, "trials": 3,
         "search": "grid", "search_space": {"learning_rate": [0.01, 0.001], "dropout": [0.0, 0.2]}}
@@ -108,7 +108,7 @@ SPACE = {"learning_rate": [0.1, 0.01, 0.001, 0.0001], "dropout": [0.0, 0.1, 0.2,
 def test_bayes_draws_its_next_batch_where_the_earlier_trials_scored_best():
     """search: bayes (Optuna TPE): the first batch is a seeded random draw; a later batch, rebuilt from the
     earlier results alone, concentrates on the candidate value that scored best."""
-    from mlfactory.training_plan import bayes_trials
+    from mlfactory.training.plan import bayes_trials
 
     first = bayes_trials({"epochs": 3}, SPACE, 8, seed=42, history=[])
     assert first == bayes_trials({"epochs": 3}, SPACE, 8, seed=42, history=[])  # a retried plan asks the same

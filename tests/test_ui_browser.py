@@ -14,9 +14,9 @@ import shutil
 import pytest
 import yaml
 
-from mlfactory import sample_data
-from mlfactory.config import DEFAULT_CONFIG, load_config
-from mlfactory.backends.local.local_airflow import PROJECT, LocalAirflow
+from mlfactory.data import sample_data
+from mlfactory.config import DEFAULT_CONFIG, PROJECT, load_config
+from mlfactory.backends.local.local_airflow import LocalAirflow
 from mlfactory.backends.local.processes import free_port
 
 pytestmark = pytest.mark.scheduler

@@ -1,13 +1,13 @@
 """``python -m mlfactory <command>`` (also ``.venv/bin/mlfactory``, which ``make venv`` writes):
 
-    init     a pipeline config for your own data files (mlfactory.schema_inference)
+    init     a pipeline config for your own data files (mlfactory.data.schema_inference)
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"init": "mlfactory.schema_inference"}
+COMMANDS = {"init": "mlfactory.data.schema_inference"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 A user brings their own tabular dataset by writing such a file and pointing ``MLFACTORY_CONFIG`` at
 it; nothing else changes. ``backend: <name>`` picks where the pipeline runs, and the section of the
-same name holds that backend's settings (a model each backend registers: ``mlfactory.backends``). ``${VAR}`` and ``${VAR:-default}`` are expanded from the environment, and a
+same name holds that backend's settings (a model each backend registers: ``mlfactory.backend_registry``). ``${VAR}`` and ``${VAR:-default}`` are expanded from the environment, and a
 bucket given as a plain relative path is resolved against the config file's own folder.
 
 This module is imported by DAG files at parse time: it must stay light (pydantic and yaml only).
@@ -18,14 +18,15 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from mlfactory import backends
-from mlfactory.backends import BackendSettings
+from mlfactory import backend_registry
+from mlfactory.backend_registry import BackendSettings
 from mlfactory.dataset import DatasetSpec
 from mlfactory.hyperparameters import Hyperparameters, check_search_space
 from mlfactory.specs import Accelerator, BatchSizing, EndpointSizing
 
 CONFIG_ENV = "MLFACTORY_CONFIG"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "pipeline.yaml"
+PROJECT = Path(__file__).resolve().parents[2]  # the project: dags/, plugins/, include/
+DEFAULT_CONFIG = PROJECT / "include" / "pipeline.yaml"
 
 
 class ConfigError(ValueError):
@@ -74,7 +75,7 @@ class StorageSpec(_Strict):
 
     @property
     def labels_uri(self) -> str:
-        """Where the labels of served predictions arrive later (``mlfactory.feedback``), for ml_monitor."""
+        """Where the labels of served predictions arrive later (``mlfactory.monitoring.feedback``), for ml_monitor."""
         return self.uri("predictions_prefix", "labels")
 
     @property
@@ -269,7 +270,7 @@ class MlflowSpec(_Strict):
 class PipelineConfig(_Strict):
     backend: SerializeAsAny[BackendSettings] = Field(
         description="where events, jobs and endpoints live: `backend: <name>` and its section `<name>:` "
-                    "(see mlfactory.backends)")
+                    "(see mlfactory.backend_registry)")
     dataset: DatasetSpec
     storage: StorageSpec
     ingest: IngestSpec = IngestSpec()
@@ -345,15 +346,15 @@ def _backend_settings(raw: dict) -> tuple[BackendSettings | None, list[str]]:
     backend later meets no surprise."""
     name = raw.pop("backend", "local")
     sections = {key: raw.pop(key) for key in list(raw)
-                if key not in PipelineConfig.model_fields and backends.is_registered(key)}
+                if key not in PipelineConfig.model_fields and backend_registry.is_registered(key)}
     errors: list[str] = []
-    if not isinstance(name, str) or not backends.is_registered(name):
-        errors.append(f"backend: {name!r} is not a registered backend; registered: {', '.join(backends.names())}")
+    if not isinstance(name, str) or not backend_registry.is_registered(name):
+        errors.append(f"backend: {name!r} is not a registered backend; registered: {', '.join(backend_registry.names())}")
         name = None
     chosen = None
     for key in sorted({*sections, *([name] if name else [])}):
         section = sections.get(key) or {}
-        settings_model = backends.get(key).settings
+        settings_model = backend_registry.get(key).settings
         if not isinstance(section, dict):
             errors.append(f"{key}: expected a mapping of {key} settings, got {type(section).__name__}")
             continue

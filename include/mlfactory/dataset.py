@@ -1,7 +1,7 @@
 """The dataset's schema: its columns, their types and bounds, the target, and the derived features.
 
 The data contract that ETL enforces, the features the model is built from, and what the model's
-signature takes. A model logged to MLflow carries this module with it (``mlfactory.tracking``), so
+signature takes. A model logged to MLflow carries this module with it (``mlfactory.training.tracking``), so
 it imports nothing from the rest of the project.
 """
 

@@ -278,7 +278,7 @@ def evaluate_challenger(cfg: PipelineConfig, version: str, recent: dict | None =
     """Challenger ``version`` vs the champion on the frozen holdout, and on the recent window its training
     set kept out (``recent``: {uri, sha256}, from ml_train's candidate event: Airflow's record, not an
     editable tag); the decision is tagged on the version."""
-    from mlfactory.training_data import frozen_holdout, read_holdout
+    from mlfactory.training.data import frozen_holdout, read_holdout
 
     registry = Registry(cfg)
     frozen = frozen_holdout(cfg)

@@ -1,7 +1,7 @@
 """Where a container of the pipeline runs: the conventions of the platform that started it, found through the
 backend registry instead of switched on here.
 
-The same training entrypoint (``python -m mlfactory.train``) and model server (``python -m mlfactory.serving``)
+The same training entrypoint (``python -m mlfactory.training.train``) and model server (``python -m mlfactory.serving``)
 run on this machine and inside each cloud's jobs and endpoints. Each platform tells a container who it is and
 where its data lives through variables of its own (the tables are in each backend's ``runtime`` module). A
 backend's operators say which backend a container runs under
@@ -51,7 +51,7 @@ def environment(backend: str) -> dict[str, str]:
 
 def of(env: Mapping[str, str]) -> ModuleType:
     """The ``runtime`` module of the backend the container runs under."""
-    from mlfactory.backends import get
+    from mlfactory.backend_registry import get
 
     return importlib.import_module(get(env.get(RUNTIME_ENV) or "local").runtime)
 

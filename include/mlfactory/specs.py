@@ -56,7 +56,7 @@ class TrainingJobSpec(_Spec):
     name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]*$",
                       description="stable across retries: a retried job resumes its own checkpoints")
     image: str | None = Field(None, description="container image for cloud backends; local runs this checkout")
-    entrypoint: list[str] = ["python", "-m", "mlfactory.train"]
+    entrypoint: list[str] = ["python", "-m", "mlfactory.training.train"]
     hyperparameters: Hyperparameters = Hyperparameters()
     input_uri: str
     output_uri: str
@@ -120,7 +120,7 @@ class EndpointSizing(_Spec):
     max_latency_ms: float | None = Field(None, gt=0, description="a canary whose requests' 95th percentile latency "
                                                                   "is above this rolls back; empty: not checked")
     rollback_alarms: list[str] = Field([], description="clouds: the platform's alarms (CloudWatch alarm names on aws, "
-                                                       "metric alert rules on azure) whose firing rolls a canary back")
+                                                       "Azure Monitor metric alert rules on azure; refused on gcp) whose firing rolls a canary back")
 
     @model_validator(mode="after")
     def _replicas(self):

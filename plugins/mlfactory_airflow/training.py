@@ -72,6 +72,10 @@ class JobAdapter(ABC):
     def cancel(self, job: str) -> None:
         """Cancel ``job``, best effort (a finished job, a failed call: logged, never raised)."""
 
+    @abstractmethod
+    def console_url(self, job: str) -> str:
+        """``job``'s page in the cloud's console (the backend's ``links``)."""
+
 
 class CloudTrainingOperator(CloudSpecOperator):
     """A TrainingJobSpec as a cloud training job (see the module's docstring); returns the entrypoint's metrics."""
@@ -99,6 +103,7 @@ class CloudTrainingOperator(CloudSpecOperator):
         if self.job_name is None:
             self.job_name = jobs.submit(spec, try_number, earlier[0] if earlier else None)
             self.log.info("%s %s: %s", jobs.platform, self.job_name, about)
+        self.show_job(context, jobs.console_url(self.job_name))
         # spot or flex-start jobs may wait for capacity (and be requeued): poll for up to 3 x the max runtime
         self.defer(trigger=jobs.trigger(self.job_name, 3 * spec.max_runtime_s), method_name="execute_complete",
                    kwargs={self.job_kwarg: self.job_name})

@@ -6,11 +6,11 @@ The DAGs build every backend-specific task through ``backend_for(cfg)`` and neve
 |---|---|---|
 | ml_ingest (its Asset `landing`) | ``landing_trigger()``: the AssetWatcher's event trigger | (the watcher) |
 | ml_train | ``training_operator``: runs one ``TrainingJobSpec``, returns the entrypoint's metrics (on a cloud, a ``mlfactory_airflow.training.CloudTrainingOperator`` with its ``JobAdapter``) | ``train`` (mapped, one per trial) |
-| ml_deploy | ``endpoint_adapter``: its endpoint's ``mlfactory.rollout.EndpointAdapter``; the rollout itself (``mlfactory.rollout``) is the same everywhere, one ``RolloutStepOperator`` per step in task group ``deploy``, ending in ``full_traffic`` (the endpoint state) | ``deploy.stage``, ``deploy.health_check``, ``deploy.smoke_test``, ``deploy.canary``, ``deploy.full_traffic`` |
+| ml_deploy | ``endpoint_adapter``: its endpoint's ``mlfactory.serving.rollout.EndpointAdapter``; the rollout itself (``mlfactory.serving.rollout``) is the same everywhere, one ``RolloutStepOperator`` per step in task group ``deploy``, ending in ``full_traffic`` (the endpoint state) | ``deploy.stage``, ``deploy.health_check``, ``deploy.smoke_test``, ``deploy.canary``, ``deploy.full_traffic`` |
 | ml_deploy | the same adapter's ``restore``: after a failed step, the traffic back on the served version | ``rollback`` |
 | ml_batch_score | ``batch_operator``: scores one ``BatchJobSpec``, returns a summary with its ``uri`` | ``score`` |
 
-Which class implements a backend is in its registration (``mlfactory.backends``); it is imported
+Which class implements a backend is in its registration (``mlfactory.backend_registry``); it is imported
 only when a DAG file, task or trigger of that backend needs it. Operators and triggers import their
 cloud SDKs and providers inside their methods, so parsing a DAG stays light.
 """
@@ -25,6 +25,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from mlfactory.config import PipelineConfig
+from mlfactory_airflow.links import JobConsoleLink
 
 
 class SpecOperator(BaseOperator):
@@ -44,6 +45,7 @@ class CloudSpecOperator(SpecOperator):
 
     backend: str  # the backend whose operators these are
     platform: str  # what the error calls them (e.g. "an Azure ML operator")
+    operator_extra_links = (JobConsoleLink(),)
 
     def __init__(self, *, poll_interval: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -66,13 +68,17 @@ class CloudSpecOperator(SpecOperator):
     def settings(self):
         return self.config.backend
 
+    def show_job(self, context, url: str) -> None:
+        """The job's page in the console, as the task's link (the backend's ``links`` builds ``url``)."""
+        self.operator_extra_links[0].show(context, url)
+
 
 class AirflowBackend(ABC):
     """What a backend gives the DAGs. ``cfg.backend`` is its own settings model."""
 
     training_operator: type[SpecOperator]  # runs a TrainingJobSpec; returns the entrypoint's metrics dict
     batch_operator: type[SpecOperator]  # runs a BatchJobSpec; returns {"uri", "version", "snapshots", ...}
-    endpoint_adapter: str  # "module:Class" of its mlfactory.rollout.EndpointAdapter, imported by the deploy tasks only
+    endpoint_adapter: str  # "module:Class" of its mlfactory.serving.rollout.EndpointAdapter, imported by the deploy tasks only
     deploy_doc: str = ""  # how this backend rolls an EndpointSpec out (in ml_deploy's docs, in the UI)
     batch_doc: str = ""  # how it scores a BatchJobSpec (in ml_batch_score's docs)
 
@@ -86,9 +92,9 @@ class AirflowBackend(ABC):
 
     def deploy_steps(self, spec) -> list:
         """The rollout of ``spec`` (an ``EndpointSpec`` XComArg), built inside task group ``deploy``: one
-        ``RolloutStepOperator`` per step of ``mlfactory.rollout.STEPS``, in order; the last, ``full_traffic``,
+        ``RolloutStepOperator`` per step of ``mlfactory.serving.rollout.STEPS``, in order; the last, ``full_traffic``,
         returns the endpoint state. A failing step records why and raises."""
-        from mlfactory.rollout import STEPS
+        from mlfactory.serving.rollout import STEPS
         from mlfactory_airflow.rollout import RolloutStepOperator
 
         stage = RolloutStepOperator(task_id=STEPS[0], step=STEPS[0], spec=spec, adapter=self.endpoint_adapter)
@@ -97,7 +103,7 @@ class AirflowBackend(ABC):
 
     def restore_traffic(self, state: dict) -> None:
         """After a failed rollout, put the traffic back on the served version (``state``: endpoint.json)."""
-        from mlfactory.deployment import endpoint_spec
+        from mlfactory.serving.deployment import endpoint_spec
 
         plan = state.get("rollout")
         if not plan:
@@ -109,7 +115,7 @@ class AirflowBackend(ABC):
 
 def backend_for(cfg: PipelineConfig) -> AirflowBackend:
     """The configured backend's Airflow implementation."""
-    from mlfactory.backends import get
+    from mlfactory.backend_registry import get
 
     module, _, name = get(cfg.backend.name).airflow.partition(":")
     implementation = getattr(importlib.import_module(module), name)

@@ -1,5 +1,5 @@
 """What the bucket-change triggers of every backend share: the watermark of announced objects,
-kept in Airflow's asset state store for the watched Asset (see mlfactory.landing), and the polling
+kept in Airflow's asset state store for the watched Asset (see mlfactory.data.landing), and the polling
 loop of the triggers that list a prefix."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 
 class WatermarkedTrigger(BaseEventTrigger):
-    ledger_uri: str | None = None  # ingestion's ledger (mlfactory.ingest.ledger_uri), set by the landing triggers
+    ledger_uri: str | None = None  # ingestion's ledger (mlfactory.data.ingest.ledger_uri), set by the landing triggers
 
     async def load_watermark(self):
-        from mlfactory.landing import STATE_KEY, LandingWatermark
+        from mlfactory.data.landing import STATE_KEY, LandingWatermark
 
         if self.asset_state_store is None:
             self.log.warning("no asset state store (not run as an AssetWatcher?): the watermark is kept in memory only")
@@ -22,17 +22,17 @@ class WatermarkedTrigger(BaseEventTrigger):
         return LandingWatermark(await self.asset_state_store.aget(STATE_KEY, default={}) or {})
 
     async def save_watermark(self, watermark) -> None:
-        from mlfactory.landing import STATE_KEY
+        from mlfactory.data.landing import STATE_KEY
 
         if self.asset_state_store is not None:
             await self.asset_state_store.aset(STATE_KEY, watermark.seen)
 
     async def waiting_at_start(self, landing_uri: str, settle_s: float) -> AsyncIterator[TriggerEvent]:
         """One event if objects under ``landing_uri`` wait, not ingested, as the watcher starts (with a
-        ``ledger_uri``: ingestion's ledger, see mlfactory.ingest). An event yielded just before a crash
+        ``ledger_uri``: ingestion's ledger, see mlfactory.data.ingest). An event yielded just before a crash
         can be lost on its way to Airflow's database after the watermark was saved; an ml_ingest run
         takes every object not ingested yet, so this one event starts theirs."""
-        from mlfactory.ingest import waiting_objects
+        from mlfactory.data.ingest import waiting_objects
 
         if not self.ledger_uri:
             return

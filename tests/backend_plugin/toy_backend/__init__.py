@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from mlfactory.backends import Backend, BackendSettings
+from mlfactory.backend_registry import Backend, BackendSettings
 
 
 class ToySettings(BackendSettings):

@@ -9,7 +9,7 @@ from typing import Any
 
 from airflow.triggers.base import TriggerEvent
 
-from mlfactory.rollout import EndpointAdapter
+from mlfactory.serving.rollout import EndpointAdapter
 
 from mlfactory_airflow.backends import AirflowBackend, SpecOperator
 from mlfactory_airflow.triggers.watermark import WatermarkedTrigger
@@ -45,7 +45,7 @@ class ToyTrainingOperator(SpecOperator):
         from mlfactory.specs import METRICS_FILE, TrainingJobSpec
 
         from mlfactory.backends.local.processes import free_port
-        from mlfactory.cluster import LOOPBACK_ENV
+        from mlfactory.training.cluster import LOOPBACK_ENV
         from mlfactory.runtime import environment
 
         cfg = load_config()
@@ -57,7 +57,7 @@ class ToyTrainingOperator(SpecOperator):
         place = {**environment("toy"), "TOY_NODES": str(cfg.backend.nodes), "TOY_MASTER_PORT": str(free_port()),
                  "TOY_JOB": job.name, "TOY_TRAIN": job.input_uri, "TOY_OUTPUT": job.output_uri,
                  "TOY_CHECKPOINTS": job.checkpoint_uri or ""}
-        command = [sys.executable, "-m", "mlfactory.train", *job.hyperparameter_arguments(), "--device", "cpu",
+        command = [sys.executable, "-m", "mlfactory.training.train", *job.hyperparameter_arguments(), "--device", "cpu",
                    "--threads", "1"]
         nodes = [subprocess.Popen(command, env={**os.environ, **LOOPBACK_ENV, **job.environment, **place,
                                                 "TOY_NODE": str(rank)},
@@ -78,7 +78,7 @@ class ToyBatchOperator(SpecOperator):
         import json
 
         from mlfactory import storage
-        from mlfactory.batch_scoring import complete
+        from mlfactory.serving.batch import complete
         from mlfactory.config import load_config
         from mlfactory.specs import BatchJobSpec
 
@@ -94,7 +94,7 @@ class ToyEndpoint(EndpointAdapter):
     deferrable = False
 
     def stage(self, keep) -> dict:
-        from mlfactory.deployment import read_endpoint_state, write_endpoint_state
+        from mlfactory.serving.deployment import read_endpoint_state, write_endpoint_state
 
         version, served = self.spec.model.version, read_endpoint_state(self.cfg).get("served_version")
         plan = {"version": version, "endpoint": f"toy://{self.cfg.backend.region}/{self.spec.name}", "new": f"v{version}",
@@ -119,7 +119,7 @@ class ToyEndpoint(EndpointAdapter):
         return plan["new"], [dict(zip(outputs, values)) for values in zip(*outputs.values())]
 
     def set_weights(self, plan: dict, weights: dict[str, float]) -> None:
-        from mlfactory.deployment import write_endpoint_state
+        from mlfactory.serving.deployment import write_endpoint_state
 
         write_endpoint_state(self.cfg, toy_weights=weights)
 
@@ -127,7 +127,7 @@ class ToyEndpoint(EndpointAdapter):
         return {"endpoint": plan["endpoint"], "backend": "toy", "toy_weights": {plan["new"]: 100}}
 
     def restore(self, plan: dict) -> None:
-        from mlfactory.deployment import write_endpoint_state
+        from mlfactory.serving.deployment import write_endpoint_state
 
         write_endpoint_state(self.cfg, toy_weights={plan["old"]: 100} if plan.get("old") else None)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from mlfactory.cluster import Cluster
+from mlfactory.training.cluster import Cluster
 from mlfactory.runtime import DataLocations, ServingDefaults
 
 

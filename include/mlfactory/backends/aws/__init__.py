@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mlfactory.backends import Backend, BackendSettings
+from mlfactory.backend_registry import Backend, BackendSettings
 
 
 # Settings this section had before sizing moved to the sections every backend shares.

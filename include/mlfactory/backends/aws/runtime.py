@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Mapping
 
-from mlfactory.cluster import Cluster
+from mlfactory.training.cluster import Cluster
 from mlfactory.runtime import DataLocations, ServingDefaults, master_port
 
 CHECKPOINT_DIR = "/opt/ml/checkpoints"  # synced with CheckpointConfig.S3Uri

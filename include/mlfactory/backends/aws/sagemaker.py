@@ -176,7 +176,7 @@ def _vpc(aws: AwsSettings) -> dict:
 def create_training_job_request(spec: TrainingJobSpec, aws: AwsSettings) -> dict:
     """CreateTrainingJob for ``spec``: the training entrypoint as the container's entrypoint, its data
     through the ``train`` channel (SM_CHANNEL_TRAIN), the model from SM_MODEL_DIR to ``output_uri``,
-    torch distributed across ``nodes`` instances (mlfactory.cluster reads SM_HOSTS), managed spot with
+    torch distributed across ``nodes`` instances (mlfactory.training.cluster reads SM_HOSTS), managed spot with
     checkpoints synced to ``checkpoint_uri`` so a preempted job resumes."""
     instance = training_instance(spec.accelerator, aws)
     stopping = {"MaxRuntimeInSeconds": spec.max_runtime_s}
@@ -249,7 +249,7 @@ def training_result(model_tar_gz: bytes, output_uri: str, job: str, artifact: st
                 files[name] = archive.extractfile(member).read()
     missing = sorted({METRICS_FILE, MODEL_FILE} - set(files))
     if missing:
-        raise AwsRequestError(f"{artifact} lacks {missing}: did the job run the mlfactory.train entrypoint?")
+        raise AwsRequestError(f"{artifact} lacks {missing}: did the job run the mlfactory.training.train entrypoint?")
     result = json.loads(files[METRICS_FILE])
     base = output_uri.rstrip("/")
     result.update(output_uri=base, model_bundle_uri=f"{base}/{MODEL_FILE}", sagemaker_job=job, model_artifact=artifact)

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mlfactory.backends import Backend, BackendSettings
+from mlfactory.backend_registry import Backend, BackendSettings
 
 
 class AzureSettings(BackendSettings):

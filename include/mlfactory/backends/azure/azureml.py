@@ -19,7 +19,7 @@ VM catalog: a job asks for an accelerator (kind, model, count per node) and this
 
 Distribution: ``PyTorchDistribution(process_count_per_instance=processes_per_node)`` on ``instance_count =
 nodes``; Azure ML starts every process with ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
-``MASTER_PORT`` set, and the entrypoint runs as one of them (``mlfactory.cluster``).
+``MASTER_PORT`` set, and the entrypoint runs as one of them (``mlfactory.training.cluster``).
 
 Data: the bucket's container is an Azure ML datastore (``azure.datastore``, identity-based); the job's
 ``train`` input and its ``model`` and ``checkpoints`` outputs are ``uri_folder`` paths on it
@@ -250,7 +250,7 @@ def training_result(metrics: bytes, spec: TrainingJobSpec, job: str) -> dict:
     except ValueError as err:
         raise AzureRequestError(f"job {job}: {METRICS_FILE} is not JSON ({err})") from None
     if "metric" not in result:
-        raise AzureRequestError(f"job {job}: {METRICS_FILE} has no metric: did the job run the mlfactory.train entrypoint?")
+        raise AzureRequestError(f"job {job}: {METRICS_FILE} has no metric: did the job run the mlfactory.training.train entrypoint?")
     return {**result, "output_uri": spec.output_uri, "model_bundle_uri": storage.join(spec.output_uri, MODEL_FILE),
             "azureml_job": job}
 

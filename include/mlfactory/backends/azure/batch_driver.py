@@ -30,7 +30,7 @@ def manifest(inputs: dict[str, str], needed: list[str], keys: list[str], chunk_r
 
 def init() -> None:
     global _model
-    from mlfactory.scoring import load_tabular_model
+    from mlfactory.serving.scoring import load_tabular_model
     from mlfactory.serving.model import mounted_model
 
     _model = load_tabular_model(mounted_model(os.environ["AZUREML_MODEL_DIR"]))
@@ -39,8 +39,8 @@ def init() -> None:
 
 def run(mini_batch: list[str]) -> list[str]:
     """Score each manifest of ``mini_batch`` (local paths Azure ML mounted); one summary line per manifest."""
-    from mlfactory.scoring import write_predictions
-    from mlfactory.batch_scoring import read_batches
+    from mlfactory.serving.scoring import write_predictions
+    from mlfactory.serving.batch import read_batches
 
     done = []
     for path in mini_batch:

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mlfactory.backends import Backend, BackendSettings
+from mlfactory.backend_registry import Backend, BackendSettings
 
 
 class GcpSettings(BackendSettings):
@@ -87,6 +87,11 @@ class GcpSettings(BackendSettings):
     def check_pipeline(self, cfg) -> None:
         if not cfg.storage.bucket.startswith("gs://"):
             raise ValueError(f"backend gcp needs a gs:// bucket, got {cfg.storage.bucket!r}")
+        if cfg.serving.rollback_alarms:
+            raise ValueError("serving.rollback_alarms: the gcp backend reads no alert state (Cloud Monitoring's client "
+                             "library, google-cloud-monitoring 2.32, has no call that says whether an alerting policy "
+                             "has an open incident); leave it empty: serving.max_error_rate and serving.max_latency_ms "
+                             "judge the canary on every backend")
 
 
 BACKEND = Backend("gcp", GcpSettings, airflow="mlfactory_airflow.backends.gcp:GcpBackend",

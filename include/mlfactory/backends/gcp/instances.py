@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 
 from mlfactory import BadInput, storage
-from mlfactory.batch_scoring import input_batches
+from mlfactory.serving.batch import input_batches
 from mlfactory.config import PipelineConfig
 from mlfactory.features import FeatureSet, to_wire
 from mlfactory.specs import BatchJobSpec

@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Mapping
 
-from mlfactory.cluster import Cluster, visible_gpus
+from mlfactory.training.cluster import Cluster, visible_gpus
 from mlfactory.runtime import DataLocations, ServingDefaults, master_port
 
 

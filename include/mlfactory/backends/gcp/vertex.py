@@ -22,7 +22,7 @@ table for GPUs and n1-standard-4 on CPU; ``gcp.training_machine_type``, ``gcp.en
 
 A TPU job sets ``PJRT_DEVICE=TPU``: the training entrypoint then takes its XLA path (``torch_xla``, in
 a TPU image). Multi-node jobs run the chief in worker pool 0 and ``nodes - 1`` workers in pool 1; the
-entrypoint reads Vertex's ``CLUSTER_SPEC`` (``mlfactory.cluster``).
+entrypoint reads Vertex's ``CLUSTER_SPEC`` (``mlfactory.training.cluster``).
 
 Spot and checkpoints: training runs on Spot VMs by default (``Scheduling.strategy = SPOT``) with
 ``restart_job_on_worker_restart``: Vertex restarts a preempted worker in the same job, and the
@@ -301,7 +301,7 @@ def training_result(metrics: bytes, output_uri: str, job: str) -> dict:
     where = model_dir(output_uri)
     if not str(result.get("model_bundle_uri", "")).startswith(where):
         raise VertexRequestError(f"job {job}: metrics.json names {result.get('model_bundle_uri')}, not a file under "
-                                 f"AIP_MODEL_DIR {where}: did the job run the mlfactory.train entrypoint?")
+                                 f"AIP_MODEL_DIR {where}: did the job run the mlfactory.training.train entrypoint?")
     return {**result, "vertex_job": job}
 
 

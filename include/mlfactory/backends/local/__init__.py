@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mlfactory.backends import Backend, BackendSettings
+from mlfactory.backend_registry import Backend, BackendSettings
 
 
 class LocalSettings(BackendSettings):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mlfactory import storage
 from mlfactory.config import PipelineConfig
-from mlfactory.deployment import DeploymentFailed, endpoint_state_uri, now, read_endpoint_state, write_endpoint_state
+from mlfactory.serving.deployment import DeploymentFailed, endpoint_state_uri, now, read_endpoint_state, write_endpoint_state
 from mlfactory.serving.auth import ADMIN_TOKEN_ENV, CLIENT_TOKEN_ENV, TOKENS_FILE_ENV, write_tokens
 
 log = logging.getLogger(__name__)

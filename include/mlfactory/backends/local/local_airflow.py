@@ -25,16 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlfactory.backends.local.processes import signal_group, stop_group
+from mlfactory.config import PROJECT
 from mlfactory.storage import private_file
 
-PROJECT = Path(__file__).resolve().parents[4]
 SQLITE_CONNECT_ARGS = {"timeout": 30}  # Airflow's metadata database: seconds a writer waits for the lock
 # What the tasks import. The scheduler imports them once, before its LocalExecutor forks the workers that
 # fork each task, so a task starts with them loaded instead of importing them again (about 3-10 s per task,
 # measured: Great Expectations 4.9 s, torch 2.7 s, MLflow 1.6 s, pandas/pyarrow 1.0 s); none starts a thread.
 TASK_LIBRARIES = ("pandas", "pyarrow.parquet", "pyarrow.dataset", "fsspec", "mlflow.pyfunc", "great_expectations",
-                  "torch", "sklearn.metrics", "mlfactory.etl", "mlfactory.registry", "mlfactory.training_data",
-                  "mlfactory.monitoring", "mlfactory.deployment")
+                  "torch", "sklearn.metrics", "mlfactory.data.etl", "mlfactory.registry", "mlfactory.training.data",
+                  "mlfactory.monitoring.monitor", "mlfactory.serving.deployment")
 LOCAL_SETTINGS = f'''"""Written by {__name__} on every start: the process that forks the tasks (the scheduler's
 LocalExecutor, a Celery worker) preloads what they import."""
 import sys
@@ -329,6 +329,12 @@ class LocalAirflow:
         path = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}?map_index={map_index}"
         content = self.api(path).get("content", [])
         return "\n".join(json.dumps(c) if not isinstance(c, str) else c for c in content)
+
+    def links(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict[str, str | None]:
+        """A task's extra links (``operator_extra_links``): name -> URL."""
+        quoted = urllib.request.quote(run_id, safe="")
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/links?map_index={map_index}"
+        return self.api(path)["extra_links"]
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value"):
         """A task's XCom value, or None when it has none (skipped, failed, not run yet)."""

@@ -1,4 +1,4 @@
-"""The `local` backend's endpoint adapter for ml_deploy's rollout (``mlfactory.rollout``): blue/green colours on
+"""The `local` backend's endpoint adapter for ml_deploy's rollout (``mlfactory.serving.rollout``): blue/green colours on
 the local model server, driven through its admin API.
 
 ``stage`` loads the new version as the idle colour (blue or green) next to the live one, with no traffic;
@@ -13,8 +13,8 @@ from __future__ import annotations
 import http.client
 
 from mlfactory.backends.local.endpoint import LocalEndpoint
-from mlfactory.deployment import DeploymentFailed
-from mlfactory.rollout import EndpointAdapter, Unreachable
+from mlfactory.serving.deployment import DeploymentFailed
+from mlfactory.serving.rollout import EndpointAdapter, Unreachable
 
 COLOURS = ("blue", "green")
 

@@ -34,7 +34,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlfactory import BadInput, sample_data, storage
+from mlfactory import BadInput, storage
+
+from mlfactory.data import sample_data
 from mlfactory.backends.local import LocalSettings
 from mlfactory.config import load_config
 from mlfactory.backends.local.local_airflow import PROJECT, LocalAirflow
@@ -109,7 +111,7 @@ def check_data(cfg, data: str) -> list[str]:
     import shlex
 
     from mlfactory.config import DEFAULT_CONFIG
-    from mlfactory.schema_inference import data_files, read_sample
+    from mlfactory.data.schema_inference import data_files, read_sample
 
     if not data:
         if cfg.dataset != load_config(DEFAULT_CONFIG).dataset:
@@ -154,7 +156,7 @@ def land(cfg, rows: int, seed: int, drift: float, name: str) -> Path:
 
 def tell(cfg, airflow: LocalAirflow, summary: dict, files: list[str]) -> bool:
     from mlfactory.backends.local.endpoint import LocalEndpoint
-    from mlfactory.deployment import holdout_requests
+    from mlfactory.serving.deployment import holdout_requests
     from mlfactory.registry import CHAMPION, Registry
 
     story = Story(airflow)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import time
 
-from mlfactory.batch_scoring import complete, input_batches, key_columns
+from mlfactory.serving.batch import complete, input_batches, key_columns
 from mlfactory.config import PipelineConfig
-from mlfactory.scoring import load_tabular_model, write_predictions
+from mlfactory.serving.scoring import load_tabular_model, write_predictions
 from mlfactory.specs import BatchJobSpec
 
 log = logging.getLogger(__name__)

@@ -1,18 +1,17 @@
 """The `aws` backend's Airflow side, on the amazon provider: S3 -> SQS (or S3 listing) landing events,
-SageMaker training jobs, endpoint rollouts (``mlfactory.rollout`` through ``SageMakerEndpointAdapter``, by
+SageMaker training jobs, endpoint rollouts (``mlfactory.serving.rollout`` through ``SageMakerEndpointAdapter``, by
 production variant weights) and batch transform jobs."""
 
 from __future__ import annotations
 
 from mlfactory_airflow.backends import AirflowBackend
-from mlfactory_airflow.backends.aws.sagemaker import SageMakerTransformOperator
-from mlfactory_airflow.backends.aws.training import SageMakerTrainingOperator
+from mlfactory_airflow.backends.aws.operators import SageMakerTrainingOperator, SageMakerTransformOperator
 
 
 class AwsBackend(AirflowBackend):
     training_operator = SageMakerTrainingOperator
     batch_operator = SageMakerTransformOperator
-    endpoint_adapter = "mlfactory_airflow.backends.aws.sagemaker:SageMakerEndpointAdapter"
+    endpoint_adapter = "mlfactory_airflow.backends.aws.hooks:SageMakerEndpointAdapter"
     deploy_doc = ("`stage` creates the version's SageMaker Model and updates the endpoint (blue/green) to a config where "
                   "the served variant keeps all the traffic and the new one (`v<version>`) stands beside it at weight 0 "
                   "(or creates the endpoint); `health_check` waits for the endpoint in service with the new variant; "
@@ -29,7 +28,8 @@ class AwsBackend(AirflowBackend):
     def landing_trigger(self):
         from urllib.parse import urlparse
 
-        from mlfactory.ingest import ledger_uri
+        from mlfactory.data.ingest import ledger_uri
+
         from mlfactory_airflow.backends.aws.triggers import S3EventQueueTrigger, S3PrefixPollTrigger
 
         cfg, settings = self.cfg, self.cfg.backend

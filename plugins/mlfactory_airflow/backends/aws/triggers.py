@@ -1,7 +1,14 @@
-"""Bucket-change trigger for the `aws` backend: S3 event notifications delivered to an SQS queue.
+"""The `aws` backend's triggers.
 
-Set up once per bucket (docs/backends/aws.md, "Setting it up"): an event notification for
-``s3:ObjectCreated:*`` with the landing prefix as filter, sending to a queue this trigger reads.
+Bucket events (AssetWatcher event triggers):
+
+- ``S3EventQueueTrigger``: S3 event notifications delivered to an SQS queue. Set up once per bucket
+  (docs/backends/aws.md, "Setting it up"): an event notification for ``s3:ObjectCreated:*`` with the landing
+  prefix as filter, sending to a queue this trigger reads.
+- ``S3PrefixPollTrigger``: the fallback for a bucket without a queue, listing the prefix.
+
+Imported by every DAG parse (the landing AssetWatcher), so light: the deferral triggers, built on the amazon
+provider's SageMakerTrigger (boto3), are in ``sagemaker_triggers``, imported by the triggerer and workers only.
 """
 
 from __future__ import annotations
@@ -45,7 +52,6 @@ class S3EventQueueTrigger(WatermarkedTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airflow.providers.amazon.aws.hooks.sqs import SqsHook
-
         from mlfactory.backends.aws.events import NotANotification, s3_landing_events
 
         async for event in self.waiting_at_start(f"s3://{self.bucket}/{self.prefix}", 0):
@@ -126,3 +132,4 @@ class S3PrefixPollTrigger(WatermarkedTrigger):
                                                   "etag": obj.fingerprint},
                                      self.poll_interval, self.settle_seconds):
             yield event
+

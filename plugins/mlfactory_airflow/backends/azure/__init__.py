@@ -1,17 +1,17 @@
 """The `azure` backend's Airflow side: BlobCreated events from a Storage Queue (or blob listing), Azure ML
-command jobs, the online endpoint rollout (``mlfactory.rollout`` through ``AzureMLEndpointAdapter``, by traffic)
+command jobs, the online endpoint rollout (``mlfactory.serving.rollout`` through ``AzureMLEndpointAdapter``, by traffic)
 and batch endpoints."""
 
 from __future__ import annotations
 
 from mlfactory_airflow.backends import AirflowBackend
-from mlfactory_airflow.backends.azure.azureml import AzureMLBatchOperator, AzureMLTrainingOperator
+from mlfactory_airflow.backends.azure.operators import AzureMLBatchOperator, AzureMLTrainingOperator
 
 
 class AzureBackend(AirflowBackend):
     training_operator = AzureMLTrainingOperator
     batch_operator = AzureMLBatchOperator
-    endpoint_adapter = "mlfactory_airflow.backends.azure.azureml:AzureMLEndpointAdapter"
+    endpoint_adapter = "mlfactory_airflow.backends.azure.hooks:AzureMLEndpointAdapter"
     deploy_doc = ("`stage` registers the version as an Azure ML model (its files stay in the bucket), creates the managed "
                   "online endpoint if needed and the version's deployment beside the served one with no traffic (the "
                   "project's model server, `/score`) and its Azure Monitor autoscale (`serving.min_replicas`.."
@@ -28,7 +28,7 @@ class AzureBackend(AirflowBackend):
     def landing_trigger(self):
         from urllib.parse import urlparse
 
-        from mlfactory.ingest import ledger_uri
+        from mlfactory.data.ingest import ledger_uri
 
         cfg, settings = self.cfg, self.cfg.backend
         if not settings.event_queue:

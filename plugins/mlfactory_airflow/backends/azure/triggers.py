@@ -78,6 +78,7 @@ class BlobQueueEventTrigger(WatermarkedTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from mlfactory.backends.azure.events import NotAnEvent, blob_landing_event, decode
+
         from mlfactory_airflow.backends.azure.hooks import queue_client
 
         landing = f"{self.scheme}://{self.container}/{self.prefix}"
@@ -165,6 +166,18 @@ class AzureMLResourceTrigger(_AzureMLPoll):
         return None
 
 
+DONE = ("succeeded", "deleted")
+
+
+def resource_trigger(hook, kind: str, name: str, poll_interval: int, endpoint: str | None = None,
+                     timeout_s: int = 3600):
+    """An ``AzureMLResourceTrigger`` on the ``kind`` resource ``name`` (of ``endpoint``, for a deployment)."""
+    from mlfactory_airflow.backends.azure.triggers import AzureMLResourceTrigger
+
+    extra = {"kind": kind, **({"endpoint": endpoint} if endpoint else {})}
+    return AzureMLResourceTrigger(name, hook.to_dict(), poll_interval=poll_interval, timeout_s=timeout_s, **extra)
+
+
 def cancel_job(client, name: str, log) -> None:
     """Best effort: a job that has ended already (or a call that fails) is logged, never raised."""
     try:
@@ -172,3 +185,4 @@ def cancel_job(client, name: str, log) -> None:
         log.info("cancelled Azure ML job %s", name)
     except Exception as err:  # noqa: BLE001 - killing must not fail on a finished job
         log.warning("could not cancel Azure ML job %s: %s", name, err)
+

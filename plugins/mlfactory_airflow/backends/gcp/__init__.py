@@ -1,18 +1,18 @@
 """The `gcp` backend's Airflow side, on the google provider: GCS -> Pub/Sub (or GCS listing) landing
-events, Vertex AI custom jobs, the endpoint rollout (``mlfactory.rollout`` through ``VertexEndpointAdapter``, by
+events, Vertex AI custom jobs, the endpoint rollout (``mlfactory.serving.rollout`` through ``VertexEndpointAdapter``, by
 traffic split)
 and batch prediction jobs."""
 
 from __future__ import annotations
 
 from mlfactory_airflow.backends import AirflowBackend
-from mlfactory_airflow.backends.gcp.vertex import VertexBatchPredictionOperator, VertexTrainingOperator
+from mlfactory_airflow.backends.gcp.operators import VertexBatchPredictionOperator, VertexTrainingOperator
 
 
 class GcpBackend(AirflowBackend):
     training_operator = VertexTrainingOperator
     batch_operator = VertexBatchPredictionOperator
-    endpoint_adapter = "mlfactory_airflow.backends.gcp.vertex:VertexEndpointAdapter"
+    endpoint_adapter = "mlfactory_airflow.backends.gcp.hooks:VertexEndpointAdapter"
     deploy_doc = ("`stage` uploads the version to the Vertex Model Registry (its files stay in GCS; the container is the "
                   "project's model server), creates the endpoint if needed and deploys the version alone on the "
                   "endpoint's staging endpoint `<id>-staging` (on the endpoint itself when nothing serves yet): Vertex's "
@@ -31,7 +31,8 @@ class GcpBackend(AirflowBackend):
     def landing_trigger(self):
         from urllib.parse import urlparse
 
-        from mlfactory.ingest import ledger_uri
+        from mlfactory.data.ingest import ledger_uri
+
         from mlfactory_airflow.backends.gcp.triggers import GcsNotificationTrigger, GcsPrefixPollTrigger
 
         cfg, settings = self.cfg, self.cfg.backend

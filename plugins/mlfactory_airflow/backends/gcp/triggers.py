@@ -59,7 +59,6 @@ class GcsNotificationTrigger(WatermarkedTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airflow.providers.google.cloud.hooks.pubsub import PubSubAsyncHook, PubSubException
-
         from mlfactory.backends.gcp.events import NotANotification, gcs_landing_event
 
         async for event in self.waiting_at_start(f"gs://{self.bucket}/{self.prefix}", 0):
@@ -161,7 +160,7 @@ class _VertexPoll(PollingTrigger):
     """Polls one Vertex resource (``connection``: a ``VertexConnection`` as a dict)."""
 
     def _client(self, service: str):
-        from mlfactory_airflow.backends.gcp.clients import VertexConnection
+        from mlfactory_airflow.backends.gcp.hooks import VertexConnection
 
         return VertexConnection(**self.connection).client(service)
 

@@ -1,25 +1,11 @@
 """The `local` backend's Airflow side: a folder watcher, torchrun training, the local endpoint's blue/green
-rollout (stage -> health_check -> smoke_test -> canary -> full_traffic) and batch scoring in the task."""
+rollout (stage -> health_check -> smoke_test -> canary -> full_traffic) and batch scoring in the task.
+"""
 
 from __future__ import annotations
 
-from mlfactory_airflow.backends import AirflowBackend, SpecOperator
-from mlfactory_airflow.backends.local.training import LocalTrainingOperator
-
-
-class LocalBatchScoreOperator(SpecOperator):
-    """Scores a ``BatchJobSpec`` in this task, in chunks (``mlfactory.backends.local.scoring``)."""
-
-    ui_color = "#e3f1dc"
-
-    def execute(self, context) -> dict:
-        from mlfactory.backends.local.scoring import score
-        from mlfactory.config import load_config
-        from mlfactory.specs import BatchJobSpec
-        from mlfactory_airflow.outcomes import task_outcome
-
-        with task_outcome():
-            return score(load_config(), BatchJobSpec.model_validate(self.spec))
+from mlfactory_airflow.backends import AirflowBackend
+from mlfactory_airflow.backends.local.operators import LocalBatchScoreOperator, LocalTrainingOperator
 
 
 class LocalBackend(AirflowBackend):
@@ -36,9 +22,11 @@ class LocalBackend(AirflowBackend):
                  "outputs, model version, snapshot, time).")
 
     def landing_trigger(self):
-        from mlfactory.ingest import ledger_uri
+        from mlfactory.data.ingest import ledger_uri
+
         from mlfactory_airflow.triggers.storage import StoragePrefixPollTrigger
 
         cfg = self.cfg
         return StoragePrefixPollTrigger(prefix_uri=cfg.storage.landing_uri, poll_interval=cfg.ingest.poll_interval_s,
                                         settle_seconds=cfg.ingest.settle_s, ledger_uri=ledger_uri(cfg))
+

@@ -1,6 +1,6 @@
 """The training entrypoint: one script for every backend, launched by torchrun.
 
-    python -m mlfactory.train --train-uri URI --output-uri URI [--checkpoint-uri URI] [--hyperparameters JSON]
+    python -m mlfactory.training.train --train-uri URI --output-uri URI [--checkpoint-uri URI] [--hyperparameters JSON]
 
 ``--train-uri`` is a training set folder written by ml_train (``dataset.json``, the dataset spec,
 next to Parquet files). ``--hyperparameters`` is a JSON object validated against
@@ -8,7 +8,7 @@ next to Parquet files). ``--hyperparameters`` is a JSON object validated against
 omitted takes its default). The script trains the tabular model with DistributedDataParallel and a
 DistributedSampler on every process torchrun started: ``gloo`` on CPU, ``nccl`` on GPU, ``xla`` on
 TPU (torch_xla is imported only on that path). Run without torchrun on a platform that asks for more
-than one process (``--nproc-per-node``, or SageMaker/Vertex/Azure variables, see ``mlfactory.cluster``),
+than one process (``--nproc-per-node``, or SageMaker/Vertex/Azure variables, see ``mlfactory.training.cluster``),
 it re-launches itself under torchrun.
 
 Every epoch rank 0 writes a checkpoint to ``--checkpoint-uri`` (atomically); a restarted job resumes
@@ -17,7 +17,7 @@ shuffling and dropout are seeded from (seed, epoch, rank), which also makes a re
 exactly what the interrupted one would have done.
 
 Rank 0 alone writes ``model.pt`` and ``metrics.json`` to ``--output-uri`` and logs to MLflow (when a
-tracking URI is given; ``mlfactory.tracking``): params, per-epoch metrics, the training set as a
+tracking URI is given; ``mlfactory.training.tracking``): params, per-epoch metrics, the training set as a
 dataset input with its digest, the training curves, and the model as a pyfunc that takes the raw
 feature columns.
 """
@@ -39,11 +39,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from mlfactory import storage
-from mlfactory.cluster import Cluster, data_locations, launched_by_torchrun
+from mlfactory.training.cluster import Cluster, data_locations, launched_by_torchrun
 from mlfactory.hyperparameters import Hyperparameters, refusal
 from mlfactory.specs import CHECKPOINT_FILE, DATASET_FILE, METRICS_FILE, MODEL_FILE, VALIDATION_FILE
 
-log = logging.getLogger("mlfactory.train")
+log = logging.getLogger("mlfactory.training.train")
 
 
 def _hyperparameters(text: str) -> Hyperparameters:
@@ -57,7 +57,7 @@ def _hyperparameters(text: str) -> Hyperparameters:
 
 def parse_args(argv: list[str], env=os.environ) -> argparse.Namespace:
     defaults = data_locations(env)
-    p = argparse.ArgumentParser(prog="python -m mlfactory.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mlfactory.training.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--train-uri", default=defaults.train_uri, help="training set folder (dataset.json + Parquet)")
     p.add_argument("--output-uri", default=defaults.output_uri, help="where model.pt and metrics.json go")
     p.add_argument("--checkpoint-uri", default=defaults.checkpoint_uri, help="per-epoch checkpoints; resume from here")
@@ -215,7 +215,7 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
     import torch
 
     from mlfactory.tabular import Preprocessor, primary_metric
-    from mlfactory.tracking import MlflowTracker
+    from mlfactory.training.tracking import MlflowTracker
 
     hp = args.hyperparameters
     runtime = start_runtime(args.device, env)
@@ -556,7 +556,7 @@ def _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_ro
 def write_validation(output_uri: str, rows, val_scores, target) -> None:
     """``VALIDATION_FILE`` beside the model: the validation rows (their positions in the training set), the
     model's scores on them (``tabular.scores``: what its metric was computed from) and their encoded targets.
-    ml_train's blend (``mlfactory.blend``) weighs the best trial of each model family on them."""
+    ml_train's blend (``mlfactory.training.blend``) weighs the best trial of each model family on them."""
     import numpy as np
 
     buffer = io.BytesIO()
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     if not launched_by_torchrun(os.environ):
         cluster = Cluster.from_environ(os.environ, args.nproc_per_node)
         if cluster.world_size > 1:
-            command = cluster.torchrun_command("mlfactory.train", _without_option(argv, "--nproc-per-node"))
+            command = cluster.torchrun_command("mlfactory.training.train", _without_option(argv, "--nproc-per-node"))
             log.info("launching %d process(es) on node %d of %d (%s): %s", cluster.nproc_per_node, cluster.node_rank,
                      cluster.nodes, cluster.platform, " ".join(command))
             os.execv(command[0], command)

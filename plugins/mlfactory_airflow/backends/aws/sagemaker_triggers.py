@@ -1,6 +1,7 @@
-"""The `aws` backend's triggers: the provider's SageMakerTrigger, first looking one ``waiter_delay``
+"""The `aws` backend's deferral triggers: the provider's SageMakerTrigger, first looking one ``waiter_delay``
 after the deferral; the training job's also stops the job when a user kills the deferred task (mark
-failed, clear, mark success)."""
+failed, clear, mark success).
+"""
 
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ class SageMakerTrainingJobTrigger(SageMakerJobTrigger):
         super().__init__(job_name=job_name, job_type="Training", **kwargs)
 
     async def on_kill(self) -> None:
+        from mlfactory_airflow.backends.aws.hooks import stop_training_job
+
         await asyncio.to_thread(stop_training_job, self.hook(), self.job_name, self.log)
 
 
-def stop_training_job(hook, job_name: str, log) -> None:
-    """Best effort: a job already finished (or a call that fails) is logged, never raised."""
-    try:
-        hook.conn.stop_training_job(TrainingJobName=job_name)
-        log.info("stopped SageMaker training job %s", job_name)
-    except Exception as err:  # noqa: BLE001 - killing must not fail on an already finished job
-        log.warning("could not stop SageMaker training job %s: %s", job_name, err)
+def job_trigger(settings, name: str, job_type: str, max_wait_s: int, waiter_delay: int, trigger_class=None):
+    """A SageMakerJobTrigger (or a subclass) polling ``name`` every ``waiter_delay`` s for up to ``max_wait_s``."""
+    return (trigger_class or SageMakerJobTrigger)(
+        job_name=name, job_type=job_type, waiter_delay=waiter_delay, waiter_max_attempts=max(1, max_wait_s // waiter_delay),
+        aws_conn_id=settings.conn_id, region_name=settings.region)
+

@@ -52,8 +52,8 @@ from mlfactory import BadInput, storage
 from mlfactory.config import PipelineConfig
 from mlfactory.dataset import ColumnSpec, DatasetSpec
 from mlfactory.features import FALSE_WORDS, TRUE_WORDS, derive_features
-from mlfactory.ingest import Manifest, read_manifest
-from mlfactory.validation import (
+from mlfactory.data.ingest import Manifest, read_manifest
+from mlfactory.data.validation import (
     ARROW_TYPES,
     INVALID_UTF8,
     MALFORMED_ROW,
@@ -152,7 +152,7 @@ def _csv_header(manifest: Manifest, delimiter: str, max_line_bytes: int) -> list
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How a snapshot is read: ``ReadOptions.of(cfg)`` for ETL (``mlfactory.schema_inference`` reads the
+    """How a snapshot is read: ``ReadOptions.of(cfg)`` for ETL (``mlfactory.data.schema_inference`` reads the
     user's files with the same readers, before there is a config)."""
 
     chunk_rows: int
@@ -488,7 +488,7 @@ def pending_snapshots(cfg: PipelineConfig) -> list[storage.ObjectInfo]:
     """The data file of every complete raw snapshot not curated yet: its validation summary, written as
     curation's last step (passed or failed), is not there. What an ml_validate run takes, whatever
     events started it."""
-    from mlfactory.ingest import snapshots
+    from mlfactory.data.ingest import snapshots
 
     reports = storage.list_objects(storage.join(cfg.storage.reports_uri, "validation"))
     done = {o.key.split("/", 1)[0].removeprefix("snapshot=") for o in reports if o.key.endswith("/summary.json")}

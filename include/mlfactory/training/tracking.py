@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger("mlfactory.train")
+log = logging.getLogger("mlfactory.training.train")
 
 
 
@@ -77,7 +77,7 @@ def _curves(history: list[dict]):
     return fig
 
 
-MODEL_CODE = ("__init__.py", "dataset.py", "features.py", "tabular.py")  # what prediction imports, nothing more
+MODEL_CODE = ("__init__.py", "dataset.py", "features.py", "hyperparameters.py", "tabular.py")  # what prediction imports, nothing more
 
 
 def pip_requirements() -> list[str]:
@@ -112,7 +112,7 @@ def log_pyfunc(bundle: str, sample_rows, dataset):
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "mlfactory"
         package.mkdir()
-        here = Path(__file__).resolve().parent
+        here = Path(__file__).resolve().parents[1]  # the mlfactory package
         for name in MODEL_CODE:  # only what prediction imports: the model stays small and light
             shutil.copy(here / name, package / name)
         return mlflow.pyfunc.log_model(

@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 
 from mlfactory import storage
 from mlfactory.config import PipelineConfig
-from mlfactory.drift import Columns, compare, html_report
+from mlfactory.monitoring.drift import Columns, compare, html_report
 from mlfactory.features import FeatureSet, typed_features
-from mlfactory.training_data import curated_snapshots, row_hashes
+from mlfactory.training.data import curated_snapshots, row_hashes
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ PERFORMANCE_FILE = "_performance.json"
 def _outcomes(cfg: PipelineConfig, model, frame: pd.DataFrame) -> tuple[Columns, pd.DataFrame]:
     """The labels and the model's predictions on ``frame`` (typed rows with the target) as drift columns
     ("label", "prediction": the positive class's probability, or the value), and the predictions."""
-    from mlfactory.drift import categorical_values
+    from mlfactory.monitoring.drift import categorical_values
     from mlfactory.features import to_wire
 
     dataset = cfg.dataset
@@ -92,7 +92,7 @@ def _outcomes(cfg: PipelineConfig, model, frame: pd.DataFrame) -> tuple[Columns,
 def judge_performance(cfg: PipelineConfig, version: str, reference: pd.DataFrame, labelled: pd.DataFrame,
                       run_key: str, source: str = "curated") -> dict:
     """The champion ``version`` judged on new labelled rows (``source``: newly curated batches, or "served"
-    traffic whose labels arrived later, ``mlfactory.feedback``): its primary metric against the one
+    traffic whose labels arrived later, ``mlfactory.monitoring.feedback``): its primary metric against the one
     ml_promote measured on the frozen holdout (tag ``mlfactory.holdout_<metric>``), and the drift of the
     labels and of its predictions from ``reference`` (its training rows). Appends to the history and
     redraws the performance page."""
@@ -149,7 +149,7 @@ def _mean(columns: Columns, name: str) -> float | None:
 def performance_page(history: list[dict], title: str) -> str:
     """The champion's metric over the batches it was judged on (orange) and its holdout metric (grey), as
     inline SVG, with the table of every judgement."""
-    from mlfactory.drift import _escape
+    from mlfactory.monitoring.drift import _escape
 
     width, height, pad = 640, 200, 30
     values = [h["value"] for h in history if h["value"] == h["value"]]
@@ -251,10 +251,10 @@ def check(cfg: PipelineConfig, run_key: str, min_rows: int | None = None) -> dic
 
 def _judge_served(cfg: PipelineConfig, version: str, reference: pd.DataFrame, run_key: str, min_rows: int,
                   taken: dict[str, str]) -> dict:
-    """The champion judged on served rows whose labels arrived (``mlfactory.feedback``), once there are
+    """The champion judged on served rows whose labels arrived (``mlfactory.monitoring.feedback``), once there are
     ``min_rows`` of them; records in ``taken`` (file -> fingerprint) the label files used, refused, or with
     no row to give."""
-    from mlfactory.feedback import labelled_traffic
+    from mlfactory.monitoring.feedback import labelled_traffic
 
     labelled, files = labelled_traffic(cfg, taken)
     ready = {key for key, f in files.items() if f["status"] == "taken"}

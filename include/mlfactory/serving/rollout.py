@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlfactory.config import PipelineConfig
-from mlfactory.deployment import (DeploymentFailed, holdout_requests, record_failure, sane_prediction, served,
+from mlfactory.serving.deployment import (DeploymentFailed, holdout_requests, record_failure, sane_prediction, served,
                                   write_endpoint_state)
 from mlfactory.specs import EndpointSpec
 
@@ -86,6 +86,10 @@ class EndpointAdapter(ABC):
     @abstractmethod
     def set_weights(self, plan: dict, weights: dict[str, float], **resume) -> Wait | None:
         """Each named variant's share of the traffic (percent)."""
+
+    def console_url(self, plan: dict) -> str | None:
+        """The endpoint's page in the platform's console (none where it has no console)."""
+        return None
 
     def firing_alarms(self, plan: dict, names: list[str]) -> list[str]:
         """Which of the platform's alarms ``names`` fire now (none where the platform has no alarms)."""

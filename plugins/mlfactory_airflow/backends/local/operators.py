@@ -1,4 +1,6 @@
-"""The `local` backend's training operator: torchrun as a child process of the Airflow task.
+"""The `local` backend's operators: ml_train's training job and ml_batch_score's scoring, on this machine.
+
+``LocalTrainingOperator``: torchrun as a child process of the Airflow task.
 
 It takes the same ``TrainingJobSpec`` the cloud operators take. The job's output is streamed into
 the task log line by line; a job running past ``max_runtime_s`` is stopped; clearing or killing the
@@ -6,6 +8,13 @@ task (``on_kill``) stops torchrun and every worker it started (the whole process
 resume from the job's checkpoint. ml_train runs it in the ``training.pool`` pool: its size
 (``training.concurrent_jobs``) is how many training jobs this machine runs at once (the local
 stand-in for a GPU quota), and each job's intra-op threads are its share of the cores.
+
+
+``LocalBatchScoreOperator``: a ``BatchJobSpec`` scored in the task, in chunks (``mlfactory.backends.local.scoring``).
+
+The local backend has no hooks or triggers of its own: its endpoint adapter needs no Airflow
+(``mlfactory.backends.local.rollout``), and its landing trigger is the storage layer's
+(``mlfactory_airflow.triggers.storage``).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import json
 import os
 import subprocess
 import threading
+
 from mlfactory_airflow.backends import SpecOperator
 
 
@@ -26,12 +36,11 @@ class LocalTrainingOperator(SpecOperator):
 
     def execute(self, context) -> dict:
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
-
         from mlfactory import storage
         from mlfactory.backends.local.runtime import this_machine
-        from mlfactory.cluster import LOOPBACK_ENV
         from mlfactory.config import load_config
         from mlfactory.specs import METRICS_FILE, TrainingJobSpec
+        from mlfactory.training.cluster import LOOPBACK_ENV
 
         spec = TrainingJobSpec.model_validate(self.spec)
         if spec.nodes != 1:
@@ -45,7 +54,7 @@ class LocalTrainingOperator(SpecOperator):
         # threads than cores makes every OpenMP barrier wait on a descheduled thread (measured: 2
         # trials x 2 threads on 2 cores trained 10x slower than 2 x 1: 6k vs 62k samples/s).
         threads = max(1, (os.cpu_count() or 1) // (processes * load_config().training.concurrent_jobs))
-        command = cluster.torchrun_command("mlfactory.train", [*spec.arguments(), "--device", "cuda" if gpu else "cpu",
+        command = cluster.torchrun_command("mlfactory.training.train", [*spec.arguments(), "--device", "cuda" if gpu else "cpu",
                                                                "--threads", str(threads)])
         env = {**LOOPBACK_ENV, **os.environ, **spec.environment, "PYTHONUNBUFFERED": "1"}
         self.log.info("training job %s: %d process(es), max runtime %ds\n  %s", spec.name, processes, spec.max_runtime_s,
@@ -80,3 +89,20 @@ class LocalTrainingOperator(SpecOperator):
 
         if self._process is not None:
             stop_group(self._process, grace=10)
+
+
+class LocalBatchScoreOperator(SpecOperator):
+    """Scores a ``BatchJobSpec`` in this task, in chunks (``mlfactory.backends.local.scoring``)."""
+
+    ui_color = "#e3f1dc"
+
+    def execute(self, context) -> dict:
+        from mlfactory.backends.local.scoring import score
+        from mlfactory.config import load_config
+        from mlfactory.specs import BatchJobSpec
+
+        from mlfactory_airflow.outcomes import task_outcome
+
+        with task_outcome():
+            return score(load_config(), BatchJobSpec.model_validate(self.spec))
+

@@ -1,14 +1,15 @@
-"""The `gcp` backend's operators: Vertex AI training, the endpoint rollout and batch prediction.
+"""The `gcp` backend's clients and the adapters built on them.
 
-Every Vertex call goes through an ``aiplatform_v1`` client on the google provider's credentials
-(``clients.VertexConnection``). Long work never holds a worker slot: a job defers on a
-``VertexJobTrigger``, a long-running operation (model upload, endpoint creation, deploy, undeploy) on a
-``VertexOperationTrigger`` that resumes the operator's ``execute``, which looks at what exists and
-starts the next step, so a retry (or a resumed try) takes over where the last one stopped.
+Vertex AI clients on the google provider's credentials (``VertexConnection``), one place that makes them for
+operators, adapters and triggers alike. The provider's Vertex hooks build gRPC clients for the regional endpoint; these are the same
+``aiplatform_v1`` clients over REST (``transport="rest"``), with the connection's credentials
+(``GoogleBaseHook``: key file, workload identity, impersonation, or anonymous for an emulator) and the
+API host from ``gcp.api_endpoint`` (default ``REGION-aiplatform.googleapis.com``). One transport
+everywhere means the requests a test sends to a local fake are the requests Google receives.
 
-ml_train: ``VertexTrainingOperator`` (``train``) runs a ``TrainingJobSpec`` as a CustomJob.
+``VertexJobs``: ml_train's training job life cycle (``mlfactory_airflow.training``) as a Vertex CustomJob.
 
-ml_deploy's rollout (``mlfactory.rollout``: the same five steps and verdict as on every backend) on the Vertex
+ml_deploy's rollout (``mlfactory.serving.rollout``: the same five steps and verdict as on every backend) on the Vertex
 endpoint, through ``VertexEndpointAdapter``. Vertex's v1 ``predict`` (and ``rawPredict``) go by the endpoint's
 traffic split: no request field or header picks a deployed model (``X-Vertex-AI-Deployed-Model-Id`` is a
 response header; ``explain``'s ``deployed_model_id`` needs an explanation spec; ``deployedModels/*/invoke`` is
@@ -25,18 +26,56 @@ a preview for dedicated endpoints that disables ``predict``). So:
   ``serving.canary_wait_s`` (deferred), ``canary_requests`` holdout rows through the endpoint.
 - ``full_traffic``: all traffic to the version, the old deployed models undeployed.
 - ``restore`` (ml_deploy's ``rollback``): the old traffic split back, the new deployed model undeployed.
-
-ml_batch_score: ``VertexBatchPredictionOperator`` (``score``) runs a ``BatchJobSpec`` as a BatchPredictionJob.
 """
 
 from __future__ import annotations
 
-from functools import cached_property
+from dataclasses import asdict, dataclass
 
-from mlfactory.deployment import DeploymentFailed, read_endpoint_state
-from mlfactory.rollout import EndpointAdapter, Wait
-from mlfactory_airflow.backends import CloudSpecOperator
-from mlfactory_airflow.training import CloudTrainingOperator, JobAdapter, taken_over
+from mlfactory.serving.deployment import DeploymentFailed, read_endpoint_state
+from mlfactory.serving.rollout import EndpointAdapter, Wait
+
+from mlfactory_airflow.backends.gcp import links
+from mlfactory_airflow.training import JobAdapter
+
+SERVICES = {"job": "JobServiceClient", "endpoint": "EndpointServiceClient", "model": "ModelServiceClient",
+            "prediction": "PredictionServiceClient"}
+
+
+@dataclass(frozen=True)
+class VertexConnection:
+    """What a client needs, small enough to travel in a trigger's serialized kwargs."""
+
+    conn_id: str
+    region: str
+    api_endpoint: str = ""
+
+    @classmethod
+    def of(cls, settings) -> VertexConnection:
+        return cls(settings.conn_id, settings.region, settings.api_endpoint)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def client(self, service: str):
+        """An aiplatform_v1 client of ``service`` (job, endpoint, model, prediction)."""
+        from airflow.providers.google.common.hooks.base_google import GoogleBaseHook
+        from google.cloud import aiplatform_v1
+
+        credentials = GoogleBaseHook(gcp_conn_id=self.conn_id).get_credentials()
+        host = self.api_endpoint or f"{self.region}-aiplatform.googleapis.com"
+        return getattr(aiplatform_v1, SERVICES[service])(credentials=credentials, transport="rest",
+                                                         client_options={"api_endpoint": host})
+
+
+def not_found(call, *args, **kwargs):
+    """``call(*args, **kwargs)``, or None when Vertex answers 404."""
+    from google.api_core.exceptions import NotFound
+
+    try:
+        return call(*args, **kwargs)
+    except NotFound:
+        return None
 
 
 def model_name(settings, model) -> str:
@@ -49,68 +88,14 @@ def model_name(settings, model) -> str:
 def upload_model(client, cfg, model, log):
     """The operation uploading ``model`` (a ModelRef) to the Vertex Model Registry, or None when it is there."""
     from mlfactory.backends.gcp.vertex import upload_model_request
-    from mlfactory_airflow.backends.gcp.clients import not_found
+
+    from mlfactory_airflow.backends.gcp.hooks import not_found
 
     if not_found(client.get_model, name=model_name(cfg.backend, model)) is not None:
         return None
     environment = {"MLFACTORY_PREDICTION_LOG_URI": cfg.storage.prediction_log_uri}
     log.info("uploading v%s (%s) to the Vertex Model Registry", model.version, model.uri)
     return client.upload_model(request=upload_model_request(model, cfg.backend, environment))
-
-
-class VertexBaseOperator(CloudSpecOperator):
-    """The `gcp` config section, Vertex clients, and deferring on Vertex's jobs and operations."""
-
-    ui_color = "#d2e3fc"
-    backend, platform = "gcp", "a Vertex AI operator"
-
-    @cached_property
-    def connection(self):
-        from mlfactory_airflow.backends.gcp.clients import VertexConnection
-
-        return VertexConnection.of(self.settings)
-
-    def client(self, service: str):
-        return self.connection.client(service)
-
-    def wait_for_operation(self, operation, service: str, what: str, timeout_s: int = 3600, **resume) -> None:
-        """Defer until ``operation`` (a google.api_core Operation) is done, then resume ``execute(**resume)``."""
-        from mlfactory_airflow.backends.gcp.triggers import VertexOperationTrigger
-
-        name = operation.operation.name
-        self.log.info("%s: waiting for operation %s", what, name)
-        self.defer(trigger=VertexOperationTrigger(name, self.connection.to_dict(), service=service,
-                                                  poll_interval=self.poll_interval, timeout_s=timeout_s),
-                   method_name="execute", kwargs={**resume, "waited_for": what})
-
-    def wait_for_job(self, name: str, timeout_s: int, **resume) -> None:
-        from mlfactory_airflow.backends.gcp.triggers import VertexJobTrigger
-
-        self.defer(trigger=VertexJobTrigger(name, self.connection.to_dict(), poll_interval=self.poll_interval,
-                                            timeout_s=timeout_s),
-                   method_name="execute_complete", kwargs={"job": name, **resume})
-
-    @staticmethod
-    def raise_for(event: dict | None, what: str | None) -> None:
-        """After a deferral: fail on an operation that failed or timed out, naming it and Vertex's error."""
-        from airflow.sdk.exceptions import AirflowException
-
-        if event and event.get("state") not in (None, "succeeded"):
-            raise AirflowException(f"{what or 'a Vertex AI operation'} {event['state']} ({event['name']}): "
-                                   f"{event.get('detail')}")
-
-    def earlier_job(self, list_jobs, name: str):
-        """The latest job an earlier try started for ``name`` (found by its label): (its name, its JobStatus) or None."""
-        from mlfactory.backends.gcp.vertex import job_filter, job_status, parent
-
-        earlier = sorted(list_jobs(request={"parent": parent(self.settings), "filter": job_filter(name)}),
-                         key=lambda j: j.create_time.timestamp() if j.create_time else 0)
-        return (earlier[-1].name, job_status(earlier[-1])) if earlier else None
-
-    def start_or_take_over(self, create, list_jobs, name: str, try_number: int) -> str:
-        """The job an earlier try started for ``name`` when it is running or succeeded, else a new one from
-        ``create()``. Returns its resource name."""
-        return taken_over(self.earlier_job(list_jobs, name), "Vertex job", self.log, try_number) or create().name
 
 
 class VertexJobs(JobAdapter):
@@ -155,20 +140,16 @@ class VertexJobs(JobAdapter):
         metrics = storage.join(model_dir(spec.output_uri), METRICS_FILE)
         if not storage.exists(metrics):
             raise FileNotFoundError(f"Vertex AI custom job {job} succeeded but left no {metrics}: did it run the "
-                                    "mlfactory.train entrypoint?")
+                                    "mlfactory.training.train entrypoint?")
         return training_result(storage.read_bytes(metrics), spec.output_uri, job)
+
+    def console_url(self, job: str) -> str:
+        return links.custom_job(self.settings, job)
 
     def cancel(self, job: str) -> None:
         from mlfactory_airflow.backends.gcp.triggers import cancel_job
 
         cancel_job(self.operator.client("job"), job, self.log)
-
-
-class VertexTrainingOperator(CloudTrainingOperator, VertexBaseOperator):
-    """A TrainingJobSpec as a Vertex AI CustomJob (``mlfactory_airflow.training``'s life cycle); returns the
-    entrypoint's metrics.json (from AIP_MODEL_DIR)."""
-
-    adapter_class = VertexJobs
 
 
 def _same_model(deployed: str, model: str) -> bool:
@@ -183,8 +164,11 @@ class VertexEndpointAdapter(EndpointAdapter):
     the served one. The plan's ``new`` is the version's Vertex model id; ``old`` and ``serving`` name deployed
     models of the endpoint."""
 
+    def console_url(self, plan: dict) -> str:
+        return links.endpoint(self.settings, plan["endpoint"])
+
     def __init__(self, cfg, spec, poll_interval: int | None = None) -> None:
-        from mlfactory_airflow.backends.gcp.clients import VertexConnection
+        from mlfactory_airflow.backends.gcp.hooks import VertexConnection
 
         super().__init__(cfg, spec, poll_interval)
         self.connection = VertexConnection.of(self.settings)
@@ -206,7 +190,8 @@ class VertexEndpointAdapter(EndpointAdapter):
     def _endpoint(self, staging: bool = False):
         """The (staging) endpoint, or the Wait for its creation."""
         from mlfactory.backends.gcp import vertex
-        from mlfactory_airflow.backends.gcp.clients import not_found
+
+        from mlfactory_airflow.backends.gcp.hooks import not_found
 
         client, name = self.client("endpoint"), vertex.endpoint_name(self.spec, self.settings, staging)
         endpoint = not_found(client.get_endpoint, name=name)
@@ -306,7 +291,7 @@ class VertexEndpointAdapter(EndpointAdapter):
         return None
 
     def _undeploy_staging(self, plan: dict, wait: bool = True) -> Wait | None:
-        from mlfactory_airflow.backends.gcp.clients import not_found
+        from mlfactory_airflow.backends.gcp.hooks import not_found
 
         client = self.client("endpoint")
         staging = not_found(client.get_endpoint, name=plan["staging"]) if plan.get("staging") else None
@@ -363,51 +348,3 @@ class VertexEndpointAdapter(EndpointAdapter):
             operation = client.undeploy_model(endpoint=plan["endpoint"], deployed_model_id=new, traffic_split=before)
             self.log.info("undeploying the new deployed model %s (operation %s)", new, operation.operation.name)
 
-
-class VertexBatchPredictionOperator(VertexBaseOperator):
-    """A BatchJobSpec as a Vertex BatchPredictionJob over JSON Lines instances of the curated snapshots."""
-
-    def execute(self, context, event: dict | None = None, waited_for: str | None = None) -> None:
-        from mlfactory import storage
-        from mlfactory.backends.gcp import vertex
-        from mlfactory.backends.gcp.instances import write_instances
-        from mlfactory.batch_scoring import batch_uri
-        from mlfactory.specs import BatchJobSpec
-        from mlfactory_airflow.outcomes import task_outcome
-
-        self.raise_for(event, waited_for)
-        spec, cfg = BatchJobSpec.model_validate(self.spec), self.config
-        operation = upload_model(self.client("model"), cfg, spec.model, self.log)
-        if operation is not None:
-            return self.wait_for_operation(operation, "model", f"upload of v{spec.model.version}")
-        client = self.client("job")
-
-        def create():
-            with task_outcome():
-                files, excluded = write_instances(cfg, spec, storage.join(batch_uri(cfg), "_instances", f"run={spec.name}"))
-                job = vertex.batch_prediction_job(spec.name, model_name(self.settings, spec.model), files, spec, self.settings,
-                                                  excluded)
-            self.log.info("batch prediction of v%s over %d instance file(s) -> %s", spec.model.version, len(files),
-                          spec.output_uri)
-            return client.create_batch_prediction_job(parent=vertex.parent(self.settings), batch_prediction_job=job)
-
-        name = self.start_or_take_over(create, client.list_batch_prediction_jobs, spec.name, context["ti"].try_number)
-        self.wait_for_job(name, spec.max_runtime_s)
-
-    def execute_complete(self, context, event: dict | None = None, job: str = "") -> dict:
-        from airflow.sdk.exceptions import AirflowException
-
-        from mlfactory.backends.gcp.vertex import job_status
-        from mlfactory.batch_scoring import complete
-        from mlfactory.specs import BatchJobSpec
-
-        spec = BatchJobSpec.model_validate(self.spec)
-        described = self.client("job").get_batch_prediction_job(name=job)
-        status = job_status(described)
-        if status.state != "succeeded":
-            raise AirflowException(f"Vertex batch prediction job {job} {status.state}: {status.detail}")
-        complete(self.config, spec)
-        stats = described.completion_stats
-        return {"uri": spec.output_uri, "version": spec.model.version, "job": job, "snapshots": spec.snapshots,
-                "inputs": spec.inputs, "output": described.output_info.gcs_output_directory,
-                "rows": stats.successful_count, "failed_rows": stats.failed_count}

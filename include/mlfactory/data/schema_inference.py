@@ -33,8 +33,8 @@ import yaml
 
 from mlfactory import BadInput, storage
 from mlfactory.dataset import ColumnSpec, DatasetSpec
-from mlfactory.ingest import Manifest, detect_format
-from mlfactory.backends.local.local_airflow import PROJECT
+from mlfactory.data.ingest import Manifest, detect_format
+from mlfactory.config import PROJECT
 
 SAMPLE_ROWS = 200_000
 MAX_CLASSES = 50  # a target with more distinct values than this is not taken for a classification label
@@ -102,7 +102,7 @@ def _manifest(path: str, delimiter: str | None) -> Manifest:
 
 def read_sample(files: list[str], rows: int, delimiter: str) -> dict[str, pa.ChunkedArray]:
     """Up to ``rows`` rows of each file, by column (the union of the files' columns, in first-seen order)."""
-    from mlfactory.etl import READERS, ReadOptions
+    from mlfactory.data.etl import READERS, ReadOptions
 
     columns: dict[str, list[pa.Array]] = {}
     for path in files:
@@ -117,7 +117,7 @@ def read_sample(files: list[str], rows: int, delimiter: str) -> dict[str, pa.Chu
 
 
 def _parses_as(text: pa.Array, kind: str) -> bool:
-    from mlfactory.etl import parse_column
+    from mlfactory.data.etl import parse_column
 
     _, problems = parse_column(text, ColumnSpec(name="x", type=kind))
     return not any(mask.any() for mask in problems.values())
@@ -164,7 +164,7 @@ def profile(name: str, values: pa.ChunkedArray) -> Column:
         kind, column.note = "string", "an identifier (every value distinct): not a feature"
     column.type = kind
     if kind in ("integer", "float", "datetime") and pairs:
-        from mlfactory.etl import parse_column
+        from mlfactory.data.etl import parse_column
 
         typed = unique if _typed_kind(unique.type) else parse_column(unique, ColumnSpec(name=name, type=kind))[0]
         bounds = pc.min_max(typed)
@@ -201,7 +201,7 @@ def _is_row_number(column: Column) -> bool:
 
 def _all_values(files: list[str], name: str, delimiter: str) -> list:
     """Every distinct value of one column over the whole of every file (the target's classes)."""
-    from mlfactory.etl import READERS, ReadOptions
+    from mlfactory.data.etl import READERS, ReadOptions
 
     seen: set = set()
     for path in files:

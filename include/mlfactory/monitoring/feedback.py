@@ -44,7 +44,7 @@ def read_label_file(obj: storage.ObjectInfo, cfg: PipelineConfig) -> pd.DataFram
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
-    from mlfactory.etl import parse_column
+    from mlfactory.data.etl import parse_column
 
     target = cfg.dataset.column(cfg.dataset.target)
     name = obj.key.lower()

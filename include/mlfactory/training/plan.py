@@ -10,7 +10,7 @@ per trial of the hyperparameter search, and which trial becomes the candidate.
   with a name that is stable across retries, its own output and checkpoint folders, and MLflow tags
   that say why the run started.
 - ``select_best``: the trial with the best validation metric, or the blend of the best trial of each
-  model family when that scores better on the same validation rows (``mlfactory.blend``).
+  model family when that scores better on the same validation rows (``mlfactory.training.blend``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def started_by(drift_events: list[dict], curated_events: int, run_type: str) -> 
 def prepare(cfg: PipelineConfig, reason: str, drifted_features: list[str]) -> dict:
     """The training set of this run, or ``NothingToDo``."""
     from mlfactory.registry import CHAMPION, TRAINING_SET_TAG, Registry
-    from mlfactory.training_data import NoTrainingData, prepare_training_set, require_curated
+    from mlfactory.training.data import NoTrainingData, prepare_training_set, require_curated
 
     try:
         require_curated(cfg)
@@ -138,7 +138,7 @@ def select_best(cfg: PipelineConfig, prepared: dict, results: list[dict | None],
     """The candidate: the trial whose validation metric is best (higher is better), or with
     ``training.blend`` the blend of the best trial of each family when it is better still; the ranking
     is printed."""
-    from mlfactory.blend import blend
+    from mlfactory.training.blend import blend
 
     done = [r for r in results if r and r.get("value") is not None]
     if not done:

@@ -22,7 +22,7 @@ import logging
 from mlfactory import storage
 from mlfactory.specs import MODEL_FILE, VALIDATION_FILE
 
-log = logging.getLogger("mlfactory.blend")
+log = logging.getLogger("mlfactory.training.blend")
 
 WEIGHTS = [i / 20 for i in range(21)]  # the first member's weight; the second has the rest
 MEMBERS_TAG = "mlfactory.blend_of"
@@ -121,7 +121,7 @@ def _write_and_log(cfg, prepared: dict, members, bundles, weights: dict[str, flo
 
     from mlfactory.dataset import DatasetSpec
     from mlfactory.tabular import save_blend
-    from mlfactory.tracking import log_pyfunc, start_run
+    from mlfactory.training.tracking import log_pyfunc, start_run
 
     dataset = DatasetSpec.model_validate(bundles[0]["dataset"])
     filesystem, root = storage.pyarrow_filesystem(prepared["training_set"]["uri"])

@@ -1,7 +1,12 @@
-"""The `aws` backend's SageMaker pieces: the endpoint adapter of ml_deploy's rollout, the batch transform
+"""The `aws` backend's clients and the adapters built on them (the amazon provider's SageMakerHook, and
+the base AWS hook for Application Auto Scaling, CloudWatch and sagemaker-runtime).
+
+``SageMakerJobs``: ml_train's training job life cycle (``mlfactory_airflow.training``) on SageMaker.
+
+ml_deploy's rollout, the batch transform
 operator, and what every SageMaker operator shares.
 
-ml_deploy's rollout (``mlfactory.rollout``: the same five steps and verdict as on every backend) on a
+ml_deploy's rollout (``mlfactory.serving.rollout``: the same five steps and verdict as on every backend) on a
 SageMaker endpoint, through ``SageMakerEndpointAdapter``, each variant named ``v<version>``:
 
 - ``stage``: the version's SageMaker Model; the endpoint created on it, or updated (blue/green, rolled back
@@ -18,24 +23,16 @@ SageMaker endpoint, through ``SageMakerEndpointAdapter``, each variant named ``v
   target-tracking policy on invocations per instance.
 - ``restore`` (ml_deploy's ``rollback``): the weights back on the old variant and the endpoint back on the
   config it served before.
-
-ml_batch_score's step (a ``BatchJobSpec``):
-
-- ``SageMakerTransformOperator`` (``score``): a batch transform job over the curated snapshots not
-  scored yet (a manifest file lists their files), each file sent whole to the model server as
-  Parquet; the answers land under the spec's output prefix.
-
-All are built on the amazon provider: SageMakerHook for SageMaker, the base AWS hook for
-Application Auto Scaling and CloudWatch alarms, sagemaker-runtime for the smoke test and the canary, and the
-provider's SageMakerTrigger while a job or endpoint is busy.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
 
-from mlfactory.rollout import EndpointAdapter, Wait
-from mlfactory_airflow.backends import CloudSpecOperator
+from mlfactory.serving.rollout import EndpointAdapter, Wait
+
+from mlfactory_airflow.backends.aws import links
+from mlfactory_airflow.training import JobAdapter
 
 
 def sagemaker_hook(settings):
@@ -78,64 +75,83 @@ def retry_name(base: str, try_number: int) -> str:
     return job_name(f"{base[:56]}-a{try_number}")
 
 
-def job_trigger(settings, name: str, job_type: str, max_wait_s: int, waiter_delay: int, trigger_class=None):
-    """A SageMakerJobTrigger (or a subclass) polling ``name`` every ``waiter_delay`` s for up to ``max_wait_s``."""
-    from mlfactory_airflow.backends.aws.sagemaker_trigger import SageMakerJobTrigger
+def stop_training_job(hook, job_name: str, log) -> None:
+    """Best effort: a job already finished (or a call that fails) is logged, never raised."""
+    try:
+        hook.conn.stop_training_job(TrainingJobName=job_name)
+        log.info("stopped SageMaker training job %s", job_name)
+    except Exception as err:  # noqa: BLE001 - killing must not fail on an already finished job
+        log.warning("could not stop SageMaker training job %s: %s", job_name, err)
 
-    return (trigger_class or SageMakerJobTrigger)(
-        job_name=name, job_type=job_type, waiter_delay=waiter_delay, waiter_max_attempts=max(1, max_wait_s // waiter_delay),
-        aws_conn_id=settings.conn_id, region_name=settings.region)
 
+class SageMakerJobs(JobAdapter):
+    platform = "SageMaker training job"
 
-class SageMakerBaseOperator(CloudSpecOperator):
-    """The pipeline config's `aws` section, the provider's SageMakerHook, and finding earlier work."""
+    def prepare(self, spec, try_number: int) -> str:
+        from mlfactory.backends.aws.sagemaker import check_training_budget, create_training_job_request
 
-    ui_color = "#ffe9c7"
-    backend, platform = "aws", "a SageMaker operator"
+        estimate = check_training_budget(spec, self.settings)
+        self.log.info("training job %s: %s", spec.name, estimate)
+        self.request = create_training_job_request(spec, self.settings)
+        return f"{spec.nodes} x {self.request['ResourceConfig']['InstanceType']}"
 
-    def __init__(self, *, waiter_delay: int | None = None, **kwargs) -> None:
-        super().__init__(poll_interval=waiter_delay, **kwargs)
+    def find_earlier(self, spec, try_number: int):
+        from mlfactory.backends.aws.sagemaker import training_status
 
-    @property
-    def waiter_delay(self) -> int:
-        """Seconds between two checks of a deferred job (``aws.poll_interval_s``), as the amazon provider's
-        triggers call it."""
-        return self.poll_interval
+        earlier = self.operator.earlier_job(self.request["TrainingJobName"], "TrainingJobName", "describe_training_job",
+                                            try_number)
+        return earlier and (earlier[0], training_status(earlier[1]))
 
-    @cached_property
-    def hook(self):
-        return sagemaker_hook(self.settings)
-
-    def describe(self, operation: str, **name) -> dict | None:
-        return describe(self.hook, operation, **name)
-
-    def earlier_job(self, base: str, name_field: str, describe: str, try_number: int) -> tuple[str, dict] | None:
-        """The latest job an earlier try started: ``<base>``, or ``<base>-a<n>`` that a later try started after a
-        failed one; (its name, its description) or None."""
-        names = [retry_name(base, n) for n in range(try_number, 1, -1)] + [base]  # the latest try first
-        return next(((n, d) for n in names if (d := self.describe(describe, **{name_field: n})) is not None), None)
-
-    def start_or_take_over(self, request: dict, name_field: str, describe: str, status, create: str, try_number: int) -> str:
-        """Create the job in ``request`` unless an earlier try's job is running or done: then take the latest of
-        them over. After a failed or stopped one, start ``<name>-a<try>``. Returns the job's name."""
-        from mlfactory_airflow.training import taken_over
-
-        base = request[name_field]
-        earlier = self.earlier_job(base, name_field, describe, try_number)
-        earlier = earlier and (earlier[0], status(earlier[1]))
-        found = taken_over(earlier, "SageMaker job", self.log, try_number)
-        if found:
-            return found
+    def submit(self, spec, try_number: int, earlier: str | None) -> str:
+        hook = self.operator.hook
+        hook.check_training_config(self.request)  # the provider's own check: the input channels exist in S3
+        base = self.request["TrainingJobName"]
         name = retry_name(base, try_number) if earlier else base
-        getattr(self.hook.conn, create)(**{**request, name_field: name})
+        hook.conn.create_training_job(**{**self.request, "TrainingJobName": name})
         return name
 
-    def trigger(self, name: str, job_type: str, max_wait_s: int, trigger_class=None):
-        return job_trigger(self.settings, name, job_type, max_wait_s, self.waiter_delay, trigger_class)
+    def trigger(self, job: str, timeout_s: int):
+        from mlfactory_airflow.backends.aws.sagemaker_triggers import SageMakerTrainingJobTrigger
+
+        return self.operator.trigger(job, "Training", timeout_s, SageMakerTrainingJobTrigger)
+
+    def status(self, job: str):
+        from mlfactory.backends.aws.sagemaker import training_status
+
+        self.described = self.operator.hook.describe_training_job(job)
+        return training_status(self.described)
+
+    def result(self, job: str, spec, event: dict | None) -> dict:
+        """The job's model.tar.gz unpacked next to it: model.pt and metrics.json under ``output_uri``."""
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from mlfactory.backends.aws.sagemaker import training_result, training_status
+
+        artifact = training_status(self.described).artifact
+        if not artifact:
+            raise ValueError(f"SageMaker training job {job} completed without a model artifact")
+        s3 = S3Hook(aws_conn_id=self.settings.conn_id, region_name=self.settings.region)
+        bucket, key = S3Hook.parse_s3_url(artifact)
+        if not s3.check_for_key(key, bucket):
+            raise FileNotFoundError(f"SageMaker training job {job} completed, but its model artifact {artifact} is "
+                                    "not in S3; a retry takes the job over and looks again")
+        result, files = training_result(s3.get_key(key, bucket).get()["Body"].read(), spec.output_uri, job, artifact)
+        out_bucket, out_key = S3Hook.parse_s3_url(spec.output_uri)
+        for filename, data in files.items():
+            s3.load_bytes(data, key=f"{out_key.rstrip('/')}/{filename}", bucket_name=out_bucket, replace=True)
+        return result
+
+    def console_url(self, job: str) -> str:
+        return links.training_job(self.settings, job)
+
+    def cancel(self, job: str) -> None:
+        stop_training_job(self.operator.hook, job, self.log)
 
 
 class SageMakerEndpointAdapter(EndpointAdapter):
     """ml_deploy's rollout on the pipeline's SageMaker endpoint (see the module's docstring)."""
+
+    def console_url(self, plan: dict) -> str:
+        return links.endpoint(self.settings, plan["endpoint"])
 
     def __init__(self, cfg, spec, poll_interval: int | None = None) -> None:
         super().__init__(cfg, spec, poll_interval)
@@ -167,13 +183,15 @@ class SageMakerEndpointAdapter(EndpointAdapter):
 
     def wait(self, endpoint: str, config: str, **resume) -> Wait:
         """Until ``endpoint`` is out of its update to ``config``."""
+        from mlfactory_airflow.backends.aws.sagemaker_triggers import job_trigger
+
         trigger = job_trigger(self.settings, endpoint, "endpoint", 2 * 3600 + self.spec.canary_wait_s, self.waiter_delay)
         return Wait(f"endpoint {endpoint} moving to {config}", operation=trigger, resume={"config": config, **resume})
 
     def check_on(self, plan: dict, config: str) -> None:
         """The endpoint, out of its update, serves ``config``: else SageMaker rolled it back (or it failed)."""
         from mlfactory.backends.aws.sagemaker import endpoint_state
-        from mlfactory.deployment import DeploymentFailed
+        from mlfactory.serving.deployment import DeploymentFailed
 
         status = endpoint_state(self.hook.conn.describe_endpoint(EndpointName=plan["endpoint"]), config)
         if status.state != "succeeded":
@@ -187,7 +205,7 @@ class SageMakerEndpointAdapter(EndpointAdapter):
         from datetime import datetime, timezone
 
         from mlfactory.backends.aws import sagemaker
-        from mlfactory.deployment import read_endpoint_state
+        from mlfactory.serving.deployment import read_endpoint_state
 
         if plan:  # the endpoint's creation or update is over
             self.check_on(plan, config)
@@ -335,45 +353,3 @@ class SageMakerEndpointAdapter(EndpointAdapter):
                                                                 self.spec.rollback_alarms))
             self.log.info("endpoint %s going back to %s (blue/green)", plan["endpoint"], plan["previous_config"])
 
-
-class SageMakerTransformOperator(SageMakerBaseOperator):
-    """Score ``spec`` (a BatchJobSpec) with a batch transform job on the version's SageMaker Model."""
-
-    def execute(self, context) -> None:
-        import hashlib
-
-        from mlfactory import storage
-        from mlfactory.backends.aws import sagemaker
-        from mlfactory.batch_scoring import batch_uri
-        from mlfactory.specs import BatchJobSpec
-
-        spec, cfg = BatchJobSpec.model_validate(self.spec), self.config
-        if spec.snapshots:  # exactly the files of the snapshots not scored yet
-            files = [o.uri for uri in spec.inputs.values() for o in storage.list_objects(uri) if o.key.endswith(".parquet")]
-            source = storage.join(batch_uri(cfg), "_manifests", f"run={spec.name}.json")
-            storage.write_bytes(source, sagemaker.transform_manifest(cfg.storage.curated_uri, files))
-        else:
-            (source,) = spec.inputs.values()
-        model = ensure_model(self.hook, self.config, spec.model, self.log)
-        name = sagemaker.job_name(f"{model[:40]}-batch-{hashlib.sha1(spec.name.encode()).hexdigest()[:12]}")
-        request = sagemaker.transform_job_request(name, model, source, spec, self.settings, manifest=bool(spec.snapshots))
-        name = self.start_or_take_over(request, "TransformJobName", "describe_transform_job", sagemaker.transform_status,
-                                       "create_transform_job", context["ti"].try_number)
-        self.log.info("batch transform %s: v%s over %s -> %s", name, spec.model.version, source, spec.output_uri)
-        self.defer(trigger=self.trigger(name, "transform", spec.max_runtime_s), method_name="execute_complete",
-                   kwargs={"job": name})
-
-    def execute_complete(self, context, event: dict | None = None, job: str = "") -> dict:
-        from airflow.sdk.exceptions import AirflowException
-
-        from mlfactory.backends.aws import sagemaker
-        from mlfactory.batch_scoring import complete
-        from mlfactory.specs import BatchJobSpec
-
-        spec = BatchJobSpec.model_validate(self.spec)
-        status = sagemaker.transform_status(self.hook.conn.describe_transform_job(TransformJobName=job))
-        if status.state != "succeeded":
-            raise AirflowException(f"SageMaker transform job {job} {status.state}: {status.detail}")
-        complete(self.config, spec)
-        return {"uri": spec.output_uri, "version": spec.model.version, "job": job, "snapshots": spec.snapshots,
-                "inputs": spec.inputs}

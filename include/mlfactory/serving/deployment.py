@@ -1,9 +1,9 @@
 """What ml_deploy shares on every backend: the version to deploy, its ``EndpointSpec``, the endpoint's
 state in the bucket, and alias ``champion`` put back after a failed rollout.
 
-Every backend rolls the spec out through the same steps and verdict (``mlfactory.rollout``) with its own
+Every backend rolls the spec out through the same steps and verdict (``mlfactory.serving.rollout``) with its own
 endpoint adapter; all of them record the outcome in ``<bucket>/_mlfactory/endpoint/endpoint.json`` (what is served, where, the last
-failure) and as tags ``mlfactory.deployment*`` on the model version in MLflow.
+failure) and as tags ``mlfactory.serving.deployment*`` on the model version in MLflow.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def restore_after_failure(cfg: PipelineConfig, version: str | None) -> dict:
 
 
 def tag_version(cfg: PipelineConfig, version: str, tags: dict) -> None:
-    """Deployment tags (``mlfactory.deployment*``) on the model version in MLflow."""
+    """Deployment tags (``mlfactory.serving.deployment*``) on the model version in MLflow."""
     from mlflow import MlflowClient
 
     client = MlflowClient(cfg.mlflow.tracking_uri)
@@ -110,7 +110,7 @@ def served(cfg: PipelineConfig, version: str, endpoint: str, tags: dict | None =
 def holdout_requests(cfg: PipelineConfig, n: int) -> list[dict]:
     """``n`` rows of the frozen holdout as a JSON caller sends them (smoke tests, canary traffic, examples)."""
     from mlfactory.features import to_wire
-    from mlfactory.training_data import frozen_holdout, read_holdout
+    from mlfactory.training.data import frozen_holdout, read_holdout
 
     holdout = frozen_holdout(cfg)
     if holdout is None:

@@ -16,7 +16,7 @@ import re
 from mlfactory import NothingToDo, storage
 from mlfactory.config import PipelineConfig
 from mlfactory.specs import BatchJobSpec, BatchSizing, sizing
-from mlfactory.training_data import curated_snapshots
+from mlfactory.training.data import curated_snapshots
 
 
 def batch_uri(cfg: PipelineConfig) -> str:
@@ -46,7 +46,7 @@ def unscored(cfg: PipelineConfig, key: str) -> dict[str, str]:
 def plan(cfg: PipelineConfig, run_id: str, version: str | None = None, input_uri: str | None = None) -> BatchJobSpec:
     """The batch job of run ``run_id``: ``version`` (else the champion) over ``input_uri`` (else the curated
     snapshots not scored yet). ``NothingToDo`` when there is no champion or nothing new to score."""
-    from mlfactory.deployment import model_ref
+    from mlfactory.serving.deployment import model_ref
     from mlfactory.registry import CHAMPION, Registry
 
     version = version or Registry(cfg).alias_version(CHAMPION)

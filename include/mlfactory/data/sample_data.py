@@ -4,7 +4,7 @@ Numeric, categorical, boolean and datetime features; the target depends on them 
 model with noise, so a model can learn it but not perfectly. ``drift`` shifts the feature
 distributions (older, richer customers, more support calls, other plans) to simulate data drift.
 
-    python -m mlfactory.sample_data --rows 1000000 --drift 0.0 landing/customers.csv
+    python -m mlfactory.data.sample_data --rows 1000000 --drift 0.0 landing/customers.csv
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ def land_and_curate(cfg, rows: int, seed: int = 1) -> None:
     import tempfile
 
     from mlfactory import storage
-    from mlfactory.etl import curate_snapshot
-    from mlfactory.ingest import ingest_object
+    from mlfactory.data.etl import curate_snapshot
+    from mlfactory.data.ingest import ingest_object
 
     landed = storage.join(cfg.storage.landing_uri, f"sample-{seed}.csv")
     if storage.is_local(landed):
