@@ -10,7 +10,6 @@ output, never duplicates it.
 
 from __future__ import annotations
 
-from datetime import datetime
 
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
@@ -29,8 +28,7 @@ with DAG(
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable(cfg.batch_scoring.schedule, timezone="UTC"), assets=assets.champion
     ),
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
+    catchup=False,  # and no start_date: a time schedule first runs at its next tick, not at the DAG's first parse
     max_active_runs=1,
     tags=["mlfactory", "batch"],
     doc_md=f"{__doc__}\n**This pipeline's backend, `{cfg.backend.name}`:** {backend.batch_doc}",

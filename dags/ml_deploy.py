@@ -14,7 +14,6 @@ the run ends failed.
 
 from __future__ import annotations
 
-from datetime import datetime
 
 from airflow.sdk import DAG, Param, TaskGroup, chain, task
 
@@ -30,7 +29,6 @@ with DAG(
     dag_id="ml_deploy",
     description="Roll the champion out to the real-time endpoint: health check, smoke test, canary, full traffic",
     schedule=[assets.champion],
-    start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,  # one rollout at a time
     tags=["mlfactory", "deploy"],

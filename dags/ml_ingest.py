@@ -12,7 +12,7 @@ so two runs never take the same object. The objects are shared among up to ``ing
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from airflow.sdk import DAG, Param, task
 
@@ -27,8 +27,7 @@ with DAG(
     dag_id="ml_ingest",
     description="Snapshot newly landed objects into the raw zone, addressed by content hash",
     schedule=events_or_sweep(cfg, assets.landing),
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
+    catchup=False,  # and no start_date: a time schedule first runs at its next tick, not at the DAG's first parse
     max_active_runs=1,
     tags=["mlfactory", "ingest"],
     doc_md=__doc__,

@@ -15,7 +15,6 @@ performance), the drifted features and their scores, which schedules ml_train: d
 
 from __future__ import annotations
 
-from datetime import datetime
 
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
@@ -31,8 +30,7 @@ with DAG(
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable(cfg.monitoring.schedule, timezone="UTC"), assets=assets.curated
     ),
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
+    catchup=False,  # and no start_date: a time schedule first runs at its next tick, not at the DAG's first parse
     max_active_runs=1,
     tags=["mlfactory", "monitor"],
     doc_md=__doc__,

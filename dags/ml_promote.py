@@ -9,7 +9,6 @@ With ``promotion.require_approval`` a person approves in the Airflow UI before t
 
 from __future__ import annotations
 
-from datetime import datetime
 
 from airflow.sdk import DAG, Param, chain, task
 
@@ -24,7 +23,6 @@ with DAG(
     dag_id="ml_promote",
     description="Register the candidate model and promote it to champion when it beats the current one",
     schedule=[assets.candidate],
-    start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,  # one alias move at a time
     tags=["mlfactory", "promote"],

@@ -13,7 +13,7 @@ config and can be changed per run in the trigger form; the backend is the config
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
@@ -34,8 +34,7 @@ with DAG(
         timetable=CronTriggerTimetable(defaults.schedule, timezone="UTC"),
         assets=(assets.curated | assets.drift_detected),
     ),
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
+    catchup=False,  # and no start_date: a time schedule first runs at its next tick, not at the DAG's first parse
     max_active_runs=1,
     tags=["mlfactory", "train"],
     doc_md=__doc__,

@@ -10,7 +10,7 @@ and `report` fails the run naming the expectation, column and count; the other s
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from airflow.sdk import DAG, Param, task
 
@@ -25,8 +25,7 @@ with DAG(
     dag_id="ml_validate",
     description="ETL raw snapshots to curated Parquet and validate them with Great Expectations",
     schedule=events_or_sweep(cfg, assets.raw),
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
+    catchup=False,  # and no start_date: a time schedule first runs at its next tick, not at the DAG's first parse
     max_active_runs=1,
     tags=["mlfactory", "validate"],
     doc_md=__doc__,

@@ -13,7 +13,6 @@ good model whose canary trips a rollback alarm is rolled back the same way.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 from pathlib import Path
@@ -24,28 +23,11 @@ import yaml
 from aws_iam import ACCOUNT, REGION, Call, Recording, policy, refused
 from conftest import aws_config_on_moto
 from sagemaker_runtime import SageMakerRuntime
+from task_runs import run_to_end
 from test_deployment import broken_model_uri
 
 BUCKET = "mlfactory-rollout"
 AIRFLOW_KEY = "AKIDAIRFLOWROLLOUT01"  # what the operators sign with: their requests in moto's recording
-
-
-def finish(operator, deferred):
-    """Run a deferred operator's trigger, then resume it as the triggerer would."""
-    async def first_event():
-        async for event in deferred.trigger.run():
-            return event.payload
-
-    return getattr(operator, deferred.method_name)({}, asyncio.run(first_event()), **(deferred.kwargs or {}))
-
-
-def run_step(operator):
-    from airflow.exceptions import TaskDeferred
-
-    try:
-        return operator.execute({})
-    except TaskDeferred as deferred:
-        return finish(operator, deferred)
 
 
 def rollout(cfg, version: str) -> dict:
@@ -60,8 +42,8 @@ def rollout(cfg, version: str) -> dict:
     spec = endpoint_spec(cfg, version).model_dump()
 
     def step(name: str, plan: dict | None = None):
-        return run_step(RolloutStepOperator(task_id=name, step=name, spec=spec, plan=plan, poll_interval=1,
-                                            adapter=backend.endpoint_adapter))
+        return run_to_end(RolloutStepOperator(task_id=name, step=name, spec=spec, plan=plan, poll_interval=1,
+                                              adapter=backend.endpoint_adapter))
 
     plan = step("stage")
     name = "stage"

@@ -89,7 +89,6 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
         assert curated_events and curated_events[-1]["extra"]["curated_rows"] == 2000
 
         # Asset `curated` -> ml_train: a 2-trial search, one mapped torchrun job per trial, in the pool.
-        # (A weekly run may also start when the DAG first appears: with no curated data yet it skips.)
         train = airflow.wait_for_run("ml_train", 1, timeout=600, run_type="asset_triggered")
         assert train["state"] == "success" and train["run_type"] == "asset_triggered"
         tis = {(t["task_id"], t["map_index"]): t["state"] for t in airflow.task_instances("ml_train", train["dag_run_id"])}
