@@ -11,11 +11,11 @@ output, never duplicates it.
 from __future__ import annotations
 
 
-from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
+from airflow.sdk import DAG, Param, task
 
 from mlfactory.config import load_config
 from mlfactory.storage import prefix_pattern
-from mlfactory_airflow.assets import pipeline_assets
+from mlfactory_airflow.assets import cron_or, pipeline_assets
 from mlfactory_airflow.backends import backend_for
 
 cfg = load_config()
@@ -25,10 +25,8 @@ backend = backend_for(cfg)
 with DAG(
     dag_id="ml_batch_score",
     description="Score new curated data with the champion into a predictions table",
-    schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(cfg.batch_scoring.schedule, timezone="UTC"), assets=assets.champion
-    ),
-    catchup=False,  # and no start_date: a time schedule first runs at its next tick, not at the DAG's first parse
+    schedule=cron_or(cfg.batch_scoring.schedule, assets.champion),
+    catchup=False,
     max_active_runs=1,
     tags=["mlfactory", "batch"],
     doc_md=f"{__doc__}\n**This pipeline's backend, `{cfg.backend.name}`:** {backend.batch_doc}",

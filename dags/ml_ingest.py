@@ -27,7 +27,7 @@ with DAG(
     dag_id="ml_ingest",
     description="Snapshot newly landed objects into the raw zone, addressed by content hash",
     schedule=events_or_sweep(cfg, assets.landing),
-    catchup=False,  # and no start_date: a time schedule first runs at its next tick, not at the DAG's first parse
+    catchup=False,
     max_active_runs=1,
     tags=["mlfactory", "ingest"],
     doc_md=__doc__,

@@ -16,10 +16,10 @@ performance), the drifted features and their scores, which schedules ml_train: d
 from __future__ import annotations
 
 
-from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
+from airflow.sdk import DAG, Param, task
 
 from mlfactory.config import load_config
-from mlfactory_airflow.assets import pipeline_assets
+from mlfactory_airflow.assets import cron_or, pipeline_assets
 
 cfg = load_config()
 assets = pipeline_assets(cfg)
@@ -27,10 +27,8 @@ assets = pipeline_assets(cfg)
 with DAG(
     dag_id="ml_monitor",
     description="Check new data and served traffic for drift against the champion's training data",
-    schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(cfg.monitoring.schedule, timezone="UTC"), assets=assets.curated
-    ),
-    catchup=False,  # and no start_date: a time schedule first runs at its next tick, not at the DAG's first parse
+    schedule=cron_or(cfg.monitoring.schedule, assets.curated),
+    catchup=False,
     max_active_runs=1,
     tags=["mlfactory", "monitor"],
     doc_md=__doc__,

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
+from airflow.sdk import DAG, Param, task
 
 from mlfactory.config import load_config
 from mlfactory.hyperparameters import CHOICES, SEARCHABLE, form_params
-from mlfactory_airflow.assets import pipeline_assets
+from mlfactory_airflow.assets import cron_or, pipeline_assets
 from mlfactory_airflow.backends import backend_for
 
 cfg = load_config()
@@ -30,11 +30,8 @@ defaults = cfg.training
 with DAG(
     dag_id="ml_train",
     description="Train the model with distributed PyTorch and a hyperparameter search; emit the best as a candidate",
-    schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(defaults.schedule, timezone="UTC"),
-        assets=(assets.curated | assets.drift_detected),
-    ),
-    catchup=False,  # and no start_date: a time schedule first runs at its next tick, not at the DAG's first parse
+    schedule=cron_or(defaults.schedule, assets.curated | assets.drift_detected),
+    catchup=False,
     max_active_runs=1,
     tags=["mlfactory", "train"],
     doc_md=__doc__,

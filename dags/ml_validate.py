@@ -25,7 +25,7 @@ with DAG(
     dag_id="ml_validate",
     description="ETL raw snapshots to curated Parquet and validate them with Great Expectations",
     schedule=events_or_sweep(cfg, assets.raw),
-    catchup=False,  # and no start_date: a time schedule first runs at its next tick, not at the DAG's first parse
+    catchup=False,
     max_active_runs=1,
     tags=["mlfactory", "validate"],
     doc_md=__doc__,

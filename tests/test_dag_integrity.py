@@ -157,6 +157,29 @@ def test_every_dag_has_typed_params_for_the_trigger_form():
             assert param.description, f"{dag.dag_id}.{name} has no description"
 
 
+def test_a_time_schedule_first_runs_at_its_next_tick_not_when_the_dag_first_appears(monkeypatch):
+    """No run for a tick just past: each DAG first parsed on Sunday 08:00:30, 5 hours after the weekly retraining's
+    03:00 tick (within the tenth of its period in which Airflow would otherwise run that tick at once), waits for its
+    next tick, as the scheduler computes it."""
+    import pendulum
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.serialization.encoders import coerce_to_core_timetable
+    from airflow.timetables import trigger
+    from airflow.timetables.base import TimeRestriction
+
+    monkeypatch.setattr(trigger, "utcnow", lambda: pendulum.datetime(2026, 12, 6, 8, 0, 30, tz="UTC"))
+    first = {}
+    for dag_id, dag in DagBag(dag_folder=str(DAGS[0].parent)).dags.items():
+        timetable = coerce_to_core_timetable(dag.timetable)
+        if timetable.periodic:
+            info = timetable.next_dagrun_info(last_automated_data_interval=None,
+                                              restriction=TimeRestriction(None, None, catchup=False))
+            first[dag_id] = info.run_after.isoformat()
+    assert first == {"ml_train": "2026-12-13T03:00:00+00:00", "ml_monitor": "2026-12-06T09:00:00+00:00",
+                     "ml_batch_score": "2026-12-07T04:00:00+00:00", "ml_ingest": "2026-12-06T08:30:00+00:00",
+                     "ml_validate": "2026-12-06T08:30:00+00:00"}
+
+
 BAD_TRAIN_PARAMS = [
     ("epochs", 0), ("epochs", "ten"), ("learning_rate", 0), ("learning_rate", 2.0), ("batch_size", 4),
     ("hidden_sizes", []), ("hidden_sizes", [0, 64]), ("hidden_sizes", "128,64"), ("processes", 0),

@@ -7,6 +7,7 @@ The landing Asset is watched by the configured backend's event trigger.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable
 
@@ -42,9 +43,17 @@ def pipeline_assets(cfg: PipelineConfig) -> PipelineAssets:
     )
 
 
+def cron_or(expression: str, assets) -> AssetOrTimeSchedule:
+    """``assets``' events, or the UTC cron ``expression``. Its first run is its next tick: left to Airflow, a DAG
+    that first appears within a tenth of the cron's period after a tick (16 hours of a weekly one) runs that past
+    tick at once, with nothing to do yet."""
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(expression, timezone="UTC", run_immediately=timedelta(0)),
+                               assets=assets)
+
+
 def events_or_sweep(cfg: PipelineConfig, asset: Asset):
     """The schedule of a DAG that takes every item not done yet (ml_ingest, ml_validate): ``asset``'s
     events, and the ``ingest.sweep_schedule`` sweep as the safety net under them."""
     if cfg.ingest.sweep_schedule is None:
         return [asset]
-    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cfg.ingest.sweep_schedule, timezone="UTC"), assets=asset)
+    return cron_or(cfg.ingest.sweep_schedule, asset)
