@@ -35,6 +35,13 @@ class Cluster:
     def world_size(self) -> int:
         return self.nodes * self.nproc_per_node
 
+    def command(self, module: str, args: list[str]) -> list[str]:
+        """What runs ``module`` on this node: the module itself when the job is one process (torchrun's launcher
+        would only add seconds of start and teardown around it), else torchrun."""
+        if self.world_size == 1:
+            return [sys.executable, "-m", module, *args]
+        return self.torchrun_command(module, args)
+
     def torchrun_command(self, module: str, args: list[str]) -> list[str]:
         """The torchrun command line that starts ``module`` on this node (static rendezvous)."""
         return [

@@ -1,10 +1,11 @@
 """The `local` backend's operators: ml_train's training job and ml_batch_score's scoring, on this machine.
 
-``LocalTrainingOperator``: torchrun as a child process of the Airflow task.
+``LocalTrainingOperator``: the training entrypoint as a child process of the Airflow task, under torchrun when
+the job has more than one process.
 
 It takes the same ``TrainingJobSpec`` the cloud operators take. The job's output is streamed into
 the task log line by line; a job running past ``max_runtime_s`` is stopped; clearing or killing the
-task (``on_kill``) stops torchrun and every worker it started (the whole process group). Retries
+task (``on_kill``) stops the job and every worker torchrun started (the whole process group). Retries
 resume from the job's checkpoint. ml_train runs it in the ``training.pool`` pool: its size
 (``training.concurrent_jobs``) is how many training jobs this machine runs at once (the local
 stand-in for a GPU quota), and each job's intra-op threads are its share of the cores.
@@ -54,7 +55,7 @@ class LocalTrainingOperator(SpecOperator):
         # threads than cores makes every OpenMP barrier wait on a descheduled thread (measured: 2
         # trials x 2 threads on 2 cores trained 10x slower than 2 x 1: 6k vs 62k samples/s).
         threads = max(1, (os.cpu_count() or 1) // (processes * load_config().training.concurrent_jobs))
-        command = cluster.torchrun_command("mlfactory.training.train", [*spec.arguments(), "--device", "cuda" if gpu else "cpu",
+        command = cluster.command("mlfactory.training.train", [*spec.arguments(), "--device", "cuda" if gpu else "cpu",
                                                                "--threads", str(threads)])
         env = {**LOOPBACK_ENV, **os.environ, **spec.environment, "PYTHONUNBUFFERED": "1"}
         self.log.info("training job %s: %d process(es), max runtime %ds\n  %s", spec.name, processes, spec.max_runtime_s,
