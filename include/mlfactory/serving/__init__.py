@@ -42,4 +42,9 @@ Modules: ``payloads`` (request bodies of every contract, checked against the sig
 ``limits``, ``model``
 (a model version loaded once), ``prediction_log``, ``metrics``, ``app`` (the ASGI server: routes,
 auth, variants, micro-batching) and ``__main__`` (the command line).
+
+The serving stage around it (ml_deploy, ml_batch_score): ``deployment`` (the version to deploy, its
+``EndpointSpec``, the endpoint's state, rollback of the alias), ``rollout`` (the five rollout steps and their
+verdict over a backend's ``EndpointAdapter``), ``batch`` (a run's ``BatchJobSpec``: what is scored) and
+``scoring`` (the prediction writer our own scoring code shares). None of them is imported by the server.
 """
