@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
 
-from mlfactory import sample_data, storage  # noqa: E402
+from mlfactory import storage  # noqa: E402
+from mlfactory.data import sample_data  # noqa: E402
 from mlfactory.config import load_config  # noqa: E402
 from mlfactory.backends.local.mlflow_server import LocalMlflow  # noqa: E402
 from mlfactory.backends.local.processes import free_port  # noqa: E402

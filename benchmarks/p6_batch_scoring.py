@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _served_model import served_model  # noqa: E402
 
-from mlfactory import sample_data  # noqa: E402
+from mlfactory.data import sample_data  # noqa: E402
 
 
 def main() -> int:
