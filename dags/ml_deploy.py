@@ -49,13 +49,15 @@ with DAG(
         return endpoint_spec(cfg, version).model_dump()
 
     @task(trigger_rule="one_failed")
-    def rollback(ti=None) -> dict:
-        """Runs only when a step failed: traffic and alias `champion` go back to the served version."""
-        from mlfactory.serving.deployment import read_endpoint_state, restore_after_failure
+    def rollback(ti=None) -> None:
+        """Runs only when a step failed: traffic and alias `champion` go back to the served version. Then it fails,
+        naming the version and why, so that the run (whose only leaf this is) ends failed."""
+        from airflow.sdk.exceptions import AirflowFailException
 
         spec = ti.xcom_pull(task_ids="resolve") or {}
-        backend.restore_traffic(read_endpoint_state(cfg))
-        return restore_after_failure(cfg, (spec.get("model") or {}).get("version"))
+        outcome = backend.rollback((spec.get("model") or {}).get("version"))
+        raise AirflowFailException(f"v{outcome['rolled_back']} rolled back, v{outcome['serving']} serves: "
+                                   f"{outcome['reason']}")
 
     spec = resolve()
     with TaskGroup("deploy", tooltip="the backend's rollout of the EndpointSpec"):

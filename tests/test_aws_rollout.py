@@ -33,7 +33,7 @@ AIRFLOW_KEY = "AKIDAIRFLOWROLLOUT01"  # what the operators sign with: their requ
 def rollout(cfg, version: str) -> dict:
     """ml_deploy on aws: resolve, the deploy group's five steps, and `rollback` if one fails. Returns the run's
     outcome: {"failed": step or None, "plan", "result"}."""
-    from mlfactory.serving.deployment import DeploymentFailed, endpoint_spec, read_endpoint_state, restore_after_failure
+    from mlfactory.serving.deployment import DeploymentFailed, endpoint_spec
     from mlfactory.serving.rollout import STEPS
     from mlfactory_airflow.backends import backend_for
     from mlfactory_airflow.rollout import RolloutStepOperator
@@ -51,8 +51,7 @@ def rollout(cfg, version: str) -> dict:
         for name in STEPS[1:]:
             result = step(name, plan)
     except DeploymentFailed:
-        backend.restore_traffic(read_endpoint_state(cfg))
-        return {"failed": name, "plan": plan, "result": restore_after_failure(cfg, version)}
+        return {"failed": name, "plan": plan, "result": backend.rollback(version)}
     return {"failed": None, "plan": plan, "result": result}
 
 

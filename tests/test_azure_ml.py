@@ -231,7 +231,7 @@ def test_a_failing_canary_puts_the_traffic_back_and_deletes_the_new_deployment(a
     from mlflow import MlflowClient
 
     from mlfactory.config import load_config
-    from mlfactory.serving.deployment import DeploymentFailed, read_endpoint_state, restore_after_failure
+    from mlfactory.serving.deployment import DeploymentFailed
     from mlfactory_airflow.backends.azure import AzureBackend
 
     fake = azure_serving.fake
@@ -257,7 +257,7 @@ def test_a_failing_canary_puts_the_traffic_back_and_deletes_the_new_deployment(a
         step("canary", spec, plan)
     (endpoint,) = fake.find(r"/onlineEndpoints/churn-endpoint$").values()
     assert endpoint["properties"]["traffic"] == {"version-1": 50, f"version-{v_bad}": 50}
-    AzureBackend(cfg).restore_traffic(read_endpoint_state(cfg))  # ml_deploy's `rollback`
+    restored = AzureBackend(cfg).rollback(v_bad)  # ml_deploy's `rollback`
     (endpoint,) = fake.find(r"/onlineEndpoints/churn-endpoint$").values()
     assert endpoint["properties"]["traffic"] == {"version-1": 100}
     for _ in range(50):  # the delete is an operation: started, not waited for
@@ -265,7 +265,6 @@ def test_a_failing_canary_puts_the_traffic_back_and_deletes_the_new_deployment(a
             break
         time.sleep(0.1)
     assert [d["name"] for d in fake.find(r"/onlineEndpoints/churn-endpoint/deployments/[^/]+$").values()] == ["version-1"]
-    restored = restore_after_failure(cfg, v_bad)
     assert restored["serving"] == "1" and "requests failed" in restored["reason"]
     assert "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments/delete" in assert_role_covers(
         fake.requests)

@@ -245,7 +245,10 @@ def test_ml_deploy_has_the_same_five_rollout_steps_on_every_backend(backend, tmp
                                                                      monkeypatch):
     """`deploy.stage`, `deploy.health_check`, `deploy.smoke_test`, `deploy.canary`, `deploy.full_traffic`, in this
     order and chained, each the one rollout step operator: on local, aws, gcp, azure and the toy plug-in backend."""
+    from types import SimpleNamespace
+
     from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import AirflowFailException
 
     from mlfactory import backend_registry
     from mlfactory.config import DEFAULT_CONFIG, load_config
@@ -269,6 +272,14 @@ def test_ml_deploy_has_the_same_five_rollout_steps_on_every_backend(backend, tmp
         for before, step in zip(expected[1:-2], expected[2:-1]):
             assert before in deploy.get_task(step).upstream_task_ids
         assert {deploy.get_task(t).task_type for t in expected[1:-1]} == {"RolloutStepOperator"}
+        # `rollback`, the run's only leaf, restores through the backend and then fails: the run ends failed
+        assert [t.task_id for t in deploy.leaves] == ["rollback"]
+        rollback = deploy.get_task("rollback").python_callable
+        monkeypatch.setattr(rollback.__globals__["backend"], "rollback", lambda version: {
+            "rolled_back": version, "serving": "1", "reason": f"smoke test of v{version} failed"})
+        resolved = SimpleNamespace(xcom_pull=lambda task_ids: {"model": {"version": "2"}})
+        with pytest.raises(AirflowFailException, match="v2 rolled back, v1 serves: smoke test of v2 failed"):
+            rollback(ti=resolved)
     finally:
         backend_registry._entry_points.cache_clear()
         backend_registry.get.cache_clear()

@@ -10,7 +10,8 @@ from conftest import with_section
 from mlfactory import storage
 from mlfactory.backends.local.endpoint import LocalEndpoint
 from mlfactory.backends.local.rollout import LocalEndpointAdapter
-from mlfactory.serving.deployment import DeploymentFailed, endpoint_spec, holdout_requests, read_endpoint_state, restore_after_failure
+from mlfactory.serving.deployment import DeploymentFailed, endpoint_spec, holdout_requests, read_endpoint_state
+from mlfactory_airflow.backends import backend_for
 from mlfactory.backends.local.processes import free_port
 from mlfactory.registry import CHAMPION, Registry
 from mlfactory.serving.rollout import Rollout
@@ -99,8 +100,7 @@ def test_blue_green_rollout_canary_and_rollback_of_a_broken_model(champion):
         with pytest.raises(DeploymentFailed, match=f"smoke test of v{third}"):
             rollout(third).smoke_test(plan)
         # ml_deploy's rollback: the backend restores the traffic, then alias `champion` goes back
-        endpoint.restore(read_endpoint_state(cfg)["rollout"])
-        result = restore_after_failure(cfg, third)
+        result = backend_for(cfg).rollback(third)
         assert read_endpoint_state(cfg)["rollout"] is None  # nothing left for a later rollback to undo
         assert result["serving"] == second and "smoke test" in result["reason"]
         assert registry.alias_version(CHAMPION) == second
@@ -167,8 +167,7 @@ def test_a_model_that_raises_and_a_server_killed_mid_canary_are_rolled_back(cham
         return Rollout(cfg, spec, LocalEndpointAdapter(cfg, spec, endpoint=endpoint))
 
     def roll_back(version: str) -> dict:  # ml_deploy's `rollback` task
-        endpoint.restore(read_endpoint_state(cfg)["rollout"])
-        return restore_after_failure(cfg, version)
+        return backend_for(cfg).rollback(version)
 
     try:
         plan = rollout(first).stage()

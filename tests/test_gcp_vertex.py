@@ -255,7 +255,7 @@ def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_
     from mlflow import MlflowClient
 
     from mlfactory.config import load_config
-    from mlfactory.serving.deployment import DeploymentFailed, read_endpoint_state, restore_after_failure
+    from mlfactory.serving.deployment import DeploymentFailed
     from mlfactory_airflow.backends.gcp import GcpBackend
 
     fake, bucket = gcp_serving.fake, gcp_serving.bucket
@@ -283,14 +283,13 @@ def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_
         step("canary", spec, plan)
     endpoint_name = plan["endpoint"]
     assert len(fake.endpoints[endpoint_name].deployed_models) == 2
-    GcpBackend(cfg).restore_traffic(read_endpoint_state(cfg))  # ml_deploy's `rollback`
+    restored = GcpBackend(cfg).rollback(v_bad)  # ml_deploy's `rollback`
     for _ in range(50):  # the undeploy is an operation: started, not waited for
         if len(fake.endpoints[endpoint_name].deployed_models) == 1:
             break
         asyncio.run(asyncio.sleep(0.1))
     assert dict(fake.endpoints[endpoint_name].traffic_split) == {served: 100}
     assert [d.id for d in fake.endpoints[endpoint_name].deployed_models] == [served]
-    restored = restore_after_failure(cfg, v_bad)
     assert restored["serving"] == "1" and "requests failed" in restored["reason"]
     assert fake.ungranted() == {}  # least privilege: every call made is granted by Airflow's role
 

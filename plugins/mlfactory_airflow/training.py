@@ -37,7 +37,8 @@ def taken_over(earlier: tuple | None, platform: str, log, try_number: int) -> st
 
 
 class JobAdapter(ABC):
-    """One cloud's training jobs, seen from ``operator`` (its settings, config, clients and log)."""
+    """One cloud's training jobs, seen from ``operator`` (its settings, config, clients and log). The backend's batch
+    operator defers on the same ``trigger``."""
 
     platform: str  # what a message calls the job, e.g. "Vertex AI custom job"
 

@@ -7,7 +7,7 @@ The DAGs build every backend-specific task through ``backend_for(cfg)`` and neve
 | ml_ingest (its Asset `landing`) | ``landing_trigger()``: the AssetWatcher's event trigger | (the watcher) |
 | ml_train | ``training_operator``: runs one ``TrainingJobSpec``, returns the entrypoint's metrics (on a cloud, a ``mlfactory_airflow.training.CloudTrainingOperator`` with its ``JobAdapter``) | ``train`` (mapped, one per trial) |
 | ml_deploy | ``endpoint_adapter``: its endpoint's ``mlfactory.serving.rollout.EndpointAdapter``; the rollout itself (``mlfactory.serving.rollout``) is the same everywhere, one ``RolloutStepOperator`` per step in task group ``deploy``, ending in ``full_traffic`` (the endpoint state) | ``deploy.stage``, ``deploy.health_check``, ``deploy.smoke_test``, ``deploy.canary``, ``deploy.full_traffic`` |
-| ml_deploy | the same adapter's ``restore``: after a failed step, the traffic back on the served version | ``rollback`` |
+| ml_deploy | ``rollback``: after a failed step, the same adapter's ``restore`` puts the traffic back on the served version; the run ends failed | ``rollback`` |
 | ml_batch_score | ``batch_operator``: scores one ``BatchJobSpec``, returns a summary with its ``uri`` | ``score`` |
 
 Which class implements a backend is in its registration (``mlfactory.backend_registry``); it is imported
@@ -101,16 +101,17 @@ class AirflowBackend(ABC):
         return [stage, *(RolloutStepOperator(task_id=step, step=step, spec=spec, plan=stage.output,
                                              adapter=self.endpoint_adapter) for step in STEPS[1:])]
 
-    def restore_traffic(self, state: dict) -> None:
-        """After a failed rollout, put the traffic back on the served version (``state``: endpoint.json)."""
-        from mlfactory.serving.deployment import endpoint_spec
+    def rollback(self, version: str | None) -> dict:
+        """ml_deploy's ``rollback`` of ``version`` after a failed step: the traffic back on the served version
+        (where the platform has not already put it back), then alias `champion` (``restore_after_failure``)."""
+        from mlfactory.serving.deployment import endpoint_spec, read_endpoint_state, restore_after_failure
 
-        plan = state.get("rollout")
-        if not plan:
-            return
-        module, _, name = self.endpoint_adapter.partition(":")
-        adapter = getattr(importlib.import_module(module), name)
-        adapter(self.cfg, endpoint_spec(self.cfg, plan["version"])).restore(plan)
+        plan = read_endpoint_state(self.cfg).get("rollout")
+        if plan:
+            module, _, name = self.endpoint_adapter.partition(":")
+            adapter = getattr(importlib.import_module(module), name)
+            adapter(self.cfg, endpoint_spec(self.cfg, plan["version"])).restore(plan)
+        return restore_after_failure(self.cfg, version)
 
 
 def backend_for(cfg: PipelineConfig) -> AirflowBackend:

@@ -23,6 +23,23 @@ import psutil
 
 
 def free_port() -> int:
+    """A port free on 127.0.0.1 now, from below the kernel's ephemeral range. A port from inside that range (what
+    binding port 0 hands out) can be taken as the local port of any outgoing connection before the server it was
+    chosen for binds it: a model server started minutes after its port was chosen was seen to fail so."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(max(1024, low // 2), low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -150,12 +150,12 @@ class SageMakerJobs(JobAdapter):
 class SageMakerEndpointAdapter(EndpointAdapter):
     """ml_deploy's rollout on the pipeline's SageMaker endpoint (see the module's docstring)."""
 
-    def console_url(self, plan: dict) -> str:
-        return links.endpoint(self.settings, plan["endpoint"])
-
     def __init__(self, cfg, spec, poll_interval: int | None = None) -> None:
         super().__init__(cfg, spec, poll_interval)
         self.waiter_delay = self.poll_interval
+
+    def console_url(self, plan: dict) -> str:
+        return links.endpoint(self.settings, plan["endpoint"])
 
     @cached_property
     def hook(self):

@@ -44,13 +44,6 @@ class AzureMLBaseOperator(CloudSpecOperator):
         self.defer(trigger=resource_trigger(self.hook, kind, name, self.poll_interval, endpoint, timeout_s),
                    method_name="execute", kwargs={**resume, "waited_for": what})
 
-    def wait_for_job(self, name: str, timeout_s: int, **resume) -> None:
-        from mlfactory_airflow.backends.azure.triggers import AzureMLJobTrigger
-
-        self.defer(trigger=AzureMLJobTrigger(name, self.hook.to_dict(), poll_interval=self.poll_interval,
-                                             timeout_s=timeout_s),
-                   method_name="execute_complete", kwargs={"job": name, **resume})
-
     @staticmethod
     def raise_for(event: dict | None, what: str | None) -> None:
         """After a deferral: fail on provisioning that failed or timed out, naming it."""
@@ -111,7 +104,8 @@ class AzureMLBatchOperator(AzureMLBaseOperator):
         self.log.info("batch job %s: v%s over %d snapshot(s) -> %s", job.name, spec.model.version, len(spec.inputs),
                       spec.output_uri)
         self.show_job(context, links.job(self.settings, job.name))
-        self.wait_for_job(job.name, spec.max_runtime_s)
+        self.defer(trigger=AzureMLJobs(self).trigger(job.name, spec.max_runtime_s), method_name="execute_complete",
+                   kwargs={"job": job.name})
 
     def _driver_code(self) -> str:
         """The deployment's code asset: a one-line scoring script importing the project's batch driver, in the

@@ -44,13 +44,6 @@ class VertexBaseOperator(CloudSpecOperator):
                                                   poll_interval=self.poll_interval, timeout_s=timeout_s),
                    method_name="execute", kwargs={**resume, "waited_for": what})
 
-    def wait_for_job(self, name: str, timeout_s: int, **resume) -> None:
-        from mlfactory_airflow.backends.gcp.triggers import VertexJobTrigger
-
-        self.defer(trigger=VertexJobTrigger(name, self.connection.to_dict(), poll_interval=self.poll_interval,
-                                            timeout_s=timeout_s),
-                   method_name="execute_complete", kwargs={"job": name, **resume})
-
     @staticmethod
     def raise_for(event: dict | None, what: str | None) -> None:
         """After a deferral: fail on an operation that failed or timed out, naming it and Vertex's error."""
@@ -111,7 +104,8 @@ class VertexBatchPredictionOperator(VertexBaseOperator):
 
         name = self.start_or_take_over(create, client.list_batch_prediction_jobs, spec.name, context["ti"].try_number)
         self.show_job(context, links.batch_prediction_job(self.settings, name))
-        self.wait_for_job(name, spec.max_runtime_s)
+        self.defer(trigger=VertexJobs(self).trigger(name, spec.max_runtime_s), method_name="execute_complete",
+                   kwargs={"job": name})
 
     def execute_complete(self, context, event: dict | None = None, job: str = "") -> dict:
         from airflow.sdk.exceptions import AirflowException
