@@ -25,5 +25,6 @@ COPY --chown=airflow:root deploy/helm/gpu-training-pod.yaml /opt/airflow/pod_tem
 ENV PYTHONPATH=/opt/mlfactory/include:/opt/airflow/plugins \
     MLFACTORY_CONFIG=/opt/mlfactory/include/pipeline.yaml \
     GX_ANALYTICS_ENABLED=False \
+    MLFLOW_DISABLE_TELEMETRY=true \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 USER airflow

@@ -26,6 +26,7 @@ COPY include /opt/mlfactory/include
 COPY docker/entrypoint.sh /usr/local/bin/mlfactory-entrypoint
 ENV PYTHONPATH=/opt/mlfactory/include \
     PYTHONUNBUFFERED=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 USER mlfactory
 WORKDIR /home/mlfactory

@@ -130,7 +130,7 @@ def _train_and_gate(cfg, name: str, recent_training_set: str | None = None) -> d
 
     training_set = prepare_training_set(cfg, recent_training_set)
     out = storage.join(cfg.storage.models_uri, "runs", name)
-    proc = subprocess.run([sys.executable, "-m", "mlfactory.training.train", "--train-uri", training_set.uri, "--output-uri", out,
+    proc = subprocess.run([sys.executable, "-m", "mlfactory.training.train", "--threads", "1", "--train-uri", training_set.uri, "--output-uri", out,
                            "--hyperparameters", '{"model": "gbdt"}', "--mlflow-tracking-uri", cfg.mlflow.tracking_uri,
                            "--experiment", cfg.mlflow.experiment], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

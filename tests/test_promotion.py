@@ -104,7 +104,7 @@ def lab(tmp_path_factory, mlflow_server):
     for name, hyperparameters in recipes.items():
         out = storage.join(cfg.storage.models_uri, "runs", name)
         proc = subprocess.run(
-            [sys.executable, "-m", "mlfactory.training.train", "--train-uri", training_set.uri, "--output-uri", out,
+            [sys.executable, "-m", "mlfactory.training.train", "--threads", "1", "--train-uri", training_set.uri, "--output-uri", out,
              "--mlflow-tracking-uri", mlflow_server.url, "--experiment", "promotion-test", "--run-name", name,
              "--tag", "mlfactory.drifted_features=age,income", "--hyperparameters", json.dumps(hyperparameters)],
             capture_output=True, text=True, timeout=600,

@@ -145,6 +145,9 @@ class LocalAirflow:
             # The UI and API on loopback need no login on a developer's own machine, unless asked for.
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": str(not self.login),
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            # An idle scheduler loop sleeps this long (1 s by default): each task of a run and each run an asset
+            # event starts waits for the next loop, ~20 times from landing to a served champion.
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
             # A task's calls to the API server: on 2 busy cores (Airflow starting, training running) the
@@ -163,6 +166,7 @@ class LocalAirflow:
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "GX_ANALYTICS_ENABLED": "False",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",  # tasks and training jobs send MLflow's usage reports nowhere
             "NO_PROXY": "127.0.0.1,localhost",
         }
         if self.login:
@@ -214,6 +218,9 @@ class LocalAirflow:
             self._launch(name, env)
         try:
             self.wait_until(lambda: self._get("/api/v2/version") is not None, timeout, "the API server to answer")
+            # the Task Execution API builds its routes on its first request (~4 s): made here, while the DAG
+            # processor parses, not by the first task of the first run
+            self.wait_until(lambda: self._get("/execution/health") is not None, timeout, "the Task Execution API")
             self._training_pool(env)
         except BaseException:
             self.stop()  # a component that died at start must not leave the others running

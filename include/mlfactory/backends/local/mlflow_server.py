@@ -42,8 +42,7 @@ class LocalMlflow:
             "--port", str(self.port),
             "--workers", "1",
         ]
-        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "MLFLOW_ENABLE_TELEMETRY": "false",
-               "DO_NOT_TRACK": "1",
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "MLFLOW_DISABLE_TELEMETRY": "true",
                # MLflow 3 starts a job runner and ~6 huey consumers beside the server for its GenAI jobs (LLM
                # judges, trace rollups), ~10 s of CPU each at start and memory all along; the pipeline runs none
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
