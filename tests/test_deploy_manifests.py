@@ -176,3 +176,32 @@ def test_the_jobs_identities_only_read_the_registrys_prefix():
     assert 'condition_version  = "2.0"' in assignment
     assert "!(ActionMatches{'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write'})" in assignment
     assert "blobs:path] StringNotStartsWith 'mlflow/'" in assignment
+
+
+def test_no_process_mlfactory_starts_reports_mlflow_usage(tmp_path):
+    """MLflow 3 reports usage to mlflow-telemetry.io unless MLFLOW_DISABLE_TELEMETRY is true (it ignores
+    MLFLOW_ENABLE_TELEMETRY=false and DO_NOT_TRACK=1): set in `make run`'s Airflow (its tasks, training jobs and
+    model server inherit it), its MLflow server, both images and the manifests."""
+    import sys
+
+    from mlfactory.backends.local.local_airflow import LocalAirflow
+
+    check = "from mlflow.telemetry.utils import is_telemetry_disabled as off; print(off())"
+    ci = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS")  # MLflow stays quiet under these anyway: not the test's case
+    env = {k: v for k, v in LocalAirflow(tmp_path / "airflow").env().items() if k not in ci}
+
+    def disabled(environment: dict) -> str:
+        return subprocess.run([sys.executable, "-c", check], env=environment, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert disabled(env) == "True"
+    assert disabled({k: v for k, v in env.items() if k != "MLFLOW_DISABLE_TELEMETRY"}) == "False"  # it is this setting
+    server = (PROJECT / "include/mlfactory/backends/local/mlflow_server.py").read_text()
+    assert '"MLFLOW_DISABLE_TELEMETRY": "true"' in server
+    for dockerfile in ("Dockerfile", "docker/runtime.Dockerfile"):
+        assert "MLFLOW_DISABLE_TELEMETRY=true" in (PROJECT / dockerfile).read_text(), dockerfile
+    compose = yaml.safe_load((PROJECT / "docker-compose.yaml").read_text())
+    assert compose["services"]["mlflow"]["environment"]["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    mlflow_pod = next(d for d in yaml.safe_load_all((PROJECT / "deploy/helm/mlflow.yaml").read_text())
+                      if d and d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"} in mlflow_pod
