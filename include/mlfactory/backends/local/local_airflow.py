@@ -16,11 +16,13 @@ import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,10 +220,10 @@ class LocalAirflow:
             self._launch(name, env)
         try:
             self.wait_until(lambda: self._get("/api/v2/version") is not None, timeout, "the API server to answer")
+            self._training_pool(env)
             # the Task Execution API builds its routes on its first request (~4 s): made here, while the DAG
             # processor parses, not by the first task of the first run
             self.wait_until(lambda: self._get("/execution/health") is not None, timeout, "the Task Execution API")
-            self._training_pool(env)
         except BaseException:
             self.stop()  # a component that died at start must not leave the others running
             raise
@@ -256,6 +258,12 @@ class LocalAirflow:
             subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
             if template is not None and not template.exists():
                 shutil.copyfile(database, template)
+        if not self.database_url:
+            # Write-ahead logging: readers never block the writer, nor the writer the readers. In SQLite's default
+            # rollback journal a commit waits for every reader, and the writes of a restart (tasks starting, the
+            # pool, the scheduler) were seen to hold one another up for the whole lock timeout.
+            with closing(sqlite3.connect(database)) as db:
+                db.execute("PRAGMA journal_mode=WAL")
         self.migrated = True
 
     def _training_pool(self, env: dict[str, str]) -> None:
