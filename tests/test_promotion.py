@@ -129,6 +129,13 @@ def test_training_run_logs_params_curves_dataset_model_and_drift_tags(lab, mlflo
     inputs = run.inputs.dataset_inputs
     assert len(inputs) == 1 and inputs[0].dataset.digest == training_set.digest[:36]
     assert inputs[0].dataset.source and training_set.uri in inputs[0].dataset.source
+    # the dataset's schema (from the first rows of each column) is what MLflow infers reading every row
+    from mlflow.types import Schema
+    from mlflow.types.utils import _infer_schema
+    from mlfactory.training.train import read_training_set
+
+    logged = Schema.from_json(json.dumps(json.loads(inputs[0].dataset.schema)["mlflow_colspec"]))
+    assert logged == _infer_schema(read_training_set(training_set.uri)[1])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "training_curves.png" in artifacts
 

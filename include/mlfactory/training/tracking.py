@@ -40,7 +40,8 @@ class MlflowTracker:
         mlflow.set_tags(tags)
         source = mlflow.data.from_pandas(frame, source=_dataset_source(source_uri), name=dataset.name,
                                          targets=dataset.target, digest=digest[:36])
-        source.schema = frame_schema(frame)
+        if (schema := frame_schema(frame)) is not None:
+            source.schema = schema
         try:
             mlflow.log_input(source, context="training")
         except mlflow.exceptions.MlflowException:  # a parallel trial registered the same dataset first: reuse it
@@ -89,15 +90,21 @@ def pip_requirements() -> list[str]:
 
 
 def frame_schema(frame):
-    """The training set's MLflow schema (the dataset input's), inferred from its first rows: the columns are typed
-    (Parquet), and MLflow's own inference reads every value of each text column (~3 s on 100k rows). A column
-    is optional where any of its rows is null."""
+    """The training set's MLflow schema (the dataset input's), inferred from the first 1,000 values of each column:
+    the columns are typed (Parquet), and MLflow's own inference reads every value of each text column (~3 s on 100k
+    rows). A column is optional where any of its rows is null. None when a column is null in every row (MLflow
+    infers the schema itself then)."""
     from mlflow.models import infer_signature
     from mlflow.types import ColSpec, Schema
 
-    nulls = frame.isna().any()
-    head = infer_signature(frame.head(1000)).inputs
-    return Schema([ColSpec(c.type, c.name, required=not bool(nulls[c.name])) for c in head.inputs])
+    columns = []
+    for name in frame.columns:
+        values = frame[[name]].dropna().head(1000)
+        if values.empty:
+            return None
+        (spec,) = infer_signature(values).inputs.inputs
+        columns.append(ColSpec(spec.type, name, required=not frame[name].isna().any()))
+    return Schema(columns)
 
 
 def log_pyfunc(bundle: str, sample_rows, dataset):
