@@ -77,6 +77,12 @@ def test_monitor_flags_drifted_curated_data_and_drifted_traffic_only(served_cfg,
     cfg = served_cfg
     cfg = cfg.model_copy(update={"monitoring": cfg.monitoring.model_copy(update={"min_rows": 500})})
     log_uri = storage.join(cfg.storage.predictions_uri, "serving")
+    # what the serving tests of this worker sent the session's champion, and what their checks saw: not this test's
+    from mlfactory.monitoring.monitor import drift_uri
+
+    assert log_uri == cfg.storage.prediction_log_uri
+    for earlier in (log_uri, drift_uri(cfg)):
+        storage.remove(earlier)
 
     def log_traffic(rows: pd.DataFrame) -> None:  # what the model server's log writes, through the same writer
         wire = to_wire(rows, cfg.dataset)
