@@ -63,9 +63,14 @@ class UnknownBackend(ValueError):
     pass
 
 
-def _load(target: str, name: str) -> Backend:
+def imported(target: str):
+    """What a "module:attribute" string names (a registration's ``airflow``, an endpoint adapter), imported."""
     module, _, attribute = target.partition(":")
-    backend = getattr(importlib.import_module(module), attribute)
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _load(target: str, name: str) -> Backend:
+    backend = imported(target)
     if not isinstance(backend, Backend) or backend.name != name:
         raise TypeError(f"{target} is registered as backend {name!r} but is not Backend(name={name!r}, ...)")
     return backend

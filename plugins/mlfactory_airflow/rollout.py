@@ -9,7 +9,6 @@ no worker slot is held while the cloud works, and a retry takes over where the l
 
 from __future__ import annotations
 
-import importlib
 from functools import cached_property
 from typing import Any
 
@@ -33,13 +32,13 @@ class RolloutStepOperator(BaseOperator):
 
     @cached_property
     def rollout(self):
+        from mlfactory.backend_registry import imported
         from mlfactory.config import load_config
         from mlfactory.serving.rollout import Rollout
         from mlfactory.specs import EndpointSpec
 
-        module, _, name = self.adapter.partition(":")
         cfg, spec = load_config(), EndpointSpec.model_validate(self.spec)
-        return Rollout(cfg, spec, getattr(importlib.import_module(module), name)(cfg, spec, self.poll_interval))
+        return Rollout(cfg, spec, imported(self.adapter)(cfg, spec, self.poll_interval))
 
     def execute(self, context, event: Any = None, waited_for: str | None = None, resume: dict | None = None):
         from mlfactory.serving.rollout import Wait

@@ -17,7 +17,6 @@ cloud SDKs and providers inside their methods, so parsing a DAG stays light.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from functools import cached_property
 from typing import Any
@@ -104,22 +103,21 @@ class AirflowBackend(ABC):
     def rollback(self, version: str | None) -> dict:
         """ml_deploy's ``rollback`` of ``version`` after a failed step: the traffic back on the served version
         (where the platform has not already put it back), then alias `champion` (``restore_after_failure``)."""
+        from mlfactory.backend_registry import imported
         from mlfactory.serving.deployment import endpoint_spec, read_endpoint_state, restore_after_failure
 
         plan = read_endpoint_state(self.cfg).get("rollout")
         if plan:
-            module, _, name = self.endpoint_adapter.partition(":")
-            adapter = getattr(importlib.import_module(module), name)
-            adapter(self.cfg, endpoint_spec(self.cfg, plan["version"])).restore(plan)
+            imported(self.endpoint_adapter)(self.cfg, endpoint_spec(self.cfg, plan["version"])).restore(plan)
         return restore_after_failure(self.cfg, version)
 
 
 def backend_for(cfg: PipelineConfig) -> AirflowBackend:
     """The configured backend's Airflow implementation."""
-    from mlfactory.backend_registry import get
+    from mlfactory.backend_registry import get, imported
 
-    module, _, name = get(cfg.backend.name).airflow.partition(":")
-    implementation = getattr(importlib.import_module(module), name)
+    target = get(cfg.backend.name).airflow
+    implementation = imported(target)
     if not (isinstance(implementation, type) and issubclass(implementation, AirflowBackend)):
-        raise TypeError(f"backend {cfg.backend.name!r}: {module}:{name} is not an AirflowBackend")
+        raise TypeError(f"backend {cfg.backend.name!r}: {target} is not an AirflowBackend")
     return implementation(cfg)
