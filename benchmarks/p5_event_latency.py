@@ -48,8 +48,7 @@ def main() -> None:
             landed = time.time()
             ingest = airflow.wait_for_run("ml_ingest", i + 1, timeout=120)
             validate = airflow.wait_for_run("ml_validate", i + 1, timeout=180)
-            events = airflow.api("/api/v2/assets/events?order_by=-timestamp&limit=20")["asset_events"]
-            raw_event = next(e for e in events if e["uri"] == cfg.storage.raw_uri)
+            raw_event = next(e for e in reversed(airflow.asset_events()) if e["uri"] == cfg.storage.raw_uri)
             to_ingest.append(ts(ingest["start_date"]) - landed)
             to_validate.append(ts(validate["start_date"]) - ts(raw_event["timestamp"]))
             print(f"file {i}: landing -> ml_ingest running {to_ingest[-1]:.1f}s, raw -> ml_validate running {to_validate[-1]:.1f}s", flush=True)
