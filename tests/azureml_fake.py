@@ -22,14 +22,15 @@ import json
 import os
 import random
 import re
-import ssl
 import sys
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
+
+from loopback_http import LoopbackServer
 
 WS = r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.MachineLearningServices/workspaces/(?P<ws>[^/]+)"
 AUTOSCALE = r"/subscriptions/[^/]+/resourcegroups/[^/]+/providers/microsoft\.insights/autoscalesettings/[^/]+"
@@ -125,7 +126,7 @@ def fake_az_cli(folder: Path) -> Path:
     return folder
 
 
-class AzureMLFake:
+class AzureMLFake(LoopbackServer):
     def __init__(self, tls: tuple[Path, Path], run_job=None, serve=None, run_batch=None, provision_s: float = 0.5):
         self.run_job, self.serve, self.run_batch, self.provision_s = run_job, serve, run_batch, provision_s
         self.lock = threading.RLock()
@@ -139,21 +140,9 @@ class AzureMLFake:
         self.alerts: dict[str, str] = {}  # metric alert rule -> its status ("Healthy"; anything else: it fires)
         self._failures: list[str] = []
         self._ids = itertools.count(1)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(str(tls[0]), str(tls[1]))
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        super().__init__(self._handler(), tls)
 
     # -- test controls ----------------------------------------------------------------------
-    def start(self) -> AzureMLFake:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
     def fail_next_job(self, message: str) -> None:
         self._failures.append(message)
 

@@ -321,15 +321,16 @@ def gcp_emulators(tmp_path_factory):
             os.environ.pop(name, None)
 
 
-def gcs_bucket(name: str) -> str:
-    """A new, empty bucket on fake-gcs-server; its gs:// URI."""
+def empty_bucket(uri: str) -> str:
+    """A new, empty bucket on fake-gcs-server (gs://NAME) or container on Azurite (abfs://NAME); ``uri``."""
     from mlfactory import storage
 
-    fs, _ = storage.filesystem(f"gs://{name}")
+    fs, _ = storage.filesystem(uri)
+    name = uri.split("://", 1)[1]
     if fs.exists(name):
         fs.rm(name, recursive=True)
     fs.mkdir(name)
-    return f"gs://{name}"
+    return uri
 
 
 def pubsub_subscription(emulators, name: str) -> str:
@@ -360,7 +361,7 @@ def gcp_config(bucket: str, path: Path, monkeypatch, serving: dict | None = None
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw.update(backend="gcp", gcp={"project": GCP_PROJECT, "image_uri": GCP_IMAGE, **gcp})
     raw["serving"].update(serving or {})
-    raw["storage"]["bucket"] = gcs_bucket(bucket)
+    raw["storage"]["bucket"] = empty_bucket(f"gs://{bucket}")
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
     return raw
@@ -404,17 +405,6 @@ def azurite(tmp_path_factory):
             os.environ.pop(name, None)
 
 
-def azure_container(name: str) -> str:
-    """A new, empty container on Azurite; its abfs:// URI."""
-    from mlfactory import storage
-
-    fs, _ = storage.filesystem(f"abfs://{name}")
-    if fs.exists(name):
-        fs.rm(name, recursive=True)
-    fs.mkdir(name)
-    return f"abfs://{name}"
-
-
 @pytest.fixture(scope="session")
 def azure_tls(tmp_path_factory):
     """TLS for the Azure ML fake (the SDK sends bearer tokens over https only) and an ``az`` that hands out a
@@ -453,7 +443,7 @@ def azure_config(container: str, path: Path, monkeypatch, fake_url: str, blob_en
         "storage_account": AZURITE_ACCOUNT, "image_uri": AZURE_IMAGE, "management_endpoint": fake_url,
         "blob_endpoint": blob_endpoint, "poll_interval_s": 1, **azure})
     raw["serving"].update(serving or {})
-    raw["storage"]["bucket"] = azure_container(container)
+    raw["storage"]["bucket"] = empty_bucket(f"abfs://{container}")
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
     return raw

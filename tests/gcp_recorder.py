@@ -21,7 +21,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from loopback_http import LoopbackServer
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "proxy-connection", "te", "upgrade"}
 
@@ -90,10 +92,8 @@ class GcsRecorder(Recorder):
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = LoopbackServer(Handler).start()
+        self.url = self.http.url
 
     def forward(self, request: BaseHTTPRequestHandler) -> None:
         body = self._body(request)
@@ -144,8 +144,7 @@ class GcsRecorder(Recorder):
         return request.rfile.read(int(request.headers.get("Content-Length") or 0))
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.stop()
 
 
 PUBSUB = {  # method -> (permission, request field naming the resource)

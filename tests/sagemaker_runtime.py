@@ -25,10 +25,11 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import boto3
+from loopback_http import LoopbackServer
 
 from mlfactory.backends.local.processes import answers, free_port, signal_group, start, stop_group
 
@@ -51,10 +52,8 @@ class SageMakerRuntime:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = LoopbackServer(Handler).start()
+        self.url = self.http.url
 
     # -- routing -------------------------------------------------------------------------------------
 
@@ -168,8 +167,7 @@ class SageMakerRuntime:
 
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.stop()
         for process, _ in self.containers.values():
             signal_group(process, signal.SIGCONT)  # a frozen container cannot act on SIGTERM
             stop_group(process)

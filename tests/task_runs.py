@@ -44,3 +44,22 @@ def run_to_end(operator, try_number: int = 1, limit: int = 12, task_context: dic
         except TaskDeferred as deferred:
             step = lambda d=deferred: resume(operator, d, task_context)  # noqa: E731
     raise AssertionError(f"{operator.task_id} still deferring after {limit} steps")
+
+
+def rollout_step(adapter: str, name: str, spec: dict, plan: dict | None = None, **operator_kwargs):
+    """One of ml_deploy's rollout tasks (``adapter``: a backend's ``endpoint_adapter``), run to its end."""
+    from mlfactory_airflow.rollout import RolloutStepOperator
+
+    return run_to_end(RolloutStepOperator(task_id=name, step=name, spec=spec, plan=plan, adapter=adapter,
+                                          **operator_kwargs))
+
+
+def rollout(adapter: str, spec: dict, done: dict | None = None, **operator_kwargs) -> dict:
+    """ml_deploy's deploy group: its five steps in order, each run as its task runs it. Each step's result by
+    name (the stage's is the plan the others get); a failing step raises, and ``done`` holds those before it."""
+    from mlfactory.serving.rollout import STEPS
+
+    done = {} if done is None else done
+    for name in STEPS:
+        done[name] = rollout_step(adapter, name, spec, done.get("stage"), **operator_kwargs)
+    return done

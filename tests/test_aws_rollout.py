@@ -23,7 +23,7 @@ import yaml
 from aws_iam import ACCOUNT, REGION, Call, Recording, policy, refused
 from conftest import aws_config_on_moto
 from sagemaker_runtime import SageMakerRuntime
-from task_runs import run_to_end
+from task_runs import rollout as run_rollout
 from test_deployment import broken_model_uri
 
 BUCKET = "mlfactory-rollout"
@@ -36,23 +36,14 @@ def rollout(cfg, version: str) -> dict:
     from mlfactory.serving.deployment import DeploymentFailed, endpoint_spec
     from mlfactory.serving.rollout import STEPS
     from mlfactory_airflow.backends import backend_for
-    from mlfactory_airflow.rollout import RolloutStepOperator
 
     backend = backend_for(cfg)
-    spec = endpoint_spec(cfg, version).model_dump()
-
-    def step(name: str, plan: dict | None = None):
-        return run_to_end(RolloutStepOperator(task_id=name, step=name, spec=spec, plan=plan, poll_interval=1,
-                                              adapter=backend.endpoint_adapter))
-
-    plan = step("stage")
-    name = "stage"
+    done = {}
     try:
-        for name in STEPS[1:]:
-            result = step(name, plan)
+        run_rollout(backend.endpoint_adapter, endpoint_spec(cfg, version).model_dump(), done, poll_interval=1)
     except DeploymentFailed:
-        return {"failed": name, "plan": plan, "result": backend.rollback(version)}
-    return {"failed": None, "plan": plan, "result": result}
+        return {"failed": STEPS[len(done)], "plan": done.get("stage"), "result": backend.rollback(version)}
+    return {"failed": None, "plan": done["stage"], "result": done["full_traffic"]}
 
 
 @pytest.fixture

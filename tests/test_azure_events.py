@@ -9,7 +9,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import AZURITE_ACCOUNT, azure_container
+from conftest import AZURITE_ACCOUNT, empty_bucket
 from conftest import azure_blob_created as blob_created
 from conftest import azure_queue as queue
 
@@ -33,7 +33,7 @@ async def take(events, n: int, timeout: float = 60) -> list[dict]:
 
 def test_a_burst_of_blobs_gives_one_event_each_deleted_after_emitting(azurite):
     container, events_queue = "mlf-azure-burst", queue(azurite, "burst-events")
-    azure_container(container)
+    empty_bucket(f"abfs://{container}")
     names = [f"landing/part {i:02d}.csv" for i in range(50)]
     with ThreadPoolExecutor(8) as pool:  # 50 blobs landing at once, their events in any order
         messages = list(pool.map(lambda name: blob_created(azurite, container, name, b"a,b\n1,2\n"), names))
@@ -70,7 +70,7 @@ def test_a_burst_of_blobs_gives_one_event_each_deleted_after_emitting(azurite):
 
 def test_a_message_is_deleted_only_after_its_event_is_emitted(azurite):
     container, events_queue = "mlf-azure-crash", queue(azurite, "crash-events")
-    azure_container(container)
+    empty_bucket(f"abfs://{container}")
     events_queue.send_message(blob_created(azurite, container, "landing/a.csv", b"a\n1\n"))
     trigger = trigger_for(container, "crash-events", visibility_timeout=1)
 
@@ -89,7 +89,7 @@ def test_a_message_is_deleted_only_after_its_event_is_emitted(azurite):
 
 def test_a_message_that_is_not_an_event_goes_to_the_poison_queue_after_its_retries(azurite, monkeypatch):
     container, events_queue = "mlf-azure-poison", queue(azurite, "poison-events")
-    azure_container(container)
+    empty_bucket(f"abfs://{container}")
     poison = queue(azurite, "poison-events-poison")
     events_queue.send_message("this is not an Event Grid event")
     events_queue.send_message(blob_created(azurite, container, "landing/good.csv", b"a\n1\n"))
@@ -122,7 +122,7 @@ def test_the_polling_fallback_announces_each_blob_version_once(azurite):
     from mlfactory_airflow.triggers.storage import StoragePrefixPollTrigger
 
     container = "mlf-azure-poll"
-    azure_container(container)
+    empty_bucket(f"abfs://{container}")
     landing = f"abfs://{container}/landing"
     for i in range(5):
         storage.write_bytes(f"{landing}/f{i}.csv", b"a\n1\n")

@@ -15,18 +15,12 @@ from types import SimpleNamespace
 import pytest
 from azure_containers import BatchContainers, ModelContainers, TrainingContainers
 from azure_rbac import assert_role_covers
-from task_runs import context, resume, run_to_end
+from cloud_copies import another_version, copy_tree, endpoint_spec, training_job_spec
+from task_runs import context, resume, rollout, rollout_step, run_to_end
 from conftest import azure_config
 
 pytestmark = pytest.mark.azure
-
-
-def copy_tree(local: Path, uri: str) -> None:
-    from mlfactory import storage
-
-    for path in local.rglob("*"):
-        if path.is_file():
-            storage.write_bytes(storage.join(uri, str(path.relative_to(local))), path.read_bytes())
+ADAPTER = "mlfactory_airflow.backends.azure.hooks:AzureMLEndpointAdapter"
 
 
 def blob_endpoint(connection_string: str) -> str:
@@ -45,13 +39,8 @@ def azure_training(azurite, azureml_fake, training_set, tmp_path, monkeypatch):
 
 
 def job_spec(bucket: str, **changes) -> dict:
-    from mlfactory.specs import TrainingJobSpec
-
-    fields = dict(name="run-1-t0", input_uri=f"{bucket}/models/training_sets/ts1",
-                  output_uri=f"{bucket}/models/runs/run-1/trial-0", processes_per_node=2, spot=True,
-                  hyperparameters={"epochs": 4, "learning_rate": 0.003, "batch_size": 512, "hidden_sizes": [32]},
-                  max_runtime_s=1800)
-    return TrainingJobSpec(**{**fields, **changes}).model_dump()
+    """A 2-process job on spot capacity."""
+    return training_job_spec(bucket, **{"processes_per_node": 2, "spot": True, **changes})
 
 
 def test_a_command_job_trains_on_two_processes_and_resumes_after_preemption(azure_training):
@@ -149,38 +138,9 @@ def azure_serving(azurite, azureml_fake, champion, mlflow_server, tmp_path, monk
     containers.stop()
 
 
-def endpoint_spec(bucket: str, version: str) -> dict:
-    from mlfactory.config import load_config
-    from mlfactory.specs import EndpointSizing, EndpointSpec, ModelRef, sizing
-
-    cfg = load_config()
-    return EndpointSpec(name=cfg.serving.endpoint_name, model=ModelRef(name="churn_served", version=version,
-                                                                         uri=f"{bucket}/mlflow-models/v1/model"),
-                        **sizing(cfg.serving, EndpointSizing)).model_dump()
-
-
-def another_version(client) -> str:
-    import mlflow
-
-    mlflow.set_tracking_uri(client.tracking_uri)
-    return str(mlflow.register_model(client.get_model_version("churn_served", "1").source, "churn_served").version)
-
-
-def step(name: str, spec: dict, plan: dict | None = None):
-    """One step of ml_deploy's rollout as its task runs it (deferrals resumed in turn)."""
-    from mlfactory_airflow.backends.azure import AzureBackend
-    from mlfactory_airflow.rollout import RolloutStepOperator
-
-    return run_to_end(RolloutStepOperator(task_id=name, step=name, spec=spec, plan=plan,
-                                          adapter=AzureBackend.endpoint_adapter))
-
-
-def rollout(spec: dict) -> tuple[dict, dict, dict]:
-    plan = step("stage", spec)
-    for name in ("health_check", "smoke_test"):
-        step(name, spec, plan)
-    canary = step("canary", spec, plan)
-    return plan, canary, step("full_traffic", spec, plan)
+def model_version(bucket: str, version: str) -> dict:
+    """The endpoint spec of ``version``, whose files are the champion's, copied to the bucket."""
+    return endpoint_spec(f"{bucket}/mlflow-models/v1/model", version)
 
 
 def test_the_online_rollout_deploys_blue_green_with_canary_traffic_autoscale_and_deletes_the_old(azure_serving):
@@ -194,7 +154,8 @@ def test_the_online_rollout_deploys_blue_green_with_canary_traffic_autoscale_and
     client = MlflowClient(cfg.mlflow.tracking_uri)
     v2 = another_version(client)
 
-    plan, canary, state = rollout(endpoint_spec(azure_serving.bucket, "1"))
+    run = rollout(ADAPTER, model_version(azure_serving.bucket, "1"))
+    plan, canary, state = run["stage"], run["canary"], run["full_traffic"]
     assert plan["endpoint"] == "churn-endpoint" and plan["serving"] == {} and plan["deployment"] == "version-1"
     assert canary["errors"] == 0 and canary["requests"] == 20 and canary["percent"] == 100
     assert canary["answered_by"] == {"version-1": 20}  # a first deployment: all the traffic, the same canary
@@ -207,7 +168,8 @@ def test_the_online_rollout_deploys_blue_green_with_canary_traffic_autoscale_and
     assert autoscale["properties"]["targetResourceUri"].endswith("/onlineEndpoints/churn-endpoint/deployments/version-1")
     assert state["served_version"] == "1" and state["deployment"] == "version-1"
 
-    plan, canary, state = rollout(endpoint_spec(azure_serving.bucket, v2))
+    run = rollout(ADAPTER, model_version(azure_serving.bucket, v2))
+    plan, canary, state = run["stage"], run["canary"], run["full_traffic"]
     new = f"version-{v2}"
     assert plan["serving"] == {"version-1": 100} and canary["percent"] == 50
     assert canary["errors"] == 0 and canary["requests"] == 20 and sum(canary["answered_by"].values()) == 20
@@ -221,7 +183,7 @@ def test_the_online_rollout_deploys_blue_green_with_canary_traffic_autoscale_and
     assert not fake.refused
 
     puts = len(fake.calls(r"PUT .*/deployments/"))
-    rollout(endpoint_spec(azure_serving.bucket, v2))  # a retry of the whole rollout changes nothing
+    rollout(ADAPTER, model_version(azure_serving.bucket, v2))  # a retry of the whole rollout changes nothing
     assert len(fake.calls(r"PUT .*/deployments/")) == puts
 
 
@@ -236,25 +198,25 @@ def test_a_failing_canary_puts_the_traffic_back_and_deletes_the_new_deployment(a
 
     fake = azure_serving.fake
     cfg = load_config()
-    rollout(endpoint_spec(azure_serving.bucket, "1"))
+    rollout(ADAPTER, model_version(azure_serving.bucket, "1"))
     v_bad = another_version(MlflowClient(cfg.mlflow.tracking_uri))
-    spec = endpoint_spec(azure_serving.bucket, v_bad) | {"rollback_alarms": ["churn-5xx", "churn-latency"]}
-    plan = step("stage", spec)
-    step("health_check", spec, plan)
-    step("smoke_test", spec, plan)
+    spec = model_version(azure_serving.bucket, v_bad) | {"rollback_alarms": ["churn-5xx", "churn-latency"]}
+    plan = rollout_step(ADAPTER, "stage", spec)
+    rollout_step(ADAPTER, "health_check", spec, plan)
+    rollout_step(ADAPTER, "smoke_test", spec, plan)
     # serving.rollback_alarms: Azure Monitor metric alert rules, read through the SDK's own client
     with pytest.raises(DeploymentFailed, match="no metric alert rule of that name"):
-        step("canary", spec, plan)  # a rule that does not exist is named, not taken as quiet
+        rollout_step(ADAPTER, "canary", spec, plan)  # a rule that does not exist is named, not taken as quiet
     fake.alerts.update({"churn-5xx": "Unhealthy", "churn-latency": "Healthy"})
     with pytest.raises(DeploymentFailed, match=r"canary of v\d+ on churn-endpoint: alarm churn-5xx fired"):
-        step("canary", spec, plan)
+        rollout_step(ADAPTER, "canary", spec, plan)
     fake.alerts["churn-5xx"] = "Healthy"
     # the new version's container dies once it passed its smoke test: its share of the canary's requests fail
     process, _ = azure_serving.containers.processes.pop(f"version-{v_bad}")
     process.kill()
     process.wait()
     with pytest.raises(DeploymentFailed, match=r"canary of v\d+ on churn-endpoint: \d+ of 20 requests failed"):
-        step("canary", spec, plan)
+        rollout_step(ADAPTER, "canary", spec, plan)
     (endpoint,) = fake.find(r"/onlineEndpoints/churn-endpoint$").values()
     assert endpoint["properties"]["traffic"] == {"version-1": 50, f"version-{v_bad}": 50}
     restored = AzureBackend(cfg).rollback(v_bad)  # ml_deploy's `rollback`

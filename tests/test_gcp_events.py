@@ -9,7 +9,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import GCP_PROJECT, gcs_bucket, pubsub_subscription
+from conftest import GCP_PROJECT, empty_bucket, pubsub_subscription
 
 from mlfactory.backends.gcp.events import NotANotification, gcs_landing_event
 
@@ -49,7 +49,7 @@ def test_a_burst_of_objects_gives_one_event_each_acknowledged_after_emitting(gcp
     from mlfactory_airflow.backends.gcp.triggers import GcsNotificationTrigger
 
     bucket = "mlf-events-burst"
-    gcs_bucket(bucket)
+    empty_bucket(f"gs://{bucket}")
     subscription = pubsub_subscription(gcp_emulators, "burst-sub")
     names = [f"landing/part {i:02d}.csv" for i in range(50)]
     with ThreadPoolExecutor(8) as pool:  # 50 objects landing at once
@@ -91,7 +91,7 @@ def test_a_notification_is_acknowledged_only_once_its_event_is_out(gcp_emulators
     from mlfactory_airflow.backends.gcp.triggers import GcsNotificationTrigger
 
     bucket = "mlf-events-ack"
-    gcs_bucket(bucket)
+    empty_bucket(f"gs://{bucket}")
     subscription = pubsub_subscription(gcp_emulators, "ack-sub")
     for i in range(3):
         put(bucket, f"landing/{i}.csv", b"a\n1\n")
@@ -123,7 +123,7 @@ def test_a_refused_acknowledgement_loses_nothing_and_announces_nothing_twice(gcp
     from mlfactory_airflow.backends.gcp.triggers import GcsNotificationTrigger
 
     bucket = "mlf-events-ack-refused"
-    gcs_bucket(bucket)
+    empty_bucket(f"gs://{bucket}")
     subscription = pubsub_subscription(gcp_emulators, "ack-refused-sub")
     proxy = PubSubRecorder(gcp_emulators.pubsub)
     proxy.fail("Subscriber/Acknowledge", grpc.StatusCode.DEADLINE_EXCEEDED, times=2)
@@ -228,7 +228,7 @@ def test_without_a_subscription_the_prefix_is_polled_each_generation_once(gcp_em
     from mlfactory_airflow.assets import pipeline_assets
 
     bucket = "mlf-events-poll"
-    gcs_bucket(bucket)
+    empty_bucket(f"gs://{bucket}")
     trigger = pipeline_assets(load_config(gcp_pipeline(tmp_path, bucket))).landing.watchers[0].trigger
     put(bucket, "landing/a.csv", b"a\n1\n")
     put(bucket, "landing/_tmp/partial.csv", b"a\n")  # an in-progress upload folder: ignored

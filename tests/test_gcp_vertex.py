@@ -11,20 +11,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from task_runs import context, resume, run_to_end
+from cloud_copies import another_version, copy_tree, endpoint_spec, training_job_spec
+from task_runs import context, resume, rollout, rollout_step, run_to_end
 from conftest import gcp_config
 from vertex_containers import ModelContainers, TrainingContainers
 from vertex_fake import VertexFake
 
 pytestmark = pytest.mark.gcp
-
-
-def copy_tree(local: Path, uri: str) -> None:
-    from mlfactory import storage
-
-    for path in local.rglob("*"):
-        if path.is_file():
-            storage.write_bytes(storage.join(uri, str(path.relative_to(local))), path.read_bytes())
+ADAPTER = "mlfactory_airflow.backends.gcp.hooks:VertexEndpointAdapter"
 
 
 @pytest.fixture
@@ -39,16 +33,6 @@ def gcp_training(gcp_emulators, training_set, tmp_path, monkeypatch):
     fake.stop()
 
 
-def job_spec(bucket: str, **changes) -> dict:
-    from mlfactory.specs import TrainingJobSpec
-
-    fields = dict(name="run-1-t0", input_uri=f"{bucket}/models/training_sets/ts1",
-                  output_uri=f"{bucket}/models/runs/run-1/trial-0",
-                  hyperparameters={"epochs": 4, "learning_rate": 0.003, "batch_size": 512, "hidden_sizes": [32]},
-                  max_runtime_s=1800)
-    return TrainingJobSpec(**{**fields, **changes}).model_dump()
-
-
 def test_a_custom_job_trains_with_vertex_environment_and_resumes_after_preemption(gcp_training):
     from airflow.exceptions import TaskDeferred
 
@@ -56,7 +40,7 @@ def test_a_custom_job_trains_with_vertex_environment_and_resumes_after_preemptio
     from mlfactory_airflow.backends.gcp.operators import VertexTrainingOperator
 
     fake, bucket = gcp_training.fake, gcp_training.bucket
-    operator = VertexTrainingOperator(task_id="train", spec=job_spec(bucket))
+    operator = VertexTrainingOperator(task_id="train", spec=training_job_spec(bucket))
     with pytest.raises(TaskDeferred) as deferred:
         operator.execute(context(1))
     (name,) = fake.custom_jobs
@@ -82,7 +66,7 @@ def test_a_custom_job_trains_with_vertex_environment_and_resumes_after_preemptio
 
     # a retry of a task whose job succeeded takes that job over: no second job
     with pytest.raises(TaskDeferred) as again:
-        VertexTrainingOperator(task_id="train", spec=job_spec(bucket)).execute(context(2))
+        VertexTrainingOperator(task_id="train", spec=training_job_spec(bucket)).execute(context(2))
     assert again.value.kwargs == {"job": name} and len(fake.custom_jobs) == 1
     assert not fake.refused
 
@@ -95,12 +79,12 @@ def test_a_failed_job_fails_the_task_with_vertex_error_and_a_retry_starts_anothe
 
     fake, bucket = gcp_training.fake, gcp_training.bucket
     fake.fail_next_job("The replica workerpool0-0 exited with a non-zero status of 137 (out of memory)")
-    operator = VertexTrainingOperator(task_id="train", spec=job_spec(bucket, hyperparameters={"epochs": 1}))
+    operator = VertexTrainingOperator(task_id="train", spec=training_job_spec(bucket, hyperparameters={"epochs": 1}))
     with pytest.raises(TaskDeferred) as deferred:
         operator.execute(context(1))
     with pytest.raises(AirflowException, match=r"customJobs/\d+ failed: The replica workerpool0-0 exited .* \(out of memory\)"):
         resume(operator, deferred.value)
-    result = run_to_end(VertexTrainingOperator(task_id="train", spec=job_spec(bucket, hyperparameters={"epochs": 1})),
+    result = run_to_end(VertexTrainingOperator(task_id="train", spec=training_job_spec(bucket, hyperparameters={"epochs": 1})),
                         try_number=2)
     assert len(fake.custom_jobs) == 2 and result["vertex_job"] != deferred.value.kwargs["job"]
 
@@ -117,7 +101,7 @@ def test_killing_the_deferred_task_cancels_the_job_and_over_budget_jobs_never_st
     release = threading.Event()
     fake.run_job = lambda job: release.wait(60)  # a job that runs until told otherwise
     with pytest.raises(TaskDeferred) as deferred:
-        VertexTrainingOperator(task_id="train", spec=job_spec(bucket)).execute(context(1))
+        VertexTrainingOperator(task_id="train", spec=training_job_spec(bucket)).execute(context(1))
     asyncio.run(deferred.value.trigger.on_kill())
     release.set()
     (name,) = fake.custom_jobs
@@ -131,7 +115,7 @@ def test_killing_the_deferred_task_cancels_the_job_and_over_budget_jobs_never_st
     before = len(fake.requests)
     eight_h100 = {"kind": "gpu", "model": "nvidia-h100", "count": 8}
     with pytest.raises(AirflowFailException, match=r"up to \$\d+.*a3-highgpu-8g.*above gcp.budget_usd \$20.00"):
-        VertexTrainingOperator(task_id="train", spec=job_spec(bucket, name="big", accelerator=eight_h100)).execute(
+        VertexTrainingOperator(task_id="train", spec=training_job_spec(bucket, name="big", accelerator=eight_h100)).execute(
             context(1))
     assert len(fake.requests) == before  # refused before any call to Vertex
 
@@ -166,41 +150,9 @@ def gcp_serving(gcp_emulators, champion, mlflow_server, tmp_path, monkeypatch):
     fake.stop()
 
 
-def endpoint_spec(bucket: str, version: str) -> dict:
-    """The config's endpoint serving ``version`` of churn_served, whose files are the champion's, copied to GCS."""
-    from mlfactory.config import load_config
-    from mlfactory.specs import EndpointSizing, EndpointSpec, ModelRef, sizing
-
-    cfg = load_config()
-    return EndpointSpec(name=cfg.serving.endpoint_name, model=ModelRef(name="churn_served", version=version,
-                                                                         uri=f"{bucket}/mlflow-models/v1"),
-                        **sizing(cfg.serving, EndpointSizing)).model_dump()
-
-
-def another_version(client) -> str:
-    """A new registered version of churn_served (the same model as v1)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(client.tracking_uri)
-    return str(mlflow.register_model(client.get_model_version("churn_served", "1").source, "churn_served").version)
-
-
-ADAPTER = "mlfactory_airflow.backends.gcp.hooks:VertexEndpointAdapter"
-
-
-def step(name: str, spec: dict, plan: dict | None = None):
-    """One of ml_deploy's rollout tasks, run to its end (every deferral resumed)."""
-    from mlfactory_airflow.rollout import RolloutStepOperator
-
-    return run_to_end(RolloutStepOperator(task_id=name, step=name, spec=spec, plan=plan, adapter=ADAPTER))
-
-
-def rollout(spec: dict) -> tuple[dict, dict, dict]:
-    """ml_deploy's five rollout steps in order: (plan, canary, endpoint state)."""
-    plan = step("stage", spec)
-    results = {name: step(name, spec, plan) for name in ("health_check", "smoke_test", "canary")}
-    state = step("full_traffic", spec, plan)
-    return plan, results["canary"], state
+def model_version(bucket: str, version: str) -> dict:
+    """The endpoint spec of ``version``, whose files are the champion's, copied to GCS."""
+    return endpoint_spec(f"{bucket}/mlflow-models/v1", version)
 
 
 def test_the_endpoint_rollout_uploads_deploys_with_a_canary_split_and_undeploys_the_old_model(gcp_serving):
@@ -215,7 +167,8 @@ def test_the_endpoint_rollout_uploads_deploys_with_a_canary_split_and_undeploys_
     v2 = another_version(client)
 
     # first rollout: the model uploaded, the endpoint created, v1 deployed alone
-    plan, canary, state = rollout(endpoint_spec(bucket, "1"))
+    run = rollout(ADAPTER, model_version(bucket, "1"))
+    plan, canary, state = run["stage"], run["canary"], run["full_traffic"]
     endpoint_name = "projects/mlfactory-test/locations/us-central1/endpoints/churn-endpoint"
     assert plan["serving"] == {} and plan["endpoint"] == endpoint_name
     model = fake.models["projects/mlfactory-test/locations/us-central1/models/churn-served-v1"]
@@ -230,7 +183,8 @@ def test_the_endpoint_rollout_uploads_deploys_with_a_canary_split_and_undeploys_
     assert state["served_version"] == "1" and state["deployed_model_id"] == first
 
     # second rollout: v2 beside v1 at the canary share, checked through the endpoint, then alone
-    plan, canary, state = rollout(endpoint_spec(bucket, v2))
+    run = rollout(ADAPTER, model_version(bucket, v2))
+    plan, canary, state = run["stage"], run["canary"], run["full_traffic"]
     assert plan["serving"] == {first: 100} and plan["old"] == first
     staging = "projects/mlfactory-test/locations/us-central1/endpoints/churn-endpoint-staging"
     assert plan["staging"] == staging
@@ -247,7 +201,7 @@ def test_the_endpoint_rollout_uploads_deploys_with_a_canary_split_and_undeploys_
     assert not fake.refused
 
     # a retry of the whole rollout changes nothing
-    rollout(endpoint_spec(bucket, v2))
+    rollout(ADAPTER, model_version(bucket, v2))
     assert len(fake.calls(r":deployModel")) == 3
     assert fake.ungranted() == {}  # least privilege: every call made is granted by Airflow's role
 
@@ -261,12 +215,12 @@ def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_
     fake, bucket = gcp_serving.fake, gcp_serving.bucket
     cfg = load_config()
     client = MlflowClient(cfg.mlflow.tracking_uri)
-    _, _, state = rollout(endpoint_spec(bucket, "1"))
+    state = rollout(ADAPTER, model_version(bucket, "1"))["full_traffic"]
     served = state["deployed_model_id"]
     v_bad = another_version(client)
-    spec = endpoint_spec(bucket, v_bad)
-    plan = step("stage", spec)
-    assert step("smoke_test", spec, plan)["rows"] >= 1  # the staging copy answers
+    spec = model_version(bucket, v_bad)
+    plan = rollout_step(ADAPTER, "stage", spec)
+    assert rollout_step(ADAPTER, "smoke_test", spec, plan)["rows"] >= 1  # the staging copy answers
     # the new version's container dies once deployed on the endpoint (its machine, its model): its share fails
     real_serve = fake.serve
 
@@ -280,7 +234,7 @@ def test_a_failing_canary_puts_the_traffic_back_and_undeploys_the_new_model(gcp_
 
     fake.serve = serve_then_die
     with pytest.raises(DeploymentFailed, match=r"canary of v\d+ on .*churn-endpoint: \d+ of 20 requests failed"):
-        step("canary", spec, plan)
+        rollout_step(ADAPTER, "canary", spec, plan)
     endpoint_name = plan["endpoint"]
     assert len(fake.endpoints[endpoint_name].deployed_models) == 2
     restored = GcpBackend(cfg).rollback(v_bad)  # ml_deploy's `rollback`

@@ -127,6 +127,28 @@ def curated_files(cfg) -> dict[str, int]:
     return found
 
 
+def burst_files(folder: Path, count: int) -> dict[str, bytes]:
+    """``count`` sample CSV files of 300 rows each (written under ``folder``), with names that need quoting in
+    a URL: name -> bytes."""
+    return {f"part {i:02d}.csv": sample_data.write(sample_data.generate(300, seed=i, id_offset=i * 10**6),
+                                                   folder / f"part {i:02d}.csv").read_bytes() for i in range(count)}
+
+
+def wait_each_curated_once(airflow: LocalAirflow, cfg, landed: list[str]) -> float:
+    """Waits until the objects ``landed`` (URIs, 300 rows each) are all curated, then checks that each was
+    ingested and curated exactly once, by one whole file, and nothing waits; returns when (monotonic)."""
+    airflow.wait_until(lambda: len(curated_files(cfg)) >= len(landed) and not pending_snapshots(cfg), 300,
+                       f"{len(landed)} curated snapshots")
+    done = time.monotonic()
+    files = curated_files(cfg)
+    assert len(files) == len(landed) and set(files.values()) == {300}
+    assert {key.rsplit("/", 1)[1] for key in files} == {CURATED_FILE}
+    ledger = [json.loads(storage.read_bytes(o.uri)) for o in storage.list_objects(ledger_uri(cfg))]
+    assert sorted(e["uri"] for e in ledger) == sorted(landed)
+    assert {e["outcome"] for e in ledger} == {"ingested"} and pending_objects(cfg, now=time.time() + 60) == []
+    return done
+
+
 def running_task(airflow: LocalAirflow, dag_id: str, task_id: str) -> dict | None:
     for run in airflow.dag_runs(dag_id):
         if run["state"] == "running":
@@ -248,24 +270,18 @@ def test_50_objects_announced_in_one_sqs_batch_are_each_ingested_and_curated_onc
     cfg = tuned_for_intake(raw, path)
     airflow = start_intake(tmp_path, cfg, airflow_db_template)
     try:
-        records = []
-        for i in range(50):
-            local = sample_data.write(sample_data.generate(300, seed=i, id_offset=i * 10**6), tmp_path / "out" / f"part {i:02d}.csv")
-            key = f"landing/part {i:02d}.csv"
-            etag = s3.put_object(Bucket=bucket, Key=key, Body=local.read_bytes())["ETag"]
+        bodies, records = burst_files(tmp_path / "out", 50), []
+        for name, body in bodies.items():
+            key = f"landing/{name}"
+            etag = s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"]
             records.append({"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
                             "s3": {"bucket": {"name": bucket}, "object": {"key": key.replace(" ", "+"),
-                                                                           "size": local.stat().st_size, "eTag": etag}}})
+                                                                           "size": len(body), "eTag": etag}}})
         started = time.monotonic()
         sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"Records": records}))
 
-        airflow.wait_until(lambda: len(curated_files(cfg)) >= 50 and not pending_snapshots(cfg), 300, "50 curated snapshots")
-        elapsed = time.monotonic() - started
-        files = curated_files(cfg)
-        assert len(files) == 50 and set(files.values()) == {300} and {k.rsplit("/", 1)[1] for k in files} == {CURATED_FILE}
-        ledger = [json.loads(storage.read_bytes(o.uri)) for o in storage.list_objects(ledger_uri(cfg))]
-        assert sorted(e["uri"] for e in ledger) == sorted(f"s3://{bucket}/landing/part {i:02d}.csv" for i in range(50))
-        assert {e["outcome"] for e in ledger} == {"ingested"} and pending_objects(cfg, now=time.time() + 60) == []
+        landed = [f"s3://{bucket}/landing/{name}" for name in bodies]
+        elapsed = wait_each_curated_once(airflow, cfg, landed) - started
         assert sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages"])[
             "Attributes"]["ApproximateNumberOfMessages"] == "0"  # the message deleted once its 50 events were emitted
         print(f"\naws: 50 objects in one SQS message -> last curated in {elapsed:.1f} s; stranded: 0")
@@ -288,21 +304,14 @@ def test_50_objects_written_to_gcs_at_once_are_each_ingested_and_curated_once(tm
     cfg = tuned_for_intake(raw, path)
     airflow = start_intake(tmp_path, cfg, airflow_db_template)
     try:
-        bodies = {f"part {i:02d}.csv": sample_data.write(sample_data.generate(300, seed=i, id_offset=i * 10**6),
-                                                         tmp_path / "out" / f"part {i:02d}.csv").read_bytes()
-                  for i in range(50)}
+        bodies = burst_files(tmp_path / "out", 50)
         started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda item: storage.write_bytes(storage.join(cfg.storage.landing_uri, item[0]), item[1]),
                           bodies.items()))
 
-        airflow.wait_until(lambda: len(curated_files(cfg)) >= 50 and not pending_snapshots(cfg), 300, "50 curated snapshots")
-        elapsed = time.monotonic() - started
-        files = curated_files(cfg)
-        assert len(files) == 50 and set(files.values()) == {300} and {k.rsplit("/", 1)[1] for k in files} == {CURATED_FILE}
-        ledger = [json.loads(storage.read_bytes(o.uri)) for o in storage.list_objects(ledger_uri(cfg))]
-        assert sorted(e["uri"] for e in ledger) == sorted(f"{cfg.storage.landing_uri}/{name}" for name in bodies)
-        assert {e["outcome"] for e in ledger} == {"ingested"} and pending_objects(cfg, now=time.time() + 60) == []
+        landed = [f"{cfg.storage.landing_uri}/{name}" for name in bodies]
+        elapsed = wait_each_curated_once(airflow, cfg, landed) - started
         print(f"\ngcp: 50 objects written at once -> last curated in {elapsed:.1f} s; stranded: 0")
     finally:
         airflow.stop()
@@ -324,9 +333,7 @@ def test_50_blobs_written_at_once_are_each_ingested_and_curated_once(tmp_path, a
     cfg = tuned_for_intake(raw, path)
     airflow = start_intake(tmp_path, cfg, airflow_db_template)
     try:
-        bodies = {f"part {i:02d}.csv": sample_data.write(sample_data.generate(300, seed=i, id_offset=i * 10**6),
-                                                         tmp_path / "out" / f"part {i:02d}.csv").read_bytes()
-                  for i in range(50)}
+        bodies = burst_files(tmp_path / "out", 50)
         container = raw["storage"]["bucket"].removeprefix("abfs://")
         started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
@@ -335,13 +342,8 @@ def test_50_blobs_written_at_once_are_each_ingested_and_curated_once(tmp_path, a
         for message in [*messages, messages[0]]:  # Event Grid delivers at least once
             events.send_message(message)
 
-        airflow.wait_until(lambda: len(curated_files(cfg)) >= 50 and not pending_snapshots(cfg), 300, "50 curated snapshots")
-        elapsed = time.monotonic() - started
-        files = curated_files(cfg)
-        assert len(files) == 50 and set(files.values()) == {300} and {k.rsplit("/", 1)[1] for k in files} == {CURATED_FILE}
-        ledger = [json.loads(storage.read_bytes(o.uri)) for o in storage.list_objects(ledger_uri(cfg))]
-        assert sorted(e["uri"] for e in ledger) == sorted(f"{cfg.storage.landing_uri}/{name}" for name in bodies)
-        assert {e["outcome"] for e in ledger} == {"ingested"} and pending_objects(cfg, now=time.time() + 60) == []
+        landed = [f"{cfg.storage.landing_uri}/{name}" for name in bodies]
+        elapsed = wait_each_curated_once(airflow, cfg, landed) - started
         airflow.wait_until(lambda: not events.peek_messages(), 30, "every queue message deleted")
         print(f"\nazure: 50 blobs written at once -> last curated in {elapsed:.1f} s; stranded: 0")
     finally:

@@ -20,7 +20,7 @@ import random
 import re
 import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -28,6 +28,7 @@ from google.cloud import aiplatform_v1 as v1
 from google.longrunning import operations_pb2
 from google.protobuf import any_pb2, json_format, timestamp_pb2
 from google.rpc import status_pb2
+from loopback_http import LoopbackServer
 
 PARENT = r"projects/[^/]+/locations/[^/]+"
 
@@ -59,7 +60,7 @@ def _now():
     return ts
 
 
-class VertexFake:
+class VertexFake(LoopbackServer):
     def __init__(self, run_job=None, serve=None):
         self.run_job, self.serve = run_job, serve
         self.lock = threading.RLock()
@@ -74,18 +75,9 @@ class VertexFake:
         self.predictions: dict[str, int] = {}  # deployed model id -> predict requests answered
         self._failures: list[str] = []
         self._ids = iter(range(1000, 10**9))
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        super().__init__(self._handler())
 
     # -- test controls ----------------------------------------------------------------------
-    def start(self) -> VertexFake:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
     def fail_next_job(self, message: str) -> None:
         self._failures.append(message)
 
