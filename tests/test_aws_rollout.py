@@ -21,6 +21,7 @@ import boto3
 import pytest
 import yaml
 from aws_iam import ACCOUNT, REGION, Call, Recording, policy, refused
+from cloud_copies import copy_tree
 from conftest import aws_config_on_moto
 from sagemaker_runtime import SageMakerRuntime
 from task_runs import rollout as run_rollout
@@ -101,15 +102,11 @@ def register(cfg, registry, source: str) -> str:
     keeping its artifacts in the bucket has them)."""
     import mlflow.artifacts
 
-    from mlfactory import storage
     from mlfactory.serving.deployment import model_ref
 
     version = registry.register(source, None, {})
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{cfg.model_name}/{version}"))
-    target = model_ref(cfg, version).uri
-    for file in local.rglob("*"):
-        if file.is_file():
-            storage.write_bytes(storage.join(target, file.relative_to(local).as_posix()), file.read_bytes())
+    copy_tree(local, model_ref(cfg, version).uri)
     return version
 
 
