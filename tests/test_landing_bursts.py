@@ -159,6 +159,8 @@ def running_task(airflow: LocalAirflow, dag_id: str, task_id: str) -> dict | Non
 
 
 def test_bursts_of_1_10_and_50_files_are_each_ingested_and_curated_once(tmp_path, monkeypatch, airflow_db_template):
+    """An API server that dies of SIGSEGV in the middle of the burst of 10 is started again, leaves its Python stack
+    in its log, and fails no run: the tasks' calls wait for it."""
     bucket = tmp_path / "bucket"
     cfg = intake_config(tmp_path, monkeypatch, bucket.as_uri())
     landed = Landed(cfg, bucket / "landing")
@@ -167,6 +169,8 @@ def test_bursts_of_1_10_and_50_files_are_each_ingested_and_curated_once(tmp_path
         figures = {}
         for count in (1, 10, 50):
             started = landed.burst(count)
+            if count == 10:  # the API server crashes in C code with the burst in flight: started again, it serves on
+                os.kill(airflow.processes["api-server"].pid, signal.SIGSEGV)
             landed.wait_all_curated(airflow, timeout=240)
             figures[count] = time.monotonic() - started
             landed.assert_exactly_once()
@@ -175,6 +179,8 @@ def test_bursts_of_1_10_and_50_files_are_each_ingested_and_curated_once(tmp_path
         print(f"\nlanding -> last curated: {', '.join(f'{n} files {s:.1f} s' for n, s in figures.items())}; "
               f"runs: ml_ingest {len(runs['ml_ingest'])}, ml_validate {len(runs['ml_validate'])}; stranded: 0")
         assert figures[50] <= 90, figures  # the goal on this machine is 60 s; the bound leaves room for a busy CI
+        assert airflow.restarts == {"api-server": 1}
+        assert "Fatal Python error: Segmentation fault" in (airflow.home / "logs" / "api-server.log").read_text()
     finally:
         airflow.stop()
 

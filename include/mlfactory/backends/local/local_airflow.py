@@ -3,7 +3,8 @@ the integration tests (whichever backend the pipeline config names).
 
 ``make run`` and the integration tests start Airflow through this one class, so what the tests
 exercise is what a user runs. Every process binds 127.0.0.1, runs in its own process group (the
-scheduler's workers ignore SIGTERM sent to the parent alone) and is stopped with its children. The
+scheduler's workers ignore SIGTERM sent to the parent alone) and is stopped with its children. One that
+dies once Airflow is up is started again (``revive``), a few times, with the end of its log on stderr. The
 pool that training jobs run in is created from the pipeline config (``training.pool``, sized
 ``training.concurrent_jobs``).
 """
@@ -26,7 +27,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlfactory.backends.local.processes import signal_group, stop_group
+from mlfactory.backends.local.processes import log_tail, signal_group, stop_group
 from mlfactory.config import PROJECT
 from mlfactory.storage import private_file
 
@@ -56,6 +57,9 @@ COMPONENTS = {
     "api-server": ["api-server"],
 }
 HOSTNAME_ENV = "MLFACTORY_HOSTNAME"
+# A component that dies once Airflow is up (a crash, the OOM killer) is started again, as a process supervisor
+# would (systemd's Restart=on-failure, a container's restart policy), this many times; then its death is an error.
+MAX_RESTARTS = 3
 
 
 def is_loopback(host: str) -> bool:
@@ -107,6 +111,8 @@ class LocalAirflow:
     # components killed without their children (the tests' kill -9): their orphans live on in their process groups
     crashed: list[subprocess.Popen] = field(default_factory=list)
     migrated: bool = False
+    restarts: dict[str, int] = field(default_factory=dict)  # component -> times it died and was started again
+    up: bool = False  # started: from here on a component that dies is started again (``revive``)
 
     def __post_init__(self):
         bound = self.env_overrides.get("AIRFLOW__API__HOST", self.host)
@@ -155,6 +161,9 @@ class LocalAirflow:
             # A task's calls to the API server: on 2 busy cores (Airflow starting, training running) the
             # default 5 s timeout was seen to fail a task at startup.
             "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
+            # ... and how often it retries one that found no API server, waiting ~1, 2, 4 ... s at random: 5 tries
+            # (the default) give up within ~10 s, before an API server that died is up again (~20 s, ``revive``)
+            "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": "10",
             # A task's worker notices its exit at the next heartbeat check when the process is still tearing
             # down (the preloaded libraries take ~1-2 s) after closing its sockets: 5 s (the default) on every
             # task, and a deferring try reported seconds after its trigger fired.
@@ -170,6 +179,7 @@ class LocalAirflow:
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
             "MLFLOW_DISABLE_TELEMETRY": "true",  # tasks and training jobs send MLflow's usage reports nowhere
             "NO_PROXY": "127.0.0.1,localhost",
+            "PYTHONFAULTHANDLER": "1",  # a process that crashes in C code (SIGSEGV) leaves its Python stack in its log
         }
         if self.login:
             env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = "admin:admin"
@@ -211,6 +221,7 @@ class LocalAirflow:
         return {**COMPONENTS, **workers}
 
     def start(self, timeout: float = 120) -> LocalAirflow:
+        self.up = False  # a component that dies while starting is an error at once, not restarted
         env = self.env()
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         (self.home / "config").mkdir(exist_ok=True)  # on every Airflow process's path: airflow_local_settings
@@ -227,6 +238,7 @@ class LocalAirflow:
         except BaseException:
             self.stop()  # a component that died at start must not leave the others running
             raise
+        self.up = True
         return self
 
     def _launch(self, name: str, env: dict[str, str]) -> None:
@@ -246,6 +258,21 @@ class LocalAirflow:
     def relaunch(self, name: str) -> None:
         """Start one component again (after it died)."""
         self._launch(name, self.env())
+
+    def revive(self) -> None:
+        """Start again each component that died. Before Airflow is up, or after a component's MAX_RESTARTS, a
+        death is a RuntimeError naming the component, its exit status and the end of its log."""
+        for name, proc in list(self.processes.items()):
+            if proc.poll() is None:
+                continue
+            log = self.home / "logs" / f"{name}.log"
+            died = f"airflow {name} exited with {proc.returncode}" + log_tail(log)
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            if not self.up or self.restarts[name] > MAX_RESTARTS:
+                raise RuntimeError(died)
+            print(f"{died}\n-- started again ({self.restarts[name]} of {MAX_RESTARTS})", file=sys.stderr, flush=True)
+            self.crashed.append(proc)  # what it left running (a scheduler's executor workers) is stopped with the rest
+            self.relaunch(name)
 
     def _migrate(self, env: dict[str, str]) -> None:
         database = self.home / "airflow.db"
@@ -378,9 +405,7 @@ class LocalAirflow:
     def wait_until(self, condition, timeout: float, what: str, interval: float = 0.5):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for name, proc in self.processes.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"airflow {name} exited with {proc.returncode}; see {self.home}/logs/{name}.log")
+            self.revive()
             value = condition()
             if value:
                 return value

@@ -76,10 +76,15 @@ def wait_ready(process: subprocess.Popen, ready: str | Callable[[], bool], what:
         if exited or time.monotonic() > deadline:
             stop_group(process)
             why = f"exited with {process.returncode}" if exited else f"was not ready after {timeout:.0f} s"
-            tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
-            raise RuntimeError(f"{what} {why}" + (f"; the end of {log}:\n{tail}" if tail else ""))
+            raise RuntimeError(f"{what} {why}" + log_tail(log))
         time.sleep(interval)
     return process
+
+
+def log_tail(log: Path | None, chars: int = 2000) -> str:
+    """``; the end of LOG:`` and its last ``chars`` characters, to append to an error; empty without a log."""
+    tail = log.read_text(errors="replace")[-chars:] if log is not None and log.exists() else ""
+    return f"; the end of {log}:\n{tail}" if tail else ""
 
 
 def start(command: list[str], log: Path, ready: str | Callable[[], bool], what: str, timeout: float = 120,

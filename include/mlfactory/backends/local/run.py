@@ -305,8 +305,9 @@ def main() -> int:
   landing folder    {storage.local_path(cfg.storage.landing_uri)}   (drop CSV, TSV, Parquet or JSON Lines files here, also .gz/.bz2/.zst)""", flush=True)
         if not exit_when_done:
             print("\nEverything keeps running. Ctrl-C stops it.", flush=True)
-            while True:
-                time.sleep(3600)
+            while True:  # a component that dies meanwhile is started again (LocalAirflow.revive)
+                airflow.revive()
+                time.sleep(5)
     except KeyboardInterrupt:
         pass
     except Exception as err:  # noqa: BLE001 - recorded in the summary, then the services stop
