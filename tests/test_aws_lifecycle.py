@@ -4,7 +4,8 @@ S3 -> SQS notifications, SageMaker and Application Auto Scaling.
 
 An object put in the bucket must reach SQS as a notification, start ml_ingest through the
 AssetWatcher, then ml_validate, ml_train (a SageMaker training job), ml_promote, ml_deploy (a
-SageMaker endpoint with autoscaling) and ml_batch_score (a batch transform job), by themselves.
+SageMaker endpoint with autoscaling) and ml_batch_score (a batch transform job), by themselves. Then, on
+the same Airflow, a burst of 50 objects announced in one SQS message is ingested and curated once each.
 
 moto completes a training job the moment it is created and runs nothing, so the test plays the
 container's part: a thread watches moto's jobs and, for each one, runs the training entrypoint with
@@ -15,7 +16,9 @@ job over and collects its model.
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -24,6 +27,7 @@ import pytest
 import yaml
 from aws_iam import ACCOUNT, REGION, Call, Recording, policy, refused
 from conftest import aws_config_on_moto, play_sagemaker_training_job
+from intake_bursts import Burst, burst_files, intake_only
 from sagemaker_runtime import SageMakerRuntime
 
 from mlfactory import storage
@@ -200,6 +204,24 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
                 "sqs:DeleteMessage", "application-autoscaling:RegisterScalableTarget"} <= actions, sorted(actions)
         print(f"{len(calls)} calls by Airflow, {len(actions)} actions: {sorted(actions)}")
         assert refused(granted, calls) == []
+
+        # Then the intake alone, on the same Airflow: 50 objects whose ObjectCreated records arrive in ONE message
+        # of the queue (one receive); every object ingested and curated once, from S3, and the message deleted.
+        intake_only(airflow)
+        s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={})  # the test's message alone
+        burst, bodies, records = Burst(cfg), burst_files(tmp_path / "burst", 50), []
+        for name, body in bodies.items():
+            key = f"landing/{name}"
+            etag = s3.put_object(Bucket=BUCKET, Key=key, Body=body)["ETag"]
+            records.append({"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+                            "s3": {"bucket": {"name": BUCKET}, "object": {"key": key.replace(" ", "+"),
+                                                                           "size": len(body), "eTag": etag}}})
+        started = time.monotonic()
+        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"Records": records}))
+        elapsed = burst.wait_each_curated_once(airflow, [f"s3://{BUCKET}/landing/{name}" for name in bodies]) - started
+        assert sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages"])[
+            "Attributes"]["ApproximateNumberOfMessages"] == "0"
+        print(f"aws: 50 objects in one SQS message -> last curated in {elapsed:.1f} s; stranded: 0")
     finally:
         compute.stopping.set()
         runtime.stop()

@@ -7,17 +7,21 @@ A blob written to the bucket, its event on the queue, must start ml_ingest throu
 ml_validate, ml_train (an Azure ML command job running the training entrypoint with Azure ML's
 environment), ml_promote, ml_deploy (Azure ML model, online endpoint, deployment with autoscale, canary
 traffic checked through the endpoint's /score) and ml_batch_score (a batch endpoint job), by themselves.
+Then, on the same Airflow, a burst of 50 blobs written at once is ingested and curated once each.
 """
 
 from __future__ import annotations
 
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
 from azure_containers import BatchContainers, ModelContainers, TrainingContainers
 from azure_rbac import assert_role_covers
 from conftest import AZURE_SUBSCRIPTION, azure_blob_created, azure_config, azure_queue
+from intake_bursts import Burst, burst_files, intake_only
 
 from mlfactory import storage
 
@@ -122,6 +126,21 @@ def test_a_blob_written_to_azure_storage_runs_the_lifecycle_on_azure_ml(tmp_path
         assert not fake.refused, fake.refused
         used = assert_role_covers(fake.requests)  # every call of every DAG, granted by deploy/azure's role
         assert "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/score/action" in used
+
+        # Then the intake alone, on the same Airflow: 50 blobs written at once, each announced by its own
+        # BlobCreated event (as Event Grid delivers them, in any order, one twice); every blob ingested and
+        # curated once, from Blob Storage, and every message deleted.
+        intake_only(airflow)
+        burst, bodies = Burst(cfg), burst_files(tmp_path / "burst", 50)
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            messages = list(pool.map(lambda item: azure_blob_created(azurite, CONTAINER, f"landing/{item[0]}", item[1]),
+                                     bodies.items()))
+        for message in [*messages, messages[0]]:  # Event Grid delivers at least once
+            events.send_message(message)
+        elapsed = burst.wait_each_curated_once(airflow, [f"{cfg.storage.landing_uri}/{name}" for name in bodies]) - started
+        airflow.wait_until(lambda: not events.peek_messages(), 30, "every queue message deleted")
+        print(f"azure: 50 blobs written at once -> last curated in {elapsed:.1f} s; stranded: 0")
     finally:
         airflow.stop()
         mlflow_server.stop()

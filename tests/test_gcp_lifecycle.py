@@ -7,18 +7,22 @@ An object written to the bucket must reach Pub/Sub as a notification, start ml_i
 AssetWatcher, then ml_validate, ml_train (a Vertex CustomJob running the training entrypoint with
 Vertex's environment), ml_promote, ml_deploy (model upload, endpoint, deployment with autoscaling,
 the canary checked through the endpoint by the model server) and ml_batch_score (a batch prediction
-job), by themselves.
+job), by themselves. Then, on the same Airflow, a burst of 50 objects written at once is ingested and
+curated once each.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import gcp_config, pubsub_subscription
 from gcp_recorder import GcsRecorder, PubSubRecorder
+from intake_bursts import Burst, burst_files, intake_only
 from vertex_containers import ModelContainers, TrainingContainers
 from vertex_fake import VertexFake
 
@@ -141,6 +145,17 @@ def test_an_object_written_to_gcs_runs_the_lifecycle_on_vertex_ai(tmp_path, gcp_
         assert set().union(*gcs.permissions().values()) <= {BUCKET, "(resumable session)"}
         assert pubsub.permissions()["pubsub.subscriptions.consume"] == {
             f"projects/{gcp_emulators.project}/subscriptions/{subscription}"}
+
+        # Then the intake alone, on the same Airflow: 50 objects written at once, each announced by its own
+        # OBJECT_FINALIZE notification; every object ingested and curated once, from GCS.
+        intake_only(airflow)
+        burst, bodies = Burst(cfg), burst_files(tmp_path / "burst", 50)
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda item: storage.write_bytes(storage.join(cfg.storage.landing_uri, item[0]), item[1]),
+                          bodies.items()))
+        elapsed = burst.wait_each_curated_once(airflow, [f"{cfg.storage.landing_uri}/{name}" for name in bodies]) - started
+        print(f"gcp: 50 objects written at once -> last curated in {elapsed:.1f} s; stranded: 0")
     finally:
         airflow.stop()
         gcs.stop()

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from airflow_faults import crash, crash_all
+from intake_bursts import INTAKE, OTHERS, curated_objects, intake_only
 
 from mlfactory import storage
 
@@ -30,9 +31,6 @@ from mlfactory.backends.local.local_airflow import LocalAirflow
 from mlfactory.backends.local.processes import free_port
 
 pytestmark = pytest.mark.scheduler
-
-INTAKE = ["ml_ingest", "ml_validate"]
-OTHERS = ["ml_train", "ml_promote", "ml_deploy", "ml_batch_score", "ml_monitor"]
 
 
 def tuned_for_intake(raw: dict, path: Path, **ingest) -> object:
@@ -56,8 +54,7 @@ def start_intake(tmp_path: Path, cfg, airflow_db_template, **env) -> LocalAirflo
                            env_overrides={"MLFACTORY_CONFIG": cfg.source, **env})
     airflow.start()
     airflow.wait_for_dags(INTAKE + OTHERS)
-    for dag_id in OTHERS:
-        airflow.api(f"/api/v2/dags/{dag_id}", method="PATCH", body={"is_paused": True})
+    intake_only(airflow)
     return airflow
 
 
@@ -90,8 +87,8 @@ class Landed:
         return found
 
     def wait_all_curated(self, airflow: LocalAirflow, timeout: float) -> None:
-        airflow.wait_until(lambda: len(self.curated()) >= len(self.rows) and not pending_snapshots(self.cfg), timeout,
-                           f"{len(self.rows)} curated snapshots")
+        airflow.wait_until(lambda: len(curated_objects(self.cfg)) >= len(self.rows) and not pending_snapshots(self.cfg),
+                           timeout, f"{len(self.rows)} curated snapshots")
 
     def assert_exactly_once(self) -> None:
         cfg = self.cfg
@@ -116,37 +113,6 @@ class Landed:
             for obj in storage.list_objects(prefix):
                 assert not obj.key.endswith(".tmp") and pq.read_metadata(storage.local_path(obj.uri)).num_rows >= 0
         assert pending_objects(cfg, now=time.time() + 60) == [] and pending_snapshots(cfg) == []
-
-
-def curated_files(cfg) -> dict[str, int]:
-    """Key -> rows of every curated file in the bucket (any store)."""
-    found = {}
-    for obj in storage.list_objects(cfg.storage.curated_uri):
-        with storage.open_uri(obj.uri) as f:
-            found[obj.key] = pq.read_metadata(f).num_rows
-    return found
-
-
-def burst_files(folder: Path, count: int) -> dict[str, bytes]:
-    """``count`` sample CSV files of 300 rows each (written under ``folder``), with names that need quoting in
-    a URL: name -> bytes."""
-    return {f"part {i:02d}.csv": sample_data.write(sample_data.generate(300, seed=i, id_offset=i * 10**6),
-                                                   folder / f"part {i:02d}.csv").read_bytes() for i in range(count)}
-
-
-def wait_each_curated_once(airflow: LocalAirflow, cfg, landed: list[str]) -> float:
-    """Waits until the objects ``landed`` (URIs, 300 rows each) are all curated, then checks that each was
-    ingested and curated exactly once, by one whole file, and nothing waits; returns when (monotonic)."""
-    airflow.wait_until(lambda: len(curated_files(cfg)) >= len(landed) and not pending_snapshots(cfg), 300,
-                       f"{len(landed)} curated snapshots")
-    done = time.monotonic()
-    files = curated_files(cfg)
-    assert len(files) == len(landed) and set(files.values()) == {300}
-    assert {key.rsplit("/", 1)[1] for key in files} == {CURATED_FILE}
-    ledger = [json.loads(storage.read_bytes(o.uri)) for o in storage.list_objects(ledger_uri(cfg))]
-    assert sorted(e["uri"] for e in ledger) == sorted(landed)
-    assert {e["outcome"] for e in ledger} == {"ingested"} and pending_objects(cfg, now=time.time() + 60) == []
-    return done
 
 
 def running_task(airflow: LocalAirflow, dag_id: str, task_id: str) -> dict | None:
@@ -256,104 +222,6 @@ def test_kill_9_mid_ingest_and_mid_curation_loses_and_doubles_nothing(tmp_path, 
     while running_in(airflow.home) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert running_in(airflow.home) == []
-
-
-def test_50_objects_announced_in_one_sqs_batch_are_each_ingested_and_curated_once(tmp_path, moto_server, monkeypatch,
-                                                                                  airflow_db_template):
-    """The aws backend: 50 objects whose ObjectCreated records arrive in ONE message of the queue (one
-    receive), on moto's S3 and SQS over HTTP; every object ingested and curated once, from S3."""
-    import boto3
-    from conftest import aws_config_on_moto
-
-    bucket = "mlfactory-burst"
-    path = tmp_path / "pipeline.yaml"
-    raw = aws_config_on_moto(moto_server, bucket, path, monkeypatch, conn_id="aws_default")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)  # the storage layer (s3fs) of every Airflow process
-    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
-    sqs = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1")
-    queue = sqs.create_queue(QueueName="mlfactory-burst")["QueueUrl"]
-    raw["aws"]["sqs_queue_url"] = queue
-    cfg = tuned_for_intake(raw, path)
-    airflow = start_intake(tmp_path, cfg, airflow_db_template)
-    try:
-        bodies, records = burst_files(tmp_path / "out", 50), []
-        for name, body in bodies.items():
-            key = f"landing/{name}"
-            etag = s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"]
-            records.append({"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
-                            "s3": {"bucket": {"name": bucket}, "object": {"key": key.replace(" ", "+"),
-                                                                           "size": len(body), "eTag": etag}}})
-        started = time.monotonic()
-        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"Records": records}))
-
-        landed = [f"s3://{bucket}/landing/{name}" for name in bodies]
-        elapsed = wait_each_curated_once(airflow, cfg, landed) - started
-        assert sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages"])[
-            "Attributes"]["ApproximateNumberOfMessages"] == "0"  # the message deleted once its 50 events were emitted
-        print(f"\naws: 50 objects in one SQS message -> last curated in {elapsed:.1f} s; stranded: 0")
-    finally:
-        airflow.stop()
-
-
-@pytest.mark.gcp
-def test_50_objects_written_to_gcs_at_once_are_each_ingested_and_curated_once(tmp_path, gcp_emulators, monkeypatch,
-                                                                              airflow_db_template):
-    """The gcp backend: 50 objects written to fake-gcs-server at once, each announced by its own OBJECT_FINALIZE
-    notification through the Pub/Sub emulator; every object ingested and curated once, from GCS."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from conftest import gcp_config, pubsub_subscription
-
-    subscription = pubsub_subscription(gcp_emulators, "burst-landing")  # skips where there is no emulator
-    path = tmp_path / "pipeline.yaml"
-    raw = gcp_config("mlf-gcs-burst", path, monkeypatch, pubsub_subscription=subscription)
-    cfg = tuned_for_intake(raw, path)
-    airflow = start_intake(tmp_path, cfg, airflow_db_template)
-    try:
-        bodies = burst_files(tmp_path / "out", 50)
-        started = time.monotonic()
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda item: storage.write_bytes(storage.join(cfg.storage.landing_uri, item[0]), item[1]),
-                          bodies.items()))
-
-        landed = [f"{cfg.storage.landing_uri}/{name}" for name in bodies]
-        elapsed = wait_each_curated_once(airflow, cfg, landed) - started
-        print(f"\ngcp: 50 objects written at once -> last curated in {elapsed:.1f} s; stranded: 0")
-    finally:
-        airflow.stop()
-
-
-@pytest.mark.azure
-def test_50_blobs_written_at_once_are_each_ingested_and_curated_once(tmp_path, azurite, monkeypatch,
-                                                                      airflow_db_template):
-    """The azure backend: 50 blobs written to Azurite at once, each announced by its own BlobCreated event on
-    the Storage Queue (as Event Grid delivers them, in any order, one twice); every blob ingested and curated
-    once, from Blob Storage, and every message deleted."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from conftest import azure_blob_created, azure_config, azure_queue
-
-    events = azure_queue(azurite, "burst-landing")
-    path = tmp_path / "pipeline.yaml"
-    raw = azure_config("mlf-azure-burst-intake", path, monkeypatch, "https://127.0.0.1:9", "", event_queue="burst-landing")
-    cfg = tuned_for_intake(raw, path)
-    airflow = start_intake(tmp_path, cfg, airflow_db_template)
-    try:
-        bodies = burst_files(tmp_path / "out", 50)
-        container = raw["storage"]["bucket"].removeprefix("abfs://")
-        started = time.monotonic()
-        with ThreadPoolExecutor(8) as pool:
-            messages = list(pool.map(lambda item: azure_blob_created(azurite, container, f"landing/{item[0]}", item[1]),
-                                     bodies.items()))
-        for message in [*messages, messages[0]]:  # Event Grid delivers at least once
-            events.send_message(message)
-
-        landed = [f"{cfg.storage.landing_uri}/{name}" for name in bodies]
-        elapsed = wait_each_curated_once(airflow, cfg, landed) - started
-        airflow.wait_until(lambda: not events.peek_messages(), 30, "every queue message deleted")
-        print(f"\nazure: 50 blobs written at once -> last curated in {elapsed:.1f} s; stranded: 0")
-    finally:
-        airflow.stop()
 
 
 def running_in(folder: Path) -> list[str]:
