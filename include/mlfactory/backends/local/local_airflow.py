@@ -267,10 +267,11 @@ class LocalAirflow:
                 continue
             log = self.home / "logs" / f"{name}.log"
             died = f"airflow {name} exited with {proc.returncode}" + log_tail(log)
-            self.restarts[name] = self.restarts.get(name, 0) + 1
-            if not self.up or self.restarts[name] > MAX_RESTARTS:
+            restarts = self.restarts.get(name, 0) + 1
+            if not self.up or restarts > MAX_RESTARTS:
                 raise RuntimeError(died)
-            print(f"{died}\n-- started again ({self.restarts[name]} of {MAX_RESTARTS})", file=sys.stderr, flush=True)
+            self.restarts[name] = restarts
+            print(f"{died}\n-- started again ({restarts} of {MAX_RESTARTS})", file=sys.stderr, flush=True)
             self.crashed.append(proc)  # what it left running (a scheduler's executor workers) is stopped with the rest
             self.relaunch(name)
 
