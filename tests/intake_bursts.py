@@ -42,6 +42,11 @@ def ledger_entries(cfg) -> set[str]:
     return {obj.uri for obj in storage.list_objects(ledger_uri(cfg))}
 
 
+def ledger(cfg, leaving_out: set[str] = frozenset()) -> list[dict]:
+    """Ingestion's ledger: one entry (uri, outcome, ...) per object taken in, but those at ``leaving_out``."""
+    return [json.loads(storage.read_bytes(uri)) for uri in ledger_entries(cfg) - leaving_out]
+
+
 class Burst:
     """What the bucket held before a burst, to check the burst's objects alone."""
 
@@ -64,7 +69,7 @@ class Burst:
                 files[key] = pq.read_metadata(f).num_rows
         assert len(files) == len(landed) and set(files.values()) == {300}, files
         assert {key.rsplit("/", 1)[1] for key in files} == {CURATED_FILE}
-        ledger = [json.loads(storage.read_bytes(uri)) for uri in ledger_entries(cfg) - self.ledger_before]
-        assert sorted(e["uri"] for e in ledger) == sorted(landed)
-        assert {e["outcome"] for e in ledger} == {"ingested"} and pending_objects(cfg, now=time.time() + 60) == []
+        entries = ledger(cfg, leaving_out=self.ledger_before)
+        assert sorted(e["uri"] for e in entries) == sorted(landed)
+        assert {e["outcome"] for e in entries} == {"ingested"} and pending_objects(cfg, now=time.time() + 60) == []
         return done

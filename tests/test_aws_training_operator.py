@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cloud_copies import copy_tree, training_job_spec
 from task_runs import context
 from conftest import aws_config_on_moto, play_sagemaker_training_job
 
@@ -25,24 +26,17 @@ def aws_env(moto_server, training_set, tmp_path, monkeypatch):
     import boto3
 
     aws_config_on_moto(moto_server, BUCKET, tmp_path / "pipeline.yaml", monkeypatch, budget_usd=20)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)  # the storage layer (s3fs) on moto too
+    copy_tree(Path(training_set.uri.removeprefix("file://")), f"s3://{BUCKET}/models/training_sets/ts1")
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
-    local = Path(training_set.uri.removeprefix("file://"))
-    for path in local.rglob("*"):
-        if path.is_file():
-            s3.upload_file(str(path), BUCKET, f"models/training_sets/ts1/{path.relative_to(local)}")
     sagemaker = boto3.client("sagemaker", endpoint_url=moto_server, region_name="us-east-1")
     return SimpleNamespace(s3=s3, sagemaker=sagemaker)
 
 
 def job_spec(**changes) -> dict:
-    from mlfactory.specs import TrainingJobSpec
-
-    fields = dict(name="run-1-t0", input_uri=f"s3://{BUCKET}/models/training_sets/ts1",
-                  output_uri=f"s3://{BUCKET}/models/runs/run-1/trial-0",
-                  checkpoint_uri=f"s3://{BUCKET}/models/checkpoints/run-1/trial-0",
-                  hyperparameters={"epochs": 1, "learning_rate": 0.003, "batch_size": 512, "hidden_sizes": [32]},
-                  max_runtime_s=1800)
-    return TrainingJobSpec(**{**fields, **changes}).model_dump()
+    return training_job_spec(f"s3://{BUCKET}", **{
+        "checkpoint_uri": f"s3://{BUCKET}/models/checkpoints/run-1/trial-0",
+        "hyperparameters": {"epochs": 1, "learning_rate": 0.003, "batch_size": 512, "hidden_sizes": [32]}, **changes})
 
 
 def test_the_job_is_created_deferred_and_its_model_collected(aws_env, training_set, tmp_path):

@@ -20,14 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from airflow_faults import crash, crash_all
-from intake_bursts import INTAKE, OTHERS, curated_objects, intake_only
+from intake_bursts import INTAKE, OTHERS, curated_objects, intake_only, ledger
 
 from mlfactory import storage
 
 from mlfactory.data import sample_data
 from mlfactory.config import DEFAULT_CONFIG, load_config
 from mlfactory.data.etl import CURATED_FILE, pending_snapshots
-from mlfactory.data.ingest import ledger_uri, pending_objects
+from mlfactory.data.ingest import pending_objects
 from mlfactory.backends.local.local_airflow import LocalAirflow
 from mlfactory.backends.local.processes import free_port
 
@@ -36,20 +36,17 @@ pytestmark = pytest.mark.scheduler
 BIG = 10_000  # rows of a file whose curation (10 validation batches, several seconds) a kill lands in the middle of
 
 
-def tuned_for_intake(raw: dict, path: Path, **ingest) -> object:
-    """``raw`` with quick polling, no sweep schedule and small validation chunks, written to ``path``
-    (MLFACTORY_CONFIG); the loaded config."""
-    raw["ingest"].update(poll_interval_s=0.5, settle_s=0.5, sweep_schedule=None, **ingest)
-    raw["validation"].update(chunk_rows=1000)
-    path.write_text(yaml.safe_dump(raw))
-    return load_config(path)
-
-
-def intake_config(tmp_path: Path, monkeypatch, bucket: str, **ingest) -> object:
+def intake_config(tmp_path: Path, monkeypatch, bucket: str) -> object:
+    """The sample config on ``bucket`` with quick polling, no sweep schedule and small validation chunks, written
+    to tmp_path/pipeline.yaml (MLFACTORY_CONFIG); the loaded config."""
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw["storage"]["bucket"] = bucket
-    monkeypatch.setenv("MLFACTORY_CONFIG", str(tmp_path / "pipeline.yaml"))
-    return tuned_for_intake(raw, tmp_path / "pipeline.yaml", **ingest)
+    raw["ingest"].update(poll_interval_s=0.5, settle_s=0.5, sweep_schedule=None)
+    raw["validation"].update(chunk_rows=1000)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MLFACTORY_CONFIG", str(path))
+    return load_config(path)
 
 
 def start_intake(tmp_path: Path, cfg, airflow_db_template, **env) -> LocalAirflow:
@@ -95,9 +92,8 @@ class Landed:
 
     def assert_exactly_once(self) -> None:
         cfg = self.cfg
-        ledger = [json.loads(storage.read_bytes(o.uri)) for o in storage.list_objects(ledger_uri(cfg))]
         outcomes = {}
-        for entry in ledger:
+        for entry in ledger(cfg):
             outcomes.setdefault(entry["uri"].rsplit("/", 1)[1], []).append(entry["outcome"])
         assert outcomes == {name: ["ingested"] for name in self.rows}, "every object ingested once, none refused"
         manifests = [o for o in storage.list_objects(cfg.storage.raw_uri) if o.key.endswith("/manifest.json")]
