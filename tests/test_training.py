@@ -90,7 +90,7 @@ def test_reaches_the_auc_bar_on_one_and_two_ddp_processes(training_set, tmp_path
 
 
 def test_sigkill_after_epoch_one_resumes_at_epoch_two_and_matches_an_uninterrupted_run(training_set, tmp_path):
-    epochs = 6
+    epochs = 4
     common = ["--train-uri", training_set.uri, *hyperparameters(epochs=epochs, batch_size=128)]
     victim = run_entrypoint([*common, "--output-uri", str(tmp_path / "a"), "--checkpoint-uri", str(tmp_path / "ck")], 2)
     for line in victim.stdout:  # a lost spot machine: torchrun and both workers die at once after epoch 1
