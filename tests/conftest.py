@@ -82,15 +82,16 @@ def airflow_db_template(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_secrets_in_logs(tmp_path_factory):
-    """After the whole session: no log any test wrote (Airflow's task logs, the servers' logs) holds a
-    secret-looking string or a secret the suite generated (secrets_scan); the last test errors otherwise."""
+def no_secrets_in_what_the_suite_wrote(tmp_path_factory):
+    """After the whole session: no file any test wrote (logs, Airflow's and MLflow's databases, summaries, bucket
+    objects) but the one that keeps it holds a secret the suite generated, and no text file a secret-looking
+    string (secrets_scan); the last test errors otherwise."""
     yield
-    from secrets_scan import known_secrets, log_files, scan
+    from secrets_scan import known_secrets, scan, written_files
 
     root = tmp_path_factory.getbasetemp()
-    findings = scan(log_files(root), known_secrets(root))
-    assert not findings, f"{len(findings)} secret(s) in the suite's logs:\n" + "\n".join(findings[:50])
+    findings = scan(written_files(root), known_secrets(root))
+    assert not findings, f"{len(findings)} secret(s) in what the suite wrote:\n" + "\n".join(findings[:50])
 
 
 @pytest.fixture(scope="session")

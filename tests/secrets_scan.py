@@ -1,11 +1,13 @@
-"""Secret-looking strings in text: the repository's files (test_no_secrets) and every log the test suite
-writes (conftest's ``pytest_sessionfinish``, over the session's temporary folders).
+"""Secret-looking strings: in the repository's files (test_no_secrets), and in everything the test suite writes
+(conftest's ``no_secrets_in_what_the_suite_wrote``, over the session's temporary folders): logs, Airflow's and
+MLflow's databases (XCom, params, tags), run summaries, the buckets' files.
 
 Two kinds of finding:
 - **shapes**: cloud keys, private keys, bearer tokens and JWTs, passwords in connection strings and URLs
-  (a placeholder such as ``${POSTGRES_PASSWORD}``, ``PASSWORD``, ``***`` is none);
-- **known values**: the secrets the suite itself generated (Airflow's JWT secret and admin password, the
-  model server's tokens, .env files): any of them appearing in a log is a leak, whatever its shape.
+  (a placeholder such as ``${POSTGRES_PASSWORD}``, ``PASSWORD``, ``***`` is none), in text files;
+- **known values**: the secrets the suite itself generated (Airflow's Fernet key, JWT secret and admin password,
+  the model server's tokens, .env files): any of them in any file but the one that keeps it is a leak, whatever
+  its shape, text or binary (a SQLite page, a Parquet column).
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ def find_shapes(text: str) -> list[tuple[str, str]]:
     return found
 
 
+# The files that keep a secret (mode 600): the one place each may be.
+SECRET_STORES = {"jwt_secret", "token", "admin-token", "passwords.json", ".env", "airflow.cfg"}
+TEXT_SCAN_BYTES = 32 * 1024 * 1024  # shapes are looked for in text files up to this size (known values: in every file)
+
+
 def known_secrets(root: Path) -> set[str]:
-    """The secrets generated under ``root`` by the suite: values of Airflow's jwt_secret and passwords.json, the
-    model server's token files and admin tokens, and .env files."""
+    """The secrets generated under ``root`` by the suite: values of Airflow's Fernet key, jwt_secret and
+    passwords.json, the model server's token files and admin tokens, and .env files."""
     values: set[str] = set()
     for path in root.rglob("*"):
         if not path.is_file():
@@ -61,6 +68,8 @@ def known_secrets(root: Path) -> set[str]:
         try:
             if path.name in ("jwt_secret", "token", "admin-token"):
                 values.add(path.read_text().strip())
+            elif path.name == "airflow.cfg":
+                values |= set(re.findall(r"(?m)^fernet_key\s*=\s*(\S+)", path.read_text()))
             elif path.name == "passwords.json":
                 values |= {str(v) for v in json.loads(path.read_text()).values()}
             elif path.name == ".env":  # its secrets, not its settings (MLFACTORY_MODEL_NAME=customer_churn is none)
@@ -71,19 +80,20 @@ def known_secrets(root: Path) -> set[str]:
     return {v for v in values if len(v) >= 12}
 
 
-def log_files(root: Path) -> list[Path]:
-    """Every log under ``root``: *.log files and everything in a ``logs`` folder (Airflow's task logs)."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and (p.suffix == ".log" or "logs" in p.parts))
+def written_files(root: Path) -> list[Path]:
+    """Every file under ``root`` but the secret stores: logs, databases, summaries, bucket objects."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and p.name not in SECRET_STORES)
 
 
 def scan(paths: list[Path], known: set[str] = frozenset()) -> list[str]:
     findings = []
+    wanted = [(value, value.encode()) for value in known]
     for path in paths:
         try:
-            text = path.read_text(errors="replace")
+            data = path.read_bytes()
         except OSError:
             continue
-        for name, value in find_shapes(text):
-            findings.append(f"{path}: {name} {value[:6]}…")
-        findings += [f"{path}: a generated secret ({value[:4]}…)" for value in known if value in text]
+        findings += [f"{path}: a generated secret ({value[:4]}…)" for value, raw in wanted if raw in data]
+        if len(data) <= TEXT_SCAN_BYTES and b"\0" not in data[:8192]:  # text: look for shapes too
+            findings += [f"{path}: {name} {value[:6]}…" for name, value in find_shapes(data.decode(errors="replace"))]
     return findings

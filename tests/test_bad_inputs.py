@@ -116,6 +116,16 @@ def symlink(landing: Path) -> Path:
     return landing / "link.csv"
 
 
+def symlinked_folder(landing: Path) -> Path:
+    """A folder in landing that is a link to one outside: its files are not landing's (the form took such a URI,
+    and a file outside the bucket was read)."""
+    outside = landing.parent / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_bytes(text(lines()))
+    (landing / "linked").symlink_to(outside, target_is_directory=True)
+    return landing / "linked" / "secret.csv"
+
+
 def fifo(landing: Path) -> Path:
     os.mkfifo(landing / "pipe.csv")  # opening it for reading would block for ever without a writer
     return landing / "pipe.csv"
@@ -208,6 +218,7 @@ CATALOGUE: list[tuple[str, Callable[[Path], Path], Outcome, dict]] = [
     ("a spreadsheet (.xlsx)", file("book.xlsx", b"PK\x03\x04"), refused("unsupported file type '.xlsx'"), {}),
     ("no extension", file("export", b"a,b\n1,2\n"), refused(r"unsupported file type '\(no extension\)'"), {}),
     ("a symbolic link", symlink, refused("is a symbolic link"), {}),
+    ("a file in a symlinked folder", symlinked_folder, refused("is reached through 'linked', a symbolic link"), {}),
     ("a FIFO (named pipe)", fifo, refused(r"is a FIFO \(named pipe\)"), {}),
     ("a folder named like a file", folder, refused("is a folder"), {}),
     ("a socket file", unix_socket, refused("is a socket"), {}),
@@ -363,3 +374,33 @@ def test_a_5000_column_header_is_checked_in_linear_time(cfg, bucket):
         message = _schema_error([f"c{i}" for i in range(width)], cfg.dataset, manifest)
         assert f"and {width - 20} more" in message
         assert time.perf_counter() - started < 0.5
+
+
+def test_label_files_are_read_as_landed_files_are_never_past_their_limit(cfg, bucket):
+    """Label files (predictions/labels/, read by ml_monitor) were opened with no regular-file, size or
+    decompression check: a link out of the bucket, a FIFO, a gzip bomb or a huge file each got read."""
+    from mlfactory import BadInput
+    from mlfactory.monitoring.feedback import read_label_file
+
+    cfg = cfg.model_copy(update={"monitoring": cfg.monitoring.model_copy(update={"max_label_bytes": 64 * 1024})})
+    labels = Path(storage.local_path(cfg.storage.labels_uri))
+    labels.mkdir(parents=True)
+    good = b"request_id,row,churned\nr1,0,true\nr2,0,false\n"
+    outside = bucket.parent / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_bytes(good)
+    (labels / "link.csv").symlink_to(outside / "secret.csv")
+    (labels / "linked").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(labels / "pipe.csv")
+    (labels / "bomb.csv.gz").write_bytes(gzip.compress(good + b"r3,0,true\n" * 20_000))
+    (labels / "huge.csv").write_bytes(good + b"r3,0,true\n" * 20_000)
+    (labels / "fine.csv.gz").write_bytes(gzip.compress(good))
+    expected = {"link.csv": "is a symbolic link", "linked/secret.csv": "is reached through 'linked', a symbolic link",
+                "pipe.csv": r"is a FIFO", "bomb.csv.gz": "decompresses to more than 65536 bytes",
+                "huge.csv": "bytes, over monitoring.max_label_bytes"}
+    for name, message in expected.items():
+        info = storage.ObjectInfo(f"{cfg.storage.labels_uri}/{name}", name, 1, "", 0.0)
+        with pytest.raises(BadInput, match=message):
+            read_label_file(info if name != "huge.csv" else storage.stat(info.uri), cfg)
+    fine = read_label_file(storage.stat(f"{cfg.storage.labels_uri}/fine.csv.gz"), cfg)
+    assert fine["request_id"].tolist() == ["r1", "r2"] and fine["churned"].tolist() == [True, False]

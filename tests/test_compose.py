@@ -100,6 +100,14 @@ def test_the_services_volumes_and_networks_are_the_documented_ones(rendered):
         if name != "airflow-init":
             assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
             assert service.get("restart") == "always", name
+    # nothing of ours runs as root (MLflow and the model server did): each runs as $AIRFLOW_UID (50000 unless .env
+    # says), but airflow-init, which hands the volumes to that user; PostgreSQL's and Redis's images drop root themselves
+    declared = yaml.safe_load((PROJECT / "docker-compose.yaml").read_text())["services"]
+    ours = {name for name, service in declared.items() if "mlfactory" in str(service.get("image", ""))}
+    assert {"mlflow", "model-server", "airflow-scheduler"} <= ours
+    assert {name: declared[name].get("user") for name in ours - {"airflow-init"}} == dict.fromkeys(
+        ours - {"airflow-init"}, "${AIRFLOW_UID:-50000}:0")
+    assert services["mlflow"]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
 
 
 def test_every_airflow_process_shares_the_executor_secrets_and_execution_api(rendered):

@@ -39,7 +39,7 @@ def broken_model_uri(cfg, holdout, how: str = "nan") -> str:
     mlflow.set_experiment("serving-test")
     with mlflow.start_run(run_name=f"broken-{how}"):
         if how == "nan":
-            return log_pyfunc(broken, holdout.head(50), cfg.dataset).model_uri
+            return log_pyfunc(broken, cfg.dataset).model_uri
         # (log_pyfunc predicts on an example to write the signature: give it the champion's instead)
         signature = get_model_info(f"models:/{cfg.model_name}/1").signature
         code = Path(mlfactory.__file__).parent / "model_code.py"

@@ -110,3 +110,26 @@ def test_the_report_escapes_every_value_that_comes_from_data():
     for label in ("<script>alert(1", '"><img src=x on', "</title><svg onl", "&lt;b&gt;", "<b>feature</b>"):
         assert label in text, label  # shown as text (cut to 10 characters under the bars, whole in the tooltips)
     assert "default-src 'none'" in page  # and a CSP, should anything slip through one day
+
+
+def test_the_prediction_log_keeps_its_last_days_only(cfg, bucket):
+    """The model server logs every request's raw inputs; ml_monitor's check deletes the days past
+    monitoring.prediction_log_days (default 30), which may not be shorter than the labels' lookback."""
+    from datetime import datetime, timezone
+
+    import pydantic
+
+    from mlfactory import storage
+    from mlfactory.config import MonitoringSpec
+    from mlfactory.monitoring.monitor import expire_prediction_log
+
+    now = datetime(2026, 12, 6, 12, tzinfo=timezone.utc)
+    for day in ("2026-10-01", "2026-11-05", "2026-11-06", "2026-12-06"):
+        storage.write_bytes(storage.join(cfg.storage.prediction_log_uri, f"date={day}", "part-1.parquet"), b"x")
+    assert cfg.monitoring.prediction_log_days == 30
+    assert expire_prediction_log(cfg, now) == ["date=2026-10-01", "date=2026-11-05"]
+    assert sorted({o.key.split("/")[0] for o in storage.list_objects(cfg.storage.prediction_log_uri)}) == [
+        "date=2026-11-06", "date=2026-12-06"]
+    assert expire_prediction_log(cfg, now) == []
+    with pytest.raises(pydantic.ValidationError, match="must be at least label_lookback_days"):
+        MonitoringSpec(prediction_log_days=7, label_lookback_days=30)

@@ -209,6 +209,43 @@ def test_bad_values_are_quarantined_per_row_or_fail_the_batch(cfg, bucket, colum
     assert read_quarantine(result.quarantine_uri).num_rows == 100
 
 
+def test_a_value_that_is_markup_shows_as_text_in_the_data_docs_which_run_no_script(cfg, bucket):
+    """A landed category value `<img src=x onerror=alert(1)>` reached GX's Data Docs page unescaped (its templates
+    do not escape), on a page that loaded scripts from CDNs under no Content-Security-Policy."""
+    from html.parser import HTMLParser
+
+    hostile = "<img src=x onerror=alert(1)>"
+    lines = csv_lines()
+    set_field(lines, 3, "plan", hostile)
+    _, result = curate(cfg, bucket, "markup.csv", lines)
+    assert result.failures == {"expect_column_values_to_be_in_set(plan)": 1}
+    docs = storage.read_bytes(result.report_uri.replace("index.html", "batch-00000.html")).decode()
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.fetched, self.handlers, self.text, self.csp = set(), [], [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.tags.add(tag)
+            self.fetched += [v for k, v in attrs.items() if k in ("src", "href") and v and "//" in v and tag != "a"]
+            self.handlers += [k for k in attrs if k.startswith("on")]
+            if tag == "meta" and attrs.get("http-equiv") == "Content-Security-Policy" and self.csp is None:
+                self.csp = attrs["content"]
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    page = Page()
+    page.feed(docs)
+    assert hostile in "".join(page.text)  # the value, shown as text
+    assert "script" not in page.tags and not page.handlers and not page.fetched, (page.handlers, page.fetched)
+    assert page.csp and "default-src 'none'" in page.csp and "script-src" not in page.csp
+    index = storage.read_bytes(result.report_uri).decode()
+    assert f'content="{page.csp}"' in index  # the same policy on every page the pipeline writes
+
+
 def test_non_utf8_bytes_are_quarantined_with_their_bytes_escaped(cfg, bucket):
     lines = csv_lines()
     data = ("\n".join(lines) + "\n").encode()

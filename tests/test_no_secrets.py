@@ -1,12 +1,12 @@
-"""No secret in the repository, and a scanner that would see one (conftest's ``no_secrets_in_logs`` runs it over
-every log the suite wrote, at the end of the session)."""
+"""No secret in the repository, and a scanner that would see one (conftest's ``no_secrets_in_what_the_suite_wrote``
+runs it over every file the suite wrote, at the end of the session)."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
 
-from secrets_scan import find_shapes, known_secrets, log_files, scan
+from secrets_scan import find_shapes, known_secrets, scan, written_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,13 +40,17 @@ def test_the_scanner_sees_each_kind_of_secret(tmp_path):
     home = tmp_path / "airflow"
     (home / "logs" / "dag_id=x").mkdir(parents=True)
     (home / "passwords.json").write_text('{"admin": "plain-words-1234"}')
+    (home / "airflow.cfg").write_text("[core]\nfernet_key = " + "fErNeT" * 7 + "=\n")
     (home / "logs" / "dag_id=x" / "attempt=1.log").write_text("user admin logged in with plain-words-1234\n")
-    (home / "other.txt").write_text("plain-words-1234")  # not a log
+    (home / "airflow.db").write_bytes(b"SQLite format 3\0" + b"\0" * 100 + b"fErNeT" * 7 + b"=" + b"\0" * 10)  # XCom
+    (home / "summary.json").write_text('{"note": "nothing here"}')
     (home / ".env").write_text("AIRFLOW_ADMIN_PASSWORD=generated-pass-5678\nMLFACTORY_MODEL_NAME=customer_churn\n")
-    assert known_secrets(tmp_path) == {"plain-words-1234", "generated-pass-5678"}  # a setting is no secret
-    assert log_files(tmp_path) == [home / "logs" / "dag_id=x" / "attempt=1.log"]
-    findings = scan(log_files(tmp_path), known_secrets(tmp_path))
-    assert len(findings) == 1 and "a generated secret" in findings[0]
+    # a setting is no secret; the Fernet key is one
+    assert known_secrets(tmp_path) == {"plain-words-1234", "generated-pass-5678", "fErNeT" * 7 + "="}
+    assert written_files(tmp_path) == sorted(home / n for n in ("airflow.db", "logs/dag_id=x/attempt=1.log", "summary.json"))
+    findings = scan(written_files(tmp_path), known_secrets(tmp_path))
+    assert len(findings) == 2 and all("a generated secret" in f for f in findings), findings
+    assert {f.split(":")[0] for f in findings} == {str(home / "airflow.db"), str(home / "logs/dag_id=x/attempt=1.log")}
     import shutil
 
-    shutil.rmtree(home)  # the planted leak must not fail the session's own scan of the logs
+    shutil.rmtree(home)  # the planted leaks must not fail the session's own scan

@@ -138,6 +138,17 @@ def test_training_run_logs_params_curves_dataset_model_and_drift_tags(lab, mlflo
     assert logged == _infer_schema(read_training_set(training_set.uri)[1])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "training_curves.png" in artifacts
+    # the model's input example is made up from the schema: no row of the training set is stored with the model
+    import mlflow.models
+
+    example = mlflow.models.Model.load(good["model_uri"]).load_input_example(
+        mlflow.artifacts.download_artifacts(good["model_uri"]))
+    assert len(example) == 2 and example["plan"].tolist() == [cfg.dataset.column("plan").categories[0]] * 2
+    from mlfactory.features import to_wire
+
+    real = to_wire(read_training_set(training_set.uri)[1], cfg.dataset)[list(example.columns)]
+    assert not set(real.astype(str).apply(tuple, axis=1)) & set(example.astype(str).apply(tuple, axis=1))
+    assert not set(real["income"]) & set(example["income"])  # (not even one value of a continuous column)
 
 
 @pytest.mark.parametrize("recipe", ["good", "trees"])  # the network and the gradient-boosted trees

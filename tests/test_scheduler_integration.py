@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import urllib.error
+import urllib.request
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,6 +76,15 @@ def test_landing_runs_the_lifecycle_to_a_champion_by_itself(tmp_path, bucket, mo
     airflow.start()
     try:
         airflow.wait_for_dags(STAGES)  # raises on any DAG import error
+        # every client is an admin on loopback: only requests addressed to loopback by name are answered (a page
+        # whose DNS name was rebound to 127.0.0.1 gets a 400, not the API)
+        for host, status in (("127.0.0.1", 200), ("localhost", 200), ("rebound.example.com", 400)):
+            request = urllib.request.Request(f"{airflow.url}/api/v2/dags?limit=1", headers={"Host": host})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    assert response.status == status, host
+            except urllib.error.HTTPError as err:
+                assert err.code == status, (host, err.code)
 
         # A good file: ingest, then validate, then curated Parquet.
         sample_data.write(sample_data.generate(2000, seed=21), bucket / "landing" / "good.csv")

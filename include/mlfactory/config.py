@@ -2,7 +2,8 @@
 
 A user brings their own tabular dataset by writing such a file and pointing ``MLFACTORY_CONFIG`` at
 it; nothing else changes. ``backend: <name>`` picks where the pipeline runs, and the section of the
-same name holds that backend's settings (a model each backend registers: ``mlfactory.backend_registry``). ``${VAR}`` and ``${VAR:-default}`` are expanded from the environment, and a
+same name holds that backend's settings (a model each backend registers: ``mlfactory.backend_registry``). ``${VAR}`` and ``${VAR:-default}`` in a string value are
+expanded from the environment (not under ``dataset``, whose names come from the data), and a
 bucket given as a plain relative path is resolved against the config file's own folder.
 
 This module is imported by DAG files at parse time: it must stay light (pydantic and yaml only).
@@ -259,6 +260,18 @@ class MonitoringSpec(_Strict):
         24, ge=0, description="a label file under predictions/labels/ waits this long for every label to find its "
         "served row in the prediction log; then it is taken with the rows matched, the rest reported as unmatched")
     label_lookback_days: int = Field(30, ge=1, description="labels are matched to rows served in this many last days")
+    max_label_bytes: int = Field(2**30, ge=1024, description="a label file larger than this, or decompressing to "
+                                 "more, is refused (reported, never read whole)")
+    prediction_log_days: int = Field(
+        30, ge=1, description="the model server's prediction log (every request's raw inputs) is kept this many days; "
+        "ml_monitor deletes older days. At least label_lookback_days: labels are matched to logged rows")
+
+    @model_validator(mode="after")
+    def _labels_find_their_rows(self) -> MonitoringSpec:
+        if self.prediction_log_days < self.label_lookback_days:
+            raise ValueError(f"prediction_log_days ({self.prediction_log_days}) must be at least label_lookback_days "
+                             f"({self.label_lookback_days}): a label finds its row in the prediction log")
+        return self
 
 
 class MlflowSpec(_Strict):
@@ -304,15 +317,26 @@ class PipelineConfig(_Strict):
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand(text: str, path: Path) -> str:
+def _expand(node, path: Path, where: tuple = ()):
+    """``${VAR}`` and ``${VAR:-default}`` expanded in the parsed file's string values: never in its text (a value
+    from the environment is a value, not YAML: it adds no key), nor in keys, nor anywhere under ``dataset`` (names
+    and categories come from the data, where such text is data)."""
+    if isinstance(node, dict):
+        return {key: _expand(value, path, (*where, key)) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_expand(value, path, (*where, i)) for i, value in enumerate(node)]
+    if not isinstance(node, str) or where[:1] == ("dataset",):
+        return node
+
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         value = os.environ.get(name) or default
         if value is None:
-            raise ConfigError(f"pipeline config {path}: environment variable {name} is not set and has no default")
+            raise ConfigError(f"pipeline config {path}: {'.'.join(map(str, where))}: environment variable {name} is "
+                              "not set and has no default")
         return value
 
-    return _VAR.sub(replace, text)
+    return _VAR.sub(replace, node)
 
 
 def _location(errors_loc: tuple, raw: dict) -> str:
@@ -381,7 +405,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> PipelineConfig:
     except OSError as err:
         raise ConfigError(f"pipeline config {path}: cannot read it ({err.strerror or err})") from err
     try:
-        raw = yaml.safe_load(_expand(text, path))
+        raw = _expand(yaml.safe_load(text), path)
     except yaml.YAMLError as err:
         raise ConfigError(f"pipeline config {path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):

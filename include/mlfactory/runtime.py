@@ -42,6 +42,9 @@ class ServingDefaults:
     predict_route: str = "/predict"
     max_batch_body_bytes: int | None = None  # the platform's payload limit, when it says one
     batch: bool = False  # a batch job sends every body at that limit
+    # the platform admits only callers it authenticated (SageMaker, Vertex AI, Azure ML endpoints): the server
+    # may then listen on every interface with no client token of its own
+    authenticates_callers: bool = False
 
 
 def environment(backend: str) -> dict[str, str]:

@@ -181,10 +181,12 @@ def _not_regular(uri: str, mode: int) -> NotARegularFile | None:
     return NotARegularFile(f"{uri} is {kind.get(stat_.S_IFMT(mode), 'not a regular file')}")
 
 
-def open_regular(uri: str) -> IO:
+def open_regular(uri: str, within: str | None = None) -> IO:
     """Open ``uri`` for reading; on this machine, only a regular file: a symlink is not followed, a FIFO
     or device never opened (a FIFO would block), and the opened descriptor is checked again, so a swap
-    between check and open cannot slip another file in. Object-store objects are always plain objects."""
+    between check and open cannot slip another file in. With ``within`` (a folder above it), no folder between
+    the two may be a symlink either: each is entered from the one above without following one, so a linked
+    folder cannot lead outside. Object-store objects are always plain objects."""
     import fcntl
 
     if not is_local(uri):
@@ -193,7 +195,7 @@ def open_regular(uri: str) -> IO:
     if problem := _not_regular(uri, os.lstat(path).st_mode):
         raise problem
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = _open_nofollow(uri, path, local_path(within) if within and is_local(within) else None)
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.ENXIO):  # replaced by a link or a socket since the check
             raise _not_regular(uri, os.lstat(path).st_mode) or err from None
@@ -203,6 +205,29 @@ def open_regular(uri: str) -> IO:
         raise problem
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     return os.fdopen(fd, "rb")
+
+
+def _open_nofollow(uri: str, path: str, root: str | None) -> int:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+    relative = os.path.relpath(path, root) if root else ""
+    if not root or relative.startswith(".."):
+        return os.open(path, flags)
+    *folders, name = relative.split(os.sep)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for folder in folders:
+            try:
+                below = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise NotARegularFile(f"{uri} is reached through {folder!r}, a symbolic link or not a folder: "
+                                          f"only files in the folders of {root} are read") from None
+                raise
+            os.close(fd)
+            fd = below
+        return os.open(name, flags, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def open_uri(uri: str, mode: str = "rb", **kwargs: Any) -> IO:
@@ -313,14 +338,14 @@ class CopyResult:
         return self.lines.size
 
 
-def copy_hashing(src_uri: str, dst_uri: str, max_bytes: int | None = None) -> CopyResult:
-    """Stream ``src_uri`` (a regular file, see ``open_regular``) to ``dst_uri`` in blocks, hashing and
+def copy_hashing(src_uri: str, dst_uri: str, max_bytes: int | None = None, within: str | None = None) -> CopyResult:
+    """Stream ``src_uri`` (a regular file in ``within``, see ``open_regular``) to ``dst_uri`` in blocks, hashing and
     counting lines on the way. Never holds the whole object in memory, and never modifies the source.
     Stops with ValueError past ``max_bytes``. ``dst_uri`` is a temporary name (it may hold a part after
     a failure): ``publish`` it."""
     digest = hashlib.sha256()
     lines = LineStats()
-    with open_regular(src_uri) as src, open_uri(dst_uri, "wb") as dst:
+    with open_regular(src_uri, within) as src, open_uri(dst_uri, "wb") as dst:
         while block := src.read(COPY_BLOCK):
             digest.update(block)
             lines.feed(block)

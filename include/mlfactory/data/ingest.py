@@ -223,7 +223,7 @@ def _ingest(cfg: PipelineConfig, source_uri: str, before: storage.ObjectInfo) ->
     incoming = storage.temporary_uri(storage.join(incoming_uri(cfg), f"data{kind.suffix}"))
     try:
         try:
-            copied = storage.copy_hashing(source_uri, incoming, max_bytes=limit)
+            copied = storage.copy_hashing(source_uri, incoming, max_bytes=limit, within=cfg.storage.landing_uri)
         except storage.NotARegularFile as err:
             raise IngestError(f"{err}: only regular files are ingested. {LEFT}") from None
         except ValueError as err:  # it grew past the limit while being read

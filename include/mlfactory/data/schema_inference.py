@@ -309,8 +309,22 @@ def _dataset_name(files: list[str]) -> str:
 # The config file
 
 
-def _flow(mapping: dict) -> str:
+def _flow(mapping: dict | list) -> str:
     return yaml.safe_dump(mapping, default_flow_style=True, width=1 << 20, sort_keys=False).strip()
+
+
+def _scalar(value: str) -> str:
+    """``value`` as one YAML scalar, quoted as it needs."""
+    return _flow([value])[1:-1]
+
+
+# What ends a YAML comment early (a line break, PyYAML's NEL and Unicode line and paragraph separators) or hides
+# in it (other control and format characters): written as escapes, so text from the data stays in its comment.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def _comment_text(text: str) -> str:
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _comment(column: Column, spec: ColumnSpec) -> str:
@@ -337,20 +351,20 @@ def render(proposal: Proposal, sample_rows: int, bucket: str) -> str:
     rows = max(c.rows for c in proposal.columns)
     lines = [
         f"# mlfactory pipeline config for {ds.name}, written by `mlfactory init` from {len(files)} file(s):",
-        *[f"#   {f}" for f in files[:10]], *(["#   ..."] if len(files) > 10 else []),
+        *[f"#   {_comment_text(f)}" for f in files[:10]], *(["#   ..."] if len(files) > 10 else []),
         f"# Inferred from {rows} sampled rows (up to {sample_rows} per file). Review it, then run it with",
         "#   make run DATA=<the files> CONFIG=<this file>",
         "# Every setting left out has its default: include/pipeline.yaml and include/mlfactory/config.py say them.",
-        *[f"# NOTE: {n}" for n in proposal.notes],
+        *[f"# NOTE: {_comment_text(n)}" for n in proposal.notes],
         "backend: ${MLFACTORY_BACKEND:-local}",
         "",
         "dataset:",
-        f"  name: {ds.name}",
+        f"  name: {_scalar(ds.name)}",
         f"  task: {ds.task}              # {'or: regression' if ds.task == 'classification' else 'or: classification'}",
-        f"  target: {_flow([ds.target])[1:-1]}",
+        f"  target: {_scalar(ds.target)}",
     ]
     if ds.csv_delimiter != ",":
-        lines.append(f"  csv_delimiter: {_flow([ds.csv_delimiter])[1:-1]}")
+        lines.append(f"  csv_delimiter: {_scalar(ds.csv_delimiter)}")
     lines += [
         "  min_rows: 100                 # a smaller batch fails as a whole",
         "  # type: integer | float | boolean | datetime | category | string (string: a key or free text, not a feature)",
@@ -364,7 +378,7 @@ def render(proposal: Proposal, sample_rows: int, bucket: str) -> str:
         if spec.type == "category" and not spec.categories:
             fields["max_categories"] = spec.max_categories
         note = _comment(by_name[spec.name], spec)
-        lines.append(f"    - {_flow(fields)}" + (f"   # {note}" if note else ""))
+        lines.append(f"    - {_flow(fields)}" + (f"   # {_comment_text(note)}" if note else ""))
     if ds.derived:
         lines.append("  derived:                      # computed in ETL and at prediction time: ratio, log1p, month, day_of_week, days_since")
         lines += [f"    - {_flow(d.model_dump())}" for d in ds.derived]
@@ -375,7 +389,7 @@ def render(proposal: Proposal, sample_rows: int, bucket: str) -> str:
     if unlabelled > UNLABELLED_SHARE:  # quarantined rows: over the default 5% every batch would fail
         lines += ["", "validation:",
                   f"  max_quarantine_fraction: {math.ceil(unlabelled * 150) / 100}   # {unlabelled:.1%} of the rows have "
-                  f"no {ds.target!r} (quarantined); the default 0.05 would fail every batch"]
+                  f"no {_comment_text(repr(ds.target))} (quarantined); the default 0.05 would fail every batch"]
     lines += [
         "",
         "storage:",
@@ -395,11 +409,22 @@ def render(proposal: Proposal, sample_rows: int, bucket: str) -> str:
         "",
         "mlflow:",
         "  tracking_uri: ${MLFLOW_TRACKING_URI:-http://127.0.0.1:5000}",
-        f"  experiment: {ds.name}",
-        f"  model_name: {ds.name}",
+        f"  experiment: {_scalar(ds.name)}",
+        f"  model_name: {_scalar(ds.name)}",
         "",
     ]
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    _check_written(text, ds)
+    return text
+
+
+def _check_written(text: str, dataset: DatasetSpec) -> None:
+    """The file says what init meant to write, and nothing else: the sections it writes, and this dataset."""
+    written = yaml.safe_load(text)
+    extra = sorted(set(written) - {"backend", "dataset", "validation", "storage", "training", "promotion", "mlflow"})
+    if extra or DatasetSpec.model_validate(written["dataset"]).model_copy(update={"min_rows": dataset.min_rows}) != dataset:
+        raise ValueError(f"the config written would hold {'keys ' + str(extra) if extra else 'another dataset'} than "
+                         "init meant: a value from the data broke out of its place; nothing was written")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -426,7 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     bucket = PROJECT / ".mlfactory" / proposal.dataset.name / "bucket"  # beside make run's other state
     if output.resolve().is_relative_to(PROJECT):
         bucket = os.path.relpath(bucket, output.resolve().parent)
-    text = render(proposal, args.sample_rows, bucket)
+    try:
+        text = render(proposal, args.sample_rows, bucket)
+    except ValueError as err:
+        print(f"mlfactory init: {err}", file=sys.stderr)
+        return 2
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text, encoding="utf-8")
     ds = proposal.dataset

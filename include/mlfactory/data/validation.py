@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mlfactory import reports
 from mlfactory.dataset import DatasetSpec
 
 ARROW_TYPES = {
@@ -257,10 +258,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def render_data_docs(result) -> str:
-    """Data Docs HTML for one validation result (GX's own page renderer)."""
+    """Data Docs HTML for one validation result (GX's own page renderer), every value from the data escaped
+    before GX sees it (its templates do not escape), in the pipeline's page shape (``mlfactory.reports``)."""
+    import copy
+
     from great_expectations.render.renderer import ValidationResultsPageRenderer
 
-    return _page_view().render(ValidationResultsPageRenderer().render(result))
+    result = copy.deepcopy(result)
+    for r in result.results:
+        r.result = reports.escaped(r.result)
+        r.expectation_config.kwargs = reports.escaped(r.expectation_config.kwargs)
+        r.exception_info = reports.escaped(r.exception_info)
+    return reports.data_docs(_page_view().render(ValidationResultsPageRenderer().render(result)))
 
 
 @functools.cache
@@ -278,7 +287,7 @@ def render_index(title: str, pages: list[tuple[str, str, bool]], summary: dict) 
         for name, href, ok in pages
     )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
+        f"{reports.head(title, 'body{font-family:sans-serif;margin:2em}')}<body>"
         f"<h1>{html.escape(title)}</h1><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre>"
         f"<h2>Great Expectations Data Docs, one page per batch</h2><ul>{items}</ul></body></html>"
     )

@@ -29,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mlfactory import reports
 from mlfactory.dataset import DatasetSpec
 from mlfactory.features import FeatureSet, numeric_matrix
 
@@ -298,12 +299,9 @@ def html_report(report: DriftReport, reference: Columns, current: Columns, title
             f"<td>missing<br>{f.reference_missing:.1%} → {f.current_missing:.1%}</td>"
             f'<td>{"<b>drifted</b>" if f.drifted else "stable"}</td><td>{_plot(f, reference, current)}</td></tr>'
         )
-    # (a Content-Security-Policy too: should a value ever reach the page unescaped, no script or request runs)
-    return f"""<!doctype html><html><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
-<title>{_escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} td{{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:top}}
-tr.drift td{{background:#fff4e6}} .legend span{{display:inline-block;width:12px;height:12px;margin:0 4px}}</style></head><body>
+    style = ("body{font-family:sans-serif;margin:2em} td{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:top}"
+             " tr.drift td{background:#fff4e6} .legend span{display:inline-block;width:12px;height:12px;margin:0 4px}")
+    return f"""{reports.head(title, style)}<body>
 <h1>{_escape(title)}</h1>
 <p><b>{verdict}</b>: {len(report.drifted_features)} of {len(report.features)} features drifted
 ({report.share_drifted:.0%}; the dataset counts as drifted from {report.drift_share:.0%}).

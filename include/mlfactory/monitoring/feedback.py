@@ -20,7 +20,10 @@ written again under the same name is read again. Nothing is deleted.
 
 from __future__ import annotations
 
+import gzip
+import io
 import time
+import zlib
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -50,17 +53,33 @@ def read_label_file(obj: storage.ObjectInfo, cfg: PipelineConfig) -> pd.DataFram
     name = obj.key.lower()
     if not name.endswith(FORMATS):
         raise BadInput(f"{obj.uri}: a label file is one of {', '.join(FORMATS)}")
-    try:
-        with storage.open_uri(obj.uri) as f:
-            if name.endswith(".parquet"):
-                table = pq.read_table(f)
-            elif ".jsonl" in name:
-                table = pajson.read_json(pa.CompressedInputStream(f, "gzip") if name.endswith(".gz") else f)
-            else:
-                stream = pa.CompressedInputStream(f, "gzip") if name.endswith(".gz") else f
-                table = pacsv.read_csv(stream, convert_options=pacsv.ConvertOptions(
-                    column_types={REQUEST_ID: pa.string(), target.name: pa.string()}, strings_can_be_null=True))
-    except (pa.ArrowInvalid, OSError) as err:
+    limit = cfg.monitoring.max_label_bytes
+    over = f"over monitoring.max_label_bytes ({limit})"
+    if obj.size > limit:
+        raise BadInput(f"{obj.uri} is {obj.size} bytes, {over}")
+    try:  # (a regular file, reached through no symlinked folder: see storage.open_regular)
+        with storage.open_regular(obj.uri, within=cfg.storage.labels_uri) as f:
+            data = f.read(limit + 1)
+        if name.endswith(".gz"):
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as inflating:
+                data = inflating.read(limit + 1)
+        if len(data) > limit:
+            raise BadInput(f"{obj.uri} decompresses to more than {limit} bytes, {over}")
+        if name.endswith(".parquet"):
+            parquet = pq.ParquetFile(io.BytesIO(data))
+            meta = parquet.metadata
+            decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+            if decoded > limit:
+                raise BadInput(f"{obj.uri}'s columns decode to {decoded} bytes, {over}")
+            table = parquet.read()
+        elif ".jsonl" in name:
+            table = pajson.read_json(io.BytesIO(data))
+        else:
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
+                column_types={REQUEST_ID: pa.string(), target.name: pa.string()}, strings_can_be_null=True))
+    except storage.NotARegularFile as err:
+        raise BadInput(f"{err}: only regular files are read as label files") from None
+    except (pa.ArrowInvalid, OSError, EOFError, zlib.error) as err:
         raise BadInput(f"{obj.uri}: not readable as a label file: {err}") from None
     missing = [c for c in (REQUEST_ID, target.name) if c not in table.column_names]
     if missing:

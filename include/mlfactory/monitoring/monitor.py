@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from mlfactory import storage
+from mlfactory import reports, storage
 from mlfactory.config import PipelineConfig
 from mlfactory.monitoring.drift import Columns, compare, html_report
 from mlfactory.features import FeatureSet, typed_features
@@ -135,6 +136,20 @@ def judge_performance(cfg: PipelineConfig, version: str, reference: pd.DataFrame
     return {**entry, "checked": True, "report": page}
 
 
+def expire_prediction_log(cfg: PipelineConfig, now: datetime) -> list[str]:
+    """Deletes the prediction log's days (``date=YYYY-MM-DD`` folders) older than ``monitoring.prediction_log_days``:
+    the raw inputs of every request are not kept for ever. Returns the days deleted."""
+    oldest = f"date={(now - timedelta(days=cfg.monitoring.prediction_log_days)).date():%Y-%m-%d}"
+    days = {o.key.split("/", 1)[0] for o in storage.list_objects(cfg.storage.prediction_log_uri)}
+    expired = sorted(d for d in days if d.startswith("date=") and d < oldest)
+    for day in expired:
+        storage.remove(storage.join(cfg.storage.prediction_log_uri, day))
+    if expired:
+        log.info("prediction log: deleted %d day(s) older than %d days (%s..%s)", len(expired),
+                 cfg.monitoring.prediction_log_days, expired[0], expired[-1])
+    return expired
+
+
 def _mean(columns: Columns, name: str) -> float | None:
     """A label's or prediction's mean: a numeric column's, or a boolean label's rate of true (None for classes)."""
     if name in columns.numeric:
@@ -173,11 +188,8 @@ def performance_page(history: list[dict], title: str) -> str:
         f'<td>{_escape(h["drop"])}</td><td>{_escape(h["label_mean"])} ({_escape(h["reference_label_mean"])})</td>'
         f'<td>{_escape(h["prediction_mean"])} ({_escape(h["reference_prediction_mean"])})</td>'
         f'<td>{"<b>degraded</b>" if h["degraded"] else "ok"}</td></tr>' for h in history)
-    return f"""<!doctype html><html><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
-<title>{_escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{border-bottom:1px solid #ddd;padding:4px 8px}}
-tr.drift td{{background:#fff4e6}}</style></head><body><h1>{_escape(title)}</h1>
+    style = "body{font-family:sans-serif;margin:2em} td,th{border-bottom:1px solid #ddd;padding:4px 8px} tr.drift td{background:#fff4e6}"
+    return f"""{reports.head(title, style)}<body><h1>{_escape(title)}</h1>
 <p>Orange: the champion's {_escape(history[-1]["metric"] if history else "")} on each new labelled batch (curated
 data, or served rows whose labels arrived later); grey dashes:
 its metric on the frozen holdout when it was promoted.</p>{svg}
@@ -189,9 +201,10 @@ def check(cfg: PipelineConfig, run_key: str, min_rows: int | None = None) -> dic
     """Compare every source with enough new rows; returns the verdicts (and whether anything drifted)."""
     from mlfactory.registry import CHAMPION, Registry
 
+    expired = expire_prediction_log(cfg, datetime.now(timezone.utc))
     version = Registry(cfg).alias_version(CHAMPION)
     if version is None:
-        return {"skipped": "no champion yet: nothing to compare against", "drift": False}
+        return {"skipped": "no champion yet: nothing to compare against", "drift": False, "prediction_log_expired": expired}
     spec = cfg.monitoring
     min_rows = spec.min_rows if min_rows is None else min_rows
     state_uri = storage.join(drift_uri(cfg), "_state.json")
@@ -246,7 +259,7 @@ def check(cfg: PipelineConfig, run_key: str, min_rows: int | None = None) -> dic
     reasons = (["features"] if drifted else []) + (["performance"] if degraded else [])
     return {"drift": bool(reasons), "reasons": reasons, "sources": results, "drifted_sources": drifted,
             "drifted_features": features, "scores": scores, "champion_version": version, "reference": reference_uri,
-            "performance": performance, "served_performance": served}
+            "performance": performance, "served_performance": served, "prediction_log_expired": expired}
 
 
 def _judge_served(cfg: PipelineConfig, version: str, reference: pd.DataFrame, run_key: str, min_rows: int,

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds the model has to answer (a hung model: 504)")
     p.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
                    help="seconds a client has to send its whole body (a slow one: 408)")
+    p.add_argument("--head-timeout", type=float, default=defaults.head_timeout_s,
+                   help="seconds a client has to send a request's line and headers (then a 408 and close)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per forward pass")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -65,11 +67,14 @@ def main(argv: list[str] | None = None) -> int:
                              "($MLFACTORY_SERVING_ALLOWED_MODEL)")
         if args.admin_port == args.port:
             raise ValueError(f"--admin-port must differ from --port ({args.port})")
+        if not (credentials.clients_required or platform.authenticates_callers or is_loopback(args.host)):
+            raise ValueError(f"--host {args.host} takes requests from other machines: set client tokens "
+                             f"($MLFACTORY_SERVING_TOKEN or $MLFACTORY_SERVING_TOKENS_FILE), or listen on 127.0.0.1")
     except (OSError, ValueError) as err:
         p.error(str(err))
     limits = Limits.for_platform(platform, max_body_bytes=args.max_body_bytes, max_batch_body_bytes=args.max_batch_body_bytes,
                              max_concurrent=args.max_concurrent, predict_timeout_s=args.predict_timeout,
-                             body_timeout_s=args.body_timeout)
+                             body_timeout_s=args.body_timeout, head_timeout_s=args.head_timeout)
     torch.set_num_threads(args.threads)
     server = ModelServer(
         credentials=credentials,
@@ -85,12 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         log.info("serving %s (version %s) on %s:%d", args.model_uri, server.variants["primary"].model.version,
                  args.host, args.port)
     listen = [(args.host, args.port)] + ([(args.admin_host, args.admin_port)] if args.admin_port else [])
+    # (no uvicorn limit_concurrency: the protocol caps connections, the server the requests in flight and their bytes)
     config = uvicorn.Config(server, log_level="warning", access_log=False, lifespan="on", loop="uvloop",
-                            http=BoundedHttpToolsProtocol, timeout_graceful_shutdown=10, timeout_keep_alive=5,
-                            # connections past this get uvicorn's own 503: slow clients cannot pile up without end
-                            limit_concurrency=4 * limits.max_concurrent + 64)
+                            http=BoundedHttpToolsProtocol.bounded_by(limits), timeout_graceful_shutdown=10,
+                            timeout_keep_alive=5)
     uvicorn.Server(config).run(sockets=[bind(host, port) for host, port in listen])
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def bind(host: str, port: int):

@@ -21,14 +21,14 @@ from mlfactory.serving.auth import Credentials
 from mlfactory.serving.limits import Limits, inflate
 from mlfactory.serving.metrics import Metrics
 from mlfactory.serving.model import ServedModel
-from mlfactory.serving.payloads import JSONLINES_TYPES, BadRequest, parse_body
+from mlfactory.serving.payloads import JSONLINES_TYPES, PARQUET_TYPES, BadRequest, parse_body
 from mlfactory.serving.prediction_log import PredictionLog
 
 log = logging.getLogger("mlfactory.serving")
 
 TARGET_HEADER = b"x-target-variant"
 MAX_BATCH_ROWS = 10_000  # rows of concurrent requests joined into one forward pass
-INLINE_PARSE_BYTES = 64 * 1024  # bodies up to this are parsed on the event loop (cheaper than a hand-off)
+INLINE_PARSE_BYTES = 64 * 1024  # text bodies up to this are parsed on the event loop (cheaper than a hand-off)
 
 
 
@@ -61,6 +61,7 @@ class ModelServer:
         self.allowed_model = allowed_model
         self.allowed = re.compile(rf"models:/{re.escape(allowed_model)}/[0-9]+") if allowed_model else None
         self.in_flight = 0
+        self.body_bytes = 0  # bytes of request bodies held now, all requests together (Limits.max_inflight_bytes)
         self.variants: dict[str, Variant] = {}
         self.loading: set[str] = set()
         self.log = prediction_log or PredictionLog(None)
@@ -177,8 +178,8 @@ class ModelServer:
             status, payload = err.status, {"error_code": err.code, "message": err.message}
             if status == 401:
                 extra_headers = [(b"www-authenticate", b"Bearer")]
-            elif status == 503:
-                extra_headers = [(b"retry-after", b"1")]
+            elif status == 503:  # (its body unread: hang up, and let the client come back)
+                extra_headers = [(b"retry-after", b"1"), (b"connection", b"close")]
             elif status in (408, 413, 431):  # a body left unread, or a client that will not stop: hang up
                 extra_headers = [(b"connection", b"close")]
         except ModelError as err:
@@ -246,35 +247,49 @@ class ModelServer:
             raise BadRequest("the bearer token is not valid for this endpoint", 401, "UNAUTHENTICATED")
 
     async def _predict(self, headers: dict, receive):
-        if self.in_flight >= self.limits.max_concurrent:
-            raise BadRequest(f"the server is at its limit of {self.limits.max_concurrent} requests in flight; "
-                             "retry after the Retry-After seconds", 503, "OVERLOADED")
-        self.in_flight += 1
+        """A request's body is read first (bounded in time, size and, with the others', bytes held), then it counts
+        as in flight while it is decoded and predicted: a client that sends its body slowly holds no slot of
+        ``max_concurrent``, only a connection (16 such clients took all 16 slots, and everyone got a 503)."""
+        held = [0]  # this request's share of self.body_bytes
         try:
             request_id = self.limits.request_id(headers.get(b"x-request-id", b"")) or uuid.uuid4().hex
             content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
             media = content_type.split(";", 1)[0].strip().lower()
-            body = await self._body(headers, receive, self.limits.body_limit(media))
-            target = headers.get(TARGET_HEADER, b"").decode("latin-1") or None
-            variant = self.choose(target)
-            args = (body, content_type, variant.model.signature, self.limits.max_rows, self.limits.max_decoded_bytes)
-            columns = (await asyncio.get_running_loop().run_in_executor(self.decoder, parse_body, *args)
-                       if len(body) > INLINE_PARSE_BYTES else parse_body(*args))
-            del body, args
-            rows = len(next(iter(columns.values())))
-            variant.requests += 1
-            outputs = await self.predict(variant, columns, rows)
+            body = await self._body(headers, receive, self.limits.body_limit(media), held)
+            if self.in_flight >= self.limits.max_concurrent:
+                raise BadRequest(f"the server is at its limit of {self.limits.max_concurrent} requests in flight; "
+                                 "retry after the Retry-After seconds", 503, "OVERLOADED")
+            self.in_flight += 1
+            try:
+                target = headers.get(TARGET_HEADER, b"").decode("latin-1") or None
+                variant = self.choose(target)
+                args = (body, content_type, variant.model.signature, self.limits.row_limit(media),
+                        self.limits.max_decoded_bytes)
+                # (a Parquet body is decoded off the loop whatever its size: a few KiB can decompress to much more)
+                columns = (await asyncio.get_running_loop().run_in_executor(self.decoder, parse_body, *args)
+                           if len(body) > INLINE_PARSE_BYTES or media in PARQUET_TYPES else parse_body(*args))
+                del body, args
+                self.body_bytes -= held.pop()
+                echoed = {name: columns.pop(name) for name in variant.model.signature.echo if name in columns}
+                rows = len(next(iter(columns.values())))
+                variant.requests += 1
+                outputs = await self.predict(variant, columns, rows)
+            finally:
+                self.in_flight -= 1
         finally:
-            self.in_flight -= 1
+            self.body_bytes -= sum(held)
         self.metrics.rows.labels(variant.name, variant.model.version).inc(rows)
         self.log.append(columns, outputs, variant.model.version, variant.name, [request_id] * rows)
+        outputs = echoed | outputs  # each prediction names its row
         reply = [(b"x-model-version", variant.model.version.encode()), (b"x-variant", variant.name.encode()),
                  (b"x-request-id", request_id.encode())]
         return 200, _answer(outputs, headers.get(b"accept", b"").decode("latin-1")), reply
 
-    async def _body(self, headers: dict, receive, limit: int) -> bytes:
+    async def _body(self, headers: dict, receive, limit: int, held: list[int] | None = None) -> bytes:
         """The whole body within ``body_timeout_s`` (a slow client gets a 408, not a worker) and ``limit``
-        bytes (a 413), inflated when it has a Content-Encoding."""
+        bytes (a 413), inflated when it has a Content-Encoding. With ``held``, what it keeps is counted in
+        ``body_bytes`` (and in ``held[0]``, for the caller to give back): past ``max_inflight_bytes``, all
+        requests together, a 503."""
         length = headers.get(b"content-length")
         declared = int(length) if length is not None and length.isdigit() else None
         if (declared or 0) > 4 * limit:  # far over: answer now rather than read it at all
@@ -289,6 +304,13 @@ class ModelServer:
                     chunk = message.get("body", b"")
                     size += len(chunk)
                     if size <= limit:
+                        if held is not None:
+                            if self.body_bytes + len(chunk) > self.limits.max_inflight_bytes:
+                                raise BadRequest(f"the server holds {self.body_bytes} bytes of request bodies, its limit "
+                                                 f"is {self.limits.max_inflight_bytes}; retry after the Retry-After "
+                                                 "seconds", 503, "OVERLOADED")
+                            self.body_bytes += len(chunk)
+                            held[0] += len(chunk)
                         chunks.append(chunk)
                     elif size > 4 * limit:
                         break

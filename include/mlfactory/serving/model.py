@@ -33,11 +33,11 @@ def _signature(schema, dataset) -> Signature:
     if schema is None:
         raise ValueError("the model has no input signature; log it with one so requests can be checked")
     datetimes = {c.name for c in dataset.columns if c.type == "datetime"}
-    return Signature([
-        InputColumn(spec.name, spec.type.name if hasattr(spec.type, "name") else str(spec.type),
-                    getattr(spec, "required", True), spec.name in datetimes)
-        for spec in schema.inputs
-    ])
+    inputs = [InputColumn(spec.name, spec.type.name if hasattr(spec.type, "name") else str(spec.type),
+                          getattr(spec, "required", True), spec.name in datetimes) for spec in schema.inputs]
+    taken = {c.name for c in inputs}
+    ignored = tuple(c.name for c in dataset.columns if c.name not in taken)
+    return Signature(inputs, ignored, echo=tuple(c.name for c in dataset.columns if c.name in ignored and c.type == "string"))
 
 
 def _resolve_version(model_uri: str) -> str:

@@ -111,21 +111,17 @@ def blend(cfg, prepared: dict, results: list[dict], best: dict, folder: str) -> 
 
 def _write_and_log(cfg, prepared: dict, members, bundles, weights: dict[str, float], bundle_uri: str, metric: str,
                    value: float) -> dict:
-    """The blend's model file at ``bundle_uri``, and its MLflow run and logged model (with five rows of the
-    training set as its input example). ``weights``: each member's family -> its weight, in member order."""
+    """The blend's model file at ``bundle_uri``, and its MLflow run and logged model. ``weights``: each member's
+    family -> its weight, in member order."""
     import tempfile
     from pathlib import Path
 
     import mlflow
-    import pyarrow.dataset as ds
-
     from mlfactory.dataset import DatasetSpec
     from mlfactory.tabular import save_blend
     from mlfactory.training.tracking import log_pyfunc, start_run
 
     dataset = DatasetSpec.model_validate(bundles[0]["dataset"])
-    filesystem, root = storage.pyarrow_filesystem(prepared["training_set"]["uri"])
-    sample = ds.dataset(root, filesystem=filesystem, format="parquet", exclude_invalid_files=True).head(5).to_pandas()
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     client = mlflow.MlflowClient()
     tags = {k: v for k, v in client.get_run(members[0]["mlflow_run_id"]).data.tags.items()
@@ -140,6 +136,6 @@ def _write_and_log(cfg, prepared: dict, members, bundles, weights: dict[str, flo
                                **{f"weight_{name}": round(w, 4) for name, w in weights.items()}})
             mlflow.log_metric(metric, value)
             run_id = mlflow.active_run().info.run_id
-            info = log_pyfunc(path, sample, dataset)
+            info = log_pyfunc(path, dataset)
     log.info("blend logged: run %s, model %s, file %s", run_id, info.model_uri, bundle_uri)
     return {"mlflow_run_id": run_id, "model_uri": info.model_uri}

@@ -52,10 +52,10 @@ class MlflowTracker:
     def log_epoch(self, row: dict) -> None:
         self.mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and v == v}, step=row["epoch"])
 
-    def finish(self, bundle: str, history: list[dict], val_rows, dataset) -> dict:
+    def finish(self, bundle: str, history: list[dict], dataset) -> dict:
         mlflow = self.mlflow
         mlflow.log_figure(_curves(history), "training_curves.png")
-        model_info = log_pyfunc(bundle, val_rows, dataset)
+        model_info = log_pyfunc(bundle, dataset)
         mlflow.end_run()
         return {"mlflow_run_id": self.run_id, "model_uri": model_info.model_uri}
 
@@ -107,7 +107,7 @@ def frame_schema(frame):
     return Schema(columns)
 
 
-def log_pyfunc(bundle: str, sample_rows, dataset):
+def log_pyfunc(bundle: str, dataset):
     """Log the model as a pyfunc over the RAW feature columns, with its code, signature and example.
 
     The signature is written from the config, as a JSON caller sends values: numbers as doubles,
@@ -126,7 +126,7 @@ def log_pyfunc(bundle: str, sample_rows, dataset):
     wire = {"integer": "double", "float": "double", "datetime": "string", "boolean": "boolean"}
     columns = [dataset.column(name) for name in FeatureSet.of(dataset).raw_inputs]
     inputs = Schema([ColSpec(wire.get(c.type, "string"), c.name, required=c.required) for c in columns])
-    example = to_wire(sample_rows.head(5), dataset)
+    example = to_wire(synthetic_rows(dataset, 2), dataset)
     outputs = infer_signature(example, LoadedModel(bundle).predict(example)).outputs
     signature = ModelSignature(inputs=inputs, outputs=outputs)
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,6 +144,27 @@ def log_pyfunc(bundle: str, sample_rows, dataset):
             input_example=example,
             pip_requirements=pip_requirements(),
         )
+
+
+def synthetic_rows(dataset, rows: int):
+    """``rows`` rows made up from the schema alone: the model's input example, so that no real row (a customer's)
+    is stored with the model. A number is the middle of its bounds (or its one bound, else 0), a category its
+    first listed value (an open vocabulary's: ``example``), a date its lower bound (else 2024-01-01), a flag false."""
+    import pandas as pd
+
+    out = {}
+    for column in dataset.columns:
+        if column.type in ("integer", "float"):
+            bounds = [b for b in (column.min, column.max) if b is not None]
+            value = sum(bounds) / len(bounds) if bounds else 0
+            out[column.name] = [int(value) if column.type == "integer" else float(value)] * rows
+        elif column.type == "datetime":
+            out[column.name] = [pd.Timestamp(column.min or "2024-01-01")] * rows
+        elif column.type == "boolean":
+            out[column.name] = [False] * rows
+        else:
+            out[column.name] = [(column.categories or ["example"])[0]] * rows
+    return pd.DataFrame(out)
 
 
 def _dataset_source(uri: str):

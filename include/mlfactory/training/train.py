@@ -262,7 +262,7 @@ def train(args: argparse.Namespace, env=os.environ) -> dict | None:
     result = None
     if runtime.is_primary:  # metrics.json, the job's result, is written last
         write_validation(args.output_uri, val_idx, val_scores, data.v_y.numpy())
-        result = _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_rows)
+        result = _finish(args, dataset, pre, model, history, metric, runtime, tracker)
     _barrier(runtime)
     if runtime.world_size > 1:
         import torch.distributed as dist
@@ -523,7 +523,7 @@ def _with_collective(runtime: Runtime, boost):
             tracker.wait_for()
 
 
-def _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_rows) -> dict:
+def _finish(args, dataset, pre, model, history, metric, runtime, tracker) -> dict:
     from mlfactory.tabular import save_bundle
 
     hp = args.hyperparameters
@@ -546,7 +546,7 @@ def _finish(args, dataset, pre, model, history, metric, runtime, tracker, val_ro
             "model_bundle_uri": storage.join(args.output_uri, MODEL_FILE),
         }
         if tracker:
-            result.update(tracker.finish(bundle, history, val_rows, dataset))
+            result.update(tracker.finish(bundle, history, dataset))
     storage.write_bytes(storage.join(args.output_uri, METRICS_FILE), json.dumps(result, indent=2).encode())
     log.info("done: %s %.4f after %d %s; model and metrics in %s", metric, result["value"] or float("nan"),
              result["epochs"], "rounds" if hp.model == "gbdt" else "epochs", args.output_uri)

@@ -37,5 +37,5 @@ def data_locations(env: Mapping[str, str]) -> DataLocations:
 
 def serving_defaults(env: Mapping[str, str] = os.environ) -> ServingDefaults:
     payload = env.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", "")
-    return ServingDefaults(port=8080, max_batch_body_bytes=int(payload) * MiB if payload.isdigit() else None,
+    return ServingDefaults(authenticates_callers=True, port=8080, max_batch_body_bytes=int(payload) * MiB if payload.isdigit() else None,
                            batch=env.get("SAGEMAKER_BATCH", "").lower() == "true")

@@ -41,4 +41,4 @@ def serving_defaults(env: Mapping[str, str] = os.environ) -> ServingDefaults:
         from mlfactory.serving.model import mounted_model
 
         model_uri = mounted_model(env["AZUREML_MODEL_DIR"])
-    return ServingDefaults(model_uri=model_uri, port=int(env["PORT"]) if env.get("PORT") else None)
+    return ServingDefaults(authenticates_callers=True, model_uri=model_uri, port=int(env["PORT"]) if env.get("PORT") else None)

@@ -37,7 +37,7 @@ def data_locations(env: Mapping[str, str]) -> DataLocations:
 
 
 def serving_defaults(env: Mapping[str, str] = os.environ) -> ServingDefaults:
-    return ServingDefaults(model_uri=env.get("AIP_STORAGE_URI"),
+    return ServingDefaults(authenticates_callers=True, model_uri=env.get("AIP_STORAGE_URI"),
                            port=int(env["AIP_HTTP_PORT"]) if env.get("AIP_HTTP_PORT") else 8080,
                            health_route=env.get("AIP_HEALTH_ROUTE", "/health"),
                            predict_route=env.get("AIP_PREDICT_ROUTE", "/predict"))
