@@ -19,6 +19,8 @@ GENERATED = {
     "AIRFLOW_FERNET_KEY": lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
     "AIRFLOW_JWT_SECRET": lambda: secrets.token_hex(64),
     "AIRFLOW_ADMIN_PASSWORD": lambda: secrets.token_urlsafe(16),
+    "MLFLOW_ADMIN_PASSWORD": lambda: secrets.token_urlsafe(16),
+    "MLFLOW_SECRET_KEY": lambda: secrets.token_hex(32),
     "MLFACTORY_SERVING_TOKEN": lambda: secrets.token_urlsafe(32),
     "MLFACTORY_SERVING_ADMIN_TOKEN": lambda: secrets.token_urlsafe(32),
 }

@@ -61,6 +61,23 @@ def cfg(bucket):
     return load_config()
 
 
+def mlflow_search_status(url: str, login: str | None = None) -> int:
+    """The HTTP status of an MLflow API request (experiments search) to ``url``, with ``user:password`` as a Basic
+    login or none."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
+    if login:
+        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking/registry server for the whole session (SQLite, artifacts on disk)."""

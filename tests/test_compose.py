@@ -5,12 +5,14 @@ implementation (Debian's docker-compose 1.29, `config`), then held to what the d
 from __future__ import annotations
 
 import os
+import sys
 import re
 import shutil
 import subprocess
 
 import pytest
 import yaml
+from conftest import mlflow_search_status
 
 from mlfactory.config import TRAINING_QUEUE_ENV, load_config
 from mlfactory.backends.local.local_airflow import PROJECT
@@ -19,7 +21,7 @@ OPERATIONS = (PROJECT / "docs" / "operations.md").read_text()  # the docs page o
 AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
                     "airflow-worker", "airflow-worker-gpu"}
 SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_ADMIN_PASSWORD",
-           "MLFACTORY_SERVING_TOKEN")
+           "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY", "MLFACTORY_SERVING_TOKEN")
 
 
 def compose_config(env_file=None, extra_env=None) -> subprocess.CompletedProcess:
@@ -94,7 +96,7 @@ def test_the_services_volumes_and_networks_are_the_documented_ones(rendered):
         published = [published_port(p) for p in services[name].get("ports", [])]
         assert [p for _, p in published] == ([port] if port else []), (name, published)
         assert all(host == "127.0.0.1" for host, _ in published), (name, published)  # loopback unless asked
-    assert set(rendered["volumes"]) == {"postgres-db", "airflow-logs", "airflow-config", "bucket"}
+    assert set(rendered["volumes"]) == {"postgres-db", "mlflow-auth", "airflow-logs", "airflow-config", "bucket"}
     for name, service in services.items():
         assert set(service["networks"]) == {"mlfactory"}, name
         if name != "airflow-init":
@@ -109,6 +111,34 @@ def test_the_services_volumes_and_networks_are_the_documented_ones(rendered):
         ours - {"airflow-init"}, "${AIRFLOW_UID:-50000}:0")
     assert services["mlflow"]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
 
+
+
+def test_mlflow_asks_for_a_login_that_the_pipelines_services_carry(rendered, tmp_path):
+    """compose's mlflow command, run for real (its PostgreSQL store swapped for SQLite, its port for a free one):
+    every request but /health needs a login, and the services that use MLflow log in as its admin."""
+    from mlfactory.backends.local.processes import free_port, start, stop_group
+
+    services = rendered["services"]
+    mlflow = services["mlflow"]
+    port = free_port()
+    args = list(mlflow["command"])
+    for flag, value in (("--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db"), ("--artifacts-destination",
+                        str(tmp_path / "artifacts")), ("--host", "127.0.0.1"), ("--port", str(port)),
+                        ("--allowed-hosts", f"127.0.0.1:{port}")):
+        args[args.index(flag) + 1] = value
+    assert args[:3] == ["python", "-m", "mlflow"] and args[args.index("--app-name") + 1] == "basic-auth"
+    password = mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    for name in ("airflow-scheduler", "airflow-worker", "airflow-worker-gpu", "model-server"):
+        env = services[name]["environment"]
+        assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("admin", password), name
+    url = f"http://127.0.0.1:{port}"
+    server = start([sys.executable, *args[1:]], tmp_path / "mlflow.log", f"{url}/health", "mlflow",
+                   env={**os.environ, **mlflow["environment"]}, cwd=tmp_path)
+    try:
+        assert [mlflow_search_status(url, login) for login in (None, "admin:wrong-password", f"admin:{password}")] == [
+            401, 401, 200]
+    finally:
+        stop_group(server)
 
 def test_every_airflow_process_shares_the_executor_secrets_and_execution_api(rendered):
     services = rendered["services"]

@@ -16,6 +16,7 @@ import subprocess
 
 import pytest
 import yaml
+from conftest import mlflow_search_status
 
 from mlfactory.config import TRAINING_POD_TEMPLATE_ENV, TRAINING_QUEUE_ENV
 from mlfactory.backends.local.local_airflow import PROJECT
@@ -205,3 +206,41 @@ def test_no_process_mlfactory_starts_reports_mlflow_usage(tmp_path):
     mlflow_pod = next(d for d in yaml.safe_load_all((PROJECT / "deploy/helm/mlflow.yaml").read_text())
                       if d and d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"} in mlflow_pod
+
+
+def test_mlflow_on_kubernetes_asks_for_a_login_that_airflow_and_the_model_server_carry(tmp_path):
+    """deploy/helm/mlflow.yaml's container command, run here as the pod would (its secrets' values made up, SQLite for
+    PostgreSQL, loopback and a free port for 0.0.0.0:5000): every request but /health needs a login; Airflow's
+    containers and the model server get the admin's password from the same secret key."""
+    import os
+    import sys
+    from mlfactory.backends.local.processes import free_port, start, stop_group
+
+    (deployment, _) = documents("mlflow.yaml")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]
+               if "secretKeyRef" in e.get("valueFrom", {})}
+    assert secrets["MLFLOW_AUTH_ADMIN_PASSWORD"] == "admin-password"
+    server_env = next(c for c in documents("model-server.yaml")[0]["spec"]["template"]["spec"]["containers"])["env"]
+    assert {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}).get("key", e.get("value")) for e in server_env
+            if e["name"].startswith("MLFLOW_TRACKING_")} == {"MLFLOW_TRACKING_URI": "http://mlflow:5000",
+                                                             "MLFLOW_TRACKING_USERNAME": "admin",
+                                                             "MLFLOW_TRACKING_PASSWORD": "admin-password"}
+    assert {"envName": "MLFLOW_TRACKING_PASSWORD", "secretName": "mlfactory-mlflow", "secretKey": "admin-password"} in values()["secret"]
+    port = free_port()
+    script = container["args"][0].replace("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port}")
+    script = script.replace('--allowed-hosts "mlflow,', f'--allowed-hosts "127.0.0.1:{port},mlflow,')
+    password = "made-up-admin-password"
+    made_up = {"auth-database-uri": f"sqlite:///{tmp_path}/auth.db", "admin-password": password,
+               "flask-secret-key": "made-up-flask-key", "backend-store-uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e},
+           **{name: made_up[key] for name, key in secrets.items()}, "POD_NAMESPACE": "airflow",
+           "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"), "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "basic_auth.ini")
+    script = script.replace("/tmp/basic_auth.ini", env["MLFLOW_AUTH_CONFIG_PATH"])
+    url = f"http://127.0.0.1:{port}"
+    server = start(["sh", "-c", script], tmp_path / "mlflow.log", f"{url}/health", "mlflow", env=env, cwd=tmp_path)
+    try:
+        assert [mlflow_search_status(url, login) for login in (None, f"admin:{password}")] == [401, 200]
+    finally:
+        stop_group(server)
