@@ -53,8 +53,9 @@ def find_shapes(text: str) -> list[tuple[str, str]]:
     return found
 
 
-# The files that keep a secret (mode 600): the one place each may be.
-SECRET_STORES = {"jwt_secret", "token", "admin-token", "passwords.json", ".env", "airflow.cfg"}
+# The files that keep a secret (mode 600): the one place each may be. (key.pem: the TLS key of the suite's local
+# HTTPS fake of Azure ML's API)
+SECRET_STORES = {"jwt_secret", "token", "admin-token", "passwords.json", ".env", "airflow.cfg", "key.pem"}
 TEXT_SCAN_BYTES = 32 * 1024 * 1024  # shapes are looked for in text files up to this size (known values: in every file)
 
 
