@@ -230,9 +230,9 @@ def test_mlflow_on_kubernetes_asks_for_a_login_that_airflow_and_the_model_server
     port = free_port()
     script = container["args"][0].replace("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port}")
     script = script.replace('--allowed-hosts "mlflow,', f'--allowed-hosts "127.0.0.1:{port},mlflow,')
-    password = "made-up-admin-password"
+    password = "test-admin-password"
     made_up = {"auth-database-uri": f"sqlite:///{tmp_path}/auth.db", "admin-password": password,
-               "flask-secret-key": "made-up-flask-key", "backend-store-uri": f"sqlite:///{tmp_path}/mlflow.db"}
+               "flask-secret-key": "test-flask-key", "backend-store-uri": f"sqlite:///{tmp_path}/mlflow.db"}
     env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e},
            **{name: made_up[key] for name, key in secrets.items()}, "POD_NAMESPACE": "airflow",
            "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"), "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
