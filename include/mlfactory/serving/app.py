@@ -250,7 +250,7 @@ class ModelServer:
         """A request's body is read first (bounded in time, size and, with the others', bytes held), then it counts
         as in flight while it is decoded and predicted: a client that sends its body slowly holds no slot of
         ``max_concurrent``, only a connection (16 such clients took all 16 slots, and everyone got a 503)."""
-        held = [0]  # this request's share of self.body_bytes
+        held = [0]  # this request's share of self.body_bytes, given back once its body is decoded
         try:
             request_id = self.limits.request_id(headers.get(b"x-request-id", b"")) or uuid.uuid4().hex
             content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
@@ -269,7 +269,8 @@ class ModelServer:
                 columns = (await asyncio.get_running_loop().run_in_executor(self.decoder, parse_body, *args)
                            if len(body) > INLINE_PARSE_BYTES or media in PARQUET_TYPES else parse_body(*args))
                 del body, args
-                self.body_bytes -= held.pop()
+                self.body_bytes -= held[0]
+                held[0] = 0
                 echoed = {name: columns.pop(name) for name in variant.model.signature.echo if name in columns}
                 rows = len(next(iter(columns.values())))
                 variant.requests += 1
@@ -277,7 +278,7 @@ class ModelServer:
             finally:
                 self.in_flight -= 1
         finally:
-            self.body_bytes -= sum(held)
+            self.body_bytes -= held[0]
         self.metrics.rows.labels(variant.name, variant.model.version).inc(rows)
         self.log.append(columns, outputs, variant.model.version, variant.name, [request_id] * rows)
         outputs = echoed | outputs  # each prediction names its row

@@ -97,6 +97,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
       waiting sockets too, and answered every request 503 while ~80 of them stayed open.)"""
 
     limits = Limits()
+    max_connections = limits.max_connections  # (reads the open-files limit: once per class, not per connection)
     waiting: dict = {}  # protocol -> when its head began, for every connection still waiting for a whole head
     warned = float("-inf")
 
@@ -104,12 +105,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._head_bytes, self._head_open, self._head_timer = 0, True, None
         self._await_head()
-        if len(self.connections) > self.limits.max_connections:  # (this one waits too: there is always one)
+        if len(self.connections) > self.max_connections:  # (this one waits too: there is always one)
             min(self.waiting, key=self.waiting.get)._close_waiting(None)
             if self.loop.time() - self.warned > 10:
                 type(self).warned = self.loop.time()
                 log.warning("%d connections open, the limit: closing those waiting longest for their request "
-                            "line and headers", self.limits.max_connections)
+                            "line and headers", self.max_connections)
 
     def _await_head(self) -> None:
         if self._head_timer is None:
@@ -158,4 +159,4 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     @classmethod
     def bounded_by(cls, limits: Limits) -> type[BoundedHttpToolsProtocol]:
         """This protocol with ``limits`` (uvicorn makes one instance per connection from the class)."""
-        return type(cls.__name__, (cls,), {"limits": limits, "waiting": {}})
+        return type(cls.__name__, (cls,), {"limits": limits, "max_connections": limits.max_connections, "waiting": {}})
