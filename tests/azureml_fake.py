@@ -11,8 +11,8 @@ parses them as it parses Azure's. Long operations answer 201/202 with ``Azure-As
 What runs "in the cloud" is the test's: ``run_job(job: dict)`` plays a command job's containers (raise to
 fail it), ``serve(deployment: dict) -> url`` starts an online deployment's container and returns its base
 URL (the fake routes ``POST /score/<endpoint>`` to it by the traffic split, or by the
-``azureml-model-deployment`` header, with the endpoint's key), and ``run_batch(deployment, inputs)`` plays a
-batch deployment over an invocation's inputs. ``fail_next_job(message)`` makes the next job fail.
+``azureml-model-deployment`` header, with a Microsoft Entra token: the endpoints take no key), and
+``run_batch(deployment, inputs)`` plays a batch deployment over an invocation's inputs. ``fail_next_job(message)`` makes the next job fail.
 """
 
 from __future__ import annotations
@@ -136,7 +136,6 @@ class AzureMLFake(LoopbackServer):
         self.requests: list[tuple[str, str]] = []  # (method, path) of every call
         self.refused: list[str] = []  # the 400s
         self.answered: dict[str, int] = {}  # deployment name -> scoring requests answered
-        self.keys: dict[str, str] = {}
         self.alerts: dict[str, str] = {}  # metric alert rule -> its status ("Healthy"; anything else: it fires)
         self._failures: list[str] = []
         self._ids = itertools.count(1)
@@ -327,9 +326,6 @@ class AzureMLFake(LoopbackServer):
             if job["properties"].get("status") not in ("Completed", "Failed", "Canceled"):
                 job["properties"]["status"] = "Canceled"
             return 202, None, {"Location": self._operation(lambda: None, path, "mfeOperationResults")}
-        if method == "POST" and rest.endswith("/listKeys"):
-            return 200, {"primaryKey": self.keys.setdefault(path.split("/")[-2], f"key-{random.random()}"),
-                         "secondaryKey": "secondary"}, {}
         if method == "GET" and kind is None:  # a collection
             prefix = path.lower() + "/"
             with self.lock:
@@ -403,8 +399,8 @@ class AzureMLFake(LoopbackServer):
         endpoint = next((v for k, v in self.find(r"/onlineendpoints/" + re.escape(endpoint_name.lower()) + "$").items()), None)
         if endpoint is None:
             return _not_found(endpoint_name)
-        if headers.get("Authorization") != f"Bearer {self.keys.get(endpoint_name)}":
-            return 401, {"message": "key auth failed"}, {}
+        if endpoint["properties"].get("authMode") != "AADToken" or headers.get("Authorization") != "Bearer fake-arm-token":
+            return 401, {"message": "an endpoint with auth mode AADToken and a Microsoft Entra token, or nothing"}, {}
         traffic = {k: v for k, v in endpoint["properties"].get("traffic", {}).items() if v}
         chosen = headers.get("azureml-model-deployment") or (
             random.choices(list(traffic), weights=list(traffic.values()))[0] if traffic else None)

@@ -14,13 +14,14 @@ from mlfactory.backends.aws import AwsSettings
 from mlfactory.backends.aws import sagemaker as aws
 from mlfactory.specs import Accelerator, BatchJobSpec, BudgetExceeded, EndpointSpec, ModelRef, TrainingJobSpec
 
-ROLE = "arn:aws:iam::123456789012:role/mlfactory-sagemaker"
+ROLE = "arn:aws:iam::123456789012:role/mlfactory-training"
+SERVING_ROLE = "arn:aws:iam::123456789012:role/mlfactory-serving"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlfactory:1.0"
 
 
 @pytest.fixture
 def settings() -> AwsSettings:
-    return AwsSettings(role_arn=ROLE, image_uri=IMAGE, budget_usd=50, tags={"team": "ml"},
+    return AwsSettings(role_arn=ROLE, serving_role_arn=SERVING_ROLE, image_uri=IMAGE, budget_usd=50, tags={"team": "ml"},
                    subnets=["subnet-0abc"], security_group_ids=["sg-0abc"], kms_key_id="alias/mlfactory")
 
 
@@ -110,6 +111,7 @@ def test_the_training_request_and_moto_runs_it(settings, sagemaker):
     assert request["InputDataConfig"][0]["ChannelName"] == "train"
     assert request["VpcConfig"] == {"SecurityGroupIds": ["sg-0abc"], "Subnets": ["subnet-0abc"]}
     assert {"Key": "mlfactory.airflow_run_id", "Value": "asset_triggered__2026-11-22T03:01:33+00:00"} in request["Tags"]
+    assert request["RoleArn"] == ROLE  # the training role: the serving role never trains
 
     sagemaker.create_training_job(**request)
     described = sagemaker.describe_training_job(TrainingJobName=request["TrainingJobName"])
@@ -167,6 +169,13 @@ def test_endpoint_requests_and_moto_serves_them(settings, sagemaker, moto_server
                                      {"MLFLOW_TRACKING_URI": "https://mlflow.example.com"})
     assert model["PrimaryContainer"]["Environment"]["MLFACTORY_MODEL_URI"] == "s3://data/mlflow/1/abc/artifacts/model"
     assert model["PrimaryContainer"]["Environment"]["MLFACTORY_RUNTIME"] == "aws"  # the server reads SageMaker's conventions
+    # the endpoint's variants and the batch transforms run as the serving role, never the training one; without
+    # one configured, as role_arn (the configs written before the two were split)
+    assert model["ExecutionRoleArn"] == SERVING_ROLE
+    unsplit = plain.model_copy(update={"serving_role_arn": ""})
+    assert aws.create_model_request("m", "s3://data/mlflow/m", unsplit)["ExecutionRoleArn"] == ROLE
+    with pytest.raises(ValueError, match="serving_role_arn 'my-role' is not an IAM role ARN"):
+        AwsSettings(role_arn=ROLE, serving_role_arn="my-role", image_uri=IMAGE)
     sagemaker.create_model(**model)
     blue = aws.Variant("blue", "customer-churn-v3", 90, "ml.m5.large", 1)
     green = aws.Variant("green", "customer-churn-v3", 10, "ml.m5.large", 1)
@@ -235,6 +244,8 @@ def test_the_transform_request_and_moto_runs_it(settings, sagemaker):
     sagemaker.create_transform_job(**request)
     status = aws.transform_status(sagemaker.describe_transform_job(TransformJobName="score-2026-11-22"))
     assert status.state == "succeeded"
+    # a transform runs as its model's role: the serving one
+    assert sagemaker.describe_model(ModelName="customer-churn-v3")["ExecutionRoleArn"] == SERVING_ROLE
 
 
 def test_names_are_made_valid_for_sagemaker():

@@ -159,7 +159,7 @@ def test_the_online_rollout_deploys_blue_green_with_canary_traffic_autoscale_and
     assert plan["endpoint"] == "churn-endpoint" and plan["serving"] == {} and plan["deployment"] == "version-1"
     assert canary["errors"] == 0 and canary["requests"] == 20 and canary["percent"] == 100
     assert canary["answered_by"] == {"version-1": 20}  # a first deployment: all the traffic, the same canary
-    assert fake.answered == {"version-1": 21}  # the smoke test, then the canary: the scoring URI with its key, /score
+    assert fake.answered == {"version-1": 21}  # the smoke test, then the canary: the scoring URI with an Entra token, /score
     (endpoint,) = fake.find(r"/onlineEndpoints/churn-endpoint$").values()
     assert endpoint["properties"]["traffic"] == {"version-1": 100}
     (autoscale,) = fake.find(r"autoscalesettings/churn-endpoint-version-1-autoscale$").values()

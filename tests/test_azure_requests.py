@@ -65,6 +65,28 @@ def test_command_job_runs_the_entrypoint_distributed_on_spot_serverless_gpus(azu
     assert job.environment.image == AZURE_IMAGE
 
 
+IDENTITIES = "/subscriptions/" + AZURE_SUBSCRIPTION + "/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/"
+
+
+def test_training_runs_as_the_training_identity_and_endpoints_as_the_serving_one(azure):
+    from mlfactory.backends.azure import AzureSettings
+    from mlfactory.backends.azure.azureml import command_job, online_endpoint
+
+    split = azure.model_copy(update={"training_identity": IDENTITIES + "mlf-training",
+                                     "serving_identity": IDENTITIES + "mlf-serving"})
+    job = rest_json(command_job(training_spec(), split, "trial-3-t1")._to_job())["properties"]
+    assert job["identity"] == {"identityType": "Managed", "resourceId": IDENTITIES + "mlf-training"}
+    endpoint = rest_json(online_endpoint(endpoint_spec(), split))
+    assert endpoint["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {IDENTITIES + "mlf-serving": {}}}
+    # a config with one identity (written before the two were split) serves as it too
+    one = azure.model_copy(update={"training_identity": IDENTITIES + "mlf-training"})
+    assert list(rest_json(online_endpoint(endpoint_spec(), one))["identity"]["userAssignedIdentities"]) == [
+        IDENTITIES + "mlf-training"]
+    assert "identity" not in rest_json(command_job(training_spec(), azure, "trial-3-t1")._to_job())["properties"]
+    with pytest.raises(ValueError, match="serving_identity 'mlf-serving' is not the resource id of a user-assigned"):
+        AzureSettings(**{**azure.model_dump(), "serving_identity": "mlf-serving"})
+
+
 def test_command_job_on_a_cluster_and_standard_tier(azure):
     from mlfactory.backends.azure.azureml import command_job
 
@@ -111,7 +133,8 @@ def test_online_deployment_declares_the_model_servers_routes(azure):
     endpoint = rest_json(online_endpoint(endpoint_spec(), azure))
     endpoint["properties"].pop("provisioningState", None)
     check_body("OnlineEndpoint", endpoint)
-    assert endpoint["properties"]["authMode"] == "Key"
+    assert endpoint["properties"]["authMode"] == "AADToken"  # callers bring an Entra token: no key to list
+    assert endpoint["identity"] == {"type": "SystemAssigned"}  # no serving identity configured: its own
     deployment = online_deployment(endpoint_spec(), azure, "/models/customer_churn/versions/12", {"A": "1"})
     assert deployment.name == "version-12" and deployment.endpoint_name == "customer-churn-endpoint"
     config = deployment.environment.inference_config

@@ -141,6 +141,22 @@ def test_a_deployment_takes_the_canary_share_with_autoscaling():
         v.deploy_model_request(endpoint(accelerator=Accelerator(kind="tpu", count=1)), settings(), "m", {})
 
 
+def test_endpoints_and_batch_predictions_run_as_the_serving_account_and_training_as_its_own():
+    from mlfactory.specs import BatchJobSpec
+
+    trainer, server = "trainer@mlf-prod-1.iam.gserviceaccount.com", "server@mlf-prod-1.iam.gserviceaccount.com"
+    gcp = settings(service_account=trainer, serving_service_account=server)
+    batch = BatchJobSpec(name="score-1", model=endpoint().model, inputs={"s": "gs://b/curated/s"},
+                         output_uri="gs://b/predictions/batch/run=score-1")
+    serving = [v.upload_model_request(endpoint().model, gcp).service_account,
+               v.deploy_model_request(endpoint(), gcp, "projects/p/locations/l/models/m", {}).deployed_model.service_account,
+               roundtrip(v.batch_prediction_job("score-1", "m", ["gs://b/predictions/batch/_instances/a.jsonl"], batch,
+                                                gcp)).service_account]
+    assert serving == [server] * 3 and v.custom_job(training(), gcp).job_spec.service_account == trainer
+    # a config without a serving account (written before the two were split) runs everything as service_account
+    assert v.deploy_model_request(endpoint(), settings(service_account=trainer), "m", {}).deployed_model.service_account == trainer
+
+
 @pytest.mark.parametrize("serving,percent,expected", [
     ({"a": 100}, 10, {"0": 10, "a": 90}),
     ({"a": 70, "b": 30}, 10, {"0": 10, "a": 63, "b": 27}),
@@ -173,6 +189,7 @@ def test_names_and_labels_fit_vertex_rules():
 @pytest.mark.parametrize("change,message", [
     ({"project": "X"}, "gcp.project: String should match pattern"),
     ({"service_account": "not an email"}, "is not a service account email"),
+    ({"serving_service_account": "nope"}, "serving_service_account 'nope' is not a service account email"),
     ({"kms_key_name": "my-key"}, "is not projects/P/locations/L/keyRings/R/cryptoKeys/K"),
     ({"labels": {"Bad Key": "v"}}, "labels .*'Bad Key'"),
     ({"region": "Iowa"}, "gcp.region: String should match pattern"),

@@ -38,7 +38,11 @@ class AwsSettings(BackendSettings):
     name: Literal["aws"] = "aws"
     region: str = Field("us-east-1", min_length=1)
     conn_id: str = Field("aws_default", description="Airflow connection (credentials; extra endpoint_url for an emulator)")
-    role_arn: str = Field(description="IAM role SageMaker assumes for jobs and endpoints (arn:aws:iam::<account>:role/...)")
+    role_arn: str = Field(description="IAM role the training jobs run as (arn:aws:iam::<account>:role/...): reads training "
+                                      "sets and checkpoints, writes models and checkpoints (deploy/aws/training-role-policy.json)")
+    serving_role_arn: str = Field("", description="IAM role the endpoints and batch transforms run as: reads the registered "
+                                                  "model and the batch input, writes predictions only "
+                                                  "(deploy/aws/serving-role-policy.json); empty: role_arn")
     image_uri: str = Field(description="the project's container image in ECR: training entrypoint and model server")
     sqs_queue_url: str = Field("", description="queue that receives the bucket's ObjectCreated notifications for the "
                                                "landing prefix; empty: the landing watcher polls S3 (ListObjectsV2) "
@@ -71,11 +75,18 @@ class AwsSettings(BackendSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> AwsSettings:
-        if not re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+", self.role_arn):
-            raise ValueError(f"role_arn {self.role_arn!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
+        for field in ("role_arn", "serving_role_arn"):
+            arn = getattr(self, field)
+            if (arn or field == "role_arn") and not re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+", arn):
+                raise ValueError(f"{field} {arn!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
         if bool(self.subnets) != bool(self.security_group_ids):
             raise ValueError("a VPC config needs both subnets and security_group_ids")
         return self
+
+    @property
+    def serving_role(self) -> str:
+        """The role a SageMaker Model (an endpoint's variant, a batch transform) runs as."""
+        return self.serving_role_arn or self.role_arn
 
     def check_pipeline(self, cfg) -> None:
         if not cfg.storage.bucket.startswith("s3://"):

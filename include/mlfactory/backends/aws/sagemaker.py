@@ -272,13 +272,14 @@ class Variant:
 
 def create_model_request(name: str, model_uri: str, aws: AwsSettings, environment: dict[str, str] | None = None) -> dict:
     """A SageMaker Model running the project's model server (it speaks the SageMaker container contract)
-    on the MLflow model at ``model_uri`` (its artifacts in S3)."""
+    on the MLflow model at ``model_uri`` (its artifacts in S3), as the serving role: the endpoint's variants
+    and the batch transforms of this model run as it, never as the training role."""
     return validated("sagemaker", "CreateModel", {
         "ModelName": job_name(name),
         "PrimaryContainer": {"Image": aws.image_uri, "Mode": "SingleModel",
                              "Environment": {"MLFACTORY_MODEL_URI": model_uri, **(environment or {}),
                                              **runtime_environment("aws")}},
-        "ExecutionRoleArn": aws.role_arn,
+        "ExecutionRoleArn": aws.serving_role,
         "Tags": _tags(aws.tags),
         **_vpc(aws),
     })

@@ -48,7 +48,17 @@ class AzureSettings(BackendSettings):
                                              "events to; empty: the landing watcher lists the prefix every "
                                              "ingest.poll_interval_s")
     compute: str = Field("", description="compute cluster for training; empty: serverless compute (the catalog's VM)")
-    batch_compute: str = Field("cpu-cluster", min_length=2, description="compute cluster the batch deployments run on")
+    batch_compute: str = Field("cpu-cluster", min_length=2, description="compute cluster the batch deployments run on, "
+                                                                       "as the cluster's managed identity: give it "
+                                                                       "serving_identity")
+    training_identity: str = Field("", description="resource id of the user-assigned managed identity the training jobs "
+                                                   "run as (.../Microsoft.ManagedIdentity/userAssignedIdentities/NAME, "
+                                                   "attached to the workspace): reads training sets and checkpoints, "
+                                                   "writes models and checkpoints; empty: the job's default identity")
+    serving_identity: str = Field("", description="resource id of the user-assigned managed identity the online "
+                                                  "endpoints run as: reads the registered model, writes predictions "
+                                                  "only; empty: training_identity (both empty: the endpoint's "
+                                                  "system-assigned identity)")
     job_tier: Literal["Spot", "Standard"] = Field("Spot", description="serverless training capacity: Spot (preemptible, "
                                                                       "resumes from checkpoints) or Standard")
     training_instance_type: str = Field("", description="overrides the catalog's VM from the job's accelerator")
@@ -68,10 +78,22 @@ class AzureSettings(BackendSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> AzureSettings:
+        for field in ("training_identity", "serving_identity"):
+            identity = getattr(self, field)
+            if identity and not re.fullmatch(r"/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.ManagedIdentity/"
+                                             r"userAssignedIdentities/[^/]+", identity, re.IGNORECASE):
+                raise ValueError(f"{field} {identity!r} is not the resource id of a user-assigned managed identity "
+                                 "(/subscriptions/S/resourceGroups/G/providers/Microsoft.ManagedIdentity/"
+                                 "userAssignedIdentities/NAME)")
         bad = [k for k in self.tags if not re.fullmatch(r"[^<>%&\\?/]{1,512}", k)]
         if bad:
             raise ValueError(f"tags {bad}: Azure tag names have at most 512 characters and none of < > % & \\ ? /")
         return self
+
+    @property
+    def endpoint_identity(self) -> str:
+        """The identity an online endpoint runs as ("": its system-assigned one)."""
+        return self.serving_identity or self.training_identity
 
     def check_pipeline(self, cfg) -> None:
         if not cfg.storage.bucket.startswith(("abfs://", "az://")):

@@ -190,7 +190,7 @@ def command_job(spec: TrainingJobSpec, azure: AzureSettings, name: str):
 
     from azure.ai.ml import Input, Output, command
     from azure.ai.ml.constants import AssetTypes, InputOutputModes
-    from azure.ai.ml.entities import Environment, JobResourceConfiguration, QueueSettings
+    from azure.ai.ml.entities import Environment, JobResourceConfiguration, ManagedIdentityConfiguration, QueueSettings
 
     if not spec.image and not azure.image_uri:
         raise AzureRequestError(f"job {spec.name}: no container image (azure.image_uri)")
@@ -215,6 +215,7 @@ def command_job(spec: TrainingJobSpec, azure: AzureSettings, name: str):
         environment_variables={**spec.environment, **runtime_environment("azure")},
         tags={**azure.tags, **spec.tags, JOB_TAG: spec.name},
         timeout=spec.max_runtime_s,
+        identity=ManagedIdentityConfiguration(resource_id=azure.training_identity) if azure.training_identity else None,
     )
     job.resources = resources
     if not azure.compute:
@@ -285,10 +286,14 @@ def deployment_name(version: str) -> str:
 
 
 def online_endpoint(spec: EndpointSpec, azure: AzureSettings):
-    from azure.ai.ml.entities import ManagedOnlineEndpoint
+    """The managed online endpoint: callers authenticate with a Microsoft Entra token (the ``score/action`` data
+    action), never a key anyone could list; its deployments run as ``azure.endpoint_identity`` (the serving identity)."""
+    from azure.ai.ml.entities import IdentityConfiguration, ManagedIdentityConfiguration, ManagedOnlineEndpoint
 
-    endpoint = ManagedOnlineEndpoint(name=resource_name(spec.name), auth_mode="key", tags=dict(azure.tags),
-                                     description=f"mlfactory: {spec.model.name}")
+    identity = IdentityConfiguration(type="user_assigned", user_assigned_identities=[
+        ManagedIdentityConfiguration(resource_id=azure.endpoint_identity)]) if azure.endpoint_identity else None
+    endpoint = ManagedOnlineEndpoint(name=resource_name(spec.name), auth_mode="aad_token", identity=identity,
+                                     tags=dict(azure.tags), description=f"mlfactory: {spec.model.name}")
     rest(endpoint)
     return endpoint
 

@@ -37,8 +37,13 @@ class GcpSettings(BackendSettings):
     image_uri: str = Field(min_length=1, description="the project's container in Artifact Registry "
                                                      "(REGION-docker.pkg.dev/PROJECT/REPO/mlfactory:TAG): training "
                                                      "entrypoint and model server")
-    service_account: str = Field("", description="service account the jobs and endpoints run as (least privilege: "
-                                                 "deploy/gcp/roles.yaml); empty: Vertex's default service agent")
+    service_account: str = Field("", description="service account the training jobs run as: reads training sets and "
+                                                 "checkpoints, writes models and checkpoints (deploy/gcp/terraform binds "
+                                                 "its roles); empty: Vertex's default service agent")
+    serving_service_account: str = Field("", description="service account the endpoints, their model uploads and the "
+                                                         "batch prediction jobs run as: reads the registered model and "
+                                                         "the batch instances, writes predictions only; empty: "
+                                                         "service_account")
     pubsub_subscription: str = Field("", description="subscription id on the topic that receives the bucket's "
                                                      "OBJECT_FINALIZE notifications; empty: the landing watcher lists "
                                                      "the prefix every ingest.poll_interval_s")
@@ -71,9 +76,10 @@ class GcpSettings(BackendSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> GcpSettings:
-        if self.service_account and not re.fullmatch(r"[a-z0-9-]+@[a-z0-9.-]+\.iam\.gserviceaccount\.com|[\w.+-]+@[\w.-]+",
-                                                     self.service_account):
-            raise ValueError(f"service_account {self.service_account!r} is not a service account email")
+        for field in ("service_account", "serving_service_account"):
+            email = getattr(self, field)
+            if email and not re.fullmatch(r"[a-z0-9-]+@[a-z0-9.-]+\.iam\.gserviceaccount\.com|[\w.+-]+@[\w.-]+", email):
+                raise ValueError(f"{field} {email!r} is not a service account email")
         if self.kms_key_name and not re.fullmatch(r"projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+",
                                                   self.kms_key_name):
             raise ValueError(f"kms_key_name {self.kms_key_name!r} is not projects/P/locations/L/keyRings/R/cryptoKeys/K")
@@ -83,6 +89,12 @@ class GcpSettings(BackendSettings):
         if bad:
             raise ValueError(f"labels {bad}: keys are lowercase letters, digits, '_' and '-', starting with a letter")
         return self
+
+    @property
+    def serving_account(self) -> str:
+        """The service account an endpoint's deployed models, their upload and batch prediction run as ("": Vertex's
+        default)."""
+        return self.serving_service_account or self.service_account
 
     def check_pipeline(self, cfg) -> None:
         if not cfg.storage.bucket.startswith("gs://"):

@@ -316,7 +316,9 @@ def model_id(model: ModelRef) -> str:
 
 def upload_model_request(model: ModelRef, gcp: GcpSettings, environment: dict[str, str] | None = None):
     """UploadModel: the version's MLflow model folder in GCS as ``artifact_uri`` (Vertex hands it to the
-    container as ``AIP_STORAGE_URI``) and the project's model server as the serving container."""
+    container as ``AIP_STORAGE_URI``) and the project's model server as the serving container. The upload, the
+    deployed models and batch prediction run as the serving service account (``gcp.serving_account``), never the
+    training one."""
     env = {"MLFACTORY_MODEL_VERSION": model.version, **(environment or {}), **runtime_environment("gcp")}
     container = message("ModelContainerSpec", image_uri=gcp.image_uri,
                         command=["python", "-m", "mlfactory.serving"],
@@ -329,7 +331,7 @@ def upload_model_request(model: ModelRef, gcp: GcpSettings, environment: dict[st
                            labels=labels(gcp.labels, {"mlflow_model": model.name, "mlflow_version": model.version}),
                            **_encryption(gcp))
     return message("UploadModelRequest", parent=parent(gcp), model_id=model_id(model), model=vertex_model,
-                   **({"service_account": gcp.service_account} if gcp.service_account else {}))
+                   **({"service_account": gcp.serving_account} if gcp.serving_account else {}))
 
 
 def endpoint_id(spec: EndpointSpec) -> str:
@@ -375,7 +377,7 @@ def deploy_model_request(spec: EndpointSpec, gcp: GcpSettings, model_name: str, 
                                     target=gcp.autoscaling_target_utilization)])
     deployed = message("DeployedModel", model=model_name, display_name=model_name.rsplit("/", 1)[-1][:128],
                        dedicated_resources=resources,
-                       **({"service_account": gcp.service_account} if gcp.service_account else {}))
+                       **({"service_account": gcp.serving_account} if gcp.serving_account else {}))
     return message("DeployModelRequest", endpoint=endpoint_name(spec, gcp, staging), deployed_model=deployed,
                    traffic_split=canary_split(serving, spec.canary_percent))
 
@@ -432,6 +434,6 @@ def batch_prediction_job(name: str, model_name: str, inputs: list[str], spec: Ba
            "labels": labels(gcp.labels, {JOB_LABEL: name}), **_encryption(gcp)}
     if excluded_fields:
         job["instance_config"] = message("BatchPredictionJob.InstanceConfig", excluded_fields=list(excluded_fields))
-    if gcp.service_account:
-        job["service_account"] = gcp.service_account
+    if gcp.serving_account:
+        job["service_account"] = gcp.serving_account
     return message("BatchPredictionJob", **job)

@@ -43,6 +43,7 @@ quiet_sdk_logs()
 
 
 MANAGEMENT = "https://management.azure.com"
+SCORING_SCOPE = "https://ml.azure.com/.default"  # the audience of an online endpoint's Entra tokens (auth_mode aad_token)
 
 
 def _connection(conn_id: str):
@@ -237,6 +238,7 @@ class AzureMLEndpointAdapter(EndpointAdapter):
     def __init__(self, cfg, spec, poll_interval: int | None = None) -> None:
         super().__init__(cfg, spec, poll_interval)
         self.hook = AzureMLHook.of(self.settings)
+        self._scoring = self._token = None  # (the scoring URI, a session) and an Entra token, on the first predict
 
     def console_url(self, plan: dict) -> str:
         return links.online_endpoint(self.settings, plan["endpoint"])
@@ -303,15 +305,20 @@ class AzureMLEndpointAdapter(EndpointAdapter):
         return None if state == "succeeded" else f"deployment {plan['new']} of {plan['endpoint']} is {state}"
 
     def predict(self, plan: dict, rows: list[dict], variant: str | None) -> tuple[str, list]:
-        """``rows`` as the documented ``{"input_data": ...}`` body to the scoring URI with the endpoint's key
-        (``azureml-model-deployment`` names the deployment, in the request and in the answer)."""
-        if not hasattr(self, "_scoring"):
+        """``rows`` as the documented ``{"input_data": ...}`` body to the scoring URI with a Microsoft Entra token of
+        Airflow's identity (the endpoint takes no key; ``azureml-model-deployment`` names the deployment, in the
+        request and in the answer)."""
+        import time
+
+        if self._scoring is None:
             import requests
 
-            self._scoring = (self.ml.online_endpoints.get(plan["endpoint"]).scoring_uri,
-                             self.ml.online_endpoints.get_keys(plan["endpoint"]).primary_key, requests.Session())
-        uri, key, session = self._scoring
-        headers = {"Authorization": f"Bearer {key}", **({"azureml-model-deployment": variant} if variant else {})}
+            self._scoring = self.ml.online_endpoints.get(plan["endpoint"]).scoring_uri, requests.Session()
+        uri, session = self._scoring
+        if self._token is None or self._token.expires_on - time.time() < 300:  # a new one before it runs out
+            self._token = self.hook.get_credential().get_token(SCORING_SCOPE)
+        headers = {"Authorization": f"Bearer {self._token.token}",
+                   **({"azureml-model-deployment": variant} if variant else {})}
         reply = session.post(uri, headers=headers, timeout=60, json={"input_data": {
             "columns": list(rows[0]), "data": [list(row.values()) for row in rows]}})
         reply.raise_for_status()
