@@ -79,6 +79,27 @@ def test_the_recent_window_is_new_rows_only_chosen_by_content_and_kept_out_of_tr
     assert (again.uri, again.sha256, again.rows) == (second.recent.uri, second.recent.sha256, second.recent.rows)
 
 
+def test_the_holdout_is_written_once_and_a_try_stopped_before_its_manifest_keeps_its_rows(tmp_path, monkeypatch):
+    """The frozen holdout is created once (the clouds refuse Airflow any overwrite there): a try that died between
+    the rows and the manifest leaves rows the next try adopts, never rewrites."""
+    import os
+
+    from mlfactory.config import load_config
+    from mlfactory.training.data import HOLDOUT_MANIFEST, holdout_uri, prepare_training_set
+
+    monkeypatch.setenv("MLFACTORY_BUCKET", str(tmp_path / "bucket"))
+    cfg = load_config()
+    sample_data.land_and_curate(cfg, 1000, seed=73)
+    first = prepare_training_set(cfg).holdout
+    os.remove(storage.local_path(storage.join(holdout_uri(cfg), HOLDOUT_MANIFEST)))  # the try died here
+    rows = os.stat(storage.local_path(first.uri)).st_ino
+    again = prepare_training_set(cfg).holdout
+    assert (again.uri, again.sha256, again.rows) == (first.uri, first.sha256, first.rows)
+    assert os.stat(storage.local_path(again.uri)).st_ino == rows  # adopted, not written again
+    with pytest.raises(FileExistsError):
+        storage.write_once(first.uri, b"other rows")
+
+
 # ---------------------------------------------------------------------------------------------
 # Real MLflow server
 

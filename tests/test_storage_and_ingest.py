@@ -57,6 +57,19 @@ def test_ingest_snapshots_by_content_and_never_touches_the_landed_file(cfg, buck
     assert len([o for o in storage.list_objects(cfg.storage.raw_uri)]) == 2  # data + manifest, nothing else
 
 
+def test_a_try_that_stopped_after_publishing_the_data_is_finished_without_rewriting_it(cfg, bucket):
+    """The snapshot's data file is written once: a retry of a try that published it and died before the manifest
+    finishes the snapshot around it (the same bytes: the name is their hash), never writing it again."""
+    landed = sample_data.write(sample_data.generate(50, seed=4), bucket / "landing" / "a.csv")
+    digest = hashlib.sha256(landed.read_bytes()).hexdigest()
+    published = f"{cfg.storage.raw_uri}/{digest}/data.csv"
+    storage.write_once(published, landed.read_bytes())
+    inode = os.stat(storage.local_path(published)).st_ino
+    manifest, created = ingest_object(cfg, landed.as_uri())
+    assert created and manifest.snapshot_uri == published and read_manifest(published) == manifest
+    assert os.stat(storage.local_path(published)).st_ino == inode  # the same file, not a rewrite
+
+
 def test_ingest_rejects_empty_and_unknown_files_and_keeps_them(cfg, bucket):
     (bucket / "landing").mkdir(parents=True)
     empty = bucket / "landing" / "empty.csv"
@@ -110,3 +123,30 @@ def test_a_failed_write_leaves_the_old_object_and_stale_temporaries_are_swept(tm
     os.utime(storage.local_path(killed), (past, past))
     assert storage.remove_temporaries((tmp_path / "out").as_uri(), older_than_s=3600) == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data.bin"]
+
+
+@pytest.mark.parametrize("store", ["file", "s3"])
+def test_a_write_once_object_is_never_replaced_and_a_failed_one_never_appears(tmp_path, store, request, monkeypatch):
+    """The raw snapshots and the frozen holdout are written create-only (S3 If-None-Match: *; the Airflow policy
+    denies any other write there): a second write is refused, the first stays, and a write that fails leaves
+    nothing, neither the object nor a temporary."""
+    root = tmp_path.as_uri()
+    if store == "s3":
+        import boto3
+
+        moto = request.getfixturevalue("moto_server")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", moto)
+        boto3.client("s3", endpoint_url=moto).create_bucket(Bucket="once")
+        root = "s3://once"
+    snapshot, holdout = storage.join(root, "raw/abc/data.csv"), storage.join(root, "models/holdout/holdout.parquet")
+    storage.write_once(snapshot, b"first")
+    with pytest.raises(FileExistsError):
+        storage.write_once(snapshot, b"second")
+    with pytest.raises(FileExistsError):
+        storage.copy_once(snapshot, snapshot)
+    with pytest.raises(RuntimeError), storage.created(holdout) as f:
+        f.write(b"half of the rows")
+        raise RuntimeError("the writer dies")
+    assert storage.read_bytes(snapshot) == b"first" and not storage.exists(holdout)
+    fs, path = storage.filesystem(root)
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(path)) == ["data.csv"]  # no temporary either

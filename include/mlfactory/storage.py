@@ -301,6 +301,42 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+@contextmanager
+def created(uri: str) -> Iterator[IO]:
+    """Write ``uri`` once, never over an object: FileExistsError when one is there (the raw snapshots and the
+    frozen holdout are written so, and the clouds' policies refuse Airflow any other write to them). Readers see
+    no object or the whole new one, and a write that fails leaves none: a local file is written aside and
+    hard-linked into place; an object store takes one create-only upload (S3 ``If-None-Match: *``, GCS
+    ``ifGenerationMatch=0``, Azure ``If-None-Match: *``), cancelled when the block raises."""
+    fs, path = filesystem(uri)
+    if is_local(uri):
+        tmp = local_path(temporary_uri(uri))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(tmp, "xb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # refuses an existing name, as rename would not
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    f = fs.open(path, "xb")
+    try:
+        yield f
+    except BaseException:
+        f.discard()  # the upload is cancelled, never committed by close
+        f.closed = True
+        raise
+    f.close()
+
+
+def write_once(uri: str, data: bytes) -> None:
+    with created(uri) as f:
+        f.write(data)
+
+
 @dataclass
 class LineStats:
     """Lines of a byte stream fed block by block: their count and the longest one."""
@@ -353,6 +389,14 @@ def copy_hashing(src_uri: str, dst_uri: str, max_bytes: int | None = None, withi
                 raise ValueError(f"{src_uri} is over {max_bytes} bytes")
             dst.write(block)
     return CopyResult(digest.hexdigest(), lines)
+
+
+def copy_once(src_uri: str, dst_uri: str) -> None:
+    """Stream ``src_uri`` to a new object ``dst_uri`` (``created``: FileExistsError when there is one). A
+    server-side copy could replace an object: the clouds' create-only conditions take uploads alone."""
+    with open_uri(src_uri) as src, created(dst_uri) as dst:
+        while block := src.read(COPY_BLOCK):
+            dst.write(block)
 
 
 def move(src_uri: str, dst_uri: str) -> None:

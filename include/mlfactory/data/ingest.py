@@ -2,7 +2,8 @@
 
 The landed object is only ever read. The snapshot lives at ``raw/<sha256>/data.<format>`` (``.csv.gz``
 and the like keep their compression) with a ``manifest.json`` beside it, written last, so a snapshot
-with a manifest is complete. The same bytes landed twice (under any name) are ingested once.
+with a manifest is complete. The same bytes landed twice (under any name) are ingested once. Both files are
+written once (``storage.created``), never over an object: the clouds' policies refuse any other write there.
 
 The landing area is written by other systems, so an object is checked before it is trusted: only a
 regular file (no symlink, FIFO or device), at most ``ingest.max_object_bytes`` (compressed and
@@ -239,7 +240,10 @@ def _ingest(cfg: PipelineConfig, source_uri: str, before: storage.ObjectInfo) ->
         final = storage.join(snapshot_dir(cfg, copied.sha256), f"data{kind.suffix}")
         if storage.exists(manifest_uri(final)):
             return read_manifest(final), False
-        storage.publish(incoming, final)
+        try:
+            storage.copy_once(incoming, final)
+        except FileExistsError:  # an earlier or a concurrent try published these bytes (the name is their hash)
+            pass
     finally:
         storage.remove(incoming)
     manifest = Manifest(
@@ -254,7 +258,10 @@ def _ingest(cfg: PipelineConfig, source_uri: str, before: storage.ObjectInfo) ->
         delimiter=kind.delimiter,
         source_fingerprint=before.fingerprint,
     )
-    storage.write_bytes(manifest_uri(final), json.dumps(manifest.to_dict(), indent=2).encode())
+    try:
+        storage.write_once(manifest_uri(final), json.dumps(manifest.to_dict(), indent=2).encode())
+    except FileExistsError:  # a run ingesting the same bytes at the same time finished first
+        return read_manifest(final), False
     return manifest, True
 
 

@@ -119,12 +119,17 @@ def ensure_holdout(cfg: PipelineConfig, curated: pd.DataFrame, columns: list[str
     chosen = np.sort(np.random.default_rng(cfg.training.seed).choice(len(curated), size=n, replace=False))
     rows = curated.iloc[chosen][columns].reset_index(drop=True)
     rows[ROW_HASH] = row_hashes(rows, columns)
-    data = _parquet_bytes(rows)
-    holdout = Holdout(storage.join(folder, HOLDOUT_FILE), hashlib.sha256(data).hexdigest(), n,
-                      datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    storage.write_bytes(holdout.uri, data)
-    manifest = json.dumps(asdict(holdout), indent=2).encode()
-    storage.write_bytes(storage.join(folder, HOLDOUT_MANIFEST), manifest)  # last: marks it complete
+    data, uri = _parquet_bytes(rows), storage.join(folder, HOLDOUT_FILE)
+    try:  # written once, as the manifest (storage.created): the clouds' policies refuse any other write there
+        storage.write_once(uri, data)
+    except FileExistsError:  # an earlier try froze its rows and stopped before the manifest: those are the holdout
+        data = storage.read_bytes(uri)
+        n = pq.read_metadata(io.BytesIO(data)).num_rows
+    holdout = Holdout(uri, hashlib.sha256(data).hexdigest(), n, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    try:  # last: marks it complete
+        storage.write_once(storage.join(folder, HOLDOUT_MANIFEST), json.dumps(asdict(holdout), indent=2).encode())
+    except FileExistsError:  # a run training at the same time froze it first
+        return frozen_holdout(cfg)
     log.info("froze a holdout of %d rows at %s (sha256 %s)", n, holdout.uri, holdout.sha256[:12])
     return holdout
 
