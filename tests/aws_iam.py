@@ -2,7 +2,9 @@
 server; each is turned into the IAM action and resource ARN it needs (the operation from the signing
 service and X-Amz-Target / Action / the S3 REST call, the resource from the names in it) and evaluated
 against a policy file of deploy/aws with its placeholders filled in: an Allow that matches both, and no
-Deny. Conditions are not evaluated (they only narrow what is granted)."""
+Deny that matches. An Allow's conditions are not evaluated (they only narrow what is granted); a Deny's are, on
+the condition keys the request carries (an S3 object write's ``s3:if-none-match`` and
+``s3:ObjectCreationOperation``), so a create-only write passes the Deny that refuses every other write."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Call:
     action: str  # service:Operation
     resources: tuple[str, ...]
     what: str  # the request, for messages
+    context: tuple[tuple[str, str], ...] = ()  # the condition keys the request carries: (key, value)
 
 
 SIGNING_TO_IAM = {"monitoring": "cloudwatch"}  # services whose SigV4 signing name is not their IAM prefix
@@ -117,7 +120,12 @@ def _s3_calls(method: str, url, headers: dict, entry: dict, what: str) -> list[C
     if method in ("GET", "HEAD"):
         return [Call("s3:ListMultipartUploadParts" if "uploadId" in query else "s3:GetObject", (obj,), what)]
     if method in ("PUT", "POST"):
-        calls = [Call("s3:PutObject", (obj,), what)]
+        # PutObject, CopyObject and CompleteMultipartUpload create the object (and may carry If-None-Match);
+        # CreateMultipartUpload and UploadPart(Copy) do not
+        creates = "partNumber" not in query and not (method == "POST" and "uploads" in query)
+        context = (("s3:ObjectCreationOperation", str(creates).lower()),) + (
+            (("s3:if-none-match", headers["if-none-match"]),) if "if-none-match" in headers else ())
+        calls = [Call("s3:PutObject", (obj,), what, context)]
         source = headers.get("x-amz-copy-source")
         if source:
             calls.append(Call("s3:GetObject", (f"arn:aws:s3:::{urllib.parse.unquote(source).lstrip('/')}",), what))
@@ -144,13 +152,33 @@ def _matches(patterns: list[str], value: str) -> bool:
     return any(fnmatch.fnmatchcase(value.lower() if p.startswith("arn:aws:sagemaker") else value, p) for p in patterns)
 
 
+def holds(condition: dict, context: dict[str, str]) -> bool:
+    """Whether an IAM Condition block holds for a request carrying the condition keys ``context`` (a key it does
+    not carry is absent: Null true holds, any other test fails)."""
+    for operator, tests in condition.items():
+        for key, wanted in tests.items():
+            value, wanted = context.get(key), _listed(wanted)
+            if operator == "Null":
+                ok = (value is None) == (wanted == ["true"])
+            elif operator in ("Bool", "StringEquals"):
+                ok = value in wanted
+            elif operator == "StringLike":
+                ok = value is not None and any(fnmatch.fnmatchcase(value, w) for w in wanted)
+            else:
+                raise NotImplementedError(f"the checker does not evaluate a Deny's {operator} condition")
+            if not ok:
+                return False
+    return True
+
+
 def allowed(document: dict, call: Call) -> bool:
     """Whether ``document`` grants ``call`` on every resource it names (explicit Deny wins)."""
     def statements(effect):
         return [s for s in document["Statement"] if s["Effect"] == effect and _matches(_listed(s["Action"]), call.action)]
 
     for resource in call.resources:
-        if any(_matches(_listed(s.get("Resource", "*")), resource) for s in statements("Deny")):
+        if any(_matches(_listed(s.get("Resource", "*")), resource) and holds(s.get("Condition", {}), dict(call.context))
+               for s in statements("Deny")):
             return False
         if not any(_matches(_listed(s["Resource"]), resource) for s in statements("Allow")):
             return False

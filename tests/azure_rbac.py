@@ -1,33 +1,17 @@
-"""Azure RBAC as the tests check it: the action each request needs, and the custom roles in deploy/azure/.
+"""Azure RBAC as the tests check it: the action each request needs, against what deploy/azure grants.
 
 ``action(method, url)`` is how Azure authorizes a request: an ARM call by its resource type and verb
 (GET -> read, PUT -> write, DELETE -> delete, POST .../{verb} -> {verb}/action), a data-plane call (an
-endpoint's scoring URI, a batch endpoint's jobs, a Storage Queue message) by its data action."""
+endpoint's scoring URI, a batch endpoint's jobs, a Storage Queue message) by its data action. What each
+identity is granted comes from the Terraform's role assignments (``iam_scope``)."""
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "azure"
 ML = "Microsoft.MachineLearningServices/workspaces"
 QUEUES = "Microsoft.Storage/storageAccounts/queueServices/queues"
-
-
-def role(name: str = "airflow-role.json") -> set[str]:
-    doc = json.loads((DEPLOY / name).read_text())
-    return set(doc["Actions"]) | set(doc["DataActions"])
-
-
-def documented() -> set[str]:
-    """Every action deploy/azure/permissions.json names."""
-    found: set[str] = set()
-    for part in json.loads((DEPLOY / "permissions.json").read_text()).values():
-        for value in part.values() if isinstance(part, dict) else []:
-            found |= set(value if isinstance(value, list) else [value])
-    return found
 
 
 def action(method: str, url: str) -> str:
@@ -63,10 +47,11 @@ def action(method: str, url: str) -> str:
     raise AssertionError(f"no RBAC action known for {method} {url}")
 
 
-def assert_role_covers(requests, role_file: str = "airflow-role.json") -> set[str]:
-    """Every (method, url) of ``requests`` needs an action the role grants; returns the actions used."""
-    granted = role(role_file)
+def assert_role_covers(requests, identity: str = "airflow") -> set[str]:
+    """Every (method, url) of ``requests`` needs an action deploy/azure grants ``identity``; returns the actions used."""
+    from iam_scope import Deployment
+
     used = {action(method, url) for method, url in requests}
-    missing = sorted(used - granted)
-    assert not missing, f"deploy/azure/{role_file} lacks {missing}"
+    missing = sorted(used - Deployment("azure").granted(identity))
+    assert not missing, f"deploy/azure grants {identity} no {missing}"
     return used

@@ -197,8 +197,8 @@ def test_an_object_put_in_s3_runs_the_lifecycle_on_sagemaker(tmp_path, moto_serv
             Call("sagemaker:InvokeEndpoint", (f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{i['endpoint']}",),
                  "InvokeEndpoint") for i in runtime.invocations]
         granted = policy("airflow-policy.json", MLFACTORY_BUCKET=BUCKET, MLFACTORY_LANDING_QUEUE="mlfactory-landing",
-                         MLFACTORY_SAGEMAKER_ROLE="mlfactory-sagemaker", MLFACTORY_MODEL="churn-aws",
-                         MLFACTORY_ENDPOINT="churn-lifecycle")
+                         MLFACTORY_TRAINING_ROLE="mlfactory-training", MLFACTORY_SERVING_ROLE="mlfactory-serving",
+                         MLFACTORY_MODEL="churn-aws", MLFACTORY_ENDPOINT="churn-lifecycle")
         actions = {c.action for c in calls}
         assert {"sagemaker:CreateTrainingJob", "sagemaker:CreateEndpoint", "sagemaker:CreateTransformJob", "s3:PutObject",
                 "sqs:DeleteMessage", "application-autoscaling:RegisterScalableTarget"} <= actions, sorted(actions)

@@ -258,35 +258,109 @@ def test_names_are_made_valid_for_sagemaker():
 def test_the_policies_grant_what_the_pipeline_needs_and_nothing_near_it():
     """The policy evaluator of the least-privilege check (test_aws_lifecycle reads every request Airflow sent
     from moto's recording): it grants the pipeline's own resources and refuses their neighbours."""
-    from aws_iam import Call, allowed, policy
+    from aws_iam import Call, allowed, policy, to_calls
 
-    names = dict(MLFACTORY_BUCKET="b", MLFACTORY_LANDING_QUEUE="q", MLFACTORY_SAGEMAKER_ROLE="r",
+    names = dict(MLFACTORY_BUCKET="b", MLFACTORY_LANDING_QUEUE="q", MLFACTORY_TRAINING_ROLE="t", MLFACTORY_SERVING_ROLE="s",
                  MLFACTORY_MODEL="churn", MLFACTORY_ENDPOINT="churn-live")
     airflow = policy("airflow-policy.json", **names)
-    sm = "arn:aws:sagemaker:us-east-1:123456789012"
-    grants = [("s3:PutObject", "arn:aws:s3:::b/raw/abc/data.csv"), ("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/.data.csv.1.tmp"),
-              ("s3:DeleteObject", "arn:aws:s3:::b/curated/x.parquet"), ("sagemaker:CreateModel", f"{sm}:model/churn-v3"),
-              ("sagemaker:UpdateEndpoint", f"{sm}:endpoint/churn-live"), ("sqs:DeleteMessage", "arn:aws:sqs:us-east-1:123456789012:q"),
-              ("sagemaker:UpdateEndpointWeightsAndCapacities", f"{sm}:endpoint/churn-live"),
-              ("sagemaker:InvokeEndpoint", f"{sm}:endpoint/churn-live")]
-    refusals = [("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/data.csv"), ("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/manifest.json"),
-                ("s3:DeleteObject", "arn:aws:s3:::b/models/holdout/holdout.parquet"), ("s3:DeleteObject", "arn:aws:s3:::b/models/holdout/holdout.json"), ("s3:GetObject", "arn:aws:s3:::other/x"),
-                ("sagemaker:CreateModel", f"{sm}:model/payroll-v1"), ("sagemaker:UpdateEndpoint", f"{sm}:endpoint/payroll"),
-                ("sagemaker:DeleteEndpoint", f"{sm}:endpoint/churn-live"), ("sagemaker:DeleteModel", f"{sm}:model/churn-v3"),
-                ("sagemaker:InvokeEndpoint", f"{sm}:endpoint/payroll"),
-                ("sqs:DeleteMessage", "arn:aws:sqs:us-east-1:123456789012:other"), ("s3:DeleteBucket", "arn:aws:s3:::b")]
-    for action, resource in grants:
-        assert allowed(airflow, Call(action, (resource,), "")), (action, resource)
-    for action, resource in refusals:
-        assert not allowed(airflow, Call(action, (resource,), "")), (action, resource)
-    # the jobs' role reads the registry's prefix and never writes it; the trust policy names the account
-    jobs = policy("sagemaker-execution-role-policy.json", **names, MLFACTORY_IMAGE_REPOSITORY="i", MLFACTORY_KMS_KEY_ID="k")
-    assert allowed(jobs, Call("s3:GetObject", ("arn:aws:s3:::b/mlflow/1/models/m-1/artifacts/MLmodel",), ""))
-    for action in ("s3:PutObject", "s3:DeleteObject"):
-        assert not allowed(jobs, Call(action, ("arn:aws:s3:::b/mlflow/1/models/m-1/artifacts/MLmodel",), "")), action
-    grant = next(s for s in jobs["Statement"] if "kms:CreateGrant" in s["Action"])
+    sm, iam = "arn:aws:sagemaker:us-east-1:123456789012", "arn:aws:iam::123456789012:role"
+    # the condition keys of a create-only upload (If-None-Match: *), of any other object write, of a multipart part
+    once, over, part = (("s3:ObjectCreationOperation", "true"), ("s3:if-none-match", "*")), \
+        (("s3:ObjectCreationOperation", "true"),), (("s3:ObjectCreationOperation", "false"),)
+    grants = [("s3:PutObject", "arn:aws:s3:::b/raw/abc/data.csv", once), ("s3:PutObject", "arn:aws:s3:::b/raw/abc/data.csv", part),
+              ("s3:PutObject", "arn:aws:s3:::b/models/holdout/holdout.parquet", once),
+              ("s3:PutObject", "arn:aws:s3:::b/curated/x.parquet", over), ("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/.data.csv.1.tmp", ()),
+              ("s3:DeleteObject", "arn:aws:s3:::b/curated/x.parquet", ()), ("sagemaker:CreateModel", f"{sm}:model/churn-v3", ()),
+              ("sagemaker:UpdateEndpoint", f"{sm}:endpoint/churn-live", ()), ("sqs:DeleteMessage", "arn:aws:sqs:us-east-1:123456789012:q", ()),
+              ("sagemaker:UpdateEndpointWeightsAndCapacities", f"{sm}:endpoint/churn-live", ()),
+              ("sagemaker:InvokeEndpoint", f"{sm}:endpoint/churn-live", ()), ("iam:PassRole", f"{iam}/t", ()), ("iam:PassRole", f"{iam}/s", ())]
+    refusals = [("s3:PutObject", "arn:aws:s3:::b/raw/abc/data.csv", over), ("s3:PutObject", "arn:aws:s3:::b/raw/abc/manifest.json", over),
+                ("s3:PutObject", "arn:aws:s3:::b/models/holdout/holdout.json", over),  # an overwrite, or a copy onto them
+                ("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/data.csv", ()), ("s3:DeleteObject", "arn:aws:s3:::b/raw/abc/manifest.json", ()),
+                ("s3:DeleteObject", "arn:aws:s3:::b/models/holdout/holdout.parquet", ()),
+                ("s3:DeleteObject", "arn:aws:s3:::b/models/holdout/holdout.json", ()), ("s3:GetObject", "arn:aws:s3:::other/x", ()),
+                ("sagemaker:CreateModel", f"{sm}:model/payroll-v1", ()), ("sagemaker:UpdateEndpoint", f"{sm}:endpoint/payroll", ()),
+                ("sagemaker:DeleteEndpoint", f"{sm}:endpoint/churn-live", ()), ("sagemaker:DeleteModel", f"{sm}:model/churn-v3", ()),
+                ("sagemaker:InvokeEndpoint", f"{sm}:endpoint/payroll", ()), ("iam:PassRole", f"{iam}/admin", ()),
+                ("sqs:DeleteMessage", "arn:aws:sqs:us-east-1:123456789012:other", ()), ("s3:DeleteBucket", "arn:aws:s3:::b", ())]
+    for action, resource, context in grants:
+        assert allowed(airflow, Call(action, (resource,), "", context)), (action, resource, context)
+    for action, resource, context in refusals:
+        assert not allowed(airflow, Call(action, (resource,), "", context)), (action, resource, context)
+    # ... the condition keys as the recorder reads them from the requests s3fs sends
+
+    def sent(method: str, query: str = "", **headers) -> bool:
+        headers = {k.replace("_", "-"): v for k, v in headers.items()}
+        (put, *_) = to_calls("s3", {"method": method, "url": f"http://moto/b/raw/abc/data.csv{query}"}, headers)
+        return allowed(airflow, put)
+
+    assert sent("PUT", if_none_match="*") and not sent("PUT")  # PutObject, create-only or not
+    assert not sent("PUT", x_amz_copy_source="b/raw/_incoming/.data.csv.1.tmp")  # CopyObject: no create-only copy
+    assert sent("POST", "?uploads") and sent("PUT", "?partNumber=1&uploadId=u")  # a multipart upload's start and parts
+    assert sent("POST", "?uploadId=u", if_none_match="*") and not sent("POST", "?uploadId=u")  # ... and its completion
+
+    # The training role reads its training set and writes models and checkpoints; the serving role (endpoints,
+    # batch transforms) reads the registered model and the batch input and writes predictions. Neither writes raw/,
+    # the holdout, curated data or the registry's prefix, nor reads the holdout.
+    training, serving = policy("training-role-policy.json", MLFACTORY_BUCKET="b"), policy("serving-role-policy.json", MLFACTORY_BUCKET="b")
+
+    def can(document, action, key):
+        return allowed(document, Call(action, (f"arn:aws:s3:::b/{key}",), ""))
+
+    assert can(training, "s3:GetObject", "models/training_sets/ab/part-0.parquet")
+    assert can(training, "s3:PutObject", "models/runs/r1/trial-0/output/model.tar.gz")
+    assert can(training, "s3:PutObject", "models/checkpoints/r1/trial-0/checkpoint.pt")
+    assert can(serving, "s3:GetObject", "mlflow/1/models/m-1/artifacts/MLmodel")
+    assert can(serving, "s3:GetObject", "predictions/batch/_manifests/run=x.json")
+    assert can(serving, "s3:PutObject", "predictions/serving/part-1.parquet")
+    for role in (training, serving):
+        for action in ("s3:PutObject", "s3:DeleteObject"):
+            for key in ("raw/abc/data.csv", "models/holdout/holdout.parquet", "mlflow/1/models/m-1/artifacts/MLmodel",
+                        "curated/ingest_date=1/a.parquet"):
+                assert not can(role, action, key), (action, key)
+        assert not can(role, "s3:GetObject", "models/holdout/holdout.parquet")
+    assert not can(serving, "s3:PutObject", "models/runs/r1/trial-0/output/model.tar.gz")
+    assert not can(serving, "s3:GetObject", "models/training_sets/ab/part-0.parquet")
+    assert not can(training, "s3:PutObject", "predictions/serving/part-1.parquet")
+    # what both need to run a container (image, logs, VPC, KMS) is one policy beside theirs, with no data rights
+    base = policy("sagemaker-role-policy.json", MLFACTORY_IMAGE_REPOSITORY="i", MLFACTORY_KMS_KEY_ID="k")
+    assert not [s["Sid"] for s in base["Statement"] if "s3:" in json.dumps(s["Action"])]
+    grant = next(s for s in base["Statement"] if "kms:CreateGrant" in s["Action"])
     assert grant["Condition"] == {"Bool": {"kms:GrantIsForAWSResource": "true"}}
     trust = policy("trust-policy.json")["Statement"][0]["Condition"]
     assert trust["StringEquals"]["aws:SourceAccount"] == "123456789012"
     assert trust["ArnLike"]["aws:SourceArn"] == "arn:aws:sagemaker:us-east-1:123456789012:*"
 
+
+
+def test_the_backend_calls_exactly_the_operations_its_permissions_list():
+    """Every AWS operation the aws backend's Airflow package calls (a boto3 client's method, or its name handed to one:
+    a paginator, a describe, a create) is listed in deploy/aws/permissions.json, and every operation listed there is
+    called: a grant for a call the code no longer makes is unused (test_deploy_manifests checks that the policy
+    grants those actions and nothing else)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import botocore.session
+    from botocore import xform_name
+    from iam_scope import manifest
+
+    session = botocore.session.get_session()
+    operations: dict[str, set[str]] = {}  # python name -> {"service.Operation"}
+    for service in ("sagemaker", "sagemaker-runtime", "sqs", "application-autoscaling", "cloudwatch", "s3"):
+        for operation in session.get_service_model(service).operation_names:
+            operations.setdefault(xform_name(operation), set()).add(f"{service}.{operation}")
+    called = set()
+    for path in (Path(__file__).resolve().parents[1] / "plugins" / "mlfactory_airflow" / "backends" / "aws").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and not (isinstance(node.value, ast.Name) and node.value.id == "storage"):
+                called |= operations.get(node.attr, set())  # (the storage layer's functions are named for what they do)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                called |= operations.get(node.value, set())
+    assert {"sagemaker.CreateTrainingJob", "sagemaker.CreateTransformJob", "sagemaker-runtime.InvokeEndpoint",
+            "sqs.DeleteMessage", "s3.ListObjectsV2", "application-autoscaling.DeregisterScalableTarget"} <= called
+    listed = {m[0] for part in manifest("aws")["airflow"].values() for key in part
+              if (m := re.match(r"[a-z0-9-]+\.[A-Z]\w+", key))}
+    assert called - listed == set(), "called but not in deploy/aws/permissions.json"
+    assert listed - called == set(), "listed in deploy/aws/permissions.json but never called"

@@ -224,7 +224,8 @@ def test_bad_models_stand_beside_the_served_one_at_weight_0_and_are_rolled_back(
         Call("sagemaker:UpdateEndpoint", (endpoint_arn,), "UpdateEndpoint") for _ in runtime.updates] + [
         Call("sagemaker:InvokeEndpoint", (endpoint_arn,), "InvokeEndpoint")]
     granted = policy("airflow-policy.json", MLFACTORY_BUCKET=BUCKET, MLFACTORY_LANDING_QUEUE="mlfactory-landing",
-                     MLFACTORY_SAGEMAKER_ROLE="mlfactory-sagemaker", MLFACTORY_MODEL="churn-served", MLFACTORY_ENDPOINT="churn")
+                     MLFACTORY_TRAINING_ROLE="mlfactory-training", MLFACTORY_SERVING_ROLE="mlfactory-serving",
+                     MLFACTORY_MODEL="churn-served", MLFACTORY_ENDPOINT="churn")
     assert refused(granted, calls) == []
     actions = {c.action for c in calls}
     assert {"sagemaker:UpdateEndpointWeightsAndCapacities", "application-autoscaling:DeregisterScalableTarget",

@@ -263,19 +263,15 @@ def test_settings_refuse_a_bucket_that_is_not_blob_storage(tmp_path, monkeypatch
         load_config(tmp_path / "p.yaml")
 
 
-def test_the_airflow_role_grants_what_the_backend_calls_and_nothing_else():
-    from azure_rbac import action, documented, role
+def test_the_request_log_checks_map_each_call_to_its_action():
+    """(deploy/azure grants each identity what permissions.json lists and nothing else: test_deploy_manifests.)"""
+    from azure_rbac import action
 
-    assert role() == documented(), "airflow-role.json and permissions.json disagree"
     # the mapping the request-log checks use, on the calls each part makes
     ws = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws"
     assert action("POST", f"{ws}/jobs/j-t1/cancel") == "Microsoft.MachineLearningServices/workspaces/jobs/cancel/action"
     assert action("DELETE", f"{ws}/onlineEndpoints/e/deployments/d") == \
         "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments/delete"
-    assert action("POST", f"{ws}/onlineEndpoints/e/listKeys") == \
-        "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/listKeys/action"
+    assert action("POST", "/score/e") == "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/score/action"
     assert action("GET", "/devstoreaccount1/q/messages?numofmessages=32&visibilitytimeout=300") == \
         "Microsoft.Storage/storageAccounts/queueServices/queues/messages/process/action"
-    jobs = role("jobs-role.json")
-    assert jobs == {"Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read",
-                    "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write"}  # no delete, no ARM

@@ -5,6 +5,9 @@ checked statically: no cluster, no cloud, no provider download.
   strict: an unknown field fails), and the values wired to them (services, secrets, the GPU pod template).
 - Terraform: `terraform fmt -check`, a policy scan by checkov with no failed check (each skip carries its
   reason in the file), and the roles and policies read from the same files the least-privilege tests read.
+- Identities (``iam_scope``): no binding project- or resource-group-wide but the documented exceptions, each
+  identity granted exactly the permissions its calls need (deploy/<cloud>/permissions.*), and only Airflow
+  writing raw/ and the frozen holdout, once.
 """
 
 from __future__ import annotations
@@ -131,13 +134,11 @@ def test_checkov_finds_nothing_in_the_terraform_and_the_dockerfiles():
 @pytest.mark.parametrize("cloud", CLOUDS)
 def test_terraform_reads_the_roles_the_least_privilege_tests_read(cloud):
     main = (PROJECT / "deploy" / cloud / "terraform" / "main.tf").read_text()
-    role_files = {"aws": ["airflow-policy.json", "sagemaker-execution-role-policy.json", "trust-policy.json"],
-                  "gcp": ["airflow-role.yaml", "jobs-role.yaml"],
-                  "azure": ["airflow-role.json", "jobs-role.json"]}[cloud]
+    role_files = sorted(p.name for p in (PROJECT / "deploy" / cloud).glob("*-role.*" if cloud != "aws" else "*-policy.json"))
+    assert len(role_files) >= {"aws": 5, "gcp": 6, "azure": 3}[cloud], role_files
     for name in role_files:
-        assert (PROJECT / "deploy" / cloud / name).exists()
         stem = name.rsplit(".", 1)[0]
-        assert f'../{name}")' in main or f'"{stem}"' in main, f"{cloud} terraform does not read {name}"
+        assert f'"{stem}"' in main or f'"{stem.removesuffix("-role")}"' in main, f"{cloud} terraform does not read {name}"
     assert not re.search(r'"(s3|sagemaker|aiplatform|storage|Microsoft\.MachineLearningServices)[:.][A-Za-z/*]+"\s*[,\]]', main), \
         "a permission is written in the terraform instead of read from the role files"
     if cloud == "aws":  # every placeholder of the policy files is filled in
@@ -146,6 +147,8 @@ def test_terraform_reads_the_roles_the_least_privilege_tests_read(cloud):
             placeholders |= set(re.findall(r"\b(MLFACTORY_[A-Z_]+|REGION|ACCOUNT_ID)\b", (PROJECT / "deploy" / "aws" / name).read_text()))
         missing = [p for p in placeholders if f'"{p}"' not in main]
         assert not missing, missing
+    else:  # the conditions on object names come from the prefixes every cloud shares
+        assert 'file("${path.module}/../../bucket-prefixes.yaml")' in main
 
 
 @pytest.mark.parametrize("cloud, dead_letter", [("aws", "redrive_policy"), ("gcp", "dead_letter_policy"),
@@ -161,22 +164,122 @@ def test_landing_notifications_have_a_dead_letter_and_a_budget(cloud, dead_lette
     assert dead_letter in main and "landing/" in main
 
 
-def test_the_jobs_identities_only_read_the_registrys_prefix():
-    """Whoever runs the jobs and endpoints (the SageMaker execution role, Vertex AI's and Azure ML's identities)
-    reads the MLflow artifacts under mlflow/ but never writes them: the registry's files change only through
-    the MLflow server. AWS: by the policy (evaluated in test_aws_requests); GCP: the writing role's binding
-    has a condition excluding mlflow/, reading comes from objectViewer; Azure: an ABAC condition on the
-    jobs' role assignment."""
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_no_identity_is_granted_anything_project_or_resource_group_wide(cloud):
+    """Every binding is on what its role acts on: the bucket (with conditions on object names), the subscription or
+    queues, the jobs' service accounts, the workspace. The exceptions and their reasons are iam_scope's: on GCP a
+    project role of aiplatform.* alone (Vertex AI takes IAM policies on none of the pipeline's resources), on Azure a
+    resource-group role of Microsoft.Insights actions alone (autoscale settings and alert rules live there), on AWS
+    "Resource": "*" only for actions that have no resource-level permissions."""
+    from iam_scope import Deployment
+
+    deployment = Deployment(cloud)
+    assert deployment.bindings and deployment.scope_violations() == []
+    assert {i for b in deployment.bindings for i in b.identities} >= {"airflow", "training", "serving"}
+
+
+def test_the_scope_check_refuses_a_project_wide_binding_an_act_as_anywhere_and_a_wildcard():
+    """The check above fails on what it is there to refuse (each change made to a copy of the deployment)."""
+    from iam_scope import Deployment
+
     gcp = (PROJECT / "deploy" / "gcp" / "terraform" / "main.tf").read_text()
-    binding = re.search(r'resource "google_storage_bucket_iam_member" "jobs" \{(.*?)\n\}', gcp, re.S)[1]
-    assert 'mlfactory["jobs"]' in binding
-    assert '!resource.name.startsWith(\\"projects/_/buckets/${var.bucket_name}/objects/mlflow/\\")' in binding
-    assert re.search(r'"jobs_read" \{[^}]*roles/storage.objectViewer', gcp)
+    on_the_bucket = 'resource "google_storage_bucket_iam_member" "airflow" {\n  bucket = google_storage_bucket.mlfactory.name'
+    assert on_the_bucket in gcp
+    project_wide = gcp.replace(on_the_bucket, 'resource "google_project_iam_member" "airflow_bucket" {\n  project = var.project')
+    assert Deployment("gcp", project_wide).scope_violations() == [
+        "google_project_iam_member.airflow_bucket: airflow-bucket is bound on the project: only a role of aiplatform.* "
+        "permissions alone may be"]
+    vertex = Deployment("gcp").roles["airflow"]
+    acting = {"airflow": {**vertex, "includedPermissions": [*vertex["includedPermissions"], "iam.serviceAccounts.actAs"]}}
+    assert [v.split(":")[0] for v in Deployment("gcp", roles=acting).scope_violations()] == [
+        "google_project_iam_member.airflow", "google_project_iam_member.airflow"]  # not aiplatform alone; actAs there
+    predefined = gcp.replace('google_project_iam_custom_role.mlfactory["landing"].id', '"roles/pubsub.subscriber"')
+    assert "predefined role roles/pubsub.subscriber for ['airflow']" in " ".join(Deployment("gcp", predefined).scope_violations())
+
     azure = (PROJECT / "deploy" / "azure" / "terraform" / "main.tf").read_text()
-    assignment = re.search(r'resource "azurerm_role_assignment" "jobs" \{(.*?)\n\}', azure, re.S)[1]
-    assert 'condition_version  = "2.0"' in assignment
-    assert "!(ActionMatches{'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write'})" in assignment
-    assert "blobs:path] StringNotStartsWith 'mlflow/'" in assignment
+    on_the_workspace = "    workspace = local.workspace\n"
+    assert on_the_workspace in azure
+    group_wide = azure.replace(on_the_workspace, "    workspace = data.azurerm_resource_group.ml.id\n")
+    assert Deployment("azure", group_wide).scope_violations() == [
+        "azurerm_role_assignment.airflow: airflow is assigned on data.azurerm_resource_group.ml.id: only a role of "
+        "Microsoft.Insights actions alone may be"]
+    keys = {"airflow": {**Deployment("azure").roles["airflow"], "Actions": [
+        "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/listKeys/action"]}}
+    assert "azurerm_role_assignment.airflow: airflow can list keys" in Deployment("azure", roles=keys).scope_violations()
+
+    airflow = Deployment("aws").roles["airflow-policy"]
+    wildcard = {"airflow-policy": {**airflow, "Statement": [*airflow["Statement"], {
+        "Sid": "Everything", "Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]}}
+    assert Deployment("aws", roles=wildcard).scope_violations() == [
+        "airflow-policy.json Everything: Resource * for ['s3:GetObject'], which take resource-level permissions"]
+
+
+@pytest.mark.parametrize("cloud, identity", [(c, i) for c in CLOUDS for i in ("airflow", "training", "serving")
+                                             if (c, i) not in (("aws", "training"), ("aws", "serving"))])
+def test_each_identity_is_granted_what_its_calls_need_and_nothing_else(cloud, identity):
+    """What the Terraform's bindings give an identity, in all, is what deploy/<cloud>/permissions.* lists for its
+    calls (test_<cloud>_requests checks the backend makes every call listed there): a grant no call needs fails. (The
+    AWS job roles' own policies are checked by what they let each role read and write: test_aws_requests and below.)"""
+    from iam_scope import Deployment, documented
+
+    assert Deployment(cloud).granted(identity) == documented(cloud, identity)
+
+
+def test_a_grant_no_call_needs_is_caught():
+    from iam_scope import Deployment, documented
+
+    bucket = Deployment("gcp").roles["airflow-bucket"]
+    wider = {"airflow-bucket": {**bucket, "includedPermissions": [*bucket["includedPermissions"], "storage.buckets.delete"]}}
+    assert Deployment("gcp", roles=wider).granted("airflow") - documented("gcp", "airflow") == {"storage.buckets.delete"}
+    jobs = Deployment("azure").roles["jobs"]
+    deleting = {"jobs": {**jobs, "DataActions": [*jobs["DataActions"], "Microsoft.Storage/storageAccounts/blobServices/"
+                                                                       "containers/blobs/delete"]}}
+    assert Deployment("azure", roles=deleting).granted("serving") != documented("azure", "serving")
+    airflow = Deployment("aws").roles["airflow-policy"]
+    stopping = {"airflow-policy": {**airflow, "Statement": [*airflow["Statement"], {
+        "Effect": "Allow", "Action": "sagemaker:StopTransformJob", "Resource": "arn:aws:sagemaker:*:*:transform-job/*"}]}}
+    assert Deployment("aws", roles=stopping).granted("airflow") - documented("aws", "airflow") == {"sagemaker:StopTransformJob"}
+
+
+def test_only_ingestion_and_ml_train_write_raw_and_the_holdout_and_only_once():
+    """No job identity writes raw/, the frozen holdout or the registry's mlflow/ (deploy/bucket-prefixes.yaml, which GCP's
+    and Azure's conditions are made of, and which AWS's role policies name), and Airflow's grants that could replace or
+    delete an object carry the condition that spares the raw snapshots and the holdout (AWS: the Deny statements)."""
+    from iam_scope import PREFIXES, Deployment
+
+    forbidden = ("raw/", "models/holdout/", "mlflow/")
+    for job in ("training", "serving"):
+        assert not [p for p in PREFIXES[job]["write"] for f in forbidden if p.startswith(f) or f.startswith(p)], job
+        assert "models/holdout/" not in PREFIXES[job]["read"]
+    assert PREFIXES["airflow"]["write_once"] == ["raw/", "models/holdout/"]
+    replacing = {"gcp": ("google_storage_bucket.mlfactory.name", {"storage.objects.delete", "storage.objects.move"}),
+                 "azure": ("azurerm_storage_container.bucket.id", {
+                     "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write",
+                     "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete"})}
+    for cloud, (bucket, writes) in replacing.items():
+        deployment = Deployment(cloud)
+        on_the_bucket = [b for b in deployment.bindings if bucket in b.scopes and deployment.permissions(b.role) & writes
+                         and set(b.identities) & {"airflow", "training", "serving"}]
+        assert len(on_the_bucket) == 2, on_the_bucket
+        for b in on_the_bucket:
+            wanted = "local.under[each.key].write" if b.identities == ("training", "serving") else "local.under.airflow.write_once"
+            assert wanted in b.condition, (cloud, b)
+    # AWS: each role's policy reads and writes exactly the prefixes of its job; Airflow's refuses any write to the raw
+    # snapshots and the holdout but a create-only one, and any delete
+    from aws_iam import policy
+
+    for job in ("training", "serving"):
+        statements = policy(f"{job}-role-policy.json", MLFACTORY_BUCKET="b")["Statement"]
+        for action, access in (("s3:GetObject", "read"), ("s3:PutObject", "write")):
+            resources = {r for s in statements if s["Action"] == action for r in ([s["Resource"]] if isinstance(
+                s["Resource"], str) else s["Resource"])}
+            assert resources == {f"arn:aws:s3:::b/{p}*" for p in PREFIXES[job][access]}, (job, action)
+    denies = [s for s in policy("airflow-policy.json", MLFACTORY_BUCKET="b", MLFACTORY_LANDING_QUEUE="q", MLFACTORY_MODEL="m",
+                                MLFACTORY_ENDPOINT="e", MLFACTORY_TRAINING_ROLE="t", MLFACTORY_SERVING_ROLE="s")["Statement"]
+              if s["Effect"] == "Deny"]
+    assert {s["Action"] for s in denies} == {"s3:PutObject", "s3:DeleteObject"}
+    for s in denies:
+        assert all(r.startswith(tuple(f"arn:aws:s3:::b/{p}" for p in PREFIXES["airflow"]["write_once"])) for r in s["Resource"])
 
 
 def test_no_process_mlfactory_starts_reports_mlflow_usage(tmp_path):

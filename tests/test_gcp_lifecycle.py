@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import yaml
 from conftest import gcp_config, pubsub_subscription
 from gcp_recorder import GcsRecorder, PubSubRecorder
+from iam_scope import Deployment
 from intake_bursts import Burst, burst_files, intake_only
 from vertex_containers import ModelContainers, TrainingContainers
 from vertex_fake import VertexFake
@@ -37,7 +37,6 @@ from mlfactory.backends.local.processes import free_port
 pytestmark = [pytest.mark.scheduler, pytest.mark.gcp]
 
 BUCKET = "mlf-gcp-lifecycle"
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["ml_ingest", "ml_validate", "ml_train", "ml_promote", "ml_deploy", "ml_batch_score"]
 
 
@@ -136,7 +135,7 @@ def test_an_object_written_to_gcs_runs_the_lifecycle_on_vertex_ai(tmp_path, gcp_
         assert {"aiplatform.customJobs.create", "aiplatform.endpoints.deploy", "aiplatform.endpoints.predict",
                 "aiplatform.batchPredictionJobs.create"} <= set(vertex.permissions())
         # ... and each Cloud Storage and Pub/Sub request Airflow sent, on this pipeline's bucket and subscription
-        role = set(yaml.safe_load((ROOT / "deploy" / "gcp" / "airflow-role.yaml").read_text())["includedPermissions"])
+        role = Deployment("gcp").granted("airflow")  # every binding of Airflow's service account
         sent = {**gcs.permissions(), **pubsub.permissions()}
         print(f"Airflow's Cloud Storage and Pub/Sub permissions: { {k: sorted(v) for k, v in sent.items()} }")
         assert {p: sorted(r) for p, r in sent.items() if p not in role} == {}

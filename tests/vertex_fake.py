@@ -107,7 +107,8 @@ class VertexFake(LoopbackServer):
         return out
 
     def ungranted(self) -> dict[str, list[str]]:
-        """The requests sent so far whose permission deploy/gcp/airflow-role.yaml does not grant (Airflow's role)."""
+        """The requests sent so far whose permission deploy/gcp/airflow-role.yaml does not grant (Airflow's Vertex AI
+        role)."""
         import yaml
 
         role = Path(__file__).resolve().parents[1] / "deploy" / "gcp" / "airflow-role.yaml"

@@ -1,12 +1,12 @@
-# mlfactory on AWS: the bucket, S3 -> SQS landing notifications with a dead-letter queue, the IAM roles of
-# Airflow and of the SageMaker jobs (their policies are deploy/aws/*.json, the files the tests check for
-# least privilege: one source of truth), a KMS key for the bucket and the queues, and a monthly budget.
+# mlfactory on AWS: the bucket, S3 -> SQS landing notifications with a dead-letter queue, Airflow's IAM policy and
+# the two roles SageMaker runs as, training and serving (their policies are deploy/aws/*.json, the files the tests
+# check for least privilege: one source of truth), a KMS key for the bucket and the queues, and a monthly budget.
 #
 #   cd deploy/aws/terraform
 #   terraform init
 #   terraform apply -var bucket_name=my-mlfactory -var alert_email=me@example.com
 #
-# The pipeline config's `aws:` section then takes the outputs (sqs_queue_url, sagemaker_role_arn, kms_key_id).
+# The pipeline config's `aws:` section then takes the outputs (sqs_queue_url, role_arn, serving_role_arn, kms_key_id).
 
 terraform {
   required_version = ">= 1.5"
@@ -31,13 +31,15 @@ locals {
   account_id = data.aws_caller_identity.current.account_id
   # deploy/aws/*.json name their resources with these placeholders
   policies = {
-    for name in ["airflow-policy", "sagemaker-execution-role-policy", "trust-policy"] : name => replace(replace(replace(
+    for name in ["airflow-policy", "sagemaker-role-policy", "training-role-policy", "serving-role-policy", "trust-policy"] :
+    name => replace(replace(replace(replace(
       replace(replace(replace(replace(replace(replace(file("${path.module}/../${name}.json"),
         "MLFACTORY_BUCKET", var.bucket_name),
         "MLFACTORY_LANDING_QUEUE", var.landing_queue_name),
-        "MLFACTORY_SAGEMAKER_ROLE", var.sagemaker_role_name),
+        "MLFACTORY_TRAINING_ROLE", var.training_role_name),
+        "MLFACTORY_SERVING_ROLE", var.serving_role_name),
         "MLFACTORY_IMAGE_REPOSITORY", var.image_repository),
-        "MLFACTORY_KMS_KEY_ID", aws_kms_key.mlfactory.key_id),
+      "MLFACTORY_KMS_KEY_ID", aws_kms_key.mlfactory.key_id),
       "MLFACTORY_MODEL", replace(var.model_name, "_", "-")),
       "MLFACTORY_ENDPOINT", var.endpoint_name),
       "REGION", var.region),
@@ -170,7 +172,7 @@ resource "aws_s3_bucket_notification" "landing" {
   depends_on = [aws_sqs_queue_policy.landing]
 }
 
-# --- identities: Airflow's policy, the SageMaker jobs' role -------------------------------------------
+# --- identities: Airflow's policy, the roles SageMaker runs as ---------------------------------------
 
 resource "aws_iam_policy" "airflow" {
   name        = "mlfactory-airflow"
@@ -178,15 +180,27 @@ resource "aws_iam_policy" "airflow" {
   policy      = local.policies["airflow-policy"]
 }
 
-resource "aws_iam_role" "sagemaker" {
-  name               = var.sagemaker_role_name
+# Training jobs and the serving side (endpoints, batch transforms) run as two roles, each reading and writing its
+# own prefixes only (deploy/aws/<job>-role-policy.json); what running a container takes (the image, logs, the VPC,
+# the key) is sagemaker-role-policy.json, on both
+resource "aws_iam_role" "jobs" {
+  for_each           = { training = var.training_role_name, serving = var.serving_role_name }
+  name               = each.value
   assume_role_policy = local.policies["trust-policy"]
 }
 
-resource "aws_iam_role_policy" "sagemaker" {
-  name   = "mlfactory-sagemaker-jobs"
-  role   = aws_iam_role.sagemaker.id
-  policy = local.policies["sagemaker-execution-role-policy"]
+resource "aws_iam_role_policy" "jobs_data" {
+  for_each = aws_iam_role.jobs
+  name     = "mlfactory-${each.key}-data"
+  role     = each.value.id
+  policy   = local.policies["${each.key}-role-policy"]
+}
+
+resource "aws_iam_role_policy" "jobs_container" {
+  for_each = aws_iam_role.jobs
+  name     = "mlfactory-sagemaker-container"
+  role     = each.value.id
+  policy   = local.policies["sagemaker-role-policy"]
 }
 
 # --- spend ---------------------------------------------------------------------------------------------

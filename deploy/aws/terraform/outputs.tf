@@ -6,8 +6,14 @@ output "sqs_queue_url" {
   value = aws_sqs_queue.landing.url
 }
 
-output "sagemaker_role_arn" {
-  value = aws_iam_role.sagemaker.arn
+output "role_arn" {
+  description = "the training jobs' role (aws.role_arn)"
+  value       = aws_iam_role.jobs["training"].arn
+}
+
+output "serving_role_arn" {
+  description = "the endpoints' and batch transforms' role (aws.serving_role_arn)"
+  value       = aws_iam_role.jobs["serving"].arn
 }
 
 output "airflow_policy_arn" {

@@ -15,10 +15,16 @@ variable "landing_queue_name" {
   default     = "mlfactory-landing"
 }
 
-variable "sagemaker_role_name" {
-  description = "the SageMaker jobs' execution role (aws.role_arn)"
+variable "training_role_name" {
+  description = "the role SageMaker training jobs run as (aws.role_arn)"
   type        = string
-  default     = "mlfactory-sagemaker"
+  default     = "mlfactory-training"
+}
+
+variable "serving_role_name" {
+  description = "the role SageMaker endpoints and batch transforms run as (aws.serving_role_arn)"
+  type        = string
+  default     = "mlfactory-serving"
 }
 
 variable "model_name" {

@@ -1,15 +1,18 @@
 # mlfactory on Azure: the storage account and container (the bucket, abfs://), Blob created -> Event Grid ->
-# Storage Queue landing events with the poison queue and an Event Grid dead-letter container, the custom
-# roles of deploy/azure/*-role.json (the files the tests check for least privilege: one source of truth)
-# assigned to Airflow's identity and to the Azure ML compute's identity, and a monthly budget.
-# The Azure ML workspace itself is yours (azure.workspace): pass its resource group.
+# Storage Queue landing events with the poison queue and an Event Grid dead-letter container, the training and
+# serving identities, the custom roles of deploy/azure/*-role.json (the files the tests check for least privilege:
+# one source of truth) assigned to Airflow's identity and to those two where each applies (the workspace, the
+# container with ABAC conditions from deploy/bucket-prefixes.yaml, the queues), and a monthly budget.
+# The Azure ML workspace itself is yours (azure.workspace): pass its resource group and name, then attach both
+# identities to it and give azure.batch_compute's cluster the serving one.
 #
 #   cd deploy/azure/terraform
 #   terraform init
-#   terraform apply -var resource_group=ml-rg -var storage_account=mlfactorydata -var airflow_principal_id=<object id> \
-#     -var jobs_principal_id=<object id> -var alert_email=me@example.com
+#   terraform apply -var resource_group=ml-rg -var workspace=mlfactory-ws -var storage_account=mlfactorydata \
+#     -var airflow_principal_id=<object id> -var alert_email=me@example.com
 #
-# The pipeline config's `azure:` section then takes the outputs (storage_account, event_queue).
+# The pipeline config's `azure:` section then takes the outputs (storage_account, event_queue, training_identity,
+# serving_identity).
 
 terraform {
   required_version = ">= 1.5"
@@ -32,10 +35,19 @@ data "azurerm_resource_group" "ml" {
 
 locals {
   roles = {
-    airflow = jsondecode(file("${path.module}/../airflow-role.json"))
-    jobs    = jsondecode(file("${path.module}/../jobs-role.json"))
+    for name in ["airflow", "airflow-monitor", "jobs"] : name => jsondecode(file("${path.module}/../${name}-role.json"))
   }
   landing_subject = "/blobServices/default/containers/${var.container}/blobs/landing/"
+  workspace       = "${data.azurerm_resource_group.ml.id}/providers/Microsoft.MachineLearningServices/workspaces/${var.workspace}"
+  prefixes        = yamldecode(file("${path.module}/../../bucket-prefixes.yaml"))
+  blobs           = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs"
+  # each prefix list of bucket-prefixes.yaml as an ABAC expression: the blobs under any of its prefixes
+  under = {
+    for who, lists in local.prefixes : who => {
+      for access, prefixes in lists :
+      access => join(" OR ", [for prefix in prefixes : "@Resource[${local.blobs}:path] StringStartsWith '${prefix}'"])
+    }
+  }
 }
 
 # --- the bucket ------------------------------------------------------------------------------------
@@ -155,7 +167,15 @@ resource "azurerm_eventgrid_system_topic_event_subscription" "landing" {
   depends_on = [azurerm_role_assignment.events_send, azurerm_role_assignment.events_dead_letter]
 }
 
-# --- identities: the repo's custom roles ----------------------------------------------------------------
+# --- identities: the training and serving identities, the repo's custom roles where each applies ----------
+
+resource "azurerm_user_assigned_identity" "jobs" {
+  for_each            = toset(["training", "serving"])
+  name                = "mlfactory-${each.key}"
+  resource_group_name = data.azurerm_resource_group.ml.name
+  location            = data.azurerm_resource_group.ml.location
+  tags                = var.tags
+}
 
 resource "azurerm_role_definition" "mlfactory" {
   for_each    = local.roles
@@ -171,28 +191,72 @@ resource "azurerm_role_definition" "mlfactory" {
   assignable_scopes = [data.azurerm_resource_group.ml.id]
 }
 
+# Airflow's role where each part of it applies, never on the resource group: Azure ML at the workspace, the landing
+# queue and its poison queue ...
 resource "azurerm_role_assignment" "airflow" {
-  scope              = data.azurerm_resource_group.ml.id
+  for_each = {
+    workspace = local.workspace
+    queue     = azurerm_storage_queue.landing.resource_manager_id
+    poison    = azurerm_storage_queue.landing_poison.resource_manager_id
+  }
+  scope              = each.value
   role_definition_id = azurerm_role_definition.mlfactory["airflow"].role_definition_resource_id
   principal_id       = var.airflow_principal_id
 }
 
-# The jobs read the whole container and write anywhere but the registry's prefix: the MLflow server writes
-# mlflow/ (an ABAC condition: a job never replaces a registered model's files)
-resource "azurerm_role_assignment" "jobs" {
+# ... and the bucket's container, where it creates the raw snapshots and the frozen holdout once (blobs/add/action)
+# and never overwrites or deletes them (blobs/write, blobs/delete), but for the ingest's ledger beside them
+resource "azurerm_role_assignment" "airflow_bucket" {
   scope              = azurerm_storage_container.bucket.id
-  role_definition_id = azurerm_role_definition.mlfactory["jobs"].role_definition_resource_id
-  principal_id       = var.jobs_principal_id
+  role_definition_id = azurerm_role_definition.mlfactory["airflow"].role_definition_resource_id
+  principal_id       = var.airflow_principal_id
   condition_version  = "2.0"
   condition          = <<-EOT
     (
      (
-      !(ActionMatches{'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write'})
+      !(ActionMatches{'${local.blobs}/write'})
+      AND
+      !(ActionMatches{'${local.blobs}/delete'})
      )
      OR
+     (${join(" AND ", [for prefix in local.prefixes.airflow.write_once : "@Resource[${local.blobs}:path] StringNotStartsWith '${prefix}'"])})
+     OR
+     (${local.under.airflow.write_once_except})
+    )
+  EOT
+}
+
+# The one assignment on the resource group: autoscale settings and alert rules are resources of the group, not of
+# the workspace, and this role holds Microsoft.Insights actions alone
+resource "azurerm_role_assignment" "airflow_monitor" {
+  scope              = data.azurerm_resource_group.ml.id
+  role_definition_id = azurerm_role_definition.mlfactory["airflow-monitor"].role_definition_resource_id
+  principal_id       = var.airflow_principal_id
+}
+
+# Each job identity reads its own prefixes (any listing: a list has no blob path) and writes its own, never raw/, the
+# holdout or the registry's mlflow/, which the MLflow server writes (deploy/bucket-prefixes.yaml)
+resource "azurerm_role_assignment" "jobs" {
+  for_each           = azurerm_user_assigned_identity.jobs
+  scope              = azurerm_storage_container.bucket.id
+  role_definition_id = azurerm_role_definition.mlfactory["jobs"].role_definition_resource_id
+  principal_id       = each.value.principal_id
+  condition_version  = "2.0"
+  condition          = <<-EOT
+    (
      (
-      @Resource[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:path] StringNotStartsWith 'mlflow/'
+      !(ActionMatches{'${local.blobs}/read'} AND NOT SubOperationMatches{'Blob.List'})
      )
+     OR
+     (${local.under[each.key].read})
+    )
+    AND
+    (
+     (
+      !(ActionMatches{'${local.blobs}/write'})
+     )
+     OR
+     (${local.under[each.key].write})
     )
   EOT
 }

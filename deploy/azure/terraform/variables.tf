@@ -3,6 +3,11 @@ variable "resource_group" {
   type        = string
 }
 
+variable "workspace" {
+  description = "the Azure ML workspace (azure.workspace): Airflow's Azure ML rights are assigned on it"
+  type        = string
+}
+
 variable "storage_account" {
   description = "the storage account of the bucket (azure.storage_account)"
   type        = string
@@ -43,10 +48,6 @@ variable "airflow_principal_id" {
   type        = string
 }
 
-variable "jobs_principal_id" {
-  description = "object id of the Azure ML compute's and endpoints' identity"
-  type        = string
-}
 
 variable "monthly_budget_usd" {
   description = "monthly budget of the resource group; a forecast past 80% of it emails alert_email"

@@ -1,12 +1,15 @@
 # mlfactory on Google Cloud: the bucket, GCS -> Pub/Sub landing notifications with a dead-letter topic, the
-# service accounts of Airflow and of the Vertex AI jobs with the custom roles of deploy/gcp/*-role.yaml (the
-# files the tests check for least privilege: one source of truth), and a monthly budget.
+# service accounts of Airflow, of the training jobs and of the serving side with the custom roles of
+# deploy/gcp/*-role.yaml, each bound on what it acts on (the bucket with conditions on object names from
+# deploy/bucket-prefixes.yaml, the subscription, the jobs' service accounts; the files the tests check for least
+# privilege: one source of truth), and a monthly budget.
 #
 #   cd deploy/gcp/terraform
 #   terraform init
 #   terraform apply -var project=my-ml-project -var bucket_name=my-mlfactory -var billing_account=XXXXXX-XXXXXX-XXXXXX
 #
-# The pipeline config's `gcp:` section then takes the outputs (pubsub_subscription, service_account).
+# The pipeline config's `gcp:` section then takes the outputs (pubsub_subscription, service_account,
+# serving_service_account).
 
 terraform {
   required_version = ">= 1.5"
@@ -29,10 +32,19 @@ data "google_storage_project_service_account" "gcs" {}
 
 locals {
   roles = {
-    airflow = yamldecode(file("${path.module}/../airflow-role.yaml"))
-    jobs    = yamldecode(file("${path.module}/../jobs-role.yaml"))
+    for name in ["airflow", "airflow-bucket", "object-reader", "object-writer", "landing", "act-as"] :
+    name => yamldecode(file("${path.module}/../${name}-role.yaml"))
   }
+  prefixes     = yamldecode(file("${path.module}/../../bucket-prefixes.yaml"))
+  objects      = "projects/_/buckets/${var.bucket_name}/objects/"
   pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+  # each prefix list of bucket-prefixes.yaml as an IAM condition: the objects under any of its prefixes
+  under = {
+    for who, lists in local.prefixes : who => {
+      for access, prefixes in lists :
+      access => join(" || ", [for prefix in prefixes : "resource.name.startsWith(\"${local.objects}${prefix}\")"])
+    }
+  }
 }
 
 # --- the bucket ------------------------------------------------------------------------------------
@@ -129,7 +141,7 @@ resource "google_storage_notification" "landing" {
   depends_on         = [google_pubsub_topic_iam_member.gcs_publishes]
 }
 
-# --- identities: Airflow and the Vertex AI jobs, with the repo's custom roles --------------------------
+# --- identities: Airflow, the training jobs and the serving side, with the repo's custom roles -------------
 
 resource "google_service_account" "airflow" {
   account_id   = "mlfactory-airflow"
@@ -137,41 +149,85 @@ resource "google_service_account" "airflow" {
 }
 
 resource "google_service_account" "jobs" {
-  account_id   = "mlfactory-jobs"
-  display_name = "mlfactory Vertex AI jobs and endpoints (gcp.service_account)"
+  for_each     = { training = "gcp.service_account", serving = "gcp.serving_service_account" }
+  account_id   = "mlfactory-${each.key}"
+  display_name = "mlfactory ${each.key} on Vertex AI (${each.value})"
 }
 
 resource "google_project_iam_custom_role" "mlfactory" {
-  for_each    = { airflow = "mlfactoryAirflow", jobs = "mlfactoryJobs" }
-  role_id     = each.value
-  title       = local.roles[each.key].title
-  description = local.roles[each.key].description
-  stage       = local.roles[each.key].stage
-  permissions = local.roles[each.key].includedPermissions
+  for_each    = local.roles
+  role_id     = "mlfactory_${replace(each.key, "-", "_")}"
+  title       = each.value.title
+  description = each.value.description
+  stage       = each.value.stage
+  permissions = each.value.includedPermissions
 }
 
+# The one project-wide binding: Vertex AI checks custom jobs, models, endpoints, batch prediction jobs and operations
+# on the project's location and takes IAM policies on none of them, so its role holds aiplatform.* alone
 resource "google_project_iam_member" "airflow" {
   project = var.project
   role    = google_project_iam_custom_role.mlfactory["airflow"].id
   member  = google_service_account.airflow.member
 }
 
-# The jobs read the whole bucket, and write and delete anywhere but the registry's prefix: the MLflow
-# server writes mlflow/ (a job never replaces a registered model's files)
-resource "google_storage_bucket_iam_member" "jobs_read" {
+# Airflow reads, lists and creates objects anywhere in the bucket ...
+resource "google_storage_bucket_iam_member" "airflow" {
   bucket = google_storage_bucket.mlfactory.name
-  role   = "roles/storage.objectViewer"
-  member = google_service_account.jobs.member
+  role   = google_project_iam_custom_role.mlfactory["airflow-bucket"].id
+  member = google_service_account.airflow.member
 }
 
-resource "google_storage_bucket_iam_member" "jobs" {
+# ... and replaces or deletes any but the raw snapshots and the frozen holdout (an overwrite needs
+# storage.objects.delete): those it creates once (ingest, ml_train) and never changes
+resource "google_storage_bucket_iam_member" "airflow_replace" {
   bucket = google_storage_bucket.mlfactory.name
-  role   = google_project_iam_custom_role.mlfactory["jobs"].id
-  member = google_service_account.jobs.member
+  role   = google_project_iam_custom_role.mlfactory["object-writer"].id
+  member = google_service_account.airflow.member
   condition {
-    title       = "not-the-registry"
-    description = "no write or delete under mlflow/ (the MLflow server's artifacts)"
-    expression  = "!resource.name.startsWith(\"projects/_/buckets/${var.bucket_name}/objects/mlflow/\")"
+    title       = "never-the-raw-snapshots-or-the-holdout"
+    description = "no overwrite or delete under ${join(", ", local.prefixes.airflow.write_once)} (deploy/bucket-prefixes.yaml)"
+    expression  = "!(${local.under.airflow.write_once}) || ${local.under.airflow.write_once_except}"
+  }
+}
+
+resource "google_pubsub_subscription_iam_member" "airflow" {
+  subscription = google_pubsub_subscription.landing.name
+  role         = google_project_iam_custom_role.mlfactory["landing"].id
+  member       = google_service_account.airflow.member
+}
+
+# Airflow starts Vertex AI work as the training and the serving accounts, and as no other
+resource "google_service_account_iam_member" "airflow" {
+  for_each           = google_service_account.jobs
+  service_account_id = each.value.name
+  role               = google_project_iam_custom_role.mlfactory["act-as"].id
+  member             = google_service_account.airflow.member
+}
+
+# Each job's account reads its own prefixes (and lists: a listing's resource is the bucket) and writes its own, never
+# raw/, the holdout or the registry's mlflow/, which the MLflow server writes (deploy/bucket-prefixes.yaml)
+resource "google_storage_bucket_iam_member" "jobs_read" {
+  for_each = google_service_account.jobs
+  bucket   = google_storage_bucket.mlfactory.name
+  role     = google_project_iam_custom_role.mlfactory["object-reader"].id
+  member   = each.value.member
+  condition {
+    title       = "${each.key}-reads"
+    description = "read under ${join(", ", local.prefixes[each.key].read)} (deploy/bucket-prefixes.yaml)"
+    expression  = "resource.type == \"storage.googleapis.com/Bucket\" || ${local.under[each.key].read}"
+  }
+}
+
+resource "google_storage_bucket_iam_member" "jobs_write" {
+  for_each = google_service_account.jobs
+  bucket   = google_storage_bucket.mlfactory.name
+  role     = google_project_iam_custom_role.mlfactory["object-writer"].id
+  member   = each.value.member
+  condition {
+    title       = "${each.key}-writes"
+    description = "write under ${join(", ", local.prefixes[each.key].write)} (deploy/bucket-prefixes.yaml)"
+    expression  = local.under[each.key].write
   }
 }
 

@@ -11,5 +11,11 @@ output "airflow_service_account" {
 }
 
 output "service_account" {
-  value = google_service_account.jobs.email
+  description = "the training jobs' account (gcp.service_account)"
+  value       = google_service_account.jobs["training"].email
+}
+
+output "serving_service_account" {
+  description = "the endpoints' and batch prediction's account (gcp.serving_service_account)"
+  value       = google_service_account.jobs["serving"].email
 }

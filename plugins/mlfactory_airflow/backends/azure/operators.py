@@ -109,18 +109,19 @@ class AzureMLBatchOperator(AzureMLBaseOperator):
 
     def _driver_code(self) -> str:
         """The deployment's code asset: a one-line scoring script importing the project's batch driver, in the
-        bucket (content-addressed), registered once; its ARM id."""
+        bucket beside the batch predictions (content-addressed), registered once; its ARM id."""
         import hashlib
 
         from azure.ai.ml.entities._assets import Code
         from mlfactory import storage
         from mlfactory.backends.azure.azureml import BATCH_DRIVER, datastore_uri
+        from mlfactory.serving.batch import batch_uri
 
         from mlfactory_airflow.backends.azure.hooks import not_found
 
         script = b"from mlfactory.backends.azure.batch_driver import init, run  # noqa: F401\n"
         version = hashlib.sha256(script).hexdigest()[:16]
-        folder = storage.join(self.config.storage.bucket, "_azureml", "code", version)
+        folder = storage.join(batch_uri(self.config), "_code", version)  # where the serving identity reads
         storage.write_bytes(storage.join(folder, BATCH_DRIVER), script)
         operations = self.ml._code  # MLClient registers code assets through this (no public accessor)
         found = not_found(operations.get, "mlfactory-batch-driver", version)
