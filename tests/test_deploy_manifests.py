@@ -178,39 +178,44 @@ def test_no_identity_is_granted_anything_project_or_resource_group_wide(cloud):
     assert {i for b in deployment.bindings for i in b.identities} >= {"airflow", "training", "serving"}
 
 
-def test_the_scope_check_refuses_a_project_wide_binding_an_act_as_anywhere_and_a_wildcard():
-    """The check above fails on what it is there to refuse (each change made to a copy of the deployment)."""
+def terraform_with(cloud: str, old: str, new: str):
+    """The deployment of ``cloud`` with ``old`` replaced by ``new`` in a copy of its main.tf."""
     from iam_scope import Deployment
 
-    gcp = (PROJECT / "deploy" / "gcp" / "terraform" / "main.tf").read_text()
-    on_the_bucket = 'resource "google_storage_bucket_iam_member" "airflow" {\n  bucket = google_storage_bucket.mlfactory.name'
-    assert on_the_bucket in gcp
-    project_wide = gcp.replace(on_the_bucket, 'resource "google_project_iam_member" "airflow_bucket" {\n  project = var.project')
-    assert Deployment("gcp", project_wide).scope_violations() == [
+    text = (PROJECT / "deploy" / cloud / "terraform" / "main.tf").read_text()
+    assert old in text
+    return Deployment(cloud, text.replace(old, new))
+
+
+def role_with(cloud: str, role: str, field: str, added):
+    """The deployment of ``cloud`` with ``added`` appended to a copy of one of its roles' ``field``."""
+    from iam_scope import Deployment
+
+    doc = Deployment(cloud).roles[role]
+    return Deployment(cloud, roles={role: {**doc, field: [*doc[field], added]}})
+
+
+def test_the_scope_check_refuses_a_project_wide_binding_an_act_as_anywhere_and_a_wildcard():
+    """The check above fails on what it is there to refuse (each change made to a copy of the deployment)."""
+    project_wide = terraform_with("gcp", 'resource "google_storage_bucket_iam_member" "airflow" {\n  bucket = google_storage_bucket.mlfactory.name',
+                                  'resource "google_project_iam_member" "airflow_bucket" {\n  project = var.project')
+    assert project_wide.scope_violations() == [
         "google_project_iam_member.airflow_bucket: airflow-bucket is bound on the project: only a role of aiplatform.* "
         "permissions alone may be"]
-    vertex = Deployment("gcp").roles["airflow"]
-    acting = {"airflow": {**vertex, "includedPermissions": [*vertex["includedPermissions"], "iam.serviceAccounts.actAs"]}}
-    assert [v.split(":")[0] for v in Deployment("gcp", roles=acting).scope_violations()] == [
+    acting = role_with("gcp", "airflow", "includedPermissions", "iam.serviceAccounts.actAs")
+    assert [v.split(":")[0] for v in acting.scope_violations()] == [
         "google_project_iam_member.airflow", "google_project_iam_member.airflow"]  # not aiplatform alone; actAs there
-    predefined = gcp.replace('google_project_iam_custom_role.mlfactory["landing"].id', '"roles/pubsub.subscriber"')
-    assert "predefined role roles/pubsub.subscriber for ['airflow']" in " ".join(Deployment("gcp", predefined).scope_violations())
-
-    azure = (PROJECT / "deploy" / "azure" / "terraform" / "main.tf").read_text()
-    on_the_workspace = "    workspace = local.workspace\n"
-    assert on_the_workspace in azure
-    group_wide = azure.replace(on_the_workspace, "    workspace = data.azurerm_resource_group.ml.id\n")
-    assert Deployment("azure", group_wide).scope_violations() == [
+    predefined = terraform_with("gcp", 'google_project_iam_custom_role.mlfactory["landing"].id', '"roles/pubsub.subscriber"')
+    assert "predefined role roles/pubsub.subscriber for ['airflow']" in " ".join(predefined.scope_violations())
+    group_wide = terraform_with("azure", "    workspace = local.workspace\n", "    workspace = data.azurerm_resource_group.ml.id\n")
+    assert group_wide.scope_violations() == [
         "azurerm_role_assignment.airflow: airflow is assigned on data.azurerm_resource_group.ml.id: only a role of "
         "Microsoft.Insights actions alone may be"]
-    keys = {"airflow": {**Deployment("azure").roles["airflow"], "Actions": [
-        "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/listKeys/action"]}}
-    assert "azurerm_role_assignment.airflow: airflow can list keys" in Deployment("azure", roles=keys).scope_violations()
-
-    airflow = Deployment("aws").roles["airflow-policy"]
-    wildcard = {"airflow-policy": {**airflow, "Statement": [*airflow["Statement"], {
-        "Sid": "Everything", "Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]}}
-    assert Deployment("aws", roles=wildcard).scope_violations() == [
+    keys = role_with("azure", "airflow", "Actions", "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/listKeys/action")
+    assert "azurerm_role_assignment.airflow: airflow can list keys" in keys.scope_violations()
+    wildcard = role_with("aws", "airflow-policy", "Statement",
+                         {"Sid": "Everything", "Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"})
+    assert wildcard.scope_violations() == [
         "airflow-policy.json Everything: Resource * for ['s3:GetObject'], which take resource-level permissions"]
 
 
@@ -226,19 +231,16 @@ def test_each_identity_is_granted_what_its_calls_need_and_nothing_else(cloud, id
 
 
 def test_a_grant_no_call_needs_is_caught():
-    from iam_scope import Deployment, documented
+    from iam_scope import documented
 
-    bucket = Deployment("gcp").roles["airflow-bucket"]
-    wider = {"airflow-bucket": {**bucket, "includedPermissions": [*bucket["includedPermissions"], "storage.buckets.delete"]}}
-    assert Deployment("gcp", roles=wider).granted("airflow") - documented("gcp", "airflow") == {"storage.buckets.delete"}
-    jobs = Deployment("azure").roles["jobs"]
-    deleting = {"jobs": {**jobs, "DataActions": [*jobs["DataActions"], "Microsoft.Storage/storageAccounts/blobServices/"
-                                                                       "containers/blobs/delete"]}}
-    assert Deployment("azure", roles=deleting).granted("serving") != documented("azure", "serving")
-    airflow = Deployment("aws").roles["airflow-policy"]
-    stopping = {"airflow-policy": {**airflow, "Statement": [*airflow["Statement"], {
-        "Effect": "Allow", "Action": "sagemaker:StopTransformJob", "Resource": "arn:aws:sagemaker:*:*:transform-job/*"}]}}
-    assert Deployment("aws", roles=stopping).granted("airflow") - documented("aws", "airflow") == {"sagemaker:StopTransformJob"}
+    deleting = role_with("gcp", "airflow-bucket", "includedPermissions", "storage.buckets.delete")
+    assert deleting.granted("airflow") - documented("gcp", "airflow") == {"storage.buckets.delete"}
+    blobs = role_with("azure", "jobs", "DataActions", "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete")
+    assert blobs.granted("serving") - documented("azure", "serving") == {
+        "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete"}
+    stopping = role_with("aws", "airflow-policy", "Statement", {
+        "Effect": "Allow", "Action": "sagemaker:StopTransformJob", "Resource": "arn:aws:sagemaker:*:*:transform-job/*"})
+    assert stopping.granted("airflow") - documented("aws", "airflow") == {"sagemaker:StopTransformJob"}
 
 
 def test_only_ingestion_and_ml_train_write_raw_and_the_holdout_and_only_once():
