@@ -29,7 +29,7 @@ def entrypoint_rate(train_uri: str, out: Path, processes: int, args) -> float:
     from mlfactory.backends.local.runtime import this_machine
     from mlfactory.training.cluster import LOOPBACK_ENV
 
-    command = this_machine(processes).torchrun_command("mlfactory.training.train", [
+    command = this_machine(processes).command("mlfactory.training.train", [  # as ml_train runs it
         "--train-uri", train_uri, "--output-uri", str(out), "--device", args.device,
         "--hyperparameters", json.dumps({"epochs": args.epochs, "batch_size": args.batch_size})])
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

@@ -24,11 +24,12 @@ AUC_BAR = 0.80  # the sample data's label noise caps ROC AUC near 0.82; 6 epochs
 
 
 def run_entrypoint(args: list[str], processes: int, **popen) -> subprocess.Popen:
-    """``torchrun --nproc-per-node N -m mlfactory.training.train ARGS`` in its own process group, output piped."""
+    """The entrypoint as ml_train starts it on this machine (``python -m mlfactory.training.train ARGS`` for one
+    process, ``torchrun --nproc-per-node N ...`` for more) in its own process group, output piped."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     # one intra-op thread per process, as ml_train gives jobs side by side: the suite runs two tests at once on
     # 2 cores, and a second thread fighting the other test for a core made a run ~5x slower
-    command = this_machine(processes).torchrun_command("mlfactory.training.train", [*args, "--threads", "1"])
+    command = this_machine(processes).command("mlfactory.training.train", [*args, "--threads", "1"])
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**env, **LOOPBACK_ENV}, **popen)
 
