@@ -392,8 +392,18 @@ def copy_hashing(src_uri: str, dst_uri: str, max_bytes: int | None = None, withi
 
 
 def copy_once(src_uri: str, dst_uri: str) -> None:
-    """Stream ``src_uri`` to a new object ``dst_uri`` (``created``: FileExistsError when there is one). A
-    server-side copy could replace an object: the clouds' create-only conditions take uploads alone."""
+    """``src_uri``'s bytes as a new object ``dst_uri`` (FileExistsError when there is one). On local disk a hard
+    link (no copy, as create-only as ``created``); on an object store a streamed upload (``created``): a
+    server-side copy could replace an object, and the clouds' create-only conditions take uploads alone."""
+    if is_local(src_uri) and is_local(dst_uri):
+        dst = local_path(dst_uri)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.link(local_path(src_uri), dst)
+            return
+        except OSError as err:
+            if err.errno != errno.EXDEV:  # FileExistsError included; another file system: copied below
+                raise
     with open_uri(src_uri) as src, created(dst_uri) as dst:
         while block := src.read(COPY_BLOCK):
             dst.write(block)
