@@ -47,7 +47,13 @@ class Recording:
 
     def stop(self) -> list[dict]:
         self._call("stop-recording")
-        return [json.loads(line) for line in self._call("download-recording").decode().splitlines() if line.strip()]
+        # one JSON object per request, but not one per line: moto writes an entry and its newline in two writes from
+        # concurrent request threads, so a large entry can be followed by another on the same line
+        text, decoder, entries, at = self._call("download-recording").decode(), json.JSONDecoder(), [], 0
+        while (at := re.compile(r"\s*").match(text, at).end()) < len(text):
+            entry, at = decoder.raw_decode(text, at)
+            entries.append(entry)
+        return entries
 
     @staticmethod
     def calls(entries: list[dict], access_key: str) -> list[Call]:

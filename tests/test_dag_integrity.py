@@ -37,11 +37,10 @@ def child(job):
         bag = DagBag(dag_folder=job)
         result = {"seconds": time.process_time() - start, "errors": {k: str(v) for k, v in bag.import_errors.items()},
                   "dags": sorted(bag.dags)}
-    result["heavy"] = sorted({m for m in sys.modules for h in sys.argv[2:] if m == h or m.startswith(h + ".")})
+    result["heavy"] = sorted({m for m in sys.modules for h in sys.argv[3:] if m == h or m.startswith(h + ".")})
     return result
 
-results = {}
-for job in json.loads(sys.argv[1]):
+def forked(job):
     read, write = os.pipe()
     if os.fork() == 0:
         os.close(read)
@@ -49,22 +48,29 @@ for job in json.loads(sys.argv[1]):
         os._exit(0)
     os.close(write)
     with os.fdopen(read) as out:
-        results[job] = json.loads(out.read())
+        result = json.loads(out.read())
     os.wait()
+    return result
+
+results = {}
+for job in json.loads(sys.argv[1]):
+    # the least of several parses: the file's own cost (a busy machine, as under the suite's workers, only adds to it)
+    tries = [forked(job) for _ in range(1 if job.startswith("asset:") else int(sys.argv[2]))]
+    results[job] = min(tries, key=lambda r: r.get("seconds", 0))
 print(json.dumps(results))
 """
 
 
-def parse_each(jobs: list[str], config: Path | None = None, heavy: tuple[str, ...] = HEAVY) -> dict:
+def parse_each(jobs: list[str], config: Path | None = None, heavy: tuple[str, ...] = HEAVY, tries: int = 1) -> dict:
     env = {**os.environ, **({"MLFACTORY_CONFIG": str(config)} if config else {})}
-    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(jobs), *heavy], capture_output=True, text=True,
-                         check=True, env=env)
+    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(jobs), str(tries), *heavy], capture_output=True,
+                         text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def parsed() -> dict:
-    return parse_each([str(p) for p in DAGS])
+    return parse_each([str(p) for p in DAGS], tries=3)
 
 
 @pytest.mark.parametrize("path", DAGS, ids=[p.name for p in DAGS])
