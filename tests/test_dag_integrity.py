@@ -79,7 +79,9 @@ def test_dag_file_imports_fast_without_heavy_libraries(path, parsed):
     assert result["errors"] == {}
     assert result["dags"] == [path.stem]
     assert result["heavy"] == []
-    assert result["seconds"] <= 0.3, f"{path.name} took {result['seconds']:.2f} s of CPU to parse"
+    # ~0.25 s of CPU on a quiet machine, and up to twice that beside a busy core: the bound catches a slow import
+    # or slow top-level code (one heavy library alone costs seconds), the check above names the heavy ones
+    assert result["seconds"] <= 0.75, f"{path.name} took {result['seconds']:.2f} s of CPU to parse"
 
 
 CLOUDS = {

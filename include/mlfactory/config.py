@@ -25,6 +25,10 @@ from mlfactory.dataset import DatasetSpec
 from mlfactory.hyperparameters import Hyperparameters, check_search_space
 from mlfactory.specs import Accelerator, BatchSizing, EndpointSizing
 
+# libyaml's loader where PyYAML was built with it: the config is read at every DAG file parse, and the pure-Python
+# loader is most of that parse's time
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 CONFIG_ENV = "MLFACTORY_CONFIG"
 PROJECT = Path(__file__).resolve().parents[2]  # the project: dags/, plugins/, include/
 DEFAULT_CONFIG = PROJECT / "include" / "pipeline.yaml"
@@ -405,7 +409,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> PipelineConfig:
     except OSError as err:
         raise ConfigError(f"pipeline config {path}: cannot read it ({err.strerror or err})") from err
     try:
-        raw = _expand(yaml.safe_load(text), path)
+        raw = _expand(yaml.load(text, Loader=_YAML_LOADER), path)
     except yaml.YAMLError as err:
         raise ConfigError(f"pipeline config {path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
