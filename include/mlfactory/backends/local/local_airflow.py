@@ -403,7 +403,7 @@ class LocalAirflow:
 
         return self.wait_until(fetch, timeout, "the asset events listing")
 
-    def wait_until(self, condition, timeout: float, what: str, interval: float = 0.5):
+    def wait_until(self, condition, timeout: float, what: str, interval: float = 1.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.revive()

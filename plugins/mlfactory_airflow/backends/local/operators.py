@@ -1,7 +1,7 @@
 """The `local` backend's operators: ml_train's training job and ml_batch_score's scoring, on this machine.
 
-``LocalTrainingOperator``: the training entrypoint as a child process of the Airflow task, under torchrun when
-the job has more than one process.
+``LocalTrainingOperator``: the training entrypoint as a child process of the Airflow task: forked from the task
+when the job is one process (the task has torch, MLflow and pandas loaded already), under torchrun when it has more.
 
 It takes the same ``TrainingJobSpec`` the cloud operators take. The job's output is streamed into
 the task log line by line; a job running past ``max_runtime_s`` is stopped; clearing or killing the
@@ -33,11 +33,12 @@ class LocalTrainingOperator(SpecOperator):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._process: subprocess.Popen | None = None
+        self._process = None  # the job: a subprocess.Popen, or a processes.Forked
 
     def execute(self, context) -> dict:
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
         from mlfactory import storage
+        from mlfactory.backends.local.processes import start_module
         from mlfactory.backends.local.runtime import this_machine
         from mlfactory.config import load_config
         from mlfactory.specs import METRICS_FILE, TrainingJobSpec
@@ -55,13 +56,17 @@ class LocalTrainingOperator(SpecOperator):
         # threads than cores makes every OpenMP barrier wait on a descheduled thread (measured: 2
         # trials x 2 threads on 2 cores trained 10x slower than 2 x 1: 6k vs 62k samples/s).
         threads = max(1, (os.cpu_count() or 1) // (processes * load_config().training.concurrent_jobs))
-        command = cluster.command("mlfactory.training.train", [*spec.arguments(), "--device", "cuda" if gpu else "cpu",
-                                                               "--threads", str(threads)])
+        module, args = "mlfactory.training.train", [*spec.arguments(), "--device", "cuda" if gpu else "cpu",
+                                                    "--threads", str(threads)]
         env = {**LOOPBACK_ENV, **os.environ, **spec.environment, "PYTHONUNBUFFERED": "1"}
+        command = cluster.command(module, args)
         self.log.info("training job %s: %d process(es), max runtime %ds\n  %s", spec.name, processes, spec.max_runtime_s,
                       " ".join(command))
-        self._process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+        if cluster.world_size == 1:  # the entrypoint alone: forked from this task, with the libraries it preloaded
+            self._process = start_module(module, args, env)
+        else:
+            self._process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
         streamer = threading.Thread(target=self._stream, args=(self._process,), daemon=True)
         streamer.start()
         try:
