@@ -35,6 +35,17 @@ def pytest_collection_modifyitems(items):
     items[:] = [test for w in range(workers) for test in long[w::workers] + short[w * share:(w + 1) * share]]
 
 
+def train(args: list[str], timeout: float = 600) -> str:
+    """The training entrypoint with ``args`` (one intra-op thread), as ml_train runs a one-process job: its ``main``
+    forked from this process, which has torch and MLflow loaded. Its output, once it has exited 0."""
+    from mlfactory.backends.local.processes import start_module
+
+    proc = start_module("mlfactory.training.train", [*args, "--threads", "1"], dict(os.environ))
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
 @pytest.fixture(autouse=True)
 def mlflow_environment():
     """MLflow's variables as they were before each test: ``mlflow.set_tracking_uri``/``set_experiment`` export
@@ -237,9 +248,6 @@ def training_set(tmp_path_factory):
 def champion(tmp_path_factory, mlflow_server):
     """A small model trained on sample data, registered as version 1 with alias `champion`, on its own
     bucket and registered-model name. Yields (cfg, holdout wire rows, holdout typed rows)."""
-    import subprocess
-    import sys
-
     import mlflow
 
     from mlfactory import storage
@@ -255,13 +263,8 @@ def champion(tmp_path_factory, mlflow_server):
     sample_data.land_and_curate(cfg, 8_000, seed=11)
     training_set = prepare_training_set(cfg)
     out = storage.join(cfg.storage.models_uri, "runs", "served")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mlfactory.training.train", "--threads", "1", "--train-uri", training_set.uri, "--output-uri", out,
-         "--hyperparameters", '{"epochs": 3}', "--mlflow-tracking-uri", mlflow_server.url, "--experiment", "serving-test",
-         "--run-name", "served"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train(["--train-uri", training_set.uri, "--output-uri", out, "--hyperparameters", '{"epochs": 3}',
+           "--mlflow-tracking-uri", mlflow_server.url, "--experiment", "serving-test", "--run-name", "served"])
     trained = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
     registry = Registry(cfg)
     version = registry.register(trained["model_uri"], trained["mlflow_run_id"],

@@ -9,8 +9,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from mlfactory import storage
+from conftest import train
 
+from mlfactory import storage
 from mlfactory.data import sample_data
 from mlfactory.registry import CHAMPION, Registry
 
@@ -128,18 +129,13 @@ def test_monitor_flags_drifted_curated_data_and_drifted_traffic_only(served_cfg,
 def _train_and_gate(cfg, name: str, recent_training_set: str | None = None) -> dict:
     """What ml_train and ml_promote do for one candidate: a training set (with the recent window once a
     champion exists), a gbdt trained and logged to MLflow, registered, judged by the gate, promoted if it passes."""
-    import subprocess
-    import sys
-
     from mlfactory.registry import evaluate_challenger, register_candidate
     from mlfactory.training.data import prepare_training_set
 
     training_set = prepare_training_set(cfg, recent_training_set)
     out = storage.join(cfg.storage.models_uri, "runs", name)
-    proc = subprocess.run([sys.executable, "-m", "mlfactory.training.train", "--threads", "1", "--train-uri", training_set.uri, "--output-uri", out,
-                           "--hyperparameters", '{"model": "gbdt"}', "--mlflow-tracking-uri", cfg.mlflow.tracking_uri,
-                           "--experiment", cfg.mlflow.experiment], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train(["--train-uri", training_set.uri, "--output-uri", out, "--hyperparameters", '{"model": "gbdt"}',
+           "--mlflow-tracking-uri", cfg.mlflow.tracking_uri, "--experiment", cfg.mlflow.experiment])
     trained = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
     candidate = register_candidate(cfg, {**trained, "training_set": training_set.to_dict()})
     decision = evaluate_challenger(cfg, candidate["version"], candidate["training_set"]["recent"])

@@ -12,7 +12,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import config_with_bucket, with_section
+from conftest import config_with_bucket, train, with_section
 from mlfactory import storage
 from mlfactory.data import sample_data
 from mlfactory.registry import CHALLENGER, CHAMPION, PREVIOUS, Registry, decide
@@ -124,13 +124,9 @@ def lab(tmp_path_factory, mlflow_server):
     models = {}
     for name, hyperparameters in recipes.items():
         out = storage.join(cfg.storage.models_uri, "runs", name)
-        proc = subprocess.run(
-            [sys.executable, "-m", "mlfactory.training.train", "--threads", "1", "--train-uri", training_set.uri, "--output-uri", out,
-             "--mlflow-tracking-uri", mlflow_server.url, "--experiment", "promotion-test", "--run-name", name,
-             "--tag", "mlfactory.drifted_features=age,income", "--hyperparameters", json.dumps(hyperparameters)],
-            capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        train(["--train-uri", training_set.uri, "--output-uri", out, "--mlflow-tracking-uri", mlflow_server.url,
+               "--experiment", "promotion-test", "--run-name", name, "--tag", "mlfactory.drifted_features=age,income",
+               "--hyperparameters", json.dumps(hyperparameters)])
         models[name] = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
     return cfg, training_set, models
 

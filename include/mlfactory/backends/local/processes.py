@@ -216,6 +216,20 @@ class Forked:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        """All of the child's output once it has exited (``Popen.communicate`` with ``stdout=PIPE``)."""
+        import threading
+
+        read: list[str] = []
+        reader = threading.Thread(target=lambda: read.append(self.stdout.read()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if reader.is_alive():
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        self.stdout.close()
+        self.wait(timeout)
+        return read[0], None
+
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.005
