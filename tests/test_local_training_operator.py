@@ -108,3 +108,41 @@ def test_refuses_what_one_machine_cannot_run(training_set, tmp_path):
 
     with pytest.raises(AirflowFailException, match="asks for 2 nodes"):
         LocalTrainingOperator(task_id="t", spec=spec_for(training_set, tmp_path, nodes=2)).execute(context={})
+
+
+FORKED_FROM_A_TASK = """
+import os, socket, sys
+from mlfactory.backends.local.processes import Forked
+
+# as in an Airflow task: the streams are the task's own objects, owning descriptors 1 and 2, and a socket to the
+# supervisor is open
+sys.stdout = open(1, "w", buffering=1)
+sys.stderr = open(2, "w", buffering=1)
+supervisor, held = socket.socketpair()
+
+def main(argv):
+    print("out", argv, os.environ["ONLY"], sorted(os.environ))
+    print("err", file=sys.stderr)
+    held_by_child = [fd for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")
+                     and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")]
+    print("sockets", held_by_child)
+    raise SystemExit(3)
+
+child = Forked("some.module", main, ["--a", "1"], {"ONLY": "this"})
+output, _ = child.communicate(timeout=60)
+supervisor.close()
+print(repr(output), child.returncode, held.recv(1) == b"", file=open("/dev/stdout", "w"))
+"""
+
+
+def test_a_forked_job_writes_to_its_own_pipe_whatever_streams_and_sockets_the_task_holds():
+    """The child's output reaches its pipe when the task's own stream objects own descriptors 1 and 2 (collected in
+    the child, they would close them); it holds none of the task's sockets; env and exit status are its own."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FORKED_FROM_A_TASK], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    output, status, closed = done.stdout.strip().rsplit(" ", 2)
+    assert output == repr("out ['--a', '1'] this ['ONLY']\nerr\nsockets []\n") and status == "3", done.stdout
+    assert closed == "True"  # the supervisor's end saw EOF: the child kept no copy of the task's socket

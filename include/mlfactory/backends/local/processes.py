@@ -176,6 +176,9 @@ class Forked:
                             os.dup2(null, fd, inheritable=False)
                         except OSError:  # the listing's own descriptor, closed by now
                             pass
+                # this process's own streams stay referenced: collected, one that owns descriptor 1 or 2 (an
+                # Airflow task's) would close it, and with it the pipe just put there
+                inherited = (sys.stdin, sys.stdout, sys.stderr)  # noqa: F841
                 sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the child's own streams, kept to its end
                 sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
                 sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
