@@ -17,7 +17,7 @@ from mlfactory.backends.local.runtime import this_machine
 from mlfactory.training.cluster import LOOPBACK_ENV, Cluster, data_locations, launched_by_torchrun
 from mlfactory.specs import Accelerator, TrainingJobSpec
 from mlfactory.training.plan import search_trials
-from mlfactory.backends.local.processes import Forked, kill_tree, start_module
+from mlfactory.backends.local.processes import Forked, kill_tree, start_job
 from mlfactory.training.train import parse_args
 
 AUC_BAR = 0.80  # the sample data's label noise caps ROC AUC near 0.82; 6 epochs reach 0.81
@@ -29,11 +29,8 @@ def run_entrypoint(args: list[str], processes: int) -> subprocess.Popen | Forked
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     # one intra-op thread per process, as ml_train gives jobs side by side: the suite runs two tests at once on
     # 2 cores, and a second thread fighting the other test for a core made a run ~5x slower
-    args = [*args, "--threads", "1"]
-    if processes == 1:
-        return start_module("mlfactory.training.train", args, {**env, **LOOPBACK_ENV})
-    return subprocess.Popen(this_machine(processes).command("mlfactory.training.train", args), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env={**env, **LOOPBACK_ENV})
+    return start_job(this_machine(processes), "mlfactory.training.train", [*args, "--threads", "1"],
+                     {**env, **LOOPBACK_ENV})
 
 
 def hyperparameters(**values) -> list[str]:

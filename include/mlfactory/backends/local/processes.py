@@ -244,6 +244,12 @@ class Forked:
         return self.returncode
 
 
+def piped(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """``command`` in a session of its own, stdin on /dev/null, stdout and stderr on one text pipe, line by line."""
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+
+
 def start_module(module: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen | Forked:
     """``python -m MODULE ARGV`` with ``env`` as its environment, its output on ``stdout`` line by line: forked
     from this process (``Forked``), unless this process has started CUDA, which a forked child cannot use."""
@@ -252,7 +258,13 @@ def start_module(module: str, argv: list[str], env: dict[str, str]) -> subproces
 
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        return subprocess.Popen([sys.executable, "-m", module, *argv], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                                start_new_session=True)
+        return piped([sys.executable, "-m", module, *argv], env)
     return Forked(module, importlib.import_module(module).main, argv, env)
+
+
+def start_job(cluster, module: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen | Forked:
+    """``module`` as one node of ``cluster`` (a ``mlfactory.training.cluster.Cluster``) runs it, output piped:
+    forked from this process when the node runs one process (``start_module``), else under torchrun."""
+    if cluster.world_size == 1:
+        return start_module(module, argv, env)
+    return piped(cluster.torchrun_command(module, argv), env)

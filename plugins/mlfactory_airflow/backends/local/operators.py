@@ -38,7 +38,7 @@ class LocalTrainingOperator(SpecOperator):
     def execute(self, context) -> dict:
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
         from mlfactory import storage
-        from mlfactory.backends.local.processes import start_module
+        from mlfactory.backends.local.processes import start_job
         from mlfactory.backends.local.runtime import this_machine
         from mlfactory.config import load_config
         from mlfactory.specs import METRICS_FILE, TrainingJobSpec
@@ -59,14 +59,10 @@ class LocalTrainingOperator(SpecOperator):
         module, args = "mlfactory.training.train", [*spec.arguments(), "--device", "cuda" if gpu else "cpu",
                                                     "--threads", str(threads)]
         env = {**LOOPBACK_ENV, **os.environ, **spec.environment, "PYTHONUNBUFFERED": "1"}
-        command = cluster.command(module, args)
         self.log.info("training job %s: %d process(es), max runtime %ds\n  %s", spec.name, processes, spec.max_runtime_s,
-                      " ".join(command))
-        if cluster.world_size == 1:  # the entrypoint alone: forked from this task, with the libraries it preloaded
-            self._process = start_module(module, args, env)
-        else:
-            self._process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+                      " ".join(cluster.command(module, args)))
+        # one process: forked from this task, which has its libraries loaded; more: torchrun
+        self._process = start_job(cluster, module, args, env)
         streamer = threading.Thread(target=self._stream, args=(self._process,), daemon=True)
         streamer.start()
         try:
