@@ -18,7 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from mlfactory.backends.local.processes import answers, free_port, signal_group, start, stop_group
+from conftest import serving_container
+
+from mlfactory.backends.local.processes import answers, free_port, signal_group, stop_group, wait_ready
 
 
 def blob_uri(fake, path: str) -> str:
@@ -135,9 +137,10 @@ class ModelContainers:
         env = _base_env({**props.get("environmentVariables", {}), "AZUREML_MODEL_DIR": str(model_dir),
                          "PORT": str(port), "MLFACTORY_SERVING_HOST": "127.0.0.1"})
         url = f"http://127.0.0.1:{port}"
-        process = start([sys.executable, "-m", "mlfactory.serving"], self.workdir / f"{name}.log",
-                        lambda: all(answers(url + routes[r]["path"], ok_only=True) for r in ("readinessRoute", "livenessRoute")),
-                        "the deployment's container", env=env)
+        log = self.workdir / f"{name}.log"
+        process = wait_ready(serving_container(env, log),
+                             lambda: all(answers(url + routes[r]["path"], ok_only=True) for r in ("readinessRoute", "livenessRoute")),
+                             "the deployment's container", log)
         self.processes[name] = (process, url)
         return url
 

@@ -21,7 +21,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -29,9 +28,10 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import boto3
+from conftest import serving_container
 from loopback_http import LoopbackServer
 
-from mlfactory.backends.local.processes import answers, free_port, signal_group, start, stop_group
+from mlfactory.backends.local.processes import answers, free_port, signal_group, stop_group, wait_ready
 
 
 class SageMakerRuntime:
@@ -84,9 +84,9 @@ class SageMakerRuntime:
             env.update(environment, **self.environment)
             self.workdir.mkdir(parents=True, exist_ok=True)
             url = f"http://127.0.0.1:{port}"
-            process = start([sys.executable, "-m", "mlfactory.serving", "--host", "127.0.0.1", "--port", str(port)],
-                            self.workdir / f"{model}.log", lambda: answers(url + "/ping", ok_only=True),
-                            f"the container of {model}", env=env)
+            log = self.workdir / f"{model}.log"
+            process = wait_ready(serving_container(env, log, ("--host", "127.0.0.1", "--port", str(port))),
+                                 lambda: answers(url + "/ping", ok_only=True), f"the container of {model}", log)
             self.containers[model] = (process, url)
             if model in self.hung:
                 signal_group(process, signal.SIGSTOP)

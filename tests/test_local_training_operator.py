@@ -146,3 +146,62 @@ def test_a_forked_job_writes_to_its_own_pipe_whatever_streams_and_sockets_the_ta
     output, status, closed = done.stdout.strip().rsplit(" ", 2)
     assert output == repr("out ['--a', '1'] this ['ONLY']\nerr\nsockets []\n") and status == "3", done.stdout
     assert closed == "True"  # the supervisor's end saw EOF: the child kept no copy of the task's socket
+
+
+def test_a_forked_server_appends_to_its_log_in_a_session_of_its_own_and_is_gone_once_reaped(tmp_path):
+    """A server forked from this process (the local endpoint's model server) appends its output to its log, runs in
+    a session of its own (stopped by its group, as a command would be), and once stopped and reaped no signal
+    reaches it: an unreaped child is a zombie that ``killpg(pid, 0)`` still finds."""
+    import os
+    import signal
+
+    from mlfactory.backends.local.processes import Forked, reap
+
+    def serve(argv):
+        print("serving", argv, os.environ["ONLY"], flush=True)
+        time.sleep(120)
+
+    log = tmp_path / "server.log"
+    log.write_text("an earlier start\n")
+    child = Forked("some.server", serve, ["--port", "1"], {"ONLY": "this"}, log)
+    assert child.stdout is None
+    deadline = time.monotonic() + 30
+    while "serving" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.getsid(child.pid) == child.pid
+    assert log.read_text() == "an earlier start\nserving ['--port', '1'] this\n"
+    os.killpg(child.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    os.killpg(child.pid, 0)  # exited, but a zombie until reaped
+    reap(child.pid, wait=True)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(child.pid, 0)
+    reap(child.pid)  # not a child any more: nothing to do, no error
+
+
+FORKED_AFTER_COMPUTING = """
+import sys, torch
+from mlfactory.backends.local.processes import Forked
+
+torch.set_num_threads(2)
+a = torch.randn(1500, 1500)
+a @ a  # this process now has an OpenMP pool, which a forked child does not get
+
+def main(argv):
+    (a @ a).sum()  # on the 2 threads this process set, without one_thread
+    print("computed on", torch.get_num_threads(), "thread")
+
+child = Forked("some.module", main, [], {}, one_thread=True)
+print(child.communicate(timeout=60)[0].strip(), child.returncode)
+"""
+
+
+def test_a_child_forked_after_computing_computes_on_one_thread_instead_of_hanging():
+    """A forked child's parallel loop on several threads waits forever for the parent's OpenMP pool (measured: a
+    child of a process that ran a 2-thread matmul hung on its own); with ``one_thread`` it runs."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FORKED_AFTER_COMPUTING], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "computed on 1 thread 0", done.stdout

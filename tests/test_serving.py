@@ -15,9 +15,10 @@ import urllib.request
 
 import pandas as pd
 import pytest
+from conftest import serving_container
 
 from mlfactory import storage
-from mlfactory.backends.local.processes import answers, free_port, start, stop_group
+from mlfactory.backends.local.processes import answers, free_port, stop_group, wait_ready
 
 TOKEN = "test-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-9876543210"
@@ -61,11 +62,12 @@ def server(champion, tmp_path_factory):
            "MLFACTORY_SERVING_TOKENS_FILE": str(tokens), "MLFACTORY_SERVING_ADMIN_TOKEN": ADMIN_TOKEN,
            "MLFACTORY_RUNTIME": "gcp", "AIP_PREDICT_ROUTE": VERTEX_PREDICT, "AIP_HEALTH_ROUTE": VERTEX_HEALTH, "AIP_HTTP_PORT": str(port)}
     url = f"http://127.0.0.1:{port}"  # the port came from AIP_HTTP_PORT, as on Vertex AI
-    proc = start([sys.executable, "-m", "mlfactory.serving", "--model-uri", f"models:/{cfg.model_name}@champion",
-                  "--host", "127.0.0.1", "--log-uri", log_uri, "--log-flush-seconds", "0.5",
-                  "--admin-port", str(admin_port), "--allowed-model", cfg.model_name, "--max-concurrent", "3",
-                  "--body-timeout", "3", "--head-timeout", "2"],
-                 home / "server.log", lambda: answers(f"{url}/ping", ok_only=True), "the model server", env=env)
+    # forked from this process, which has its libraries loaded (the command's own start is tested below)
+    proc = wait_ready(serving_container(env, home / "server.log", (
+        "--model-uri", f"models:/{cfg.model_name}@champion", "--host", "127.0.0.1", "--log-uri", log_uri,
+        "--log-flush-seconds", "0.5", "--admin-port", str(admin_port), "--allowed-model", cfg.model_name,
+        "--max-concurrent", "3", "--body-timeout", "3", "--head-timeout", "2")),
+        lambda: answers(f"{url}/ping", ok_only=True), "the model server", home / "server.log")
     yield url, log_uri, f"http://127.0.0.1:{admin_port}", tokens
     stop_group(proc)
 

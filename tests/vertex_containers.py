@@ -12,7 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from mlfactory.backends.local.processes import answers, free_port, signal_group, start, stop_group
+from conftest import serving_container
+
+from mlfactory.backends.local.processes import answers, free_port, signal_group, stop_group, wait_ready
 
 
 def _env(entries: list[dict]) -> dict[str, str]:
@@ -92,12 +94,11 @@ class ModelContainers:
         env.update(_env(spec.get("env")), AIP_HTTP_PORT=str(port), AIP_PREDICT_ROUTE=spec["predictRoute"],
                    AIP_HEALTH_ROUTE=spec["healthRoute"], AIP_STORAGE_URI=model["artifactUri"],
                    MLFACTORY_SERVING_HOST="127.0.0.1")
-        command = [sys.executable if c == "python" else c for c in spec["command"]]
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        assert spec["command"] == ["python", "-m", "mlfactory.serving"], spec["command"]  # the image's model server
         log = self.workdir / f"{model['name'].rsplit('/', 1)[-1]}.log"
         url = f"http://127.0.0.1:{port}"
-        process = start(command, log, lambda: answers(url + spec["healthRoute"], ok_only=True), "the model container",
-                        env=env)
+        process = wait_ready(serving_container(env, log), lambda: answers(url + spec["healthRoute"], ok_only=True),
+                             "the model container", log)
         self.processes[model["name"]] = (process, url)
         return url
 

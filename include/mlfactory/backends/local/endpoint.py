@@ -19,14 +19,13 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from mlfactory import storage
+from mlfactory.backends.local.processes import reap, start_module
 from mlfactory.config import PipelineConfig
 from mlfactory.serving.deployment import DeploymentFailed, endpoint_state_uri, now, read_endpoint_state, write_endpoint_state
 from mlfactory.serving.auth import ADMIN_TOKEN_ENV, CLIENT_TOKEN_ENV, TOKENS_FILE_ENV, write_tokens
@@ -90,16 +89,14 @@ class LocalEndpoint:
             write_tokens(self.tokens_file, {})
         env = {**os.environ, CLIENT_TOKEN_ENV: self.token, TOKENS_FILE_ENV: str(self.tokens_file),
                ADMIN_TOKEN_ENV: self.admin_token, "MLFLOW_TRACKING_URI": self.cfg.mlflow.tracking_uri}
-        with open(self.log_file, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "mlfactory.serving", "--host", "127.0.0.1", "--port", str(self.settings.port),
-                 "--admin-host", "127.0.0.1", "--admin-port", str(self.settings.admin_listen_port),
-                 "--allowed-model", self.cfg.model_name,
-                 "--log-uri", self.cfg.storage.prediction_log_uri,
-                 "--log-flush-seconds", str(self.cfg.serving.log_flush_s)],
-                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # outlives the task that started it; stop() ends its group
-            )
+        # forked from this process (an Airflow task has MLflow, torch and pandas loaded: ~1 s instead of ~9 s of
+        # imports) in a session of its own: it outlives the task that started it, and stop() ends its group. It
+        # predicts on one thread per request, as it would started on its own (--threads 1)
+        proc = start_module("mlfactory.serving", [
+            "--host", "127.0.0.1", "--port", str(self.settings.port),
+            "--admin-host", "127.0.0.1", "--admin-port", str(self.settings.admin_listen_port),
+            "--allowed-model", self.cfg.model_name, "--log-uri", self.cfg.storage.prediction_log_uri,
+            "--log-flush-seconds", str(self.cfg.serving.log_flush_s)], env, log=self.log_file, one_thread=True)
         self.write_state(pid=proc.pid, started_at=now())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -122,12 +119,14 @@ class LocalEndpoint:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
+            reap(pid)  # forked from this process: a zombie until collected
             try:
                 os.killpg(pid, 0)
             except ProcessLookupError:
                 return
             time.sleep(0.2)
         os.killpg(pid, signal.SIGKILL)
+        reap(pid, wait=True)
 
     # --- state --------------------------------------------------------------------------------
 

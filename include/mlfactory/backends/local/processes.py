@@ -140,25 +140,37 @@ def stop_group(process: subprocess.Popen, grace: float = 10) -> None:
 class Forked:
     """``main(argv)`` of a Python module run in a forked child of this process, behind the part of
     ``subprocess.Popen``'s interface that the local backend uses (``pid``, ``stdout``, ``poll``, ``wait``,
-    ``returncode``), so ``stop_group`` and ``kill_tree`` stop it as they stop a command.
+    ``communicate``, ``send_signal``/``terminate``/``kill``, ``returncode``), so ``stop_group`` and ``kill_tree`` stop it as they stop a command.
 
     What it saves is the start: a process that has already imported what ``main`` needs (an Airflow task
     forked from a scheduler that preloads torch, MLflow and pandas) hands the child those modules for free,
     where ``python -m`` would spend seconds of CPU importing them again. The child runs in a session of its
     own, with ``env`` as its whole environment, the default signal handlers, stdin on /dev/null, and stdout
-    and stderr on one pipe (``stdout``, text, line by line). Its title (``ps``, ``/proc/PID/cmdline``) is
-    the command it stands for.
+    and stderr on one pipe (``stdout``, text, line by line), or appended to ``log`` (a server that outlives
+    this process; ``stdout`` is then None). Its title (``ps``, ``/proc/PID/cmdline``) is the command it
+    stands for.
+
+    A child forked from a process that has computed in parallel (a test, a task that predicted) must compute on
+    one thread (``one_thread``: torch, OpenMP and BLAS): the parent's OpenMP pool threads are not in the child,
+    and its first parallel loop on more than one thread waits for them forever (measured). An Airflow task that
+    starts a job has computed nothing, and the job keeps its threads.
     """
 
-    def __init__(self, module: str, main: Callable[[list[str]], int | None], argv: list[str], env: dict[str, str]):
+    def __init__(self, module: str, main: Callable[[list[str]], int | None], argv: list[str], env: dict[str, str],
+                 log: Path | None = None, one_thread: bool = False):
         import sys
 
-        read, write = os.pipe()
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        read, write = os.pipe() if log is None else (None, None)
         self.pid = os.fork()
         if self.pid == 0:  # the child: never returns
             code = 1
             try:
-                os.close(read)
+                if log is None:
+                    os.close(read)
+                else:
+                    write = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 os.setsid()
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
                     signal.signal(sig, signal.SIG_DFL)
@@ -190,6 +202,9 @@ class Forked:
                     pass
                 os.environ.clear()
                 os.environ.update(env)
+                _forget_process_choices()
+                if one_thread:
+                    _one_thread()
                 sys.argv = [module, *argv]
                 code = main(argv) or 0
             except SystemExit as exit_:  # sys.exit(CODE or MESSAGE), as the interpreter reports it
@@ -207,10 +222,22 @@ class Forked:
                     except Exception:  # noqa: BLE001 - exiting anyway
                         pass
                 os._exit(code)
-        os.close(write)
-        self.stdout = open(read, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed at EOF by its reader
+        self.stdout = None
+        if log is None:
+            os.close(write)
+            self.stdout = open(read, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed at EOF by its reader
         self.returncode: int | None = None
         self.args = [module, *argv]
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -244,22 +271,61 @@ class Forked:
         return self.returncode
 
 
+def _forget_process_choices() -> None:
+    """In a forked child: what this process chose for itself that a fresh ``python -m`` reads from its environment
+    instead (MLflow's tracking and registry URI and active experiment, set by ``mlflow.set_tracking_uri`` and
+    ``set_experiment``), forgotten, so the child's ``env`` decides as it would for a command."""
+    import sys
+
+    for module, name in (("mlflow.tracking._tracking_service.utils", "_tracking_uri"),
+                         ("mlflow.tracking._model_registry.utils", "_registry_uri"),
+                         ("mlflow.tracking.fluent", "_active_experiment_id")):
+        if hasattr(sys.modules.get(module), name):
+            setattr(sys.modules[module], name, None)
+
+
+def _one_thread() -> None:
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)  # OpenMP (torch's, scikit-learn's, XGBoost's) and BLAS
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)  # torch keeps its own count besides OpenMP's
+
+
 def piped(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     """``command`` in a session of its own, stdin on /dev/null, stdout and stderr on one text pipe, line by line."""
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
 
 
-def start_module(module: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen | Forked:
-    """``python -m MODULE ARGV`` with ``env`` as its environment, its output on ``stdout`` line by line: forked
-    from this process (``Forked``), unless this process has started CUDA, which a forked child cannot use."""
+def start_module(module: str, argv: list[str], env: dict[str, str], log: Path | None = None,
+                 one_thread: bool = False) -> subprocess.Popen | Forked:
+    """``python -m MODULE ARGV`` with ``env`` as its environment, in a session of its own, its output on
+    ``stdout`` line by line, or appended to ``log``: forked from this process (``Forked``), unless this process
+    has started CUDA, which a forked child cannot use. ``one_thread``: see ``Forked``."""
     import importlib
     import sys
 
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        return piped([sys.executable, "-m", module, *argv], env)
-    return Forked(module, importlib.import_module(module).main, argv, env)
+        command = [sys.executable, "-m", module, *argv]
+        return piped(command, env) if log is None else launch(command, log, env=env)
+    code = importlib.import_module(module)
+    if hasattr(code, "__path__"):  # a package: ``python -m`` runs its __main__
+        code = importlib.import_module(f"{module}.__main__")
+    return Forked(module, code.main, argv, env, log, one_thread)
+
+
+def reap(pid: int, wait: bool = False) -> None:
+    """Collect ``pid``'s exit status if it is an exited child of this process (a server forked from it), so that
+    it is gone rather than a zombie that signals still reach; with ``wait``, once it has exited."""
+    try:
+        os.waitpid(pid, 0 if wait else os.WNOHANG)
+    except ChildProcessError:  # not a child of this process
+        pass
 
 
 def start_job(cluster, module: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen | Forked:
