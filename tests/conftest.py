@@ -31,8 +31,16 @@ def pytest_collection_modifyitems(items):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     long = [i for i in items if i.get_closest_marker("scheduler")]
     short = [i for i in items if not i.get_closest_marker("scheduler")]
-    share = -(-len(short) // workers)
-    items[:] = [test for w in range(workers) for test in long[w::workers] + short[w * share:(w + 1) * share]]
+    # the short tests' shares end where a module ends, so that no module's fixtures (a trained lab, emulators)
+    # are set up on two workers
+    module = [i.nodeid.split("::")[0] for i in short]
+    cuts = [0]
+    for w in range(1, workers):
+        even = w * len(short) // workers
+        cuts.append(min((c for c in range(1, len(short)) if module[c] != module[c - 1] and c > cuts[-1]),
+                        key=lambda c: abs(c - even), default=even))
+    cuts.append(len(short))
+    items[:] = [test for w in range(workers) for test in long[w::workers] + short[cuts[w]:cuts[w + 1]]]
 
 
 def train(args: list[str], timeout: float = 600) -> str:
