@@ -1,5 +1,6 @@
 """Child processes of the `local` backend: free loopback ports, starting a server and waiting until it
-answers, and stopping a whole process tree.
+answers, a Python module's ``main`` forked from a process that has its libraries loaded (``Forked``,
+``start_module``: a one-process training job, the model server), and stopping a whole process tree.
 
 Airflow's scheduler, the MLflow server and torchrun each start workers of their own. They run in
 their own session (``start_new_session=True``) and are stopped with every descendant: torchrun puts
@@ -140,7 +141,8 @@ def stop_group(process: subprocess.Popen, grace: float = 10) -> None:
 class Forked:
     """``main(argv)`` of a Python module run in a forked child of this process, behind the part of
     ``subprocess.Popen``'s interface that the local backend uses (``pid``, ``stdout``, ``poll``, ``wait``,
-    ``communicate``, ``send_signal``/``terminate``/``kill``, ``returncode``), so ``stop_group`` and ``kill_tree`` stop it as they stop a command.
+    ``communicate``, ``send_signal``/``terminate``/``kill``, ``returncode``), so ``stop_group`` and
+    ``kill_tree`` stop it as they stop a command.
 
     What it saves is the start: a process that has already imported what ``main`` needs (an Airflow task
     forked from a scheduler that preloads torch, MLflow and pandas) hands the child those modules for free,
