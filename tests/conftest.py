@@ -44,8 +44,9 @@ def pytest_collection_modifyitems(items):
 
 
 def train(args: list[str], timeout: float = 600) -> str:
-    """The training entrypoint with ``args`` (one intra-op thread), as ml_train runs a one-process job: its ``main``
-    forked from this process, which has torch and MLflow loaded. Its output, once it has exited 0."""
+    """The training entrypoint with ``args`` (one intra-op thread), as ml_train starts a one-process job
+    (``processes.start_module``: forked where this process runs one thread, else the command). Its output, once it
+    has exited 0."""
     from mlfactory.backends.local.processes import start_module
 
     proc = start_module("mlfactory.training.train", [*args, "--threads", "1"], dict(os.environ), one_thread=True)
@@ -189,9 +190,9 @@ is served (tests/sagemaker_runtime.py; moto's own answers with canned results). 
 
 def serving_container(env: dict[str, str], log: Path, argv: tuple[str, ...] = ()):
     """A cloud's serving container (the project's model server, ``python -m mlfactory.serving ARGV``) played on
-    this machine with ``env``, its output appended to ``log``: forked from this test's process, which has its
-    libraries loaded (~1 s of start instead of ~9 s of imports), on one thread as the server predicts anyway
-    (``processes.Forked``)."""
+    this machine with ``env``, its output appended to ``log``, as ``processes.start_module`` starts it: forked
+    where this process runs one thread (~1 s of start instead of ~9 s of imports; on one thread, as the server
+    predicts anyway), else the command."""
     from mlfactory.backends.local.processes import start_module
 
     return start_module("mlfactory.serving", list(argv), env, log, one_thread=True)

@@ -22,6 +22,16 @@ def spec_for(training_set, tmp_path, **changes) -> dict:
     return spec.model_copy(update=changes).model_dump()
 
 
+@pytest.fixture(autouse=True)
+def one_core_per_job(monkeypatch):
+    """Each job trains on one intra-op thread, as ml_train's jobs side by side do on this machine: this test's process
+    has computed on several threads, and a job forked from it on more than one would wait forever on the OpenMP pool
+    it does not get (an Airflow task that forks a job has computed nothing; see ``processes.Forked``)."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+
+
 def training_processes(marker: str) -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline", "ppid"]) if any(marker in part for part in (p.info["cmdline"] or []))]
 
@@ -37,12 +47,16 @@ def test_runs_torchrun_streams_the_log_and_returns_the_metrics(training_set, tmp
 
 
 def test_a_one_process_job_is_forked_from_the_task_and_behaves_as_the_command(training_set, tmp_path, capfd):
-    """One process: the entrypoint's main in a child forked from the task (which has torch and MLflow loaded), not a
-    new interpreter; it shows as the command, streams its log, and a failure is its exit status."""
+    """One process: the entrypoint's main in a child forked from the task (which has torch and MLflow loaded) when the
+    task runs one thread (an Airflow task does; this test process does not, so here it is the command itself: the
+    fork from a task is FORKED_FROM_A_TASK below); either way it shows as the command, streams its log, and a
+    failure is its exit status."""
     import os
 
-    import torch  # noqa: F401 - loaded here as the scheduler preloads it for its tasks
+    import torch  # loaded here as the scheduler preloads it for its tasks
 
+    torch.set_num_threads(2)
+    (torch.randn(1000, 1000) @ torch.randn(1000, 1000)).sum()  # as this process may have before (one_core_per_job)
     operator = LocalTrainingOperator(task_id="train", spec=spec_for(training_set, tmp_path, processes_per_node=1))
     seen: list[psutil.Process] = []
     watcher = threading.Thread(target=lambda: seen.extend(wait_for_processes(str(tmp_path / "out"), 1)), daemon=True)

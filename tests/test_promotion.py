@@ -111,7 +111,12 @@ def lab(tmp_path_factory, mlflow_server):
 
     from mlfactory.training.data import prepare_training_set
 
-    cfg = with_section(config_with_bucket(tmp_path_factory.mktemp("promo-bucket")), "mlflow", tracking_uri=mlflow_server.url, experiment="promotion-test", model_name="churn_gate")
+    bucket = tmp_path_factory.mktemp("promo-bucket")
+    # an experiment and a model of its own: set up again on one worker (pytest-xdist moves tests between workers),
+    # the lab's identical training set would otherwise be MLflow's dataset of the first lab (deduplicated by digest)
+    experiment = f"promotion-test-{bucket.name}"
+    cfg = with_section(config_with_bucket(bucket), "mlflow", tracking_uri=mlflow_server.url, experiment=experiment,
+                       model_name=f"churn_gate_{bucket.name}")
     mlflow.set_tracking_uri(mlflow_server.url)  # models:/ URIs below resolve through the server
     sample_data.land_and_curate(cfg, 20_000, seed=5)
     training_set = prepare_training_set(cfg)
@@ -125,7 +130,7 @@ def lab(tmp_path_factory, mlflow_server):
     for name, hyperparameters in recipes.items():
         out = storage.join(cfg.storage.models_uri, "runs", name)
         train(["--train-uri", training_set.uri, "--output-uri", out, "--mlflow-tracking-uri", mlflow_server.url,
-               "--experiment", "promotion-test", "--run-name", name, "--tag", "mlfactory.drifted_features=age,income",
+               "--experiment", experiment, "--run-name", name, "--tag", "mlfactory.drifted_features=age,income",
                "--hyperparameters", json.dumps(hyperparameters)])
         models[name] = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
     return cfg, training_set, models

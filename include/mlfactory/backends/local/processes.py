@@ -306,13 +306,17 @@ def piped(command: list[str], env: dict[str, str]) -> subprocess.Popen:
 def start_module(module: str, argv: list[str], env: dict[str, str], log: Path | None = None,
                  one_thread: bool = False) -> subprocess.Popen | Forked:
     """``python -m MODULE ARGV`` with ``env`` as its environment, in a session of its own, its output on
-    ``stdout`` line by line, or appended to ``log``: forked from this process (``Forked``), unless this process
-    has started CUDA, which a forked child cannot use. ``one_thread``: see ``Forked``."""
+    ``stdout`` line by line, or appended to ``log``: forked from this process (``Forked``) when it runs one thread
+    and has not started CUDA, else started as that command. A fork copies the locks other threads hold at that
+    moment and none of those threads, so a child of a busy multi-threaded process can wait forever (seen once in
+    a test process: a training child stopped between two epochs); an Airflow task starts its job or server from
+    its one thread. ``one_thread``: see ``Forked``."""
     import importlib
     import sys
+    import threading
 
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
+    if threading.active_count() > 1 or (torch is not None and torch.cuda.is_initialized()):
         command = [sys.executable, "-m", module, *argv]
         return piped(command, env) if log is None else launch(command, log, env=env)
     code = importlib.import_module(module)
