@@ -20,7 +20,7 @@ from pathlib import Path
 
 from conftest import serving_container
 
-from mlfactory.backends.local.processes import answers, free_port, signal_group, stop_group, wait_ready
+from mlfactory.backends.local.processes import answers, free_port, signal_group, stop_group
 
 
 def blob_uri(fake, path: str) -> str:
@@ -138,9 +138,9 @@ class ModelContainers:
                          "PORT": str(port), "MLFACTORY_SERVING_HOST": "127.0.0.1"})
         url = f"http://127.0.0.1:{port}"
         log = self.workdir / f"{name}.log"
-        process = wait_ready(serving_container(env, log),
-                             lambda: all(answers(url + routes[r]["path"], ok_only=True) for r in ("readinessRoute", "livenessRoute")),
-                             "the deployment's container", log)
+        process = serving_container(env, log, lambda: all(answers(url + routes[r]["path"], ok_only=True)
+                                                          for r in ("readinessRoute", "livenessRoute")),
+                                    "the deployment's container")
         self.processes[name] = (process, url)
         return url
 

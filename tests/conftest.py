@@ -188,14 +188,14 @@ is served (tests/sagemaker_runtime.py; moto's own answers with canned results). 
     return raw
 
 
-def serving_container(env: dict[str, str], log: Path, argv: tuple[str, ...] = ()):
+def serving_container(env: dict[str, str], log: Path, ready, what: str, argv: tuple[str, ...] = ()):
     """A cloud's serving container (the project's model server, ``python -m mlfactory.serving ARGV``) played on
-    this machine with ``env``, its output appended to ``log``, as ``processes.start_module`` starts it: forked
-    where this process runs one thread (~1 s of start instead of ~9 s of imports; on one thread, as the server
-    predicts anyway), else the command."""
-    from mlfactory.backends.local.processes import start_module
+    this machine with ``env``, its output appended to ``log``, as ``processes.start_module`` starts it (forked
+    where this process runs one thread: ~1 s of start instead of ~9 s of imports, on one thread as the server
+    predicts anyway; else the command), once ``ready`` holds (``processes.wait_ready``)."""
+    from mlfactory.backends.local.processes import start_module, wait_ready
 
-    return start_module("mlfactory.serving", list(argv), env, log, one_thread=True)
+    return wait_ready(start_module("mlfactory.serving", list(argv), env, log, one_thread=True), ready, what, log)
 
 
 def play_sagemaker_training_job(s3, job: dict, workdir: Path, environment: dict | None = None) -> None:

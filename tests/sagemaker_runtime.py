@@ -31,7 +31,7 @@ import boto3
 from conftest import serving_container
 from loopback_http import LoopbackServer
 
-from mlfactory.backends.local.processes import answers, free_port, signal_group, stop_group, wait_ready
+from mlfactory.backends.local.processes import answers, free_port, signal_group, stop_group
 
 
 class SageMakerRuntime:
@@ -85,8 +85,8 @@ class SageMakerRuntime:
             self.workdir.mkdir(parents=True, exist_ok=True)
             url = f"http://127.0.0.1:{port}"
             log = self.workdir / f"{model}.log"
-            process = wait_ready(serving_container(env, log, ("--host", "127.0.0.1", "--port", str(port))),
-                                 lambda: answers(url + "/ping", ok_only=True), f"the container of {model}", log)
+            process = serving_container(env, log, lambda: answers(url + "/ping", ok_only=True),
+                                        f"the container of {model}", ("--host", "127.0.0.1", "--port", str(port)))
             self.containers[model] = (process, url)
             if model in self.hung:
                 signal_group(process, signal.SIGSTOP)

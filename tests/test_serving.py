@@ -18,7 +18,7 @@ import pytest
 from conftest import serving_container
 
 from mlfactory import storage
-from mlfactory.backends.local.processes import answers, free_port, stop_group, wait_ready
+from mlfactory.backends.local.processes import answers, free_port, stop_group
 
 TOKEN = "test-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-9876543210"
@@ -62,12 +62,12 @@ def server(champion, tmp_path_factory):
            "MLFACTORY_SERVING_TOKENS_FILE": str(tokens), "MLFACTORY_SERVING_ADMIN_TOKEN": ADMIN_TOKEN,
            "MLFACTORY_RUNTIME": "gcp", "AIP_PREDICT_ROUTE": VERTEX_PREDICT, "AIP_HEALTH_ROUTE": VERTEX_HEALTH, "AIP_HTTP_PORT": str(port)}
     url = f"http://127.0.0.1:{port}"  # the port came from AIP_HTTP_PORT, as on Vertex AI
-    # forked from this process, which has its libraries loaded (the command's own start is tested below)
-    proc = wait_ready(serving_container(env, home / "server.log", (
+    # as the clouds' serving containers are started here (the command's own start is tested below)
+    ready = lambda: answers(f"{url}/ping", ok_only=True)  # noqa: E731
+    proc = serving_container(env, home / "server.log", ready, "the model server", (
         "--model-uri", f"models:/{cfg.model_name}@champion", "--host", "127.0.0.1", "--log-uri", log_uri,
         "--log-flush-seconds", "0.5", "--admin-port", str(admin_port), "--allowed-model", cfg.model_name,
-        "--max-concurrent", "3", "--body-timeout", "3", "--head-timeout", "2")),
-        lambda: answers(f"{url}/ping", ok_only=True), "the model server", home / "server.log")
+        "--max-concurrent", "3", "--body-timeout", "3", "--head-timeout", "2"))
     yield url, log_uri, f"http://127.0.0.1:{admin_port}", tokens
     stop_group(proc)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import serving_container
 
-from mlfactory.backends.local.processes import answers, free_port, signal_group, stop_group, wait_ready
+from mlfactory.backends.local.processes import answers, free_port, signal_group, stop_group
 
 
 def _env(entries: list[dict]) -> dict[str, str]:
@@ -97,8 +97,8 @@ class ModelContainers:
         assert spec["command"] == ["python", "-m", "mlfactory.serving"], spec["command"]  # the image's model server
         log = self.workdir / f"{model['name'].rsplit('/', 1)[-1]}.log"
         url = f"http://127.0.0.1:{port}"
-        process = wait_ready(serving_container(env, log), lambda: answers(url + spec["healthRoute"], ok_only=True),
-                             "the model container", log)
+        process = serving_container(env, log, lambda: answers(url + spec["healthRoute"], ok_only=True),
+                                    "the model container")
         self.processes[model["name"]] = (process, url)
         return url
 
