@@ -38,8 +38,20 @@ CORES = sorted(os.sched_getaffinity(0))
 SERVER_CORES, CLIENT_CORES = ({CORES[-1]}, set(CORES[:-1])) if len(CORES) > 1 else (set(CORES), set(CORES))
 
 
+# The server and the well-behaved client run before the rest of the machine (under `make test` the other
+# worker's tests share these cores), so the soak measures what the hostile clients cost, not what the suite
+# next door did in those 60 s; raising a priority needs root, and without it they run as they are.
+AHEAD = ["nice", "-n", "-10"] if os.geteuid() == 0 else []
+
+
+def waited_s(pid: int) -> float:
+    """Seconds the process has been ready to run but waited for a core (the machine's noise it saw)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
 def pinned(cores: set[int]) -> list[str]:
-    return ["taskset", "-c", ",".join(map(str, sorted(cores)))]
+    return [*AHEAD, "taskset", "-c", ",".join(map(str, sorted(cores)))]
 
 
 def wrk(url: str, script, seconds: int) -> dict:
@@ -202,7 +214,9 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
         os.sched_setaffinity(0, CLIENT_CORES)  # (the threads started now inherit it)
         threads = hostile.start()
         os.sched_setaffinity(0, before)
+        waited = waited_s(server.pid)
         soak = wrk(url, script, SOAK_S)
+        waited = waited_s(server.pid) - waited
         hostile.stopping.set()
         for thread in threads:
             thread.join(timeout=40)
@@ -216,6 +230,7 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
                   "soak": {k: v for k, v in soak.items() if k != "text"},
                   "baseline_after": {k: v for k, v in after.items() if k != "text"},
                   "p99_ratio": round(soak["p99_ms"] / quiet_p99, 2),
+                  "server_waited_for_a_core_s": round(waited, 2),
                   "rss_mb": {"before": round(rss_before), "peak_sampled": round(peak[0]), "peak_hwm": round(hwm)},
                   "hostile_answers": hostile.answers}
         print("\nSOAK", json.dumps(report))
