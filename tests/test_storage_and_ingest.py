@@ -150,3 +150,29 @@ def test_a_write_once_object_is_never_replaced_and_a_failed_one_never_appears(tm
     assert storage.read_bytes(snapshot) == b"first" and not storage.exists(holdout)
     fs, path = storage.filesystem(root)
     assert sorted(p.rsplit("/", 1)[1] for p in fs.find(path)) == ["data.csv"]  # no temporary either
+
+
+def test_an_object_store_write_neither_asks_for_folders_nor_creates_a_missing_bucket(moto_server, monkeypatch):
+    """A key needs no folders: a published write is its upload, one copy and one delete (no request for the bucket
+    or a folder), and a bucket the config names wrongly is an error, not a new bucket."""
+    import boto3
+    import s3fs.core
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    s3.create_bucket(Bucket="calls")
+    sent = []
+    call_s3 = s3fs.core.S3FileSystem._call_s3
+
+    async def recorded(self, method, *args, **kwargs):
+        sent.append(method)
+        return await call_s3(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.core.S3FileSystem, "_call_s3", recorded)
+    storage.write_bytes("s3://calls/reports/a/summary.json", b"{}")
+    assert sorted(sent) == ["copy_object", "delete_object", "head_object"], sent  # (the upload: the file object)
+    assert storage.read_bytes("s3://calls/reports/a/summary.json") == b"{}"
+    storage.remove("s3://calls/reports/a/missing.json")  # nothing there: nothing to do
+    with pytest.raises(FileNotFoundError):
+        storage.write_bytes("s3://no-such-bucket-here/reports/summary.json", b"{}")
+    assert "no-such-bucket-here" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}

@@ -150,10 +150,12 @@ def _object_info(uri: str, key: str, info: dict) -> ObjectInfo:
 def list_objects(prefix_uri: str) -> list[ObjectInfo]:
     """Every object under ``prefix_uri`` (recursively), skipping dot-files and in-progress uploads."""
     fs, root = filesystem(prefix_uri)
-    if not fs.exists(root):
+    try:  # (no existence check first: on an object store each is one more request)
+        listed = fs.find(root, detail=True)
+    except FileNotFoundError:
         return []
     found = []
-    for path, info in sorted(fs.find(root, detail=True).items()):
+    for path, info in sorted(listed.items()):
         key = posixpath.relpath(path, root)
         if not is_hidden(key):
             found.append(_object_info(_unstrip(fs, prefix_uri, path), key, info))
@@ -230,10 +232,18 @@ def _open_nofollow(uri: str, path: str, root: str | None) -> int:
         os.close(fd)
 
 
+def _make_folder(uri: str) -> None:
+    """The folder a local file goes in, made where missing. Object stores have no folders: a key needs
+    none, and asking for them costs a request per write (the bucket's existence) and would create a
+    bucket that the config names wrongly."""
+    if is_local(uri):
+        os.makedirs(os.path.dirname(local_path(uri)), exist_ok=True)
+
+
 def open_uri(uri: str, mode: str = "rb", **kwargs: Any) -> IO:
     fs, path = filesystem(uri)
     if "w" in mode:
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        _make_folder(uri)
     return fs.open(path, mode, **kwargs)
 
 
@@ -255,9 +265,11 @@ def remove_temporaries(folder_uri: str, older_than_s: float) -> int:
     import time
 
     fs, root = filesystem(folder_uri)
-    if not fs.exists(root):
+    try:
+        listed = fs.find(root, detail=True)
+    except FileNotFoundError:
         return 0
-    stale = [path for path, info in fs.find(root, detail=True).items()
+    stale = [path for path, info in listed.items()
              if posixpath.basename(path).startswith(".") and path.endswith(".tmp")
              and time.time() - _object_info(path, path, info).modified > older_than_s]
     for path in stale:
@@ -280,7 +292,7 @@ def atomic_write(uri: str, mode: str = "wb") -> Iterator[IO]:
     also when the with-block that wrote it raised.)"""
     tmp = temporary_uri(uri)
     fs, tmp_path = filesystem(tmp)
-    fs.makedirs(posixpath.dirname(tmp_path), exist_ok=True)
+    _make_folder(tmp)
     try:
         if is_local(uri):
             with open(tmp_path, mode) as f:
@@ -413,17 +425,21 @@ def move(src_uri: str, dst_uri: str) -> None:
     """Rename within one store (a rename on local disk, copy-then-delete on object stores)."""
     fs, src = filesystem(src_uri)
     _, dst = filesystem(dst_uri)
-    fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+    _make_folder(dst_uri)
     if is_local(src_uri):
         os.replace(src, dst)
-    else:
-        fs.mv(src, dst)
+    else:  # one object: fsspec's mv would list both keys first (what a folder would need)
+        fs.cp_file(src, dst)
+        fs.rm_file(src)
 
 
 def remove(uri: str) -> None:
+    """Remove the object (or folder) at ``uri``, if there is one."""
     fs, path = filesystem(uri)
-    if fs.exists(path):
+    try:
         fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 def pyarrow_filesystem(uri: str):
