@@ -18,6 +18,9 @@ os.environ["GX_ANALYTICS_ENABLED"] = "False"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 # The DAG files and configs of a test's Airflow do not change while it runs: its DAG processor parses each file
 # once instead of every 30 s (a fifth of an idle Airflow's CPU). An edited file is parsed again all the same.
+# (Airflow 3.3 clears a DAG's "at max_active_runs" mark when a run ends in its scheduling loop or at a parse, not
+# when a run fails because a task's heartbeat stopped: such a DAG starts no run until its file is parsed again,
+# here up to 10 minutes later; like apache/airflow#73032. So no test lets a heartbeat stop by accident.)
 os.environ["AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL"] = "600"
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 os.environ.pop("MLFACTORY_CONFIG", None)
