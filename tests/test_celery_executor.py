@@ -47,9 +47,10 @@ def test_the_lifecycle_runs_on_two_celery_workers_training_on_the_gpu_queue_and_
         airflow = LocalAirflow(tmp_path / "airflow", api_port=free_port(), database_url=database_url,
                                broker_url=broker_url, workers={"default": "default", "gpu": "gpu"},
                                env_overrides={"MLFACTORY_CONFIG": cfg.source, TRAINING_QUEUE_ENV: "gpu",
-                                              # the task the dead worker took with it is failed (and retried) 20 s
-                                              # after its last heartbeat (one a second) instead of a minute
-                                              "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20"})
+                                              # the task the dead worker took with it is failed (and retried) 30 s
+                                              # after its last heartbeat instead of a minute: a live task's come
+                                              # every second, and no component here is down for long
+                                              "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30"})
         airflow.start()
         try:
             airflow.wait_for_dags(STAGES)

@@ -198,7 +198,7 @@ def crashes(airflow: LocalAirflow, landed: Landed) -> None:
     landed.wait_all_curated(airflow, timeout=300)
     landed.assert_exactly_once()
 
-    # From here on tasks die with their workers: one whose process died is failed (and retried) 12 s after its last
+    # From the next start on, tasks die with their workers: one whose process died is failed (and retried) 12 s after its last
     # heartbeat, not a minute. (Not before: the heartbeats go through the API server, and a task that ran while it
     # was being started again, ~20-30 s on a busy machine, was failed and its DAG held back until the next parse.)
     airflow.env_overrides["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"] = "12"

@@ -232,7 +232,7 @@ def _open_nofollow(uri: str, path: str, root: str | None) -> int:
         os.close(fd)
 
 
-def _make_folder(uri: str) -> None:
+def _make_parent_folder(uri: str) -> None:
     """The folder a local file goes in, made where missing. Object stores have no folders: a key needs
     none, and asking for them costs a request per write (the bucket's existence) and would create a
     bucket that the config names wrongly."""
@@ -243,7 +243,7 @@ def _make_folder(uri: str) -> None:
 def open_uri(uri: str, mode: str = "rb", **kwargs: Any) -> IO:
     fs, path = filesystem(uri)
     if "w" in mode:
-        _make_folder(uri)
+        _make_parent_folder(uri)
     return fs.open(path, mode, **kwargs)
 
 
@@ -292,7 +292,7 @@ def atomic_write(uri: str, mode: str = "wb") -> Iterator[IO]:
     also when the with-block that wrote it raised.)"""
     tmp = temporary_uri(uri)
     fs, tmp_path = filesystem(tmp)
-    _make_folder(tmp)
+    _make_parent_folder(tmp)
     try:
         if is_local(uri):
             with open(tmp_path, mode) as f:
@@ -422,15 +422,20 @@ def copy_once(src_uri: str, dst_uri: str) -> None:
 
 
 def move(src_uri: str, dst_uri: str) -> None:
-    """Rename within one store (a rename on local disk, copy-then-delete on object stores)."""
+    """Rename within one store: a rename on local disk; on object stores the store's own move of the one object
+    (GCS moves it in one request; S3 and Azure copy it, then delete the source)."""
     fs, src = filesystem(src_uri)
     _, dst = filesystem(dst_uri)
-    _make_folder(dst_uri)
+    _make_parent_folder(dst_uri)
     if is_local(src_uri):
         os.replace(src, dst)
     else:  # one object: fsspec's mv would list both keys first (what a folder would need)
-        fs.cp_file(src, dst)
-        fs.rm_file(src)
+        from fsspec.asyn import AsyncFileSystem, sync
+
+        if isinstance(fs, AsyncFileSystem):  # s3fs, gcsfs, adlfs
+            sync(fs.loop, fs._mv_file, src, dst)
+        else:
+            fs.mv(src, dst)
 
 
 def remove(uri: str) -> None:
