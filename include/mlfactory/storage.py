@@ -147,15 +147,20 @@ def _object_info(uri: str, key: str, info: dict) -> ObjectInfo:
     return ObjectInfo(uri, key, size, f"{size}:{str(tag).strip(chr(34))}", float(modified or 0))
 
 
+def _find(fs, root: str) -> dict[str, dict]:
+    """Every object under ``root`` with its details; none where there is nothing (no existence check first: on
+    an object store that would be one more request)."""
+    try:
+        return fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+
+
 def list_objects(prefix_uri: str) -> list[ObjectInfo]:
     """Every object under ``prefix_uri`` (recursively), skipping dot-files and in-progress uploads."""
     fs, root = filesystem(prefix_uri)
-    try:  # (no existence check first: on an object store each is one more request)
-        listed = fs.find(root, detail=True)
-    except FileNotFoundError:
-        return []
     found = []
-    for path, info in sorted(listed.items()):
+    for path, info in sorted(_find(fs, root).items()):
         key = posixpath.relpath(path, root)
         if not is_hidden(key):
             found.append(_object_info(_unstrip(fs, prefix_uri, path), key, info))
@@ -265,11 +270,7 @@ def remove_temporaries(folder_uri: str, older_than_s: float) -> int:
     import time
 
     fs, root = filesystem(folder_uri)
-    try:
-        listed = fs.find(root, detail=True)
-    except FileNotFoundError:
-        return 0
-    stale = [path for path, info in listed.items()
+    stale = [path for path, info in _find(fs, root).items()
              if posixpath.basename(path).startswith(".") and path.endswith(".tmp")
              and time.time() - _object_info(path, path, info).modified > older_than_s]
     for path in stale:
