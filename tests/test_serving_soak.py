@@ -1,9 +1,10 @@
-"""The model server under a hostile crowd: `wrk` sends well-formed predictions as fast as the server takes
-them (alone, to measure that rate and its latency, before and after; in between for 60 s) while other clients send oversize,
-malformed, deeply nested, header-bomb, slow, nested-column and compressed-bomb requests, and 200 sockets that never
-finish their headers stay open (each reopened when the server cuts it). The well-behaved client must see
-no error and its p99 latency at most twice the baseline's; the bad ones get their 4xx; memory stays bounded.
-The figures are printed (pytest -s) for the record."""
+"""The model server under a hostile crowd: `wrk` first sends well-formed predictions as fast as the server takes
+them, to measure its rate; then at its sustainable rate (PACE of that), alone before and after to measure the
+latency, and in between for 60 s while other clients send oversize, malformed, deeply nested, header-bomb, slow,
+nested-column and compressed-bomb requests, and 200 sockets that never finish their headers stay open (each
+reopened when the server cuts it). The well-behaved client must see no error and its p99 latency at most twice
+the baseline's; the bad ones get their 4xx; memory stays bounded. The figures are printed (pytest -s) for the
+record."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ from mlfactory.backends.local.processes import free_port, start, stop_group
 
 TOKEN = "test-soak-token-0123456789"
 SOAK_S, BASELINE_S = 60, 10
+# The well-behaved client sends at this share of the rate the server reaches flat out: a server run at 100 % of its
+# core queues every request behind the one before, so any CPU at all (the hostile requests', or the machine's) is
+# seen in the p99; run as a service is, with headroom, the p99 shows what the hostile requests cost it.
+CONNECTIONS, PACE = 4, 0.6
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -67,7 +72,7 @@ def pinned(cores: set[int]) -> list[str]:
 
 
 def wrk(url: str, script, seconds: int) -> dict:
-    out = subprocess.run([*pinned(CLIENT_CORES), "wrk", "-t1", "-c4", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", str(script),
+    out = subprocess.run([*pinned(CLIENT_CORES), "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", str(script),
                           f"{url}/invocations"], capture_output=True, text=True, timeout=seconds + 60)
     assert out.returncode == 0, out.stderr
     text = out.stdout
@@ -203,11 +208,15 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
         rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
                 for r in wire.head(8).to_dict("records")]
         body = json.dumps({"dataframe_records": rows}, default=str)
-        script = tmp_path / "predict.lua"
-        script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
-                          f'wrk.headers["Content-Type"] = "application/json"\n'
-                          f'wrk.headers["Authorization"] = "Bearer {TOKEN}"\n')
-        wrk(url, script, 3)  # warm up
+        flat_out, script = tmp_path / "predict.lua", tmp_path / "paced.lua"
+        flat_out.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                            f'wrk.headers["Content-Type"] = "application/json"\n'
+                            f'wrk.headers["Authorization"] = "Bearer {TOKEN}"\n')
+        wrk(url, flat_out, 3)  # warm up
+        most = wrk(url, flat_out, 5)
+        # each connection waits between its requests (wrk's delay(), in ms) so that the four send PACE x that rate
+        pause_ms = max(1, round(CONNECTIONS * 1000 / (PACE * most["rps"]) - most["p50_ms"]))
+        script.write_text(flat_out.read_text() + f"function delay()\n  return {pause_ms}\nend\n")
         baseline = wrk(url, script, BASELINE_S)
         assert baseline["non_2xx"] == 0 and baseline["socket_errors"] == 0, baseline["text"]
         rss_before = rss_mb(server.pid)
@@ -238,6 +247,7 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
         after = wrk(url, script, BASELINE_S)  # the quiet rate again: the machine's own noise, before and after
         quiet_p99 = max(baseline["p99_ms"], after["p99_ms"])
         report = {"cores": {"server": sorted(SERVER_CORES), "clients": sorted(CLIENT_CORES)},
+                  "flat_out_rps": most["rps"], "paced": {"share": PACE, "pause_ms": pause_ms},
                   "baseline": {k: v for k, v in baseline.items() if k != "text"},
                   "soak": {k: v for k, v in soak.items() if k != "text"},
                   "baseline_after": {k: v for k, v in after.items() if k != "text"},
@@ -251,7 +261,8 @@ def test_hostile_clients_cost_the_well_behaved_one_nothing(champion, tmp_path):
         # the well-behaved client: no error, p99 within 2x of the baseline
         assert soak["non_2xx"] == 0 and soak["socket_errors"] == 0, soak["text"]
         assert soak["requests"] > 0.5 * baseline["rps"] * SOAK_S, report
-        assert soak["p99_ms"] <= 2 * quiet_p99, report
+        assert soak["p99_ms"] <= 2 * quiet_p99, (f"p99 {soak['p99_ms']} ms against {quiet_p99} ms quiet; the server "
+                                                 f"waited {waited:.2f} s for a core; {json.dumps(report)}")
         # every bad request got its answer (an oversize upload may also be cut off: -1), never a 5xx
         for kind, (_, _, expected) in hostile.kinds.items():
             got = hostile.answers[kind]

@@ -390,12 +390,17 @@ class LocalAirflow:
             raise
 
     def asset_events(self, timeout: float = 120) -> list[dict]:
-        """Every asset event, oldest first. Airflow 3.3.2 answers 500 while an event's queued run has no
+        """Every asset event, oldest first (all pages). Airflow 3.3.2 answers 500 while an event's queued run has no
         start_date yet (AssetEventResponse.created_dagruns.start_date is not optional): retry until it has."""
 
         def fetch():
+            events = []
             try:
-                return self.api("/api/v2/assets/events?order_by=timestamp&limit=100")["asset_events"]
+                while True:  # a page at a time: the API answers 100 events at most
+                    page = self.api(f"/api/v2/assets/events?order_by=timestamp&limit=100&offset={len(events)}")
+                    events += page["asset_events"]
+                    if len(events) >= page["total_entries"] or not page["asset_events"]:
+                        return events
             except urllib.error.HTTPError as err:
                 if err.code != 500:
                     raise
