@@ -9,8 +9,10 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import re
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -52,9 +54,6 @@ def _behind(step: int = 10) -> None:
     loop and the forward passes run first. Only for a thread whose work holds no GIL (zlib's inflate releases it),
     else a thread kept waiting for the core would keep the loop waiting for the GIL. (Lowering a priority needs no
     privilege; where it fails, nothing changes.)"""
-    import os
-    import threading
-
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + step))
     except (AttributeError, OSError):  # not Linux-like
