@@ -51,7 +51,8 @@ AHEAD = ["nice", "-n", "-10"] if os.geteuid() == 0 else []
 
 
 def waited_s(pid: int) -> float:
-    """Seconds the process's threads have been ready to run but waited for a core (the machine's noise they saw)."""
+    """Seconds the process's threads have been ready to run but waited for a core: the machine's noise they saw and,
+    on the one core the server is pinned to, each other (the loop, the forward passes, the decoding threads)."""
     waited = 0
     for task in os.listdir(f"/proc/{pid}/task"):
         try:

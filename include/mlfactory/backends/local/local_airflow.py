@@ -360,12 +360,22 @@ class LocalAirflow:
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read() or b"{}")
 
+    def listing(self, path: str, key: str) -> list[dict]:
+        """Every entry of an API collection (``key`` of its answers), a page at a time: the API answers 100 at most."""
+        entries: list[dict] = []
+        separator = "&" if "?" in path else "?"
+        while True:
+            page = self.api(f"{path}{separator}limit=100&offset={len(entries)}")
+            entries += page.get(key, [])
+            if not page.get(key) or len(entries) >= page.get("total_entries", 0):
+                return entries
+
     def dag_runs(self, dag_id: str) -> list[dict]:
-        return self.api(f"/api/v2/dags/{dag_id}/dagRuns?order_by=start_date&limit=100").get("dag_runs", [])
+        return self.listing(f"/api/v2/dags/{dag_id}/dagRuns?order_by=start_date", "dag_runs")
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         quoted = urllib.request.quote(run_id, safe="")
-        return self.api(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100")["task_instances"]
+        return self.listing(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances", "task_instances")
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1, try_number: int = 1) -> str:
         quoted = urllib.request.quote(run_id, safe="")
@@ -390,17 +400,12 @@ class LocalAirflow:
             raise
 
     def asset_events(self, timeout: float = 120) -> list[dict]:
-        """Every asset event, oldest first (all pages). Airflow 3.3.2 answers 500 while an event's queued run has no
+        """Every asset event, oldest first. Airflow 3.3.2 answers 500 while an event's queued run has no
         start_date yet (AssetEventResponse.created_dagruns.start_date is not optional): retry until it has."""
 
         def fetch():
-            events = []
             try:
-                while True:  # a page at a time: the API answers 100 events at most
-                    page = self.api(f"/api/v2/assets/events?order_by=timestamp&limit=100&offset={len(events)}")
-                    events += page["asset_events"]
-                    if len(events) >= page["total_entries"] or not page["asset_events"]:
-                        return events
+                return self.listing("/api/v2/assets/events?order_by=timestamp", "asset_events")
             except urllib.error.HTTPError as err:
                 if err.code != 500:
                     raise
@@ -425,7 +430,7 @@ class LocalAirflow:
             errors = self.api("/api/v2/importErrors").get("import_errors", [])
             if errors:
                 raise RuntimeError("DAG import errors:\n" + "\n".join(e["stack_trace"] for e in errors))
-            return set(dag_ids) <= {d["dag_id"] for d in self.api("/api/v2/dags?limit=100").get("dags", [])}
+            return set(dag_ids) <= {d["dag_id"] for d in self.listing("/api/v2/dags", "dags")}
 
         self.wait_until(parsed, timeout, f"DAGs {sorted(dag_ids)} to be parsed")
 
