@@ -336,7 +336,8 @@ def reap(pid: int, wait: bool = False) -> None:
 
 def start_job(cluster, module: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen | Forked:
     """``module`` as one node of ``cluster`` (a ``mlfactory.training.cluster.Cluster``) runs it, output piped:
-    forked from this process when the node runs one process (``start_module``), else under torchrun."""
+    forked from this process (``start_module``), itself when the node runs one process, else torchrun's launcher,
+    whose workers it forks in turn."""
     if cluster.world_size == 1:
         return start_module(module, argv, env)
-    return piped(cluster.torchrun_command(module, argv), env)
+    return start_module("torch.distributed.run", cluster.torchrun_args(module, argv), env)
