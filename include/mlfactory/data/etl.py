@@ -59,10 +59,10 @@ from mlfactory.data.validation import (
     MALFORMED_ROW,
     NON_FINITE,
     WRONG_TYPE,
-    SuiteRunner,
     build_checks,
     render_data_docs,
     render_index,
+    suite_runner,
     summarize,
 )
 
@@ -664,7 +664,7 @@ def _curate(cfg, manifest: Manifest, chunks, result: CurationResult, curated: _S
     # it and reads the next.
     gx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gx")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
-    runner = gx.submit(SuiteRunner, dataset, ge_checks, 1 - cfg.validation.max_quarantine_fraction)
+    runner = gx.submit(suite_runner, dataset, ge_checks, 1 - cfg.validation.max_quarantine_fraction)
     batches: list[Future] = []
     writes: list[Future] = []
 
