@@ -10,7 +10,8 @@ MAKEFLAGS += --jobs=4
 # profile-guided and link-time optimisation, as the image's is), else the first python3.11 on PATH. On the 2-core
 # test machine the suite's processes spent ~18 % less CPU under Debian's than under a pyenv build without those
 # optimisations. `make PYTHON=/path/to/python3.11 venv` picks another (for a .venv that does not exist yet).
-PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
+# Debian's needs python3.11-venv (ensurepip) to make a venv: without it, the one on PATH.
+PYTHON ?= $(shell /usr/bin/python3.11 -c 'import ensurepip' 2>/dev/null && echo /usr/bin/python3.11 || echo python3.11)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

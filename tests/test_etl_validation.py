@@ -291,6 +291,26 @@ def test_great_expectations_counts_agree_with_the_quarantine(cfg, bucket):
     assert ge[("expect_column_values_to_be_in_set", "region")] == result.failures["expect_column_values_to_be_in_set(region)"] == 5
 
 
+def test_snapshots_curated_one_after_another_share_one_gx_suite_and_keep_their_own_counts(cfg, bucket):
+    """A process builds its GX context and suites once (``suite_runner``) and validates snapshot after snapshot
+    on it: each snapshot's counts are its own, and GX holds no earlier snapshot's rows."""
+    from mlfactory.data import validation
+
+    before, counts = set(validation._RUNNERS), []
+    for bad in (0, 11, 0, 3):
+        lines = csv_lines(seed=20 + len(counts))
+        for row in range(3, 3 + 97 * bad, 97):
+            set_field(lines, row, "age", "150")
+        _, result = curate(cfg, bucket, f"part-{len(counts)}.csv", lines)
+        ge = {(e["expectation"], e["column"]): e["unexpected_count"] for e in result.expectations}
+        counts.append(ge[("expect_column_values_to_be_between", "age")])
+    assert counts == [0, 11, 0, 3]
+    assert len(set(validation._RUNNERS) - before) <= 1  # one runner for the four (none if an earlier test made it)
+    for runner in validation._RUNNERS.values():
+        engine = runner.batch_definition.data_asset.datasource.get_execution_engine()
+        assert len(engine.batch_manager.batch_data_cache) <= 1
+
+
 def test_a_file_bigger_than_a_chunk_is_validated_chunk_by_chunk(cfg, bucket):
     rows, chunk = 30_000, 5_000
     cfg = with_section(cfg, "validation", chunk_rows=chunk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -134,6 +135,26 @@ def lab(tmp_path_factory, mlflow_server):
                "--hyperparameters", json.dumps(hyperparameters)])
         models[name] = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
     return cfg, training_set, models
+
+
+def test_a_job_that_fails_after_its_run_started_ends_the_run_failed(training_set, mlflow_server, tmp_path):
+    """A job that fails ends its MLflow run FAILED, not FINISHED (MLflow's exit handler, in a process that runs it)
+    nor RUNNING (a worker forked by torchrun exits without running exit handlers)."""
+    from mlflow import MlflowClient
+
+    from mlfactory.backends.local.processes import start_module
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # the output folder would be under a file: the job fails once it has trained
+    args = ["--train-uri", training_set.uri, "--output-uri", str(blocker / "out"), "--mlflow-tracking-uri",
+            mlflow_server.url, "--experiment", "failing-job", "--hyperparameters", json.dumps({"epochs": 1}),
+            "--threads", "1"]
+    proc = start_module("mlfactory.training.train", args, dict(os.environ), one_thread=True)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0, out[-3000:]
+    client = MlflowClient(mlflow_server.url)
+    runs = client.search_runs([client.get_experiment_by_name("failing-job").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"], out[-3000:]
 
 
 def test_training_run_logs_params_curves_dataset_model_and_drift_tags(lab, mlflow_server):

@@ -44,14 +44,20 @@ class Cluster:
 
     def torchrun_command(self, module: str, args: list[str]) -> list[str]:
         """The torchrun command line that starts ``module`` on this node (static rendezvous)."""
-        return [sys.executable, "-m", "torch.distributed.run", *self.torchrun_args(module, args)]
+        # -u: the workers share the launcher's streams, unbuffered as ``python -u -m`` workers' were
+        return [sys.executable, "-u", "-m", "torch.distributed.run", *self.torchrun_args(module, args)]
 
     def torchrun_args(self, module: str, args: list[str]) -> list[str]:
         """torchrun's arguments for ``module`` on this node. Its workers are forked from torchrun's own process
         (``--start-method=fork``) and run the module's file as ``python -m`` would, as ``__main__``
         (``--run-path``), so each starts with what the launcher had imported instead of importing it again
         (torch; everything the job imports when an Airflow task forks the launcher from its preloaded process):
-        a 2-process job here started 4 s sooner and spent a third less CPU than with ``-m`` workers."""
+        a 2-process job here started 4 s sooner and spent a third less CPU than with ``-m`` workers.
+
+        The launcher of node 0 forks them while its rendezvous store serves on a thread of its own (a C++
+        thread, which ``threading`` does not count): a worker never touches that store's server, only connects
+        to it as a client, as torch's own ``fork`` start method does everywhere. A worker starts with the
+        launcher's signal handlers, which the entrypoint puts back to the interpreter's (``train.main``)."""
         import importlib.util
 
         spec = importlib.util.find_spec(module)

@@ -585,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [rank " + os.environ.get("RANK", "0") + "] %(message)s",
                         stream=sys.stdout, force=True)
     logging.getLogger("azure").setLevel(logging.WARNING)  # the Azure SDKs (adlfs) log every HTTP request at INFO
+    if launched_by_torchrun(os.environ):
+        _interpreter_signal_handlers()
     args = parse_args(argv)
     if not launched_by_torchrun(os.environ):
         cluster = Cluster.from_environ(os.environ, args.nproc_per_node)
@@ -593,8 +595,34 @@ def main(argv: list[str] | None = None) -> int:
             log.info("launching %d process(es) on node %d of %d (%s): %s", cluster.nproc_per_node, cluster.node_rank,
                      cluster.nodes, cluster.platform, " ".join(command))
             os.execv(command[0], command)
-    train(args)
+    try:
+        train(args)
+    except BaseException:
+        _end_mlflow_run("FAILED")
+        raise
     return 0
+
+
+def _interpreter_signal_handlers() -> None:
+    """A worker forked by torchrun's launcher (``--start-method=fork``) inherits the launcher's handlers, which
+    raise an exception only once the worker is back in Python: SIGTERM, SIGHUP and SIGQUIT end it at once again,
+    and SIGINT raises KeyboardInterrupt, as in a worker started as a command."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _end_mlflow_run(status: str) -> None:
+    """End this process's active MLflow run, if any, with ``status``: a forked worker exits without running
+    ``atexit`` handlers, where MLflow would have ended it, and a job that failed did not finish."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and mlflow.active_run() is not None:
+        try:
+            mlflow.end_run(status)
+        except Exception:  # noqa: BLE001 - the job's own error is the one to report
+            log.warning("could not mark MLflow run %s %s", mlflow.active_run().info.run_id, status, exc_info=True)
 
 
 if __name__ == "__main__":

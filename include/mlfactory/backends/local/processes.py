@@ -3,9 +3,9 @@ answers, a Python module's ``main`` forked from a process that has its libraries
 ``start_module``: a one-process training job, the model server), and stopping a whole process tree.
 
 Airflow's scheduler, the MLflow server and torchrun each start workers of their own. They run in
-their own session (``start_new_session=True``) and are stopped with every descendant: torchrun puts
-each worker in a session of its own, so signalling the process group alone would leave workers
-training on after their launcher is gone.
+their own session (``start_new_session=True``) and are stopped with every descendant: a worker may run
+in a session of its own (torchrun's workers started as commands do), so signalling the process group
+alone could leave workers training on after their launcher is gone.
 """
 
 from __future__ import annotations
