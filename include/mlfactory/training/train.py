@@ -585,10 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [rank " + os.environ.get("RANK", "0") + "] %(message)s",
                         stream=sys.stdout, force=True)
     logging.getLogger("azure").setLevel(logging.WARNING)  # the Azure SDKs (adlfs) log every HTTP request at INFO
-    if launched_by_torchrun(os.environ):
+    worker = launched_by_torchrun(os.environ)
+    if worker:
         _interpreter_signal_handlers()
     args = parse_args(argv)
-    if not launched_by_torchrun(os.environ):
+    if not worker:
         cluster = Cluster.from_environ(os.environ, args.nproc_per_node)
         if cluster.world_size > 1:
             command = cluster.torchrun_command("mlfactory.training.train", _without_option(argv, "--nproc-per-node"))
@@ -618,11 +619,12 @@ def _end_mlflow_run(status: str) -> None:
     """End this process's active MLflow run, if any, with ``status``: a forked worker exits without running
     ``atexit`` handlers, where MLflow would have ended it, and a job that failed did not finish."""
     mlflow = sys.modules.get("mlflow")
-    if mlflow is not None and mlflow.active_run() is not None:
+    run = mlflow.active_run() if mlflow is not None else None
+    if run is not None:
         try:
             mlflow.end_run(status)
         except Exception:  # noqa: BLE001 - the job's own error is the one to report
-            log.warning("could not mark MLflow run %s %s", mlflow.active_run().info.run_id, status, exc_info=True)
+            log.warning("could not mark MLflow run %s %s", run.info.run_id, status, exc_info=True)
 
 
 if __name__ == "__main__":
