@@ -35,9 +35,10 @@ SQLITE_CONNECT_ARGS = {"timeout": 30}  # Airflow's metadata database: seconds a 
 # What the tasks import. The scheduler imports them once, before its LocalExecutor forks the workers that
 # fork each task, so a task starts with them loaded instead of importing them again (about 3-10 s per task,
 # measured: Great Expectations 4.9 s, torch 2.7 s, MLflow 1.6 s, pandas/pyarrow 1.0 s); none starts a thread.
+# torch._dynamo: torch imports it at a process's first optimizer (1.4 CPU-s), in every training job forked from a task.
 TASK_LIBRARIES = ("pandas", "pyarrow.parquet", "pyarrow.dataset", "fsspec", "mlflow.pyfunc", "great_expectations",
-                  "torch", "sklearn.metrics", "mlfactory.data.etl", "mlfactory.registry", "mlfactory.training.data",
-                  "mlfactory.monitoring.monitor", "mlfactory.serving.deployment")
+                  "torch", "torch._dynamo", "sklearn.metrics", "mlfactory.data.etl", "mlfactory.registry",
+                  "mlfactory.training.data", "mlfactory.monitoring.monitor", "mlfactory.serving.deployment")
 LOCAL_SETTINGS = f'''"""Written by {__name__} on every start: the process that forks the tasks (the scheduler's
 LocalExecutor, a Celery worker) preloads what they import."""
 import sys
