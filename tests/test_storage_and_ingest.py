@@ -178,3 +178,43 @@ def test_an_object_store_write_neither_asks_for_folders_nor_creates_a_missing_bu
     with pytest.raises(FileNotFoundError):
         storage.write_bytes("s3://no-such-bucket-here/reports/summary.json", b"{}")
     assert "no-such-bucket-here" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}
+
+
+def test_curating_on_s3_asks_nothing_of_a_file_it_never_wrote_or_a_temporary_it_published(moto_server, monkeypatch):
+    """A clean snapshot's curation on an object store: the quarantine has no row, so its file is neither written
+    nor asked about; the curated file's temporary is copied onto its name, deleted, and named by no later request
+    (each remove of a missing key lists, asks and lists again: 56 requests a snapshot became 41)."""
+    import io
+
+    import boto3
+    import pyarrow.csv as pacsv
+    import s3fs.core
+
+    from mlfactory.config import load_config
+    from mlfactory.data.etl import curate_snapshot
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.setenv("MLFACTORY_BUCKET", "s3://curation-calls")
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    s3.create_bucket(Bucket="curation-calls")
+    body = io.BytesIO()
+    pacsv.write_csv(sample_data.generate(300, seed=3), body)
+    s3.put_object(Bucket="curation-calls", Key="landing/a.csv", Body=body.getvalue())
+    cfg = load_config()
+    manifest, _ = ingest_object(cfg, "s3://curation-calls/landing/a.csv")
+    sent = []
+    call_s3 = s3fs.core.S3FileSystem._call_s3
+
+    async def recorded(self, method, *args, **kwargs):
+        sent.append((method, repr(kwargs)))
+        return await call_s3(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.core.S3FileSystem, "_call_s3", recorded)
+    result = curate_snapshot(cfg, manifest.snapshot_uri)
+    assert (result.curated_rows, result.quarantined_rows) == (300, 0)
+    assert not [call for call in sent if "rows.parquet" in call[1]], sent  # the quarantine's file, never written
+    staged = [i for i, (_, kwargs) in enumerate(sent) if "/.data.parquet." in kwargs]
+    deleted = [i for i in staged if sent[i][0] == "delete_object"]
+    assert deleted and staged[-1] == deleted[-1], [sent[i] for i in staged]  # nothing asked of it once deleted
+    assert [o.key for o in storage.list_objects(f"s3://curation-calls/curated")] == [
+        f"ingest_date={manifest.ingested_at[:10]}/snapshot={manifest.snapshot_id}/data.parquet"]

@@ -517,6 +517,9 @@ class _StagedParquet:
         self.uri, self.tmp, self.schema = uri, storage.temporary_uri(uri), schema
         self.rows = 0
         self._writer = self._sink = None
+        # the temporary may exist (opened, not yet published or removed): on object stores each request for an
+        # object that is not there (a remove lists, asks and lists again) costs as much as one that is
+        self._staged = False
 
     def write(self, table: pa.Table) -> None:
         if self._writer is None:
@@ -524,6 +527,7 @@ class _StagedParquet:
             fs, path = storage.pyarrow_filesystem(self.tmp)
             fs.create_dir(posixpath.dirname(path), recursive=True)
             self._sink = fs.open_output_stream(path)
+            self._staged = True
             self._writer = pq.ParquetWriter(self._sink, self.schema)
         columns = {f.name: table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
                    for f in self.schema}
@@ -545,11 +549,10 @@ class _StagedParquet:
         (the parts an earlier layout or run left) goes, so no stale rows stay beside the new ones."""
         if self.rows:
             storage.publish(self.tmp, self.uri)
-        else:
-            storage.remove(self.uri)
+            self._staged = False
         folder = self.uri.rsplit("/", 1)[0]
-        for stale in storage.list_objects(folder):
-            if stale.uri != self.uri and stale.key.endswith(".parquet"):
+        for stale in storage.list_objects(folder):  # ``uri`` itself too when this file has no row
+            if stale.key.endswith(".parquet") and (stale.uri != self.uri or not self.rows):
                 storage.remove(stale.uri)
 
     def discard(self) -> None:
@@ -560,7 +563,9 @@ class _StagedParquet:
                 self._sink.close()
         self._writer = self._sink = None
         self.rows = 0
-        storage.remove(self.tmp)
+        if self._staged:
+            storage.remove(self.tmp)
+            self._staged = False
 
 
 def curate_snapshot(cfg: PipelineConfig, snapshot_uri: str) -> CurationResult:
