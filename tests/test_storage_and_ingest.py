@@ -216,5 +216,5 @@ def test_curating_on_s3_asks_nothing_of_a_file_it_never_wrote_or_a_temporary_it_
     staged = [i for i, (_, kwargs) in enumerate(sent) if "/.data.parquet." in kwargs]
     deleted = [i for i in staged if sent[i][0] == "delete_object"]
     assert deleted and staged[-1] == deleted[-1], [sent[i] for i in staged]  # nothing asked of it once deleted
-    assert [o.key for o in storage.list_objects(f"s3://curation-calls/curated")] == [
+    assert [o.key for o in storage.list_objects("s3://curation-calls/curated")] == [
         f"ingest_date={manifest.ingested_at[:10]}/snapshot={manifest.snapshot_id}/data.parquet"]
